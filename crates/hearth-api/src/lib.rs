@@ -1,0 +1,399 @@
+//! The REST API's request and response types, shared by `hearthd` (server) and `hearth` (CLI).
+//!
+//! Every type here appears in the OpenAPI document that `hearthd` generates; the committed copy is
+//! `openapi.json` at the repository root, kept true by a test in `hearthd`.
+//!
+//! Errors have one shape, [`ErrorBody`], and one table, [`ErrorCode`], that gives each stable code
+//! its HTTP status and the exit code the CLI returns for it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Path prefix of every versioned endpoint.
+pub const API_PREFIX: &str = "/v1";
+
+/// Lifecycle state of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Disk and record are being prepared.
+    Creating,
+    /// Not running; its disk is kept.
+    Stopped,
+    /// The VMM process is starting and the guest is booting.
+    Starting,
+    /// The guest agent answered; commands can run.
+    Running,
+    /// Shutting down.
+    Stopping,
+    /// A lifecycle step failed; `last_error` says which. Start or delete it.
+    Error,
+    /// Being deleted.
+    Deleting,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 7] = [
+        VmState::Creating,
+        VmState::Stopped,
+        VmState::Starting,
+        VmState::Running,
+        VmState::Stopping,
+        VmState::Error,
+        VmState::Deleting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Creating => "creating",
+            VmState::Stopped => "stopped",
+            VmState::Starting => "starting",
+            VmState::Running => "running",
+            VmState::Stopping => "stopping",
+            VmState::Error => "error",
+            VmState::Deleting => "deleting",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<VmState> {
+        VmState::ALL.into_iter().find(|v| v.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A VM as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// Stable identifier, never reused.
+    pub id: String,
+    /// Unique name: lowercase letters, digits and hyphens, starting with a letter.
+    pub name: String,
+    pub state: VmState,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Size of the root disk in MiB.
+    pub rootfs_mib: u64,
+    /// Guest image the root disk was made from (content hash).
+    pub image: String,
+    /// Backend that runs the VM (`qemu` or `firecracker`).
+    pub vmm: String,
+    /// Process id of the VMM while it runs.
+    pub pid: Option<u32>,
+    /// RFC 3339 time of creation.
+    pub created_at: String,
+    /// RFC 3339 time of the last change.
+    pub updated_at: String,
+    /// Why the last lifecycle step failed, until the next one succeeds.
+    pub last_error: Option<String>,
+}
+
+/// One recorded lifecycle transition or notable occurrence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmEvent {
+    /// RFC 3339 time with milliseconds.
+    pub at: String,
+    /// What happened, e.g. `created`, `start_requested`, `running`, `stopped`, `start_failed`.
+    pub kind: String,
+    pub from_state: Option<VmState>,
+    pub to_state: Option<VmState>,
+    /// Human-readable detail; the error for failures.
+    pub message: Option<String>,
+}
+
+/// A VM with its event history, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmDetail {
+    #[serde(flatten)]
+    pub vm: Vm,
+    pub events: Vec<VmEvent>,
+}
+
+/// A size: an integer number of MiB, or a string with a unit such as `512M`, `2G` or `10G`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Size {
+    Mib(u64),
+    Text(String),
+}
+
+/// Body of `POST /v1/vms`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVmRequest {
+    /// 1-63 characters: lowercase letters, digits and hyphens, starting with a letter.
+    pub name: String,
+    /// 1 or an even number up to 32. Default from the server configuration.
+    pub cpus: Option<u32>,
+    /// Memory, at least 128 MiB. Default from the server configuration.
+    pub ram: Option<Size>,
+    /// Root disk size, at least the image's size. Default from the server configuration.
+    pub rootfs_size: Option<Size>,
+    /// Start the VM after creating it (default true).
+    pub start: Option<bool>,
+}
+
+/// Body of `POST /v1/vms/{name}/exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Program and arguments, e.g. `["uname", "-a"]`. Not run through a shell.
+    pub command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (absolute); `/` by default.
+    pub cwd: Option<String>,
+    /// Text given to the command's stdin; stdin is empty otherwise.
+    pub stdin: Option<String>,
+    /// Kill the command after this many seconds.
+    pub timeout_secs: Option<u64>,
+}
+
+/// Result of a finished command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResponse {
+    /// Exit status when the command exited normally.
+    pub exit_code: Option<i32>,
+    /// Signal number when a signal ended it.
+    pub signal: Option<i32>,
+    /// True when `timeout_secs` ran out and the command was killed.
+    pub timed_out: bool,
+    /// Output, decoded as UTF-8 (invalid bytes replaced).
+    pub stdout: String,
+    pub stderr: String,
+    /// Wall-clock time from request to exit, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// One line of the newline-delimited JSON stream of `POST /v1/vms/{name}/exec/stream`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecStreamEvent {
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    /// The last line.
+    Exit {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    /// The exec failed after the stream began; the last line.
+    Error {
+        error: ErrorCode,
+        message: String,
+    },
+}
+
+/// Terminal size for interactive sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Text messages a client sends on the exec WebSocket (`GET /v1/vms/{name}/exec/ws`).
+/// The first message must be `start`. Binary messages after it are stdin bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WsClientMessage {
+    Start {
+        command: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        cwd: Option<String>,
+        /// Allocate a pseudo-terminal of this size.
+        tty: Option<TtySize>,
+        /// Forward stdin (binary messages); otherwise stdin is empty.
+        #[serde(default)]
+        stdin: bool,
+        timeout_secs: Option<u64>,
+    },
+    /// End of stdin.
+    Eof,
+    Resize {
+        size: TtySize,
+    },
+    Signal {
+        signal: i32,
+    },
+}
+
+/// Text messages the server sends on the exec WebSocket. Binary messages carry output: the first
+/// byte is the stream ([`WS_STDOUT`] or [`WS_STDERR`]), the rest are its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WsServerMessage {
+    Exit {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    Error {
+        error: ErrorCode,
+        message: String,
+    },
+}
+
+/// First byte of a binary WebSocket message carrying stdout.
+pub const WS_STDOUT: u8 = 1;
+/// First byte of a binary WebSocket message carrying stderr.
+pub const WS_STDERR: u8 = 2;
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// hearthd's version.
+    pub version: String,
+    /// VMM backend in use.
+    pub vmm: String,
+    /// How guests are accelerated: `kvm` or `tcg`.
+    pub accel: String,
+    /// Guest image VMs are created from, when it is ready.
+    pub image: Option<String>,
+}
+
+/// Every error response's body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable machine-readable code.
+    pub error: ErrorCode,
+    /// One sentence for people: what failed, naming the field and the rule for bad input.
+    pub message: String,
+}
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $variant:ident = $code:literal, $status:literal, $exit:literal; )*) => {
+        /// Stable error codes. The one table of HTTP status and CLI exit code per code.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code as it appears in JSON.
+            pub fn as_str(self) -> &'static str {
+                match self { $( ErrorCode::$variant => $code, )* }
+            }
+
+            /// The HTTP status an API response with this code carries.
+            pub fn http_status(self) -> u16 {
+                match self { $( ErrorCode::$variant => $status, )* }
+            }
+
+            /// The exit code `hearth` (and the SSH surface) ends with for this error.
+            pub fn exit_code(self) -> u8 {
+                match self { $( ErrorCode::$variant => $exit, )* }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The body or a parameter is malformed.
+    InvalidRequest = "invalid_request", 400, 2;
+    /// The VM name breaks the naming rule.
+    InvalidName = "invalid_name", 400, 2;
+    /// The vCPU count breaks the sizing rule.
+    InvalidCpus = "invalid_cpus", 400, 2;
+    /// The memory size breaks the sizing rule.
+    InvalidRam = "invalid_ram", 400, 2;
+    /// The root disk size breaks the sizing rule.
+    InvalidRootfsSize = "invalid_rootfs_size", 400, 2;
+    /// A guest path is not absolute or not valid.
+    InvalidPath = "invalid_path", 400, 2;
+    /// An exec command is empty or malformed.
+    InvalidCommand = "invalid_command", 400, 2;
+    /// No VM has that name or id.
+    VmNotFound = "vm_not_found", 404, 3;
+    /// No such endpoint.
+    NotFound = "not_found", 404, 3;
+    /// The file does not exist in the guest.
+    GuestFileNotFound = "guest_file_not_found", 404, 3;
+    /// Another VM already has the name.
+    VmNameTaken = "vm_name_taken", 409, 4;
+    /// The VM's state does not allow the operation (e.g. start a running VM).
+    InvalidState = "invalid_state", 409, 4;
+    /// Another lifecycle operation on this VM is in progress.
+    VmBusy = "vm_busy", 409, 4;
+    /// The guest agent is not reachable (the VM is not running or still booting).
+    GuestUnavailable = "guest_unavailable", 503, 5;
+    /// The guest agent refused or failed the request.
+    GuestError = "guest_error", 502, 1;
+    /// The guest did not answer in time.
+    GuestTimeout = "guest_timeout", 504, 6;
+    /// The guest image is not built yet or failed to build.
+    ImageUnavailable = "image_unavailable", 503, 5;
+    /// The VMM failed to start or control the VM.
+    VmmFailed = "vmm_failed", 500, 1;
+    /// The host ran out of something (disk space, memory).
+    ResourceExhausted = "resource_exhausted", 507, 1;
+    /// Anything else; the server log has details.
+    Internal = "internal", 500, 1;
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Exit code of `hearth` when it cannot reach hearthd at all.
+pub const EXIT_UNREACHABLE: u8 = 5;
+/// Exit code of `hearth exec` when hearth itself failed (the command's own code otherwise).
+pub const EXIT_EXEC_FAILED: u8 = 125;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_serialize_as_their_names() {
+        for code in ErrorCode::ALL {
+            let json = serde_json::to_string(code).unwrap();
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+            assert!((400..600).contains(&code.http_status()));
+            assert_ne!(code.exit_code(), 0);
+        }
+    }
+
+    #[test]
+    fn states_round_trip_through_text() {
+        for s in VmState::ALL {
+            assert_eq!(VmState::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
+        }
+        assert_eq!(VmState::parse("bogus"), None);
+    }
+
+    #[test]
+    fn sizes_accept_numbers_and_text() {
+        let r: CreateVmRequest =
+            serde_json::from_str(r#"{"name":"a","ram":512,"rootfs_size":"10G"}"#).unwrap();
+        assert_eq!(r.ram, Some(Size::Mib(512)));
+        assert_eq!(r.rootfs_size, Some(Size::Text("10G".into())));
+    }
+
+    #[test]
+    fn create_rejects_unknown_fields() {
+        let err = serde_json::from_str::<CreateVmRequest>(r#"{"name":"a","memory":1}"#);
+        assert!(err.unwrap_err().to_string().contains("unknown field `memory`"));
+    }
+}
