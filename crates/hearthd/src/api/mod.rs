@@ -1,0 +1,446 @@
+//! The REST API (axum). Handlers only parse requests into [`Action`]s or calls on
+//! [`VmService`] and turn results into responses; the one place an error becomes a status is
+//! [`ApiError::into_response`], through the table in `hearth_api::ErrorCode`.
+//! Only this module knows HTTP.
+
+mod docs;
+mod stream;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hearth_api::{
+    CreateVmRequest, ErrorBody, ErrorCode, ExecRequest, ExecResponse, ExecStreamEvent, Health,
+    Vm, VmDetail, WsClientMessage, WsServerMessage,
+};
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::vm::{Action, Error, Reply, VmService};
+
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub service: VmService,
+    pub request_timeout: Duration,
+}
+
+/// An error on its way to becoming a response.
+#[derive(Debug)]
+pub struct ApiError {
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        let code = e.code();
+        let message = e.message();
+        if code.http_status() >= 500 {
+            tracing::warn!(code = %code, %message, "request failed");
+        }
+        ApiError { code, message }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = ErrorBody {
+            error: self.code,
+            message: self.message,
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// `Json` that reports a bad body as `invalid_request` with serde's explanation.
+pub struct Json<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => Err(json_rejection(rejection)),
+        }
+    }
+}
+
+fn json_rejection(r: JsonRejection) -> ApiError {
+    let detail = r.body_text();
+    let detail = detail
+        .strip_prefix("Failed to deserialize the JSON body into the target type: ")
+        .unwrap_or(&detail);
+    ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("invalid request body: {detail}"),
+    )
+}
+
+fn query_rejection(r: QueryRejection) -> ApiError {
+    ApiError::new(
+        ErrorCode::InvalidRequest,
+        format!("invalid query parameters: {}", r.body_text()),
+    )
+}
+
+/// Runs an action with the request timeout.
+async fn run(state: &AppState, action: Action) -> Result<Reply, ApiError> {
+    match tokio::time::timeout(state.request_timeout, state.service.handle(action)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ApiError::new(
+            ErrorCode::Internal,
+            format!(
+                "the request took longer than server.request_timeout_secs ({} s); the operation goes on in the background",
+                state.request_timeout.as_secs()
+            ),
+        )),
+    }
+}
+
+fn unexpected(reply: Reply) -> ApiError {
+    ApiError::new(ErrorCode::Internal, format!("unexpected reply {reply:?}"))
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Hearth API",
+        description = "Self-hosted microVMs: create, run commands in, and manage isolated Linux VMs.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        health, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, restart_vm, vm_logs,
+        exec, exec_stream, exec_ws, put_file, get_file
+    ),
+    components(schemas(
+        ErrorBody, ErrorCode, Health, Vm, VmDetail, CreateVmRequest, ExecRequest, ExecResponse,
+        ExecStreamEvent, WsClientMessage, WsServerMessage
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document, as served at `/openapi.json` and committed at the repository root.
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").into();
+    doc.to_pretty_json().unwrap_or_default() + "\n"
+}
+
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/health", get(health))
+        .route("/vms", get(list_vms).post(create_vm))
+        .route("/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/vms/{name}/start", post(start_vm))
+        .route("/vms/{name}/stop", post(stop_vm))
+        .route("/vms/{name}/restart", post(restart_vm))
+        .route("/vms/{name}/logs", get(vm_logs))
+        .route("/vms/{name}/exec", post(exec))
+        .route("/vms/{name}/exec/stream", post(exec_stream))
+        .route("/vms/{name}/exec/ws", get(exec_ws))
+        .route("/vms/{name}/files", get(get_file).put(put_file));
+    Router::new()
+        .nest(hearth_api::API_PREFIX, v1)
+        .route("/openapi.json", get(openapi))
+        .route("/docs", get(docs::page))
+        .route("/", get(|| async { axum::response::Redirect::temporary("/docs") }))
+        .fallback(|| async {
+            ApiError::new(
+                ErrorCode::NotFound,
+                "no such endpoint; the API is described at /docs and /openapi.json",
+            )
+        })
+        .with_state(state)
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_json())
+}
+
+/// Service health and configuration summary.
+#[utoipa::path(get, path = "/v1/health", tag = "system",
+    responses((status = 200, body = Health)))]
+async fn health(State(state): State<AppState>) -> Result<axum::Json<Health>, ApiError> {
+    match run(&state, Action::Health).await? {
+        Reply::Health(h) => Ok(axum::Json(h)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// List VMs.
+#[utoipa::path(get, path = "/v1/vms", tag = "vms",
+    responses((status = 200, body = [Vm])))]
+async fn list_vms(State(state): State<AppState>) -> Result<axum::Json<Vec<Vm>>, ApiError> {
+    match run(&state, Action::ListVms).await? {
+        Reply::Vms(v) => Ok(axum::Json(v)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Create a VM (and start it unless `start` is false). Returns once it runs.
+#[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVmRequest,
+    responses(
+        (status = 201, body = VmDetail),
+        (status = 400, description = "A field breaks a rule (invalid_name, invalid_cpus, invalid_ram, invalid_rootfs_size, invalid_request)", body = ErrorBody),
+        (status = 409, description = "The name is taken (vm_name_taken)", body = ErrorBody),
+        (status = 500, description = "The VM could not start (vmm_failed); nothing is left behind", body = ErrorBody),
+        (status = 503, description = "The guest image is still being built (image_unavailable)", body = ErrorBody),
+    ))]
+async fn create_vm(
+    State(state): State<AppState>,
+    Json(req): Json<CreateVmRequest>,
+) -> Result<(StatusCode, axum::Json<VmDetail>), ApiError> {
+    match run(&state, Action::CreateVm(req)).await? {
+        Reply::Created(d) => Ok((StatusCode::CREATED, axum::Json(d))),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Inspect a VM, with its event history.
+#[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = VmDetail), (status = 404, body = ErrorBody)))]
+async fn get_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<VmDetail>, ApiError> {
+    match run(&state, Action::GetVm(name)).await? {
+        Reply::VmDetail(d) => Ok(axum::Json(d)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Delete a VM and everything it has (stops it first when running).
+#[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn delete_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match run(&state, Action::DeleteVm(name)).await? {
+        Reply::Deleted => Ok(StatusCode::NO_CONTENT),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Start a stopped VM; returns once its guest agent answers.
+#[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+        (status = 409, description = "Not stopped (invalid_state)", body = ErrorBody),
+        (status = 500, description = "Boot failed (vmm_failed); see last_error", body = ErrorBody)))]
+async fn start_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Vm>, ApiError> {
+    match run(&state, Action::StartVm(name)).await? {
+        Reply::Vm(v) => Ok(axum::Json(v)),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct StopParams {
+    /// Seconds to wait for a graceful power-off before forcing it (default: guest.stop_timeout_secs).
+    timeout_secs: Option<u64>,
+}
+
+/// Stop a running VM: the guest powers off cleanly, or is ended after the timeout.
+#[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id"), StopParams),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
+        (status = 409, description = "Not running (invalid_state)", body = ErrorBody)))]
+async fn stop_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    params: Result<Query<StopParams>, QueryRejection>,
+) -> Result<axum::Json<Vm>, ApiError> {
+    let Query(params) = params.map_err(query_rejection)?;
+    let timeout = params.timeout_secs.map(Duration::from_secs);
+    match run(&state, Action::StopVm { name, timeout }).await? {
+        Reply::Vm(v) => Ok(axum::Json(v)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Restart a VM (stop if running, then start).
+#[utoipa::path(post, path = "/v1/vms/{name}/restart", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn restart_vm(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Vm>, ApiError> {
+    match run(&state, Action::RestartVm(name)).await? {
+        Reply::Vm(v) => Ok(axum::Json(v)),
+        other => Err(unexpected(other)),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct LogParams {
+    /// `serial` (the guest console, default) or `vmm` (the VMM's own output).
+    source: Option<String>,
+    /// Keep the response open and send new output as it is written.
+    follow: Option<bool>,
+    /// Only the last N lines.
+    tail: Option<usize>,
+}
+
+/// A VM's serial console or VMM log, as text; `follow=true` streams.
+#[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id"), LogParams),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
+async fn vm_logs(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    params: Result<Query<LogParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(query_rejection)?;
+    let source = match p.source.as_deref() {
+        None | Some("serial") => crate::vm::LogSource::Serial,
+        Some("vmm" | "qemu" | "firecracker") => crate::vm::LogSource::Vmm,
+        Some(other) => {
+            return Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("invalid source {other:?}: must be serial or vmm"),
+            ));
+        }
+    };
+    stream::logs(&state.service, &name, source, p.follow.unwrap_or(false), p.tail).await
+}
+
+/// Run a command and wait for it: exit code and collected output (up to 16 MiB per stream).
+#[utoipa::path(post, path = "/v1/vms/{name}/exec", tag = "exec", request_body = ExecRequest,
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = ExecResponse),
+        (status = 400, description = "Empty command, program not found (invalid_command), relative cwd (invalid_path)", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, description = "VM not running", body = ErrorBody)))]
+async fn exec(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(request): Json<ExecRequest>,
+) -> Result<axum::Json<ExecResponse>, ApiError> {
+    match run(&state, Action::Exec { name, request }).await? {
+        Reply::Exec(r) => Ok(axum::Json(r)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Run a command and stream its output as newline-delimited JSON (`ExecStreamEvent` per line).
+#[utoipa::path(post, path = "/v1/vms/{name}/exec/stream", tag = "exec", request_body = ExecRequest,
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, content_type = "application/x-ndjson", body = ExecStreamEvent),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn exec_stream(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Json(request): Json<ExecRequest>,
+) -> Result<Response, ApiError> {
+    stream::exec_ndjson(&state.service, &name, request).await
+}
+
+/// Interactive exec over a WebSocket: stdin, a PTY, resize and signals (`WsClientMessage`
+/// in, output and `WsServerMessage` out).
+#[utoipa::path(get, path = "/v1/vms/{name}/exec/ws", tag = "exec",
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn exec_ws(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    ws: axum::extract::WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    stream::exec_ws(&state.service, &name, ws).await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+struct FileParams {
+    /// Absolute path in the guest.
+    path: String,
+    /// Permission bits in octal, e.g. `644` (default 644), for uploads.
+    mode: Option<String>,
+}
+
+fn guest_path(p: &FileParams) -> Result<String, ApiError> {
+    if !p.path.starts_with('/') || p.path.contains('\0') {
+        return Err(ApiError::new(
+            ErrorCode::InvalidPath,
+            format!("invalid path {:?}: must be an absolute path in the guest", p.path),
+        ));
+    }
+    Ok(p.path.clone())
+}
+
+/// Upload a file into the guest (the body is the file's bytes). Parent directories are created.
+#[utoipa::path(put, path = "/v1/vms/{name}/files", tag = "files",
+    params(("name" = String, Path, description = "VM name or id"), FileParams),
+    request_body(content_type = "application/octet-stream", content = Vec<u8>),
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn put_file(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    params: Result<Query<FileParams>, QueryRejection>,
+    body: axum::body::Body,
+) -> Result<StatusCode, ApiError> {
+    let Query(p) = params.map_err(query_rejection)?;
+    let path = guest_path(&p)?;
+    let mode = match &p.mode {
+        None => 0o644,
+        Some(m) => u32::from_str_radix(m, 8)
+            .ok()
+            .filter(|m| *m <= 0o7777)
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("invalid mode {m:?}: must be octal permission bits such as 644"),
+                )
+            })?,
+    };
+    stream::put_file(&state.service, &name, &path, mode, body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Download a file from the guest. The `x-hearth-file-mode` header carries its permission bits.
+#[utoipa::path(get, path = "/v1/vms/{name}/files", tag = "files",
+    params(("name" = String, Path, description = "VM name or id"), FileParams),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such VM or file (vm_not_found, guest_file_not_found)", body = ErrorBody)))]
+async fn get_file(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    params: Result<Query<FileParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(p) = params.map_err(query_rejection)?;
+    let path = guest_path(&p)?;
+    stream::get_file(&state.service, &name, &path).await
+}
+
+pub(crate) fn octal_header(mode: u32) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(&format!("{:o}", mode & 0o7777)) {
+        h.insert("x-hearth-file-mode", v);
+    }
+    h
+}

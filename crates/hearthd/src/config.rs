@@ -1,0 +1,614 @@
+//! hearthd's configuration: a TOML file, every key overridable by a `HEARTH_*` environment
+//! variable, validated once at start.
+//!
+//! [`KEYS`] is the single list of keys: it drives environment overrides, the commented default
+//! printed by `--generate-config`, and the README's reference table (checked by a test).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_api::Size;
+use serde::Deserialize;
+
+use crate::rules;
+
+/// A configuration problem. Messages name the key (and its environment variable) and the rule.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key} (env {env}): {message}")]
+    Invalid {
+        key: &'static str,
+        env: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    String,
+    Integer,
+}
+
+/// One configuration key: its TOML path, type, default (as TOML) and documentation.
+#[derive(Debug)]
+pub struct Key {
+    pub path: &'static str,
+    pub kind: Kind,
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+impl Key {
+    /// `guest.cpus` → `HEARTH_GUEST_CPUS`.
+    pub fn env_var(&self) -> String {
+        format!("HEARTH_{}", self.path.replace('.', "_").to_ascii_uppercase())
+    }
+}
+
+pub const KEYS: &[Key] = &[
+    Key {
+        path: "listen",
+        kind: Kind::String,
+        default: "\"127.0.0.1:7070\"",
+        doc: "Address of the REST API. Loopback only by default: the API has no authentication yet.",
+    },
+    Key {
+        path: "data_dir",
+        kind: Kind::String,
+        default: "\"/var/lib/hearth\"",
+        doc: "State directory: database, guest images, VM disks, logs and sockets.",
+    },
+    Key {
+        path: "database_url",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "Database URL. Empty means the embedded SQLite file <data_dir>/hearth.db.",
+    },
+    Key {
+        path: "vmm",
+        kind: Kind::String,
+        default: "\"auto\"",
+        doc: "VMM backend: auto, qemu or firecracker. auto picks firecracker when its binary and a working KVM exist, else qemu.",
+    },
+    Key {
+        path: "log",
+        kind: Kind::String,
+        default: "\"info\"",
+        doc: "Log filter (tracing syntax), e.g. info or hearthd=debug.",
+    },
+    Key {
+        path: "guest.cpus",
+        kind: Kind::Integer,
+        default: "1",
+        doc: "Default vCPUs of a new VM: 1 or an even number up to 32.",
+    },
+    Key {
+        path: "guest.memory",
+        kind: Kind::String,
+        default: "\"1G\"",
+        doc: "Default memory of a new VM, e.g. 512M or 2G; at least 128M.",
+    },
+    Key {
+        path: "guest.rootfs_size",
+        kind: Kind::String,
+        default: "\"10G\"",
+        doc: "Default root disk size of a new VM.",
+    },
+    Key {
+        path: "guest.ready_timeout_secs",
+        kind: Kind::Integer,
+        default: "180",
+        doc: "How long a starting VM may take until its guest agent answers.",
+    },
+    Key {
+        path: "guest.stop_timeout_secs",
+        kind: Kind::Integer,
+        default: "30",
+        doc: "How long a graceful stop may take before the VM is powered off by force.",
+    },
+    Key {
+        path: "guest.log_max_bytes",
+        kind: Kind::Integer,
+        default: "8388608",
+        doc: "Size at which a VM's serial and VMM logs are rotated (one old copy is kept).",
+    },
+    Key {
+        path: "server.request_timeout_secs",
+        kind: Kind::Integer,
+        default: "600",
+        doc: "Longest time one API request may take (streams and WebSockets excepted).",
+    },
+    Key {
+        path: "server.shutdown_timeout_secs",
+        kind: Kind::Integer,
+        default: "30",
+        doc: "On SIGTERM/SIGINT, how long to let requests in flight finish. VMs keep running.",
+    },
+    Key {
+        path: "image.agent_path",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "Static hearth-guest binary put into the guest image. Empty: hearth-guest beside hearthd.",
+    },
+    Key {
+        path: "image.suite",
+        kind: Kind::String,
+        default: "\"bookworm\"",
+        doc: "Debian suite of the guest root filesystem.",
+    },
+    Key {
+        path: "image.mirror",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "Debian mirror for debootstrap. Empty: the mirror of this machine's apt sources.",
+    },
+    Key {
+        path: "qemu.binary",
+        kind: Kind::String,
+        default: "\"qemu-system-x86_64\"",
+        doc: "QEMU system emulator (>= 8.2).",
+    },
+    Key {
+        path: "qemu.accel",
+        kind: Kind::String,
+        default: "\"auto\"",
+        doc: "auto, kvm or tcg. auto probes KVM by running a guest instruction and falls back to tcg.",
+    },
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: String,
+    data_dir: String,
+    database_url: String,
+    vmm: String,
+    log: String,
+    guest: RawGuest,
+    server: RawServer,
+    image: RawImage,
+    qemu: RawQemu,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGuest {
+    cpus: i64,
+    memory: String,
+    rootfs_size: String,
+    ready_timeout_secs: i64,
+    stop_timeout_secs: i64,
+    log_max_bytes: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    request_timeout_secs: i64,
+    shutdown_timeout_secs: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawImage {
+    agent_path: String,
+    suite: String,
+    mirror: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQemu {
+    binary: String,
+    accel: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmChoice {
+    Auto,
+    Qemu,
+    Firecracker,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub vmm: VmmChoice,
+    pub log: String,
+    pub guest: GuestDefaults,
+    pub request_timeout: Duration,
+    pub shutdown_timeout: Duration,
+    pub image: ImageConfig,
+    pub qemu_binary: PathBuf,
+    pub accel: AccelChoice,
+}
+
+#[derive(Debug, Clone)]
+pub struct GuestDefaults {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub rootfs_mib: u64,
+    pub ready_timeout: Duration,
+    pub stop_timeout: Duration,
+    pub log_max_bytes: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageConfig {
+    pub agent_path: PathBuf,
+    pub suite: String,
+    pub mirror: Option<String>,
+}
+
+/// The commented default configuration printed by `hearthd --generate-config`.
+pub fn generate_default() -> String {
+    let mut out = String::from(
+        "# hearthd configuration. Every key can be overridden by the environment variable named\n\
+         # beside it; values are validated at start.\n",
+    );
+    let mut section = "";
+    for key in KEYS {
+        let (sec, name) = key.path.rsplit_once('.').unwrap_or(("", key.path));
+        if sec != section {
+            out.push_str(&format!("\n[{sec}]\n"));
+            section = sec;
+        }
+        out.push_str(&format!("\n# {} (env {})\n{name} = {}\n", key.doc, key.env_var(), key.default));
+    }
+    out
+}
+
+impl Config {
+    /// Loads the file (if any), applies environment overrides from `env`, and validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = generate_default()
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: "(built-in defaults)".into(),
+                message: e.to_string(),
+            })?;
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.display().to_string(),
+                message: e.message().to_owned(),
+            })?;
+            merge(&mut table, file, path)?;
+        }
+        for key in KEYS {
+            if let Some(value) = env(&key.env_var()) {
+                set(&mut table, key, &value)?;
+            }
+        }
+        let raw: RawConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.map_or("(environment)".into(), |p| p.display().to_string()),
+                    message: e.message().to_owned(),
+                })?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid("listen", format!("{:?} is not an address like 127.0.0.1:7070", raw.listen))
+        })?;
+        let data_dir = PathBuf::from(&raw.data_dir);
+        if !data_dir.is_absolute() {
+            return Err(invalid(
+                "data_dir",
+                format!("{:?} must be an absolute path", raw.data_dir),
+            ));
+        }
+        let database_url = if raw.database_url.is_empty() {
+            format!("sqlite://{}", data_dir.join("hearth.db").display())
+        } else if raw.database_url.starts_with("sqlite:") {
+            raw.database_url
+        } else {
+            return Err(invalid(
+                "database_url",
+                format!(
+                    "{:?} is not supported: this version stores state in SQLite (sqlite://PATH)",
+                    raw.database_url
+                ),
+            ));
+        };
+        let vmm = match raw.vmm.as_str() {
+            "auto" => VmmChoice::Auto,
+            "qemu" => VmmChoice::Qemu,
+            "firecracker" => VmmChoice::Firecracker,
+            other => {
+                return Err(invalid(
+                    "vmm",
+                    format!("{other:?} is not one of auto, qemu, firecracker"),
+                ));
+            }
+        };
+        tracing_subscriber::EnvFilter::try_new(&raw.log)
+            .map_err(|e| invalid("log", format!("{:?} is not a log filter: {e}", raw.log)))?;
+        let cpus = u32::try_from(raw.guest.cpus).unwrap_or(0);
+        rules::validate_cpus(cpus).map_err(|e| invalid("guest.cpus", e.message))?;
+        let memory_mib = rules::validate_ram(&Size::Text(raw.guest.memory.clone()))
+            .map_err(|e| invalid("guest.memory", e.message))?;
+        let rootfs_mib =
+            rules::validate_rootfs(&Size::Text(raw.guest.rootfs_size.clone()), MIN_ROOTFS_MIB)
+                .map_err(|e| invalid("guest.rootfs_size", e.message))?;
+        let accel = match raw.qemu.accel.as_str() {
+            "auto" => AccelChoice::Auto,
+            "kvm" => AccelChoice::Kvm,
+            "tcg" => AccelChoice::Tcg,
+            other => {
+                return Err(invalid(
+                    "qemu.accel",
+                    format!("{other:?} is not one of auto, kvm, tcg"),
+                ));
+            }
+        };
+        if raw.image.suite.is_empty()
+            || !raw.image.suite.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        {
+            return Err(invalid(
+                "image.suite",
+                format!("{:?} is not a Debian suite name", raw.image.suite),
+            ));
+        }
+        let mirror = match raw.image.mirror.as_str() {
+            "" => None,
+            m if m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file:/") => {
+                Some(m.trim_end_matches('/').to_owned())
+            }
+            m => {
+                return Err(invalid(
+                    "image.mirror",
+                    format!("{m:?} must be an http://, https:// or file:/ URL"),
+                ));
+            }
+        };
+        let agent_path = if raw.image.agent_path.is_empty() {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join("hearth-guest")))
+                .unwrap_or_else(|| PathBuf::from("hearth-guest"))
+        } else {
+            PathBuf::from(&raw.image.agent_path)
+        };
+        Ok(Config {
+            listen,
+            data_dir,
+            database_url,
+            vmm,
+            log: raw.log,
+            guest: GuestDefaults {
+                cpus,
+                memory_mib,
+                rootfs_mib,
+                ready_timeout: secs("guest.ready_timeout_secs", raw.guest.ready_timeout_secs)?,
+                stop_timeout: secs("guest.stop_timeout_secs", raw.guest.stop_timeout_secs)?,
+                log_max_bytes: positive("guest.log_max_bytes", raw.guest.log_max_bytes, 4096)?,
+            },
+            request_timeout: secs("server.request_timeout_secs", raw.server.request_timeout_secs)?,
+            shutdown_timeout: secs(
+                "server.shutdown_timeout_secs",
+                raw.server.shutdown_timeout_secs,
+            )?,
+            image: ImageConfig {
+                agent_path,
+                suite: raw.image.suite,
+                mirror,
+            },
+            qemu_binary: PathBuf::from(raw.qemu.binary),
+            accel,
+        })
+    }
+}
+
+/// The smallest root disk: the size of the guest image's filesystem.
+pub const MIN_ROOTFS_MIB: u64 = 1024;
+
+fn key(path: &str) -> &'static Key {
+    KEYS.iter()
+        .find(|k| k.path == path)
+        .unwrap_or_else(|| panic!("config key {path} is missing from KEYS"))
+}
+
+fn invalid(path: &str, message: String) -> ConfigError {
+    let key = key(path);
+    ConfigError::Invalid {
+        key: key.path,
+        env: key.env_var(),
+        message,
+    }
+}
+
+fn positive(path: &str, value: i64, min: i64) -> Result<u64, ConfigError> {
+    if value < min {
+        return Err(invalid(path, format!("{value} must be at least {min}")));
+    }
+    Ok(value.unsigned_abs())
+}
+
+fn secs(path: &str, value: i64) -> Result<Duration, ConfigError> {
+    if !(1..=86_400).contains(&value) {
+        return Err(invalid(
+            path,
+            format!("{value} must be a whole number of seconds from 1 to 86400"),
+        ));
+    }
+    Ok(Duration::from_secs(value.unsigned_abs()))
+}
+
+/// Copies the file's values over the defaults, refusing keys that do not exist.
+fn merge(base: &mut toml::Table, file: toml::Table, path: &Path) -> Result<(), ConfigError> {
+    for (name, value) in file {
+        match (base.get_mut(&name), value) {
+            (Some(toml::Value::Table(section)), toml::Value::Table(values)) => {
+                for (k, v) in values {
+                    if !section.contains_key(&k) {
+                        return Err(unknown_key(path, &format!("{name}.{k}")));
+                    }
+                    section.insert(k, v);
+                }
+            }
+            (Some(toml::Value::Table(_)), _) => {
+                return Err(ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: format!("[{name}] must be a table"),
+                });
+            }
+            (Some(slot), v) => *slot = v,
+            (None, _) => return Err(unknown_key(path, &name)),
+        }
+    }
+    Ok(())
+}
+
+fn unknown_key(path: &Path, key: &str) -> ConfigError {
+    let known: Vec<_> = KEYS.iter().map(|k| k.path).collect();
+    ConfigError::Parse {
+        path: path.display().to_string(),
+        message: format!("unknown key {key:?}; the keys are {}", known.join(", ")),
+    }
+}
+
+fn set(table: &mut toml::Table, key: &'static Key, text: &str) -> Result<(), ConfigError> {
+    let value = match key.kind {
+        Kind::String => toml::Value::String(text.to_owned()),
+        Kind::Integer => toml::Value::Integer(text.trim().parse().map_err(|_| {
+            invalid(key.path, format!("{text:?} is not a whole number"))
+        })?),
+    };
+    let (section, name) = key.path.rsplit_once('.').unwrap_or(("", key.path));
+    let slot = if section.is_empty() {
+        table
+    } else {
+        match table.get_mut(section) {
+            Some(toml::Value::Table(t)) => t,
+            _ => return Err(invalid(key.path, "section missing from defaults".into())),
+        }
+    };
+    slot.insert(name.to_owned(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hearth.toml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        let env: Vec<(String, String)> =
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::load(file.map(|_| path.as_path()), |name| {
+            env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })
+    }
+
+    #[test]
+    fn defaults_match_the_handbook() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7070");
+        assert!(c.listen.ip().is_loopback());
+        assert_eq!(c.guest.cpus, 1);
+        assert_eq!(c.guest.memory_mib, 1024);
+        assert_eq!(c.guest.rootfs_mib, 10 * 1024);
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.database_url, "sqlite:///var/lib/hearth/hearth.db");
+        assert_eq!(c.vmm, VmmChoice::Auto);
+    }
+
+    #[test]
+    fn generated_config_is_complete_and_parses() {
+        let text = generate_default();
+        for key in KEYS {
+            assert!(text.contains(&key.env_var()), "{}", key.path);
+        }
+        let c = load_with(Some(&text), &[]).unwrap();
+        assert_eq!(c.guest.memory_mib, 1024);
+    }
+
+    #[test]
+    fn file_then_environment_override() {
+        let c = load_with(
+            Some("listen = \"127.0.0.1:9000\"\n[guest]\ncpus = 2\n"),
+            &[("HEARTH_GUEST_CPUS", "4"), ("HEARTH_GUEST_MEMORY", "512M")],
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.guest.cpus, 4);
+        assert_eq!(c.guest.memory_mib, 512);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_rule() {
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[("HEARTH_GUEST_CPUS", "3")], "guest.cpus (env HEARTH_GUEST_CPUS): invalid cpus 3: must be 1 or an even number"),
+            (&[("HEARTH_GUEST_CPUS", "two")], "guest.cpus (env HEARTH_GUEST_CPUS): \"two\" is not a whole number"),
+            (&[("HEARTH_GUEST_MEMORY", "64M")], "guest.memory (env HEARTH_GUEST_MEMORY): invalid ram \"64M\": must be at least 128 MiB"),
+            (&[("HEARTH_LISTEN", "localhost")], "listen (env HEARTH_LISTEN): \"localhost\" is not an address"),
+            (&[("HEARTH_DATA_DIR", "rel/dir")], "data_dir (env HEARTH_DATA_DIR): \"rel/dir\" must be an absolute path"),
+            (&[("HEARTH_VMM", "xen")], "vmm (env HEARTH_VMM): \"xen\" is not one of auto, qemu, firecracker"),
+            (&[("HEARTH_DATABASE_URL", "postgres://x")], "database_url (env HEARTH_DATABASE_URL): \"postgres://x\" is not supported"),
+            (&[("HEARTH_SERVER_SHUTDOWN_TIMEOUT_SECS", "0")], "server.shutdown_timeout_secs (env HEARTH_SERVER_SHUTDOWN_TIMEOUT_SECS): 0 must be"),
+            (&[("HEARTH_QEMU_ACCEL", "hvf")], "qemu.accel (env HEARTH_QEMU_ACCEL): \"hvf\" is not one of"),
+        ];
+        for (env, want) in cases {
+            let err = load_with(None, env).unwrap_err().to_string();
+            assert!(err.starts_with(want), "got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_toml_are_refused() {
+        let err = load_with(Some("lisen = \"x\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("unknown key \"lisen\""), "{err}");
+        let err = load_with(Some("[guest]\nram = 1\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("unknown key \"guest.ram\""), "{err}");
+        let err = load_with(Some("listen = \n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("is not valid"), "{err}");
+        let err = load_with(Some("[guest]\ncpus = \"2\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../../../README.md");
+        for key in KEYS {
+            assert!(
+                readme.contains(&format!("`{}`", key.path)) && readme.contains(&key.env_var()),
+                "README.md's configuration reference lacks {} / {}",
+                key.path,
+                key.env_var()
+            );
+        }
+    }
+}

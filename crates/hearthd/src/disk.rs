@@ -1,0 +1,199 @@
+//! VM disks: a per-VM copy of the image's root filesystem (reflink when the filesystem can,
+//! sparse copy otherwise), grown to the VM's size.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot copy {from} to {to}")]
+    Copy {
+        from: String,
+        to: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot grow {path} to {mib} MiB")]
+    Grow {
+        path: String,
+        mib: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("resize2fs failed on {path}: {stderr}")]
+    Resize { path: String, stderr: String },
+}
+
+/// How a disk was copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyMethod {
+    Reflink,
+    Sparse,
+}
+
+/// Copies `from` to a new file `to` (which must not exist): a reflink when the filesystem
+/// supports it, else a copy of only the data extents, so holes stay holes.
+pub fn clone_file(from: &Path, to: &Path) -> Result<CopyMethod, DiskError> {
+    let err = |source| DiskError::Copy {
+        from: from.display().to_string(),
+        to: to.display().to_string(),
+        source,
+    };
+    let src = File::open(from).map_err(err)?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(err)?;
+    let result = reflink(&src, &dst).and_then(|done| {
+        if done {
+            Ok(CopyMethod::Reflink)
+        } else {
+            sparse_copy(&src, &dst).map(|()| CopyMethod::Sparse)
+        }
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    result.map_err(err)
+}
+
+/// FICLONE; `Ok(false)` when the filesystem cannot share extents.
+fn reflink(src: &File, dst: &File) -> io::Result<bool> {
+    // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are open for
+    // the duration of the call and no memory is shared with the kernel.
+    let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::EPERM) => {
+            Ok(false)
+        }
+        _ => Err(e),
+    }
+}
+
+/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) with copy_file_range.
+fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
+    let len = src.metadata()?.len();
+    dst.set_len(len)?;
+    let len = i64::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+    let mut pos: i64 = 0;
+    while pos < len {
+        // SAFETY: lseek on an open descriptor; no memory involved.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut off_in = data;
+        let mut off_out = data;
+        while off_in < hole {
+            let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
+            // SAFETY: both offsets point to live i64s owned by this frame; descriptors are open.
+            let n = unsafe {
+                libc::copy_file_range(
+                    src.as_raw_fd(),
+                    &mut off_in,
+                    dst.as_raw_fd(),
+                    &mut off_out,
+                    want,
+                    0,
+                )
+            };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source shrank"));
+            }
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
+/// Grows the ext4 filesystem image at `path` to `mib` MiB (never shrinks).
+pub fn grow_ext4(path: &Path, mib: u64) -> Result<(), DiskError> {
+    let bytes = mib * 1024 * 1024;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|source| DiskError::Grow {
+            path: path.display().to_string(),
+            mib,
+            source,
+        })?;
+    let current = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if bytes <= current {
+        return Ok(());
+    }
+    file.set_len(bytes).map_err(|source| DiskError::Grow {
+        path: path.display().to_string(),
+        mib,
+        source,
+    })?;
+    drop(file);
+    // -f: the image was just copied from a clean, unmounted filesystem, so the fsck resize2fs
+    // would otherwise insist on is not needed.
+    let out = Command::new("resize2fs")
+        .arg("-f")
+        .arg(path)
+        .output()
+        .map_err(|source| DiskError::Grow {
+            path: path.display().to_string(),
+            mib,
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(DiskError::Resize {
+            path: path.display().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let mut f = File::create(&src).unwrap();
+        f.write_all(b"head").unwrap();
+        f.seek(SeekFrom::Start(64 << 20)).unwrap();
+        f.write_all(b"tail").unwrap();
+        f.set_len(128 << 20).unwrap();
+        drop(f);
+        let dst = dir.path().join("dst");
+        clone_file(&src, &dst).unwrap();
+        let a = std::fs::read(&src).unwrap();
+        let b = std::fs::read(&dst).unwrap();
+        assert_eq!(a, b);
+        // 128 MiB apparent, only a few blocks allocated.
+        assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < (1 << 20));
+        // The target must not exist yet.
+        assert!(clone_file(&src, &dst).is_err());
+        assert_eq!(std::fs::read(&dst).unwrap(), a, "a failed copy must not touch an existing file");
+    }
+}

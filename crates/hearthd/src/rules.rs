@@ -1,0 +1,219 @@
+//! Naming and sizing rules for VMs (srv-handbook §5): one place, used by the API and the config.
+
+use hearth_api::{ErrorCode, Size};
+
+/// A rule a user-supplied value broke. The message names the field, the value and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct RuleError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RuleError {
+    fn new(code: ErrorCode, message: String) -> Self {
+        Self { code, message }
+    }
+}
+
+pub const MIN_RAM_MIB: u64 = 128;
+pub const MAX_CPUS: u32 = 32;
+/// Guest RAM is bounded by what a host could reasonably give one VM (1 TiB).
+pub const MAX_RAM_MIB: u64 = 1024 * 1024;
+/// Root disks are bounded at 16 TiB (ext4 with 4 KiB blocks and our mkfs options).
+pub const MAX_ROOTFS_MIB: u64 = 16 * 1024 * 1024;
+
+/// `name`: 1-63 characters, lowercase ASCII letters, digits and hyphens, starting with a letter.
+pub fn validate_name(name: &str) -> Result<(), RuleError> {
+    let rule = "1-63 characters: lowercase letters, digits and hyphens, starting with a letter";
+    let bad = |why: &str| {
+        Err(RuleError::new(
+            ErrorCode::InvalidName,
+            format!("invalid name {name:?}: {why}; names are {rule}"),
+        ))
+    };
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 63 {
+        return bad(&format!("it is {} characters long", name.len()));
+    }
+    if !name.as_bytes()[0].is_ascii_lowercase() {
+        return bad("it does not start with a lowercase letter");
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return bad(&format!("{c:?} is not allowed"));
+    }
+    Ok(())
+}
+
+/// `cpus`: 1, or an even number up to 32.
+pub fn validate_cpus(cpus: u32) -> Result<(), RuleError> {
+    if cpus == 1 || (cpus >= 2 && cpus <= MAX_CPUS && cpus % 2 == 0) {
+        Ok(())
+    } else {
+        Err(RuleError::new(
+            ErrorCode::InvalidCpus,
+            format!("invalid cpus {cpus}: must be 1 or an even number from 2 to {MAX_CPUS}"),
+        ))
+    }
+}
+
+/// Parses a size as users type it: a MiB integer (`512`), or a number with a unit `M`/`MiB`,
+/// `G`/`GiB`, `T`/`TiB` (`512M`, `2G`, `1.5G`). Units are binary. Returns MiB.
+pub fn parse_size_mib(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!("{text:?} is not a size"));
+    }
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 1,
+        "g" | "gb" | "gib" => 1024,
+        "t" | "tb" | "tib" => 1024 * 1024,
+        other => return Err(format!("{text:?} has an unknown unit {other:?}")),
+    };
+    if let Some((whole, frac)) = num.split_once('.') {
+        let whole: u64 = whole.parse().map_err(|_| format!("{text:?} is not a size"))?;
+        if frac.is_empty() || frac.contains('.') || frac.len() > 3 {
+            return Err(format!("{text:?} is not a size"));
+        }
+        let frac_val: u64 = frac.parse().map_err(|_| format!("{text:?} is not a size"))?;
+        let scale = 10u64.pow(u32::try_from(frac.len()).unwrap_or(3));
+        let mib_frac = frac_val * factor;
+        if mib_frac % scale != 0 {
+            return Err(format!("{text:?} is not a whole number of MiB"));
+        }
+        whole
+            .checked_mul(factor)
+            .and_then(|w| w.checked_add(mib_frac / scale))
+            .ok_or_else(|| format!("{text:?} is too large"))
+    } else {
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(factor))
+            .ok_or_else(|| format!("{text:?} is too large or not a size"))
+    }
+}
+
+fn size_mib(size: &Size) -> Result<u64, String> {
+    match size {
+        Size::Mib(n) => Ok(*n),
+        Size::Text(t) => parse_size_mib(t),
+    }
+}
+
+fn describe(size: &Size) -> String {
+    match size {
+        Size::Mib(n) => n.to_string(),
+        Size::Text(t) => format!("{t:?}"),
+    }
+}
+
+const SIZE_FORMS: &str = "write it as 2G, 512M or an integer number of MiB";
+
+/// `ram`: at least 128 MiB.
+pub fn validate_ram(size: &Size) -> Result<u64, RuleError> {
+    let err = |why: String| {
+        RuleError::new(
+            ErrorCode::InvalidRam,
+            format!("invalid ram {}: {why}", describe(size)),
+        )
+    };
+    let mib = size_mib(size).map_err(|e| err(format!("{e}; {SIZE_FORMS}")))?;
+    if mib < MIN_RAM_MIB {
+        return Err(err(format!("must be at least {MIN_RAM_MIB} MiB")));
+    }
+    if mib > MAX_RAM_MIB {
+        return Err(err(format!("must be at most {MAX_RAM_MIB} MiB")));
+    }
+    Ok(mib)
+}
+
+/// `rootfs_size`: at least the guest image's size (`min_mib`).
+pub fn validate_rootfs(size: &Size, min_mib: u64) -> Result<u64, RuleError> {
+    let err = |why: String| {
+        RuleError::new(
+            ErrorCode::InvalidRootfsSize,
+            format!("invalid rootfs_size {}: {why}", describe(size)),
+        )
+    };
+    let mib = size_mib(size).map_err(|e| err(format!("{e}; {SIZE_FORMS}")))?;
+    if mib < min_mib {
+        return Err(err(format!(
+            "must be at least {min_mib} MiB, the size of the guest image"
+        )));
+    }
+    if mib > MAX_ROOTFS_MIB {
+        return Err(err(format!("must be at most {MAX_ROOTFS_MIB} MiB")));
+    }
+    Ok(mib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "web-1", "a1b2", &"a".repeat(63)] {
+            assert_eq!(validate_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "1abc", "-a", "Abc", "a_b", "a.b", "héllo", &"a".repeat(64)] {
+            let e = validate_name(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidName);
+            assert!(e.message.contains("starting with a letter"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn cpus() {
+        for ok in [1, 2, 4, 16, 32] {
+            validate_cpus(ok).unwrap();
+        }
+        for bad in [0, 3, 5, 31, 33, 34, 64] {
+            let e = validate_cpus(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidCpus);
+            assert!(e.message.contains("1 or an even number"));
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size_mib("512"), Ok(512));
+        assert_eq!(parse_size_mib("512M"), Ok(512));
+        assert_eq!(parse_size_mib("2G"), Ok(2048));
+        assert_eq!(parse_size_mib("2g"), Ok(2048));
+        assert_eq!(parse_size_mib("2GiB"), Ok(2048));
+        assert_eq!(parse_size_mib("1.5G"), Ok(1536));
+        assert_eq!(parse_size_mib("1T"), Ok(1024 * 1024));
+        for bad in ["", "G", "2X", "1.2.3G", "-1", "1.0001G", "99999999999999999999"] {
+            assert!(parse_size_mib(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ram_rule() {
+        assert_eq!(validate_ram(&Size::Text("2G".into())), Ok(2048));
+        assert_eq!(validate_ram(&Size::Mib(128)), Ok(128));
+        let e = validate_ram(&Size::Text("64M".into())).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRam);
+        assert_eq!(e.message, "invalid ram \"64M\": must be at least 128 MiB");
+        let e = validate_ram(&Size::Text("lots".into())).unwrap_err();
+        assert!(e.message.contains("2G, 512M"), "{}", e.message);
+    }
+
+    #[test]
+    fn rootfs_rule() {
+        assert_eq!(validate_rootfs(&Size::Text("10G".into()), 1024), Ok(10240));
+        let e = validate_rootfs(&Size::Mib(512), 1024).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRootfsSize);
+        assert!(e.message.contains("at least 1024 MiB"));
+    }
+}

@@ -1,0 +1,884 @@
+//! VM lifecycle: every front end turns its input into an [`Action`] and hands it to
+//! [`VmService::handle`]; streaming operations (exec sessions, files, logs) go through the typed
+//! methods below. Only this module changes VM state, and only through [`state::next`] and
+//! `Store::transition`.
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hearth_api::{
+    CreateVmRequest, ErrorCode, ExecRequest, ExecResponse, Health, Size, Vm, VmDetail, VmState,
+};
+use hearth_guest_proto::ShutdownAction;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::disk::{self, DiskError};
+use crate::guest::{ExecEvent, ExecSpec, GuestClient, GuestError};
+use crate::image::Image;
+use crate::rules::{self, RuleError};
+use crate::store::{Store, StoreError, Transition, VmRecord};
+use crate::vmm::{LaunchSpec, VmHandle, Vmm, VmmError};
+use state::{Input, NotAllowed};
+
+/// Largest stdout or stderr a request/response exec collects; the streaming endpoints have no
+/// such limit.
+pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Errors of VM operations. [`Error::code`] is the one place they become API codes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    #[error("no VM named {0:?}")]
+    NotFound(String),
+    #[error("a VM named {0:?} already exists")]
+    NameTaken(String),
+    #[error("cannot {verb} VM {name:?}: {reason}", verb = reason.input.verb())]
+    NotAllowed { name: String, reason: NotAllowed },
+    #[error("VM {name:?} is {state}: {what} needs it running")]
+    NotRunning {
+        name: String,
+        state: VmState,
+        what: &'static str,
+    },
+    #[error("the guest image is not ready: {0}")]
+    ImageUnavailable(String),
+    #[error("VM {name:?} did not start: {reason}")]
+    StartFailed { name: String, reason: String },
+    #[error("cannot prepare the disk of VM {name:?}")]
+    Disk {
+        name: String,
+        #[source]
+        source: DiskError,
+    },
+    #[error("VMM failure")]
+    Vmm(#[from] VmmError),
+    #[error("guest of VM {name:?}: {source}")]
+    Guest {
+        name: String,
+        #[source]
+        source: GuestError,
+    },
+    #[error("file {path:?} in VM {name:?}: {source}")]
+    GuestFile {
+        name: String,
+        path: String,
+        #[source]
+        source: GuestError,
+    },
+    #[error("program {program:?} cannot run in VM {name:?}: {message}")]
+    BadCommand {
+        name: String,
+        program: String,
+        message: String,
+    },
+    #[error("cannot read the {source_name} log of VM {name:?}")]
+    Log {
+        name: String,
+        source_name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state store failure")]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    /// The stable code of this error; the HTTP status and exit code follow from it.
+    pub fn code(&self) -> ErrorCode {
+        use hearth_guest_proto::ErrorCode as G;
+        match self {
+            Error::Rule(r) => r.code,
+            Error::BadRequest(_) => ErrorCode::InvalidRequest,
+            Error::NotFound(_) | Error::Store(StoreError::NotFound(_)) => ErrorCode::VmNotFound,
+            Error::NameTaken(_) | Error::Store(StoreError::NameTaken(_)) => ErrorCode::VmNameTaken,
+            Error::NotAllowed { .. } | Error::NotRunning { .. } => ErrorCode::InvalidState,
+            Error::Store(StoreError::StateChanged { .. }) => ErrorCode::VmBusy,
+            Error::ImageUnavailable(_) => ErrorCode::ImageUnavailable,
+            Error::StartFailed { .. } | Error::Vmm(_) => ErrorCode::VmmFailed,
+            Error::Disk { source, .. } => match source {
+                DiskError::Copy { source, .. } | DiskError::Grow { source, .. }
+                    if source.raw_os_error() == Some(libc::ENOSPC) =>
+                {
+                    ErrorCode::ResourceExhausted
+                }
+                _ => ErrorCode::Internal,
+            },
+            Error::Guest { source, .. } | Error::GuestFile { source, .. } => match source {
+                GuestError::Disconnected => ErrorCode::GuestUnavailable,
+                GuestError::NotReady(_) | GuestError::Timeout => ErrorCode::GuestTimeout,
+                GuestError::Agent { code, .. } => match (self, code) {
+                    (Error::GuestFile { .. }, G::NotFound) => ErrorCode::GuestFileNotFound,
+                    (Error::GuestFile { .. }, G::InvalidRequest) => ErrorCode::InvalidPath,
+                    _ => ErrorCode::GuestError,
+                },
+                GuestError::Unexpected(_) => ErrorCode::GuestError,
+            },
+            Error::BadCommand { .. } => ErrorCode::InvalidCommand,
+            Error::Log { .. } | Error::Store(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// The message for API clients: this error and its causes, each said once.
+    pub fn message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            source = s.source();
+        }
+        msg
+    }
+}
+
+/// Every non-streaming operation of the API and the SSH surface.
+#[derive(Debug)]
+pub enum Action {
+    Health,
+    ListVms,
+    GetVm(String),
+    CreateVm(CreateVmRequest),
+    StartVm(String),
+    StopVm {
+        name: String,
+        timeout: Option<Duration>,
+    },
+    RestartVm(String),
+    DeleteVm(String),
+    Exec {
+        name: String,
+        request: ExecRequest,
+    },
+}
+
+/// The successful result of an [`Action`].
+#[derive(Debug)]
+pub enum Reply {
+    Health(Health),
+    Vms(Vec<Vm>),
+    Vm(Vm),
+    Created(VmDetail),
+    VmDetail(VmDetail),
+    Deleted,
+    Exec(ExecResponse),
+}
+
+/// Which log of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogSource {
+    Serial,
+    Vmm,
+}
+
+/// State of the guest image, shared with the background build.
+#[derive(Debug, Clone)]
+pub enum ImageState {
+    Building(String),
+    Ready(Image),
+    Failed(String),
+}
+
+#[derive(Debug)]
+struct Runtime {
+    handle: Arc<dyn VmHandle>,
+    guest: Arc<GuestClient>,
+}
+
+/// Owns VM lifecycles. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct VmService {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Arc<Config>,
+    store: Store,
+    vmm: Arc<dyn Vmm>,
+    image: watch::Receiver<ImageState>,
+    runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn random_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .is_ok();
+    if !ok {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        bytes = (nanos as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl VmService {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        vmm: Arc<dyn Vmm>,
+        image: watch::Receiver<ImageState>,
+    ) -> VmService {
+        VmService {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                vmm,
+                image,
+                runtimes: Mutex::default(),
+                locks: Mutex::default(),
+            }),
+        }
+    }
+
+    /// Runs one action.
+    pub async fn handle(&self, action: Action) -> Result<Reply, Error> {
+        match action {
+            Action::Health => Ok(Reply::Health(self.health())),
+            Action::ListVms => Ok(Reply::Vms(
+                self.inner
+                    .store
+                    .list_vms()
+                    .await?
+                    .iter()
+                    .map(VmRecord::to_api)
+                    .collect(),
+            )),
+            Action::GetVm(name) => Ok(Reply::VmDetail(self.detail(&name).await?)),
+            Action::CreateVm(req) => Ok(Reply::Created(self.create(req).await?)),
+            Action::StartVm(name) => Ok(Reply::Vm(self.start(&name).await?)),
+            Action::StopVm { name, timeout } => Ok(Reply::Vm(self.stop(&name, timeout).await?)),
+            Action::RestartVm(name) => Ok(Reply::Vm(self.restart(&name).await?)),
+            Action::DeleteVm(name) => {
+                self.delete(&name).await?;
+                Ok(Reply::Deleted)
+            }
+            Action::Exec { name, request } => Ok(Reply::Exec(self.exec(&name, request).await?)),
+        }
+    }
+
+    fn health(&self) -> Health {
+        let image = match &*self.inner.image.borrow() {
+            ImageState::Ready(i) => Some(i.id.clone()),
+            _ => None,
+        };
+        Health {
+            status: "ok".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            vmm: self.inner.vmm.kind().into(),
+            accel: self.inner.vmm.accel().into(),
+            image,
+        }
+    }
+
+    async fn detail(&self, name: &str) -> Result<VmDetail, Error> {
+        let vm = self.record(name).await?;
+        let events = self.inner.store.events(&vm.id).await?;
+        Ok(VmDetail {
+            vm: vm.to_api(),
+            events,
+        })
+    }
+
+    pub async fn record(&self, name: &str) -> Result<VmRecord, Error> {
+        match self.inner.store.get_vm(name).await {
+            Err(StoreError::NotFound(_)) => Err(Error::NotFound(name.to_owned())),
+            other => Ok(other?),
+        }
+    }
+
+    fn vm_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.inner.locks)
+            .entry(id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn vm_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.data_dir.join("vms").join(id)
+    }
+
+    fn run_dir(&self, id: &str) -> PathBuf {
+        self.inner.config.data_dir.join("run").join(id)
+    }
+
+    pub fn log_path(&self, vm: &VmRecord, source: LogSource) -> PathBuf {
+        self.vm_dir(&vm.id).join(match source {
+            LogSource::Serial => "serial.log",
+            LogSource::Vmm => "vmm.log",
+        })
+    }
+
+    fn image(&self) -> Result<Image, Error> {
+        match &*self.inner.image.borrow() {
+            ImageState::Ready(i) => Ok(i.clone()),
+            ImageState::Building(step) => Err(Error::ImageUnavailable(format!(
+                "it is being built ({step}); try again when `hearth health` shows an image"
+            ))),
+            ImageState::Failed(e) => Err(Error::ImageUnavailable(format!("its build failed: {e}"))),
+        }
+    }
+
+    async fn transition(
+        &self,
+        vm: &VmRecord,
+        input: Input,
+        message: Option<&str>,
+        pid: Option<Option<u32>>,
+        last_error: Option<Option<&str>>,
+    ) -> Result<VmRecord, Error> {
+        let to = state::next(vm.state, input).map_err(|reason| Error::NotAllowed {
+            name: vm.name.clone(),
+            reason,
+        })?;
+        let t = Transition {
+            from: vm.state,
+            to,
+            kind: input.event_kind(),
+            message,
+            pid,
+            last_error,
+        };
+        Ok(self.inner.store.transition(&vm.id, &t).await?)
+    }
+
+    async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, Error> {
+        let defaults = &self.inner.config.guest;
+        rules::validate_name(&req.name)?;
+        let cpus = req.cpus.unwrap_or(defaults.cpus);
+        rules::validate_cpus(cpus)?;
+        let memory_mib = match &req.ram {
+            Some(size) => rules::validate_ram(size)?,
+            None => defaults.memory_mib,
+        };
+        let image = self.image()?;
+        let rootfs_mib = rules::validate_rootfs(
+            req.rootfs_size
+                .as_ref()
+                .unwrap_or(&Size::Mib(defaults.rootfs_mib)),
+            image.rootfs_mib,
+        )?;
+        let now = crate::store::now();
+        let record = VmRecord {
+            id: random_id(),
+            name: req.name.clone(),
+            state: VmState::Creating,
+            cpus,
+            memory_mib,
+            rootfs_mib,
+            image: image.id.clone(),
+            vmm: self.inner.vmm.kind().into(),
+            pid: None,
+            created_at: now.clone(),
+            updated_at: now,
+            last_error: None,
+        };
+        match self.inner.store.insert_vm(&record).await {
+            Err(StoreError::NameTaken(n)) => return Err(Error::NameTaken(n)),
+            other => other?,
+        }
+        let lock = self.vm_lock(&record.id);
+        let _guard = lock.lock().await;
+        let prepared = match self.prepare_disk(&record, &image).await {
+            Ok(()) => self.transition(&record, Input::Created, None, None, None).await,
+            Err(e) => Err(e),
+        };
+        let record = match prepared {
+            Ok(r) => r,
+            Err(e) => {
+                self.purge(&record).await;
+                return Err(e);
+            }
+        };
+        if req.start.unwrap_or(true) {
+            if let Err(e) = self.start_locked(record.clone()).await {
+                // A create that fails leaves nothing behind.
+                self.purge(&record).await;
+                return Err(e);
+            }
+        }
+        drop(_guard);
+        self.detail(&record.id).await
+    }
+
+    async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<(), Error> {
+        let dir = self.vm_dir(&vm.id);
+        let (src, mib) = (image.rootfs(), vm.rootfs_mib);
+        let disk_err = |source| Error::Disk {
+            name: vm.name.clone(),
+            source,
+        };
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|source| DiskError::Copy {
+                from: src.display().to_string(),
+                to: dir.display().to_string(),
+                source,
+            })?;
+            let dst = dir.join("rootfs.ext4");
+            disk::clone_file(&src, &dst)?;
+            disk::grow_ext4(&dst, mib)
+        })
+        .await
+        .map_err(|e| Error::BadRequest(format!("disk task failed: {e}")))?
+        .map_err(disk_err)
+    }
+
+    /// Removes everything of a VM: files, runtime, record.
+    async fn purge(&self, vm: &VmRecord) {
+        lock(&self.inner.runtimes).remove(&vm.id);
+        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+        let _ = tokio::fs::remove_dir_all(self.vm_dir(&vm.id)).await;
+        if let Err(e) = self.inner.store.delete_vm(&vm.id).await {
+            tracing::error!(vm = %vm.name, error = %e, "cannot remove VM record");
+        }
+        lock(&self.inner.locks).remove(&vm.id);
+    }
+
+    fn launch_spec(&self, vm: &VmRecord, image: &Image) -> LaunchSpec {
+        let dir = self.vm_dir(&vm.id);
+        LaunchSpec {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            kernel: image.kernel(),
+            initrd: image.initrd(),
+            cmdline: format!("hearth.hostname={}", vm.name),
+            rootfs: dir.join("rootfs.ext4"),
+            run_dir: self.run_dir(&vm.id),
+            serial_log: dir.join("serial.log"),
+            vmm_log: dir.join("vmm.log"),
+        }
+    }
+
+    /// The image a VM boots: the one its disk came from when still there, else the current one
+    /// (the kernel and initramfs do not depend on the disk's contents).
+    fn boot_image(&self, vm: &VmRecord) -> Result<Image, Error> {
+        let own = self
+            .inner
+            .config
+            .data_dir
+            .join("images")
+            .join(&vm.image);
+        match Image::load(&own) {
+            Some(i) => Ok(i),
+            None => self.image(),
+        }
+    }
+
+    async fn start(&self, name: &str) -> Result<Vm, Error> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(&vm.id).await?;
+        Ok(self.start_locked(vm).await?.to_api())
+    }
+
+    async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, Error> {
+        let vm = self
+            .transition(&vm, Input::Start, None, None, None)
+            .await?;
+        let started = Instant::now();
+        match self.boot(&vm).await {
+            Ok((runtime, boot_id)) => {
+                let pid = runtime.handle.pid();
+                let message = format!(
+                    "guest agent ready in {} ms (pid {pid}, boot {boot_id})",
+                    started.elapsed().as_millis()
+                );
+                lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
+                let vm = self
+                    .transition(&vm, Input::Booted, Some(&message), Some(Some(pid)), Some(None))
+                    .await?;
+                self.monitor(vm.clone(), runtime);
+                Ok(vm)
+            }
+            Err(reason) => {
+                let serial = self.log_path(&vm, LogSource::Serial);
+                let tail = tail_lines(&serial, 3);
+                let reason = if tail.is_empty() {
+                    reason
+                } else {
+                    format!("{reason}; serial console ends with: {tail}")
+                };
+                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                self.transition(&vm, Input::BootFailed, Some(&reason), Some(None), Some(Some(&reason)))
+                    .await?;
+                Err(Error::StartFailed {
+                    name: vm.name.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Launches the VMM and waits for the agent. On failure nothing is left running.
+    async fn boot(&self, vm: &VmRecord) -> Result<(Arc<Runtime>, String), String> {
+        let image = self.boot_image(vm).map_err(|e| e.message())?;
+        let spec = self.launch_spec(vm, &image);
+        rotate_log(&spec.serial_log, self.inner.config.guest.log_max_bytes);
+        rotate_log(&spec.vmm_log, self.inner.config.guest.log_max_bytes);
+        let handle: Arc<dyn VmHandle> = Arc::from(
+            self.inner
+                .vmm
+                .launch(&spec)
+                .await
+                .map_err(|e| Error::Vmm(e).message())?,
+        );
+        let timeout = self.inner.config.guest.ready_timeout;
+        let ready = async {
+            let guest = GuestClient::connect(&spec.agent_socket(), Duration::from_secs(10)).await?;
+            let boot_id = guest.wait_ready(timeout).await?;
+            Ok::<_, GuestError>((guest, boot_id))
+        };
+        let result = tokio::select! {
+            r = ready => r.map_err(|e| e.to_string()),
+            () = handle.wait_exit() => Err("the VMM exited while the guest was booting".to_owned()),
+        };
+        match result {
+            Ok((guest, boot_id)) => Ok((Arc::new(Runtime { handle, guest }), boot_id)),
+            Err(e) => {
+                let _ = handle.kill().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Watches a running VM's VMM and records when it exits on its own.
+    fn monitor(&self, vm: VmRecord, runtime: Arc<Runtime>) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            runtime.handle.wait_exit().await;
+            let current = {
+                let mut runtimes = lock(&service.inner.runtimes);
+                match runtimes.get(&vm.id) {
+                    Some(r) if Arc::ptr_eq(r, &runtime) => runtimes.remove(&vm.id),
+                    _ => None,
+                }
+            };
+            if current.is_none() {
+                return; // a stop or delete took over
+            }
+            let Ok(now) = service.record(&vm.id).await else { return };
+            if now.state != VmState::Running {
+                return;
+            }
+            let _ = tokio::fs::remove_dir_all(service.run_dir(&vm.id)).await;
+            let msg = "the VMM process exited (guest powered off or crashed)";
+            if let Err(e) = service
+                .transition(&now, Input::Exited, Some(msg), Some(None), None)
+                .await
+            {
+                tracing::warn!(vm = %vm.name, error = %e.message(), "cannot record exit");
+            }
+        });
+    }
+
+    async fn stop(&self, name: &str, timeout: Option<Duration>) -> Result<Vm, Error> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(&vm.id).await?;
+        Ok(self.stop_locked(vm, timeout).await?.to_api())
+    }
+
+    async fn stop_locked(&self, vm: VmRecord, timeout: Option<Duration>) -> Result<VmRecord, Error> {
+        let vm = self.transition(&vm, Input::Stop, None, None, None).await?;
+        let runtime = lock(&self.inner.runtimes).remove(&vm.id);
+        let timeout = timeout.unwrap_or(self.inner.config.guest.stop_timeout);
+        let mut how = "no VMM process was running".to_owned();
+        if let Some(rt) = runtime {
+            let asked = if rt.guest.is_ready() {
+                rt.guest.shutdown(ShutdownAction::Poweroff).await.is_ok()
+            } else {
+                rt.handle.request_poweroff().await.is_ok()
+            };
+            let clean = asked
+                && tokio::time::timeout(timeout, rt.handle.wait_exit())
+                    .await
+                    .is_ok();
+            if clean {
+                how = "guest powered off".into();
+            } else {
+                rt.handle.kill().await?;
+                how = format!(
+                    "guest did not power off within {} s; VMM ended by force",
+                    timeout.as_secs()
+                );
+            }
+        }
+        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+        self.transition(&vm, Input::Halted, Some(&how), Some(None), None)
+            .await
+    }
+
+    async fn restart(&self, name: &str) -> Result<Vm, Error> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let mut vm = self.record(&vm.id).await?;
+        if vm.state == VmState::Running {
+            vm = self.stop_locked(vm, None).await?;
+        }
+        Ok(self.start_locked(vm).await?.to_api())
+    }
+
+    async fn delete(&self, name: &str) -> Result<(), Error> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let guard = lock.lock().await;
+        let mut vm = self.record(&vm.id).await?;
+        if vm.state == VmState::Running {
+            vm = self.stop_locked(vm, None).await?;
+        }
+        self.transition(&vm, Input::Delete, None, None, None).await?;
+        drop(guard);
+        self.purge(&vm).await;
+        Ok(())
+    }
+
+    /// The agent connection of a running VM.
+    pub async fn guest(&self, name: &str, what: &'static str) -> Result<(VmRecord, Arc<GuestClient>), Error> {
+        let vm = self.record(name).await?;
+        let runtime = lock(&self.inner.runtimes).get(&vm.id).cloned();
+        match (vm.state, runtime) {
+            (VmState::Running, Some(rt)) => {
+                // After a hearthd restart the agent may not have answered hello yet.
+                rt.guest
+                    .wait_ready(Duration::from_secs(10))
+                    .await
+                    .map_err(|source| Error::Guest {
+                        name: vm.name.clone(),
+                        source,
+                    })?;
+                Ok((vm, rt.guest.clone()))
+            }
+            (state, _) => Err(Error::NotRunning {
+                name: vm.name.clone(),
+                state,
+                what,
+            }),
+        }
+    }
+
+    async fn exec(&self, name: &str, req: ExecRequest) -> Result<ExecResponse, Error> {
+        let started = Instant::now();
+        let (vm, guest) = self.guest(name, "exec").await?;
+        let stdin = req.stdin.clone();
+        let mut session = self.open_exec(&vm, &guest, exec_spec(req, stdin.is_some(), None)?).await?;
+        if let Some(text) = stdin {
+            let send = async {
+                guest.send_data(session.id, text.as_bytes()).await?;
+                guest.send_data(session.id, &[]).await
+            };
+            send.await.map_err(|source| Error::Guest {
+                name: vm.name.clone(),
+                source,
+            })?;
+        }
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        loop {
+            let event = session.next().await.map_err(|source| Error::Guest {
+                name: vm.name.clone(),
+                source,
+            })?;
+            match event {
+                ExecEvent::Stdout(b) => append_capped(&mut stdout, &b),
+                ExecEvent::Stderr(b) => append_capped(&mut stderr, &b),
+                ExecEvent::Exited {
+                    code,
+                    signal,
+                    timed_out,
+                } => {
+                    return Ok(ExecResponse {
+                        exit_code: code,
+                        signal,
+                        timed_out,
+                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+                        duration_ms: u64::try_from(started.elapsed().as_millis())
+                            .unwrap_or(u64::MAX),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Starts an exec session, mapping "program not found" to a clear error.
+    pub async fn open_exec(
+        &self,
+        vm: &VmRecord,
+        guest: &Arc<GuestClient>,
+        spec: ExecSpec,
+    ) -> Result<crate::guest::ExecSession, Error> {
+        let program = spec.argv.first().cloned().unwrap_or_default();
+        guest.exec(spec).await.map_err(|source| match source {
+            GuestError::Agent { message, .. } => Error::BadCommand {
+                name: vm.name.clone(),
+                program,
+                message,
+            },
+            source => Error::Guest {
+                name: vm.name.clone(),
+                source,
+            },
+        })
+    }
+
+    /// Re-attaches to VMs that were running when hearthd last stopped, and settles the ones
+    /// whose VMM is gone or whose create or delete was interrupted.
+    pub async fn recover(&self) -> Result<(), Error> {
+        for vm in self.inner.store.list_vms().await? {
+            match vm.state {
+                VmState::Creating | VmState::Deleting => {
+                    tracing::info!(vm = %vm.name, state = %vm.state, "removing VM whose create or delete was interrupted");
+                    self.purge(&vm).await;
+                }
+                VmState::Stopped | VmState::Error => {}
+                VmState::Starting | VmState::Running | VmState::Stopping => {
+                    self.readopt(vm).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn readopt(&self, vm: VmRecord) -> Result<(), Error> {
+        let adopted = match (vm.pid, self.boot_image(&vm)) {
+            (Some(pid), Ok(image)) => {
+                let spec = self.launch_spec(&vm, &image);
+                match self.inner.vmm.adopt(&spec, pid).await {
+                    Ok(Some(handle)) => Some((spec, Arc::<dyn VmHandle>::from(handle))),
+                    Ok(None) => None,
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %Error::Vmm(e).message(), "cannot re-attach to the VMM");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Some((spec, handle)) = adopted else {
+            tracing::info!(vm = %vm.name, "VMM is gone; marking the VM stopped");
+            let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+            let msg = "the VMM process was gone when hearthd started";
+            self.transition(&vm, Input::Exited, Some(msg), Some(None), None)
+                .await?;
+            return Ok(());
+        };
+        let guest = match GuestClient::connect(&spec.agent_socket(), Duration::from_secs(2)).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(vm = %vm.name, error = %e, "cannot reach the guest agent; ending the VMM");
+                let _ = handle.kill().await;
+                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                self.transition(&vm, Input::Exited, Some("guest agent unreachable after hearthd restart"), Some(None), None)
+                    .await?;
+                return Ok(());
+            }
+        };
+        let runtime = Arc::new(Runtime { handle, guest });
+        lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
+        self.inner
+            .store
+            .record_event(&vm.id, "readopted", Some(&format!("VMM pid {} re-attached after hearthd restart", runtime.handle.pid())))
+            .await?;
+        let vm = match vm.state {
+            VmState::Starting => {
+                self.transition(&vm, Input::Booted, Some("guest agent answered after hearthd restart"), None, Some(None))
+                    .await?
+            }
+            VmState::Stopping => {
+                // The stop was interrupted: finish it.
+                lock(&self.inner.runtimes).remove(&vm.id);
+                runtime.handle.kill().await?;
+                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                self.transition(&vm, Input::Halted, Some("stop finished after hearthd restart"), Some(None), None)
+                    .await?;
+                return Ok(());
+            }
+            _ => vm,
+        };
+        self.monitor(vm, runtime);
+        Ok(())
+    }
+}
+
+/// Turns an API exec request into an agent exec.
+pub fn exec_spec(
+    req: ExecRequest,
+    stdin: bool,
+    pty: Option<hearth_guest_proto::PtySize>,
+) -> Result<ExecSpec, Error> {
+    if req.command.is_empty() || req.command[0].is_empty() {
+        return Err(RuleError {
+            code: ErrorCode::InvalidCommand,
+            message: "invalid command: it must name a program, e.g. [\"uname\", \"-a\"]".into(),
+        }
+        .into());
+    }
+    if let Some(cwd) = &req.cwd {
+        if !cwd.starts_with('/') {
+            return Err(RuleError {
+                code: ErrorCode::InvalidPath,
+                message: format!("invalid cwd {cwd:?}: must be an absolute path"),
+            }
+            .into());
+        }
+    }
+    if req.timeout_secs == Some(0) {
+        return Err(Error::BadRequest("timeout_secs must be at least 1".into()));
+    }
+    Ok(ExecSpec {
+        argv: req.command,
+        env: req.env.into_iter().collect(),
+        cwd: req.cwd,
+        stdin,
+        pty,
+        timeout: req.timeout_secs.map(Duration::from_secs),
+    })
+}
+
+fn append_capped(buf: &mut Vec<u8>, bytes: &[u8]) {
+    let room = EXEC_OUTPUT_LIMIT.saturating_sub(buf.len());
+    buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+}
+
+/// Keeps at most one old copy of a log once it is larger than `max` bytes.
+fn rotate_log(path: &Path, max: u64) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > max) {
+        let _ = std::fs::rename(path, path.with_extension("log.1"));
+    }
+}
+
+/// The last `n` non-empty lines of a file, joined, for error messages.
+fn tail_lines(path: &Path, n: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(16 * 1024);
+    let text = String::from_utf8_lossy(&text[start..]);
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" / ")
+}

@@ -1,0 +1,477 @@
+//! The QEMU backend: the `microvm` machine, KVM when the probe says it works, TCG otherwise.
+//!
+//! Guest RAM is a file on tmpfs shared with QEMU (`memory-backend-file`, `share=on`), so later
+//! snapshots only have to save device state (DESIGN.md, "Guest memory and fast paths").
+//! Firmware is QEMU's qboot: Debian's default microvm firmware (SeaBIOS) corrupts guests that
+//! have exactly 2048 MiB of RAM.
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
+
+use super::qmp::Qmp;
+use super::{Capabilities, LaunchSpec, VmHandle, Vmm, VmmError, probe, socket_exists};
+
+/// Where QEMU's own microvm firmware lives (package qemu-system-data).
+pub const DEFAULT_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug)]
+pub struct Qemu {
+    binary: PathBuf,
+    firmware: PathBuf,
+    accel: Accel,
+    tsc_khz: Option<u64>,
+    ram_dir: PathBuf,
+}
+
+impl Qemu {
+    /// Checks the binary and firmware and decides the accelerator: `want` is `None` for auto
+    /// (probe), or a forced choice (KVM is still probed, so a broken KVM is a clear error).
+    pub async fn new(
+        binary: &Path,
+        want: Option<Accel>,
+        probe_dir: &Path,
+    ) -> Result<Qemu, VmmError> {
+        let firmware = PathBuf::from(DEFAULT_FIRMWARE);
+        if !firmware.exists() {
+            return Err(VmmError::Unavailable(format!(
+                "QEMU's microvm firmware {} is missing; install the qemu-system-data package (make deps)",
+                firmware.display()
+            )));
+        }
+        let version = tokio::process::Command::new(binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|source| VmmError::Spawn {
+                binary: binary.display().to_string(),
+                source,
+            })?;
+        let version = String::from_utf8_lossy(&version.stdout).to_string();
+        check_version(&version)?;
+        let accel = match want {
+            Some(Accel::Tcg) => Accel::Tcg,
+            Some(Accel::Kvm) => {
+                probe::run(binary, "kvm", probe_dir).await.map_err(|why| {
+                    VmmError::Unavailable(format!("qemu.accel is kvm but KVM does not work: {why}"))
+                })?;
+                Accel::Kvm
+            }
+            None => match probe::run(binary, "kvm", probe_dir).await {
+                Ok(()) => Accel::Kvm,
+                Err(why) => {
+                    tracing::info!(%why, "KVM is not usable; guests run under TCG emulation");
+                    Accel::Tcg
+                }
+            },
+        };
+        Ok(Qemu {
+            binary: binary.to_owned(),
+            firmware,
+            accel,
+            tsc_khz: host_tsc_khz(),
+            ram_dir: PathBuf::from("/dev/shm"),
+        })
+    }
+
+    /// Path of a VM's RAM file.
+    pub fn ram_file(&self, id: &str) -> PathBuf {
+        self.ram_dir.join(format!("hearth-{id}.ram"))
+    }
+
+    fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
+        spec.run_dir.join("qmp.sock")
+    }
+
+    /// The full argument vector for `spec`.
+    pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
+        let (accel, cpu) = match self.accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => ("tcg", "max"),
+        };
+        let mut cmdline = format!(
+            "console=ttyS0 panic=1 no_timer_check tsc=reliable quiet {}",
+            spec.cmdline
+        );
+        if let Some(khz) = self.tsc_khz {
+            // lpj for HZ=250 (Debian's kernels); skips the delay-loop calibration.
+            cmdline = format!("{cmdline} tsc_early_khz={khz} lpj={}", khz * 4);
+        }
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "-name".into(),
+            format!("hearth-{},debug-threads=on", spec.name),
+            "-M".into(),
+            format!("microvm,accel={accel},memory-backend=mem0"),
+            "-cpu".into(),
+            cpu.into(),
+            "-smp".into(),
+            spec.cpus.to_string(),
+            "-m".into(),
+            format!("{}M", spec.memory_mib),
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=mem0,size={}M,mem-path={},share=on",
+                spec.memory_mib,
+                path(&self.ram_file(&spec.id))
+            ),
+            "-bios".into(),
+            path(&self.firmware),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-nographic".into(),
+            "-no-reboot".into(),
+            "-kernel".into(),
+            path(&spec.kernel),
+            "-initrd".into(),
+            path(&spec.initrd),
+            "-append".into(),
+            cmdline,
+            "-chardev".into(),
+            format!("file,id=serial0,path={},append=on", path(&spec.serial_log)),
+            "-serial".into(),
+            "chardev:serial0".into(),
+            "-drive".into(),
+            format!(
+                "id=root,file={},format=raw,if=none,cache=writeback,discard=unmap",
+                path(&spec.rootfs)
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                path(&spec.agent_socket())
+            ),
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=agent,name={}",
+                hearth_guest_proto::PORT_NAME
+            ),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", path(&Self::qmp_socket(spec))),
+        ]
+    }
+}
+
+fn check_version(text: &str) -> Result<(), VmmError> {
+    // "QEMU emulator version 10.0.2 (Debian ...)"
+    let version = text
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .unwrap_or("");
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if (major, minor) < (8, 2) {
+        return Err(VmmError::Unavailable(format!(
+            "QEMU {version} is too old: Hearth needs 8.2 or newer (on Debian 12, from bookworm-backports; `make deps` installs it)"
+        )));
+    }
+    Ok(())
+}
+
+/// The host's TSC frequency in kHz, which the guest kernel is told so it does not calibrate
+/// (calibration under emulation is slow and sometimes hangs).
+fn host_tsc_khz() -> Option<u64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz") {
+        if let Ok(khz) = s.trim().parse() {
+            return Some(khz);
+        }
+    }
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    if mhz.is_finite() && mhz > 0.0 {
+        // Saturating float-to-int cast of a positive, finite value.
+        Some((mhz * 1000.0) as u64)
+    } else {
+        None
+    }
+}
+
+#[async_trait]
+impl Vmm for Qemu {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn accel(&self) -> &'static str {
+        match self.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            pause: true,
+            snapshot: true,
+            vsock: false,
+            hotplug: false,
+            hardware_accel: self.accel == Accel::Kvm,
+        }
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
+        let files_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| VmmError::Files { path, source }
+        };
+        std::fs::create_dir_all(&spec.run_dir).map_err(files_err(&spec.run_dir))?;
+        let qmp_path = Self::qmp_socket(spec);
+        for stale in [&qmp_path, &spec.agent_socket(), &self.ram_file(&spec.id)] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.vmm_log)
+            .map_err(files_err(&spec.vmm_log))?;
+        let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let log_err = log.try_clone().map_err(files_err(&spec.vmm_log))?;
+        let mut cmd = tokio::process::Command::new(&self.binary);
+        cmd.args(self.args(spec))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            // Its own process group: a Ctrl-C or SIGTERM aimed at hearthd must not reach the VM,
+            // which outlives hearthd and is re-adopted by the next one.
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: self.binary.display().to_string(),
+            source,
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Wait for the QMP socket, or for QEMU to give up.
+        loop {
+            if let Some(status) = child.try_wait().ok().flatten() {
+                let _ = std::fs::remove_file(self.ram_file(&spec.id));
+                return Err(VmmError::EarlyExit {
+                    status: status.to_string(),
+                    log: log_tail(&spec.vmm_log, log_start),
+                });
+            }
+            if socket_exists(&qmp_path) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let _ = std::fs::remove_file(self.ram_file(&spec.id));
+                return Err(VmmError::NoControlSocket(30));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let qmp = match Qmp::connect(&qmp_path).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                let _ = std::fs::remove_file(self.ram_file(&spec.id));
+                return Err(e.into());
+            }
+        };
+        let (tx, exited) = watch::channel(false);
+        let ram = self.ram_file(&spec.id);
+        tokio::spawn(async move {
+            let _ = child.wait().await;
+            let _ = std::fs::remove_file(ram);
+            let _ = tx.send(true);
+        });
+        Ok(Box::new(QemuHandle {
+            pid,
+            qmp: Arc::new(qmp),
+            exited,
+        }))
+    }
+
+    async fn adopt(
+        &self,
+        spec: &LaunchSpec,
+        pid: u32,
+    ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
+        let qmp_path = Self::qmp_socket(spec);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let ours = String::from_utf8_lossy(&cmdline).contains(&qmp_path.display().to_string());
+        if !ours {
+            let _ = std::fs::remove_file(self.ram_file(&spec.id));
+            return Ok(None);
+        }
+        // A pidfd tells us when the process ends even though it is not our child.
+        let Some(pidfd) = pidfd_open(pid) else {
+            return Ok(None);
+        };
+        let qmp = match Qmp::connect(&qmp_path).await {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::warn!(vm = %spec.name, pid, error = %e, "VMM runs but its QMP socket does not answer");
+                return Err(e.into());
+            }
+        };
+        let status = qmp.status().await?;
+        tracing::info!(vm = %spec.name, pid, %status, "re-attached to running VMM");
+        let (tx, exited) = watch::channel(false);
+        let ram = self.ram_file(&spec.id);
+        tokio::spawn(async move {
+            // SAFETY: `pidfd` is an open OwnedFd moved into the AsyncFd, which owns it until it is
+            // dropped, so the descriptor stays valid and unchanged for the AsyncFd's lifetime.
+            let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
+            if let Ok(fd) = registered {
+                let _ = fd.readable().await;
+            }
+            let _ = std::fs::remove_file(ram);
+            let _ = tx.send(true);
+        });
+        Ok(Some(Box::new(QemuHandle {
+            pid,
+            qmp: Arc::new(qmp),
+            exited,
+        })))
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor or -1; no memory
+    // is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    let fd = i32::try_from(fd).ok()?;
+    // SAFETY: `fd` was just returned by pidfd_open, is open, and is owned by nobody else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The end of what the VMM wrote to its log since `from`, for error messages.
+fn log_tail(path: &Path, from: u64) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = usize::try_from(from).unwrap_or(0).min(text.len());
+    let text = String::from_utf8_lossy(&text[start..]);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
+    if tail.is_empty() { "(nothing)".into() } else { tail }
+}
+
+#[derive(Debug)]
+struct QemuHandle {
+    pid: u32,
+    qmp: Arc<Qmp>,
+    exited: watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl VmHandle for QemuHandle {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn wait_exit(&self) {
+        let mut rx = self.exited.clone();
+        let _ = rx.wait_for(|e| *e).await;
+    }
+
+    async fn request_poweroff(&self) -> Result<(), VmmError> {
+        self.qmp.execute("system_powerdown", None).await?;
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<(), VmmError> {
+        if *self.exited.borrow() {
+            return Ok(());
+        }
+        // `quit` lets QEMU flush its disk caches; SIGKILL only if it does not go.
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.qmp.execute("quit", None)).await;
+        if tokio::time::timeout(Duration::from_secs(5), self.wait_exit())
+            .await
+            .is_err()
+        {
+            if let Some(fd) = pidfd_open(self.pid) {
+                // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo; signals exactly
+                // the process the pidfd refers to, never a recycled pid.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        fd.as_raw_fd(),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+            }
+            self.wait_exit().await;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_check() {
+        assert!(check_version("QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds)").is_ok());
+        assert!(check_version("QEMU emulator version 8.2.0").is_ok());
+        let err = check_version("QEMU emulator version 7.2.15 (Debian)").unwrap_err();
+        assert!(err.to_string().contains("7.2.15 is too old"));
+    }
+
+    #[test]
+    fn args_carry_the_spec() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+            firmware: DEFAULT_FIRMWARE.into(),
+            accel: Accel::Tcg,
+            tsc_khz: Some(2_000_000),
+            ram_dir: "/dev/shm".into(),
+        };
+        let spec = LaunchSpec {
+            id: "abc".into(),
+            name: "web".into(),
+            cpus: 2,
+            memory_mib: 2048,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            cmdline: "hearth.hostname=web".into(),
+            rootfs: "/r.ext4".into(),
+            run_dir: "/run/x".into(),
+            serial_log: "/l/serial.log".into(),
+            vmm_log: "/l/vmm.log".into(),
+        };
+        let args = q.args(&spec).join(" ");
+        assert!(args.contains("-M microvm,accel=tcg,memory-backend=mem0 -cpu max -smp 2 -m 2048M"));
+        assert!(args.contains("size=2048M,mem-path=/dev/shm/hearth-abc.ram,share=on"));
+        assert!(args.contains("-bios /usr/share/qemu/qboot.rom"));
+        assert!(args.contains("tsc_early_khz=2000000 lpj=8000000"));
+        assert!(args.contains("hearth.hostname=web"));
+        assert!(args.contains("path=/run/x/agent.sock,server=on,wait=off"));
+        assert!(args.contains(&format!("name={}", hearth_guest_proto::PORT_NAME)));
+        assert!(args.contains("-qmp unix:/run/x/qmp.sock,server=on,wait=off"));
+    }
+}
