@@ -7,8 +7,14 @@
 # sources using the mirror the machine already uses (never a hard-coded host name).
 set -euo pipefail
 
+if ! command -v cargo >/dev/null; then
+  echo "error: cargo is not installed; Hearth builds with a Rust toolchain (rustup.rs) of 1.90 or newer" >&2
+  exit 1
+fi
+
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+[ -f /usr/share/qemu/qboot.rom ] || need+=(qemu-system-data)
 command -v busybox >/dev/null && busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox-static)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
@@ -17,7 +23,10 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v cc >/dev/null || need+=(gcc)
 command -v pkg-config >/dev/null || need+=(pkg-config)
-if [ ${#need[@]} -eq 0 ]; then
+# The guest image build fetches the cloud kernel package through apt, so apt's lists must know it.
+lists_ok=1
+apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || lists_ok=0
+if [ ${#need[@]} -eq 0 ] && [ $lists_ok -eq 1 ]; then
   exit 0
 fi
 
@@ -48,8 +57,9 @@ SRC
   fi
 fi
 
-echo "installing: ${need[*]}"
 apt-get update -q
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "installing: ${need[*]}"
 if [ "${VERSION_CODENAME:-}" = bookworm ]; then
   apt-get install -y -q -t bookworm-backports "${need[@]}"
 else

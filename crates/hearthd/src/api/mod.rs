@@ -444,3 +444,6 @@ pub(crate) fn octal_header(mode: u32) -> HeaderMap {
     }
     h
 }
+
+#[cfg(test)]
+mod tests;

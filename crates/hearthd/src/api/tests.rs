@@ -1,0 +1,279 @@
+//! Router tests: the real router, store and VM service, with a VMM double that cannot boot.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use super::{AppState, openapi_json, router};
+use crate::config::Config;
+use crate::image::Image;
+use crate::store::Store;
+use crate::vm::{ImageState, VmService};
+use crate::vmm::{Capabilities, LaunchSpec, VmHandle, Vmm, VmmError};
+
+/// A VMM whose guests never start: lets the tests reach every path up to the boot.
+#[derive(Debug)]
+struct NoBootVmm;
+
+#[async_trait]
+impl Vmm for NoBootVmm {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn accel(&self) -> &'static str {
+        "tcg"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    async fn launch(&self, _spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
+        Err(VmmError::Unavailable("this test VMM cannot boot guests".into()))
+    }
+    async fn adopt(
+        &self,
+        _spec: &LaunchSpec,
+        _pid: u32,
+    ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
+        Ok(None)
+    }
+}
+
+struct Ctx {
+    dir: tempfile::TempDir,
+    app: axum::Router,
+}
+
+impl Ctx {
+    async fn new() -> Ctx {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let env = [("HEARTH_DATA_DIR", data.display().to_string())];
+        let config = Config::load(None, |k| {
+            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        })
+        .unwrap();
+        // A real (tiny, sparse) ext4 image so disk preparation runs for real.
+        let image_dir = data.join("images").join("testimage");
+        std::fs::create_dir_all(&image_dir).unwrap();
+        let rootfs = image_dir.join("rootfs.ext4");
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&rootfs)
+            .arg("1024M")
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let image = Image {
+            id: "testimage".into(),
+            kernel_version: "none".into(),
+            dir: image_dir,
+            rootfs_mib: 1024,
+        };
+        let store = Store::open(&config.database_url).await.unwrap();
+        let (_tx, rx) = watch::channel(ImageState::Ready(image));
+        std::mem::forget(_tx);
+        let request_timeout = config.request_timeout;
+        let service = VmService::new(Arc::new(config), store, Arc::new(NoBootVmm), rx);
+        let app = router(AppState {
+            service,
+            request_timeout,
+        });
+        Ctx { dir, app }
+    }
+
+    fn vm_dirs(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.path().join("data/vms"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    async fn call(&self, method: &str, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Body::from(v.to_string())
+            }
+            None => Body::empty(),
+        };
+        let resp = self.app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, json)
+    }
+}
+
+#[tokio::test]
+async fn health_and_empty_list() {
+    let ctx = Ctx::new().await;
+    let (s, body) = ctx.call("GET", "/v1/health", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body["status"], "ok");
+    assert_eq!(body["image"], "testimage");
+    let (s, body) = ctx.call("GET", "/v1/vms", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(body, json!([]));
+}
+
+#[tokio::test]
+async fn bad_creates_are_400s_that_name_the_field_and_leave_nothing() {
+    let ctx = Ctx::new().await;
+    let cases = [
+        (json!({"name": "Bad_Name"}), "invalid_name", "starting with a letter"),
+        (json!({"name": "ok", "cpus": 3}), "invalid_cpus", "1 or an even number"),
+        (json!({"name": "ok", "ram": "64M"}), "invalid_ram", "at least 128 MiB"),
+        (json!({"name": "ok", "ram": "lots"}), "invalid_ram", "2G, 512M"),
+        (json!({"name": "ok", "rootfs_size": "512M"}), "invalid_rootfs_size", "at least 1024 MiB"),
+        (json!({"name": "ok", "memory": 5}), "invalid_request", "unknown field `memory`"),
+        (json!({"cpus": 2}), "invalid_request", "missing field `name`"),
+    ];
+    for (body, code, words) in cases {
+        let (s, resp) = ctx.call("POST", "/v1/vms", Some(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {resp}");
+        assert_eq!(resp["error"], code, "{body}: {resp}");
+        let msg = resp["message"].as_str().unwrap();
+        assert!(msg.contains(words), "{body}: {msg}");
+    }
+    let (_, list) = ctx.call("GET", "/v1/vms", None).await;
+    assert_eq!(list, json!([]));
+    assert!(ctx.vm_dirs().is_empty());
+}
+
+#[tokio::test]
+async fn a_create_whose_boot_fails_leaves_nothing() {
+    let ctx = Ctx::new().await;
+    let (s, resp) = ctx.call("POST", "/v1/vms", Some(json!({"name": "doomed"}))).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{resp}");
+    assert_eq!(resp["error"], "vmm_failed");
+    assert!(
+        resp["message"].as_str().unwrap().contains("cannot boot guests"),
+        "{resp}"
+    );
+    let (_, list) = ctx.call("GET", "/v1/vms", None).await;
+    assert_eq!(list, json!([]));
+    assert!(ctx.vm_dirs().is_empty(), "{:?}", ctx.vm_dirs());
+}
+
+#[tokio::test]
+async fn lifecycle_without_booting() {
+    let ctx = Ctx::new().await;
+    let (s, vm) = ctx
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"name": "idle", "ram": "2G", "rootfs_size": 2048, "start": false})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{vm}");
+    assert_eq!(vm["state"], "stopped");
+    assert_eq!(vm["memory_mib"], 2048);
+    assert_eq!(vm["rootfs_mib"], 2048);
+    assert_eq!(vm["events"][0]["kind"], "created");
+    // The disk exists and was grown.
+    let id = vm["id"].as_str().unwrap();
+    let disk = ctx.dir.path().join("data/vms").join(id).join("rootfs.ext4");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2048 << 20);
+
+    let (s, resp) = ctx.call("POST", "/v1/vms", Some(json!({"name": "idle", "start": false}))).await;
+    assert_eq!((s, resp["error"].as_str()), (StatusCode::CONFLICT, Some("vm_name_taken")));
+
+    let (s, resp) = ctx.call("POST", "/v1/vms/idle/stop", None).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{resp}");
+    assert_eq!(resp["error"], "invalid_state");
+    assert_eq!(resp["message"], "cannot stop VM \"idle\": it is stopped already");
+
+    let (s, resp) = ctx
+        .call("POST", "/v1/vms/idle/exec", Some(json!({"command": ["true"]})))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(resp["message"].as_str().unwrap().contains("exec needs it running"));
+
+    // A failed start records the error on the VM.
+    let (s, resp) = ctx.call("POST", "/v1/vms/idle/start", None).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{resp}");
+    let (_, detail) = ctx.call("GET", "/v1/vms/idle", None).await;
+    assert_eq!(detail["state"], "error");
+    assert!(detail["last_error"].as_str().unwrap().contains("cannot boot guests"));
+    let kinds: Vec<_> = detail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(kinds, ["created", "created_disk", "start_requested", "start_failed"]);
+
+    let (s, _) = ctx.call("DELETE", "/v1/vms/idle", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(ctx.vm_dirs().is_empty());
+    let (s, resp) = ctx.call("GET", "/v1/vms/idle", None).await;
+    assert_eq!((s, resp["error"].as_str()), (StatusCode::NOT_FOUND, Some("vm_not_found")));
+}
+
+#[tokio::test]
+async fn unknown_things_are_404s_and_bad_params_400s() {
+    let ctx = Ctx::new().await;
+    for (method, uri) in [
+        ("GET", "/v1/vms/ghost"),
+        ("POST", "/v1/vms/ghost/start"),
+        ("POST", "/v1/vms/ghost/stop"),
+        ("DELETE", "/v1/vms/ghost"),
+        ("GET", "/v1/vms/ghost/logs"),
+    ] {
+        let (s, resp) = ctx.call(method, uri, None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{method} {uri}");
+        assert_eq!(resp["error"], "vm_not_found");
+        assert_eq!(resp["message"], "no VM named \"ghost\"");
+    }
+    let (s, resp) = ctx.call("GET", "/v2/nothing", None).await;
+    assert_eq!((s, resp["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let (s, resp) = ctx.call("POST", "/v1/vms/ghost/stop?timeout_secs=soon", None).await;
+    assert_eq!((s, resp["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+    let (s, resp) = ctx.call("GET", "/v1/vms/ghost/files?path=relative", None).await;
+    assert_eq!((s, resp["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_path")));
+    let (s, resp) = ctx
+        .call("POST", "/v1/vms/ghost/exec", Some(json!({"command": []})))
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{resp}");
+}
+
+/// The committed `openapi.json` is what the code generates. Set `UPDATE_EXPECT=1` to rewrite it.
+#[test]
+fn committed_openapi_document_is_current() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi.json");
+    let fresh = openapi_json();
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    if committed != fresh {
+        if std::env::var_os("UPDATE_EXPECT").is_some() {
+            std::fs::write(path, &fresh).unwrap();
+        } else {
+            panic!("openapi.json is stale; run `UPDATE_EXPECT=1 cargo test -p hearthd openapi` and commit it");
+        }
+    }
+    let doc: Value = serde_json::from_str(&fresh).unwrap();
+    for path in ["/v1/vms", "/v1/vms/{name}/exec", "/v1/vms/{name}/files", "/v1/health"] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+}
+
+#[tokio::test]
+async fn docs_page_lists_the_endpoints() {
+    let ctx = Ctx::new().await;
+    let resp = ctx
+        .app
+        .clone()
+        .oneshot(Request::get("/docs").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let html = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(html.contains("/v1/vms/{name}/exec"));
+    assert!(html.contains("Create a VM"));
+}
