@@ -1,1 +1,54 @@
-fn main() {}
+//! `hearth`: the command-line client of hearthd's REST API.
+
+mod cli;
+mod client;
+mod commands;
+mod error;
+mod printer;
+mod render;
+mod tty;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use hearth_api::EXIT_EXEC_FAILED;
+
+use crate::cli::Cli;
+use crate::client::Client;
+use crate::error::CliError;
+use crate::printer::Printer;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let printer = Printer::new(cli.json);
+    let context = cli.command.hint_context();
+    let is_exec = cli.command.is_exec();
+
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::io("cannot start the async runtime", &e))
+        .and_then(|runtime| {
+            let result = runtime.block_on(async {
+                let client = Client::new(&cli.url)?;
+                commands::run(cli.command, &client, &printer).await
+            });
+            // Do not wait for a read of stdin that will never finish.
+            runtime.shutdown_timeout(Duration::from_millis(100));
+            result
+        });
+
+    let code = match result {
+        Ok(code) => code,
+        Err(err) => {
+            printer.error(&err, &context);
+            if is_exec {
+                EXIT_EXEC_FAILED
+            } else {
+                err.exit_code()
+            }
+        }
+    };
+    ExitCode::from(code)
+}

@@ -1,0 +1,400 @@
+//! hearthd's REST API over plain HTTP: one method per endpoint, errors turned into [`CliError`].
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use hearth_api::{API_PREFIX, CreateVmRequest, ErrorBody, ErrorCode, Health, Vm, VmDetail};
+use reqwest::{RequestBuilder, Response, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
+
+use crate::error::{CliError, Result};
+
+/// Reads and other quick calls.
+const QUICK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Create, start, stop, restart and delete wait for the VM; under emulation that takes a while.
+const LIFECYCLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Header of `GET …/files` carrying the file's mode in octal.
+pub const FILE_MODE_HEADER: &str = "x-hearth-file-mode";
+
+pub type ExecSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A decoded response together with the JSON exactly as hearthd sent it (for `--json`).
+#[derive(Debug)]
+pub struct Json<T> {
+    pub data: T,
+    pub raw: Value,
+}
+
+/// Lifecycle operations that answer with the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Start,
+    Stop { timeout_secs: Option<u64> },
+    Restart,
+}
+
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+}
+
+impl Client {
+    pub fn new(url: &str) -> Result<Client> {
+        let bad_url = |why: String| {
+            CliError::input(
+                ErrorCode::InvalidRequest,
+                format!("bad hearthd URL `{url}`: {why}"),
+            )
+        };
+        let base = Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
+        if base.scheme() != "http" {
+            return Err(bad_url(format!(
+                "hearth speaks plain HTTP only, not {}",
+                base.scheme()
+            )));
+        }
+        if base.host_str().is_none() || base.cannot_be_a_base() {
+            return Err(bad_url("it names no host".into()));
+        }
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")));
+        if is_loopback(&base) {
+            // A proxy from the environment must not capture the local daemon's traffic.
+            builder = builder.no_proxy();
+        }
+        let http = builder
+            .build()
+            .map_err(|e| CliError::protocol(format!("cannot set up the HTTP client: {e}")))?;
+        Ok(Client { http, base })
+    }
+
+    /// The URL hearthd is expected at, for messages.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str().trim_end_matches('/')
+    }
+
+    fn url(&self, segments: &[&str], query: &[(&str, String)]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty();
+            path.extend(API_PREFIX.split('/').filter(|s| !s.is_empty()));
+            path.extend(segments);
+        }
+        url.set_query(None);
+        if !query.is_empty() {
+            let mut pairs = url.query_pairs_mut();
+            for (key, value) in query {
+                pairs.append_pair(key, value);
+            }
+        }
+        url
+    }
+
+    pub async fn health(&self) -> Result<Json<Health>> {
+        let req = self
+            .http
+            .get(self.url(&["health"], &[]))
+            .timeout(QUICK_TIMEOUT);
+        json(self.send(req).await?).await
+    }
+
+    pub async fn list_vms(&self) -> Result<Json<Vec<Vm>>> {
+        let req = self
+            .http
+            .get(self.url(&["vms"], &[]))
+            .timeout(QUICK_TIMEOUT);
+        json(self.send(req).await?).await
+    }
+
+    pub async fn get_vm(&self, name: &str) -> Result<Json<VmDetail>> {
+        let req = self.http.get(self.url(&["vms", name], &[]));
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    pub async fn create_vm(&self, body: &CreateVmRequest) -> Result<Json<VmDetail>> {
+        let req = self.http.post(self.url(&["vms"], &[])).json(body);
+        json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
+    }
+
+    pub async fn delete_vm(&self, name: &str) -> Result<()> {
+        let req = self.http.delete(self.url(&["vms", name], &[]));
+        self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?;
+        Ok(())
+    }
+
+    pub async fn lifecycle(&self, name: &str, op: Lifecycle) -> Result<Json<Vm>> {
+        let (verb, query, extra) = match op {
+            Lifecycle::Start => ("start", vec![], 0),
+            Lifecycle::Restart => ("restart", vec![], 0),
+            Lifecycle::Stop { timeout_secs: None } => ("stop", vec![], 0),
+            Lifecycle::Stop {
+                timeout_secs: Some(secs),
+            } => ("stop", vec![("timeout_secs", secs.to_string())], secs),
+        };
+        let timeout = LIFECYCLE_TIMEOUT + Duration::from_secs(extra);
+        let req = self.http.post(self.url(&["vms", name, verb], &query));
+        json(self.send(req.timeout(timeout)).await?).await
+    }
+
+    /// The log as a streamed response body.
+    pub async fn logs(
+        &self,
+        name: &str,
+        source: &str,
+        follow: bool,
+        tail: Option<u64>,
+    ) -> Result<Response> {
+        let mut query = vec![
+            ("source", source.to_owned()),
+            ("follow", follow.to_string()),
+        ];
+        if let Some(n) = tail {
+            query.push(("tail", n.to_string()));
+        }
+        let req = self.http.get(self.url(&["vms", name, "logs"], &query));
+        self.send(req).await
+    }
+
+    /// Writes `body` to `path` in the guest; `mode` is the permission bits, sent in octal.
+    pub async fn put_file(
+        &self,
+        name: &str,
+        path: &str,
+        mode: Option<u32>,
+        body: reqwest::Body,
+    ) -> Result<()> {
+        let mut query = vec![("path", path.to_owned())];
+        if let Some(mode) = mode {
+            query.push(("mode", format!("{mode:o}")));
+        }
+        let req = self
+            .http
+            .put(self.url(&["vms", name, "files"], &query))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.send(req).await?;
+        Ok(())
+    }
+
+    /// The file's mode (when hearthd sent it) and its bytes as a streamed response body.
+    pub async fn get_file(&self, name: &str, path: &str) -> Result<(Option<u32>, Response)> {
+        let query = [("path", path.to_owned())];
+        let req = self.http.get(self.url(&["vms", name, "files"], &query));
+        let resp = self.send(req).await?;
+        let mode = resp
+            .headers()
+            .get(FILE_MODE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+        Ok((mode, resp))
+    }
+
+    /// Opens the exec WebSocket of a VM.
+    pub async fn exec_socket(&self, name: &str) -> Result<ExecSocket> {
+        let mut url = self.url(&["vms", name, "exec", "ws"], &[]);
+        if url.set_scheme("ws").is_err() {
+            return Err(CliError::protocol(format!(
+                "cannot make a WebSocket URL of {url}"
+            )));
+        }
+        let connect = tokio_tungstenite::connect_async(url.as_str());
+        let result = match tokio::time::timeout(QUICK_TIMEOUT, connect).await {
+            Ok(result) => result,
+            Err(_) => {
+                return Err(CliError::protocol(
+                    "hearthd did not accept the exec session in time",
+                ));
+            }
+        };
+        match result {
+            Ok((socket, _)) => Ok(socket),
+            Err(tungstenite::Error::Http(resp)) => {
+                let status = resp.status();
+                let body = resp.body().as_deref().unwrap_or_default();
+                if let Some(err) = error_from_body(body) {
+                    return Err(err);
+                }
+                // The handshake may not have read the whole body; ask plainly why.
+                self.get_vm(name).await?;
+                Err(CliError::protocol(format!(
+                    "hearthd refused the exec session ({status})"
+                )))
+            }
+            Err(tungstenite::Error::Io(e)) => Err(CliError::Unreachable {
+                url: self.base_url().to_owned(),
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(CliError::protocol(format!("exec session failed: {e}"))),
+        }
+    }
+
+    /// Sends the request; any answer but a success becomes the error its body describes.
+    async fn send(&self, req: RequestBuilder) -> Result<Response> {
+        let resp = req.send().await.map_err(|e| self.transport_error(&e))?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(error_from_body(&body).unwrap_or_else(|| {
+            let text = String::from_utf8_lossy(&body);
+            let text = text.trim();
+            let code = match status {
+                StatusCode::NOT_FOUND => Some(ErrorCode::NotFound),
+                StatusCode::BAD_REQUEST => Some(ErrorCode::InvalidRequest),
+                _ => None,
+            };
+            let message = if text.is_empty() {
+                format!("hearthd answered {status}")
+            } else {
+                format!("hearthd answered {status}: {}", truncate(text, 200))
+            };
+            CliError::Api {
+                code,
+                message,
+                raw: None,
+            }
+        }))
+    }
+
+    pub fn transport_error(&self, err: &reqwest::Error) -> CliError {
+        if err.is_connect() {
+            return CliError::Unreachable {
+                url: self.base_url().to_owned(),
+                reason: root_cause(err),
+            };
+        }
+        if err.is_timeout() {
+            return CliError::Local {
+                kind: "timeout",
+                message: format!("hearthd at {} did not answer in time", self.base_url()),
+                hint: Some("`hearth vm inspect NAME` shows whether the operation went on".into()),
+            };
+        }
+        CliError::protocol(format!("talking to hearthd failed: {}", root_cause(err)))
+    }
+}
+
+/// Decodes a success body as `T`, keeping the raw JSON.
+async fn json<T: DeserializeOwned>(resp: Response) -> Result<Json<T>> {
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| CliError::protocol(format!("reading hearthd's answer failed: {e}")))?;
+    let raw: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| CliError::protocol(format!("hearthd sent invalid JSON: {e}")))?;
+    let data = serde_json::from_value(raw.clone())
+        .map_err(|e| CliError::protocol(format!("hearthd sent an unexpected answer: {e}")))?;
+    Ok(Json { data, raw })
+}
+
+/// The error an error response's body describes, when it is an error body.
+fn error_from_body(body: &[u8]) -> Option<CliError> {
+    let raw: Value = serde_json::from_slice(body).ok()?;
+    if let Ok(parsed) = serde_json::from_value::<ErrorBody>(raw.clone()) {
+        return Some(CliError::from_body(parsed, Some(raw)));
+    }
+    // A code this CLI does not know yet: keep the message, exit 1.
+    let message = raw.get("message")?.as_str()?.to_owned();
+    Some(CliError::Api {
+        code: None,
+        message,
+        raw: Some(raw),
+    })
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    cause.to_string()
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+fn is_loopback(url: &Url) -> bool {
+    match url.host_str() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_keep_a_base_path_and_encode_parts() {
+        let client = Client::new("http://127.0.0.1:7070").unwrap();
+        assert_eq!(
+            client
+                .url(&["vms", "demo", "files"], &[("path", "/a b&c".into())])
+                .as_str(),
+            "http://127.0.0.1:7070/v1/vms/demo/files?path=%2Fa+b%26c"
+        );
+        let client = Client::new("http://host:1/prefix/").unwrap();
+        assert_eq!(
+            client.url(&["health"], &[]).as_str(),
+            "http://host:1/prefix/v1/health"
+        );
+        assert_eq!(client.base_url(), "http://host:1/prefix");
+    }
+
+    #[test]
+    fn only_plain_http_urls() {
+        for bad in [
+            "https://x",
+            "127.0.0.1:7070",
+            "not a url",
+            "unix:/run/hearth.sock",
+        ] {
+            let err = Client::new(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad}");
+            assert!(err.message().contains(bad), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn loopback_detection() {
+        for (url, want) in [
+            ("http://127.0.0.1:7070", true),
+            ("http://localhost", true),
+            ("http://[::1]:7070", true),
+            ("http://10.1.2.3", false),
+            ("http://example.com", false),
+        ] {
+            assert_eq!(is_loopback(&Url::parse(url).unwrap()), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn error_bodies_decode_known_and_unknown_codes() {
+        let err = error_from_body(br#"{"error":"vm_not_found","message":"no VM demo"}"#).unwrap();
+        assert_eq!(err.code(), Some(ErrorCode::VmNotFound));
+        assert_eq!(err.exit_code(), 3);
+        let err = error_from_body(br#"{"error":"teapot","message":"short and stout"}"#).unwrap();
+        assert_eq!(
+            (err.code(), err.message().as_str()),
+            (None, "short and stout")
+        );
+        assert!(error_from_body(b"<html>").is_none());
+    }
+}

@@ -1,0 +1,49 @@
+//! One function per command; each returns the exit code, or the error `main` prints.
+
+pub mod cp;
+pub mod exec;
+pub mod logs;
+pub mod vm;
+
+use crate::cli::{Command, VmCommand};
+use crate::client::{Client, Lifecycle};
+use crate::error::Result;
+use crate::printer::Printer;
+
+pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result<u8> {
+    match command {
+        Command::Vm(command) => run_vm(command, client, printer).await,
+        Command::Exec(args) => exec::run(client, args).await,
+        Command::Cp(args) => cp::run(client, &args).await.map(success),
+        Command::Health => vm::health(client, printer).await.map(success),
+    }
+}
+
+async fn run_vm(command: VmCommand, client: &Client, printer: &Printer) -> Result<u8> {
+    let done = match command {
+        VmCommand::Exec(args) => return exec::run(client, args).await,
+        VmCommand::Cp(args) => cp::run(client, &args).await,
+        VmCommand::New(args) => vm::new(client, printer, args).await,
+        VmCommand::List => vm::list(client, printer).await,
+        VmCommand::Inspect(args) => vm::inspect(client, printer, &args.name).await,
+        VmCommand::Start(args) => {
+            vm::lifecycle(client, printer, &args.name, Lifecycle::Start).await
+        }
+        VmCommand::Stop(args) => {
+            let op = Lifecycle::Stop {
+                timeout_secs: args.timeout,
+            };
+            vm::lifecycle(client, printer, &args.name, op).await
+        }
+        VmCommand::Restart(args) => {
+            vm::lifecycle(client, printer, &args.name, Lifecycle::Restart).await
+        }
+        VmCommand::Delete(args) => vm::delete(client, printer, &args.name).await,
+        VmCommand::Logs(args) => logs::run(client, &args).await,
+    };
+    done.map(success)
+}
+
+fn success((): ()) -> u8 {
+    0
+}

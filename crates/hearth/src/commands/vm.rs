@@ -1,0 +1,284 @@
+//! `hearth vm new|list|inspect|start|stop|restart|delete` and `hearth health`.
+
+use hearth_api::{CreateVmRequest, Health, Vm, VmDetail, VmEvent};
+
+use crate::cli::NewArgs;
+use crate::client::{Client, Lifecycle};
+use crate::error::Result;
+use crate::printer::Printer;
+use crate::render::{key_values, now_unix, relative_time, size_mib, table};
+
+pub async fn new(client: &Client, printer: &Printer, args: NewArgs) -> Result<()> {
+    let request = CreateVmRequest {
+        name: args.name,
+        cpus: args.cpus,
+        ram: args.ram,
+        rootfs_size: args.rootfs_size,
+        start: args.no_start.then_some(false),
+    };
+    let progress = printer.progress(&format!("creating vm {}", request.name));
+    let created = client.create_vm(&request).await?;
+    progress.finish(if args.no_start { "created" } else { "ready" });
+    printer.result(&created, |d| created_text(&d.vm));
+    Ok(())
+}
+
+pub async fn list(client: &Client, printer: &Printer) -> Result<()> {
+    let vms = client.list_vms().await?;
+    if vms.data.is_empty() {
+        printer.note("no VMs yet; `hearth vm new NAME` creates one");
+    }
+    printer.result(&vms, |vms| {
+        if vms.is_empty() {
+            String::new()
+        } else {
+            list_text(vms, now_unix())
+        }
+    });
+    Ok(())
+}
+
+pub async fn inspect(client: &Client, printer: &Printer, name: &str) -> Result<()> {
+    let detail = client.get_vm(name).await?;
+    printer.result(&detail, |d| inspect_text(d, |s| printer.alert(s)));
+    Ok(())
+}
+
+pub async fn lifecycle(
+    client: &Client,
+    printer: &Printer,
+    name: &str,
+    op: Lifecycle,
+) -> Result<()> {
+    let doing = match op {
+        Lifecycle::Start => "starting",
+        Lifecycle::Stop { .. } => "stopping",
+        Lifecycle::Restart => "restarting",
+    };
+    let progress = printer.progress(&format!("{doing} vm {name}"));
+    let vm = client.lifecycle(name, op).await?;
+    progress.finish(vm.data.state.as_str());
+    printer.result(&vm, |vm| format!("vm {} is {}\n", vm.name, vm.state));
+    Ok(())
+}
+
+pub async fn delete(client: &Client, printer: &Printer, name: &str) -> Result<()> {
+    let progress = printer.progress(&format!("deleting vm {name}"));
+    client.delete_vm(name).await?;
+    progress.finish("deleted");
+    printer.text(&format!("deleted vm {name}\n"));
+    Ok(())
+}
+
+pub async fn health(client: &Client, printer: &Printer) -> Result<()> {
+    let health = client.health().await?;
+    printer.result(&health, health_text);
+    Ok(())
+}
+
+/// What `vm new` prints, e.g. `created vm demo (running; 2 cpus, 1G RAM, 10G rootfs)`.
+fn created_text(vm: &Vm) -> String {
+    format!(
+        "created vm {} ({}; {} {}, {} RAM, {} rootfs)\n",
+        vm.name,
+        vm.state,
+        vm.cpus,
+        if vm.cpus == 1 { "cpu" } else { "cpus" },
+        size_mib(vm.memory_mib),
+        size_mib(vm.rootfs_mib)
+    )
+}
+
+fn list_text(vms: &[Vm], now: i64) -> String {
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|vm| {
+            vec![
+                vm.name.clone(),
+                vm.state.to_string(),
+                vm.cpus.to_string(),
+                size_mib(vm.memory_mib),
+                size_mib(vm.rootfs_mib),
+                relative_time(&vm.created_at, now),
+            ]
+        })
+        .collect();
+    table(
+        &["NAME", "STATE", "CPUS", "RAM", "ROOTFS", "CREATED"],
+        &rows,
+    )
+}
+
+fn inspect_text(detail: &VmDetail, alert: impl Fn(&str) -> String) -> String {
+    let vm = &detail.vm;
+    let mut pairs = vec![
+        ("name", vm.name.clone()),
+        ("id", vm.id.clone()),
+        ("state", vm.state.to_string()),
+    ];
+    if let Some(error) = &vm.last_error {
+        pairs.push(("last error", alert(&one_line(error))));
+    }
+    pairs.extend([
+        ("cpus", vm.cpus.to_string()),
+        ("ram", size_mib(vm.memory_mib)),
+        ("rootfs", size_mib(vm.rootfs_mib)),
+        ("image", vm.image.clone()),
+        ("vmm", vm.vmm.clone()),
+        (
+            "pid",
+            vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+        ),
+        ("created", vm.created_at.clone()),
+        ("updated", vm.updated_at.clone()),
+    ]);
+    let mut out = key_values(&pairs);
+    out.push('\n');
+    if detail.events.is_empty() {
+        out.push_str("no events\n");
+    } else {
+        out.push_str("EVENTS\n");
+        let rows: Vec<Vec<String>> = detail.events.iter().map(event_row).collect();
+        out.push_str(&table(&["TIME", "KIND", "FROM→TO", "MESSAGE"], &rows));
+    }
+    out
+}
+
+fn event_row(event: &VmEvent) -> Vec<String> {
+    let transition = match (event.from_state, event.to_state) {
+        (None, None) => String::new(),
+        (from, to) => format!(
+            "{}→{}",
+            from.map_or("-", |s| s.as_str()),
+            to.map_or("-", |s| s.as_str())
+        ),
+    };
+    vec![
+        event.at.clone(),
+        event.kind.clone(),
+        transition,
+        event.message.as_deref().map(one_line).unwrap_or_default(),
+    ]
+}
+
+/// Multi-line messages (errors with output) on one table line.
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn health_text(health: &Health) -> String {
+    key_values(&[
+        ("status", health.status.clone()),
+        ("version", health.version.clone()),
+        ("vmm", health.vmm.clone()),
+        ("accel", health.accel.clone()),
+        (
+            "image",
+            health
+                .image
+                .clone()
+                .unwrap_or_else(|| "not ready".to_owned()),
+        ),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use hearth_api::VmState;
+
+    use super::*;
+
+    fn vm(name: &str, state: VmState) -> Vm {
+        Vm {
+            id: format!("id-{name}"),
+            name: name.into(),
+            state,
+            cpus: 2,
+            memory_mib: 1024,
+            rootfs_mib: 10 * 1024,
+            image: "sha256-abc".into(),
+            vmm: "qemu".into(),
+            pid: None,
+            created_at: "2024-05-01T12:00:00Z".into(),
+            updated_at: "2024-05-01T12:00:05Z".into(),
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn list_renders_an_aligned_table() {
+        let mut big = vm("build-box", VmState::Stopped);
+        big.memory_mib = 512;
+        big.cpus = 16;
+        let text = list_text(&[vm("demo", VmState::Running), big], 1_714_564_800 + 120);
+        assert_eq!(
+            text,
+            "NAME        STATE     CPUS   RAM    ROOTFS   CREATED\n\
+             demo        running   2      1G     10G      2 minutes ago\n\
+             build-box   stopped   16     512M   10G      2 minutes ago\n"
+        );
+    }
+
+    #[test]
+    fn inspect_shows_fields_last_error_and_events() {
+        let mut v = vm("demo", VmState::Error);
+        v.last_error = Some("qemu exited:\n  bad things".into());
+        let detail = VmDetail {
+            vm: v,
+            events: vec![
+                VmEvent {
+                    at: "2024-05-01T12:00:00.000Z".into(),
+                    kind: "created".into(),
+                    from_state: None,
+                    to_state: Some(VmState::Stopped),
+                    message: None,
+                },
+                VmEvent {
+                    at: "2024-05-01T12:00:01.000Z".into(),
+                    kind: "start_failed".into(),
+                    from_state: Some(VmState::Starting),
+                    to_state: Some(VmState::Error),
+                    message: Some("qemu exited".into()),
+                },
+            ],
+        };
+        let text = inspect_text(&detail, |s| format!("!!{s}!!"));
+        assert!(text.starts_with("name:       demo\nid:         id-demo\nstate:      error\n"));
+        assert!(
+            text.contains("last error: !!qemu exited: bad things!!\n"),
+            "{text}"
+        );
+        assert!(text.contains("ram:        1G\n"), "{text}");
+        assert!(text.contains("pid:        -\n"), "{text}");
+        let events = text.split("EVENTS\n").nth(1).unwrap();
+        assert_eq!(
+            events,
+            "TIME                       KIND           FROM→TO          MESSAGE\n\
+             2024-05-01T12:00:00.000Z   created        -→stopped\n\
+             2024-05-01T12:00:01.000Z   start_failed   starting→error   qemu exited\n"
+        );
+    }
+
+    #[test]
+    fn health_lists_its_fields() {
+        let text = health_text(&Health {
+            status: "ok".into(),
+            version: "0.1.0".into(),
+            vmm: "qemu".into(),
+            accel: "tcg".into(),
+            image: None,
+        });
+        assert_eq!(
+            text,
+            "status:  ok\nversion: 0.1.0\nvmm:     qemu\naccel:   tcg\nimage:   not ready\n"
+        );
+    }
+
+    #[test]
+    fn created_line() {
+        assert_eq!(
+            created_text(&vm("demo", VmState::Running)),
+            "created vm demo (running; 2 cpus, 1G RAM, 10G rootfs)\n"
+        );
+    }
+}

@@ -1,0 +1,347 @@
+//! The CLI's one error type, its exit codes and how it is rendered (`error:` then `hint:` lines,
+//! the way uv prints them), with hints chosen from the error code and the command that failed.
+
+use std::fmt;
+
+use hearth_api::{EXIT_UNREACHABLE, ErrorBody, ErrorCode};
+use serde_json::{Value, json};
+
+/// Everything that can make a `hearth` command fail.
+#[derive(Debug)]
+pub enum CliError {
+    /// An error body: from hearthd, or made locally for bad input so it prints the same way.
+    Api {
+        /// `None` when hearthd sent a code this CLI does not know (a newer server).
+        code: Option<ErrorCode>,
+        message: String,
+        /// The body exactly as hearthd sent it, printed by `--json`.
+        raw: Option<Value>,
+    },
+    /// hearthd could not be reached at all.
+    Unreachable { url: String, reason: String },
+    /// A local failure (I/O, an unexpected answer) that is not an API error.
+    Local {
+        /// Short machine-readable kind for `--json`, e.g. `io_error`, `protocol_error`.
+        kind: &'static str,
+        message: String,
+        hint: Option<String>,
+    },
+}
+
+pub type Result<T, E = CliError> = std::result::Result<T, E>;
+
+impl CliError {
+    /// An error for input the CLI rejects before asking hearthd (exit code 2 for these codes).
+    pub fn input(code: ErrorCode, message: impl Into<String>) -> Self {
+        CliError::Api {
+            code: Some(code),
+            message: message.into(),
+            raw: None,
+        }
+    }
+
+    pub fn from_body(body: ErrorBody, raw: Option<Value>) -> Self {
+        CliError::Api {
+            code: Some(body.error),
+            message: body.message,
+            raw,
+        }
+    }
+
+    pub fn io(context: impl fmt::Display, err: &std::io::Error) -> Self {
+        CliError::Local {
+            kind: "io_error",
+            message: format!("{context}: {err}"),
+            hint: None,
+        }
+    }
+
+    pub fn protocol(message: impl Into<String>) -> Self {
+        CliError::Local {
+            kind: "protocol_error",
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            CliError::Api { code, .. } => *code,
+            _ => None,
+        }
+    }
+
+    /// The exit code of every command but `exec` (which always ends with 125 on its own failure).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Api { code: Some(c), .. } => c.exit_code(),
+            CliError::Api { code: None, .. } | CliError::Local { .. } => 1,
+            CliError::Unreachable { .. } => EXIT_UNREACHABLE,
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            CliError::Api { message, .. } | CliError::Local { message, .. } => message.clone(),
+            CliError::Unreachable { reason, .. } => format!("cannot reach hearthd: {reason}"),
+        }
+    }
+
+    /// What `--json` prints: the API's error body as received, or one of the same shape.
+    pub fn json(&self) -> Value {
+        match self {
+            CliError::Api { raw: Some(raw), .. } => raw.clone(),
+            CliError::Api { code, message, .. } => json!({
+                "error": code.map_or("unknown", ErrorCode::as_str),
+                "message": message,
+            }),
+            CliError::Unreachable { url, reason } => json!({
+                "error": "unreachable",
+                "message": format!("cannot reach hearthd at {url}: {reason}"),
+            }),
+            CliError::Local { kind, message, .. } => json!({
+                "error": kind,
+                "message": message,
+            }),
+        }
+    }
+
+    /// Hints for people, most useful first.
+    pub fn hints(&self, ctx: &HintContext) -> Vec<String> {
+        match self {
+            CliError::Api {
+                code: Some(code), ..
+            } => hint_for(*code, ctx).into_iter().collect(),
+            CliError::Api { code: None, .. } => Vec::new(),
+            CliError::Unreachable { url, .. } => vec![format!(
+                "is hearthd running at {url}? Start it with `make run`, or set HEARTH_URL \
+                 (or --url) to where it listens"
+            )],
+            CliError::Local { hint, .. } => hint.iter().cloned().collect(),
+        }
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message())
+    }
+}
+
+/// The command an error happened in, so hints can name the next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Health,
+    New,
+    List,
+    Inspect,
+    Start,
+    Stop,
+    Restart,
+    Delete,
+    Logs,
+    Exec,
+    Cp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HintContext {
+    pub action: Action,
+    pub vm: Option<String>,
+}
+
+impl HintContext {
+    #[cfg(test)]
+    pub fn new(action: Action, vm: Option<&str>) -> Self {
+        HintContext {
+            action,
+            vm: vm.map(str::to_owned),
+        }
+    }
+}
+
+fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
+    let vm = ctx.vm.as_deref().unwrap_or("NAME");
+    let hint = match code {
+        ErrorCode::VmNotFound => "`hearth vm list` shows the VMs".to_owned(),
+        ErrorCode::InvalidState => match ctx.action {
+            Action::Start => {
+                format!("it may already be running; `hearth vm inspect {vm}` shows its state")
+            }
+            Action::Stop => {
+                format!("it may already be stopped; `hearth vm inspect {vm}` shows its state")
+            }
+            Action::Delete | Action::Restart => {
+                format!("`hearth vm inspect {vm}` shows its state and recent events")
+            }
+            _ => format!("start it with `hearth vm start {vm}`"),
+        },
+        ErrorCode::VmBusy => {
+            format!("another operation on {vm} is in progress; try again when it has finished")
+        }
+        ErrorCode::GuestUnavailable => format!(
+            "the VM may still be booting: try again in a few seconds, or check \
+             `hearth vm logs {vm}`"
+        ),
+        ErrorCode::GuestTimeout => {
+            format!("the guest did not answer in time; `hearth vm logs {vm}` shows its console")
+        }
+        ErrorCode::VmNameTaken => {
+            format!("choose another name, or remove the existing VM with `hearth vm delete {vm}`")
+        }
+        ErrorCode::InvalidName => {
+            "names are 1-63 lowercase letters, digits and hyphens, starting with a letter"
+                .to_owned()
+        }
+        ErrorCode::InvalidCpus => "use 1 or an even number of vCPUs up to 32".to_owned(),
+        ErrorCode::InvalidRam | ErrorCode::InvalidRootfsSize => {
+            "give sizes as MiB (e.g. 512) or with a unit (e.g. 512M, 2G)".to_owned()
+        }
+        ErrorCode::InvalidPath => "guest paths are absolute, e.g. `demo:/root/file`".to_owned(),
+        ErrorCode::ImageUnavailable => {
+            "the guest image may still be building; `hearth health` shows when it is ready"
+                .to_owned()
+        }
+        ErrorCode::VmmFailed => format!("`hearth vm logs {vm} vmm` shows the VMM's log"),
+        ErrorCode::ResourceExhausted => "free disk space or memory on the host".to_owned(),
+        ErrorCode::Internal => "hearthd's log has the details".to_owned(),
+        ErrorCode::NotFound => {
+            "hearthd does not know this endpoint; is it the same version as this CLI?".to_owned()
+        }
+        ErrorCode::InvalidRequest
+        | ErrorCode::InvalidCommand
+        | ErrorCode::GuestFileNotFound
+        | ErrorCode::GuestError => return None,
+    };
+    Some(hint)
+}
+
+/// The error as printed to stderr in human mode: `error: …` then `hint: …` lines.
+pub fn render(err: &CliError, ctx: &HintContext, color: bool) -> String {
+    let (red, cyan, reset) = if color {
+        ("\x1b[1;31m", "\x1b[1;36m", "\x1b[0m")
+    } else {
+        ("", "", "")
+    };
+    let mut out = format!("{red}error{reset}: {}\n", err.message());
+    for hint in err.hints(ctx) {
+        out.push_str(&format!("{cyan}hint{reset}: {hint}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(code: ErrorCode, message: &str) -> CliError {
+        CliError::from_body(
+            ErrorBody {
+                error: code,
+                message: message.into(),
+            },
+            None,
+        )
+    }
+
+    #[test]
+    fn vm_not_found_points_at_list() {
+        let err = api(ErrorCode::VmNotFound, "no VM is named `demo`");
+        let ctx = HintContext::new(Action::Inspect, Some("demo"));
+        assert_eq!(
+            render(&err, &ctx, false),
+            "error: no VM is named `demo`\nhint: `hearth vm list` shows the VMs\n"
+        );
+        assert_eq!(err.exit_code(), 3);
+    }
+
+    #[test]
+    fn invalid_state_hint_depends_on_the_command() {
+        let err = api(ErrorCode::InvalidState, "vm demo is stopped");
+        let exec = render(&err, &HintContext::new(Action::Exec, Some("demo")), false);
+        assert!(
+            exec.contains("hint: start it with `hearth vm start demo`"),
+            "{exec}"
+        );
+        let start = render(&err, &HintContext::new(Action::Start, Some("demo")), false);
+        assert!(start.contains("may already be running"), "{start}");
+        let stop = render(&err, &HintContext::new(Action::Stop, Some("demo")), false);
+        assert!(stop.contains("may already be stopped"), "{stop}");
+        assert_eq!(err.exit_code(), 4);
+    }
+
+    #[test]
+    fn guest_unavailable_says_the_vm_may_be_booting() {
+        let err = api(
+            ErrorCode::GuestUnavailable,
+            "the guest agent is not reachable",
+        );
+        let text = render(&err, &HintContext::new(Action::Exec, Some("demo")), false);
+        assert!(text.starts_with("error: the guest agent is not reachable\n"));
+        assert!(text.contains("hint: the VM may still be booting"), "{text}");
+    }
+
+    #[test]
+    fn unreachable_names_the_url_and_make_run() {
+        let err = CliError::Unreachable {
+            url: "http://127.0.0.1:7070".into(),
+            reason: "connection refused".into(),
+        };
+        let text = render(&err, &HintContext::new(Action::List, None), false);
+        assert_eq!(
+            text,
+            "error: cannot reach hearthd: connection refused\n\
+             hint: is hearthd running at http://127.0.0.1:7070? Start it with `make run`, or set \
+             HEARTH_URL (or --url) to where it listens\n"
+        );
+        assert!(text.contains("HEARTH_URL"), "{text}");
+        assert_eq!(err.exit_code(), hearth_api::EXIT_UNREACHABLE);
+        assert_eq!(err.json()["error"], "unreachable");
+    }
+
+    #[test]
+    fn errors_without_a_hint_print_one_line() {
+        let err = api(ErrorCode::GuestFileNotFound, "no file /nope in the guest");
+        let text = render(&err, &HintContext::new(Action::Cp, Some("demo")), false);
+        assert_eq!(text, "error: no file /nope in the guest\n");
+    }
+
+    #[test]
+    fn color_wraps_only_the_labels() {
+        let err = api(ErrorCode::VmNotFound, "gone");
+        let text = render(&err, &HintContext::new(Action::Inspect, None), true);
+        assert!(text.starts_with("\x1b[1;31merror\x1b[0m: gone\n"));
+        assert!(text.contains("\x1b[1;36mhint\x1b[0m: "));
+    }
+
+    #[test]
+    fn json_is_the_raw_body_when_there_is_one() {
+        let raw = json!({"error": "vm_not_found", "message": "nope", "extra": 1});
+        let err = CliError::from_body(
+            ErrorBody {
+                error: ErrorCode::VmNotFound,
+                message: "nope".into(),
+            },
+            Some(raw.clone()),
+        );
+        assert_eq!(err.json(), raw);
+        let local = CliError::input(ErrorCode::InvalidPath, "bad path");
+        assert_eq!(
+            local.json(),
+            json!({"error": "invalid_path", "message": "bad path"})
+        );
+        assert_eq!(local.exit_code(), 2);
+    }
+
+    #[test]
+    fn unknown_codes_exit_1() {
+        let err = CliError::Api {
+            code: None,
+            message: "something new".into(),
+            raw: Some(json!({"error": "brand_new", "message": "something new"})),
+        };
+        assert_eq!(err.exit_code(), 1);
+        assert!(err.hints(&HintContext::new(Action::List, None)).is_empty());
+    }
+}

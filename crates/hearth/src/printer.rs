@@ -1,0 +1,126 @@
+//! All of the CLI's own output goes through [`Printer`], which decides in one place between
+//! `--json` (the API's JSON on stdout, nothing else) and text for people (results on stdout,
+//! progress and errors on stderr).
+
+use std::io::{IsTerminal, Write};
+use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::client::Json;
+use crate::error::{self, CliError, HintContext};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Printer {
+    json: bool,
+    stderr_tty: bool,
+    stderr_color: bool,
+    stdout_color: bool,
+}
+
+impl Printer {
+    pub fn new(json: bool) -> Printer {
+        let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+        let stderr_tty = std::io::stderr().is_terminal();
+        Printer {
+            json,
+            stderr_tty,
+            stderr_color: stderr_tty && !no_color,
+            stdout_color: std::io::stdout().is_terminal() && !no_color,
+        }
+    }
+
+    /// A command's result: the API's JSON with `--json`, otherwise the text `human` makes of it.
+    pub fn result<T>(&self, out: &Json<T>, human: impl FnOnce(&T) -> String) {
+        if self.json {
+            self.print_json(&out.raw);
+        } else {
+            write_stdout(human(&out.data).as_bytes());
+        }
+    }
+
+    /// Text for people on stdout; nothing with `--json`.
+    pub fn text(&self, text: &str) {
+        if !self.json {
+            write_stdout(text.as_bytes());
+        }
+    }
+
+    /// A note for people on stderr; nothing with `--json`.
+    pub fn note(&self, text: &str) {
+        if !self.json {
+            eprintln!("{text}");
+        }
+    }
+
+    /// Shows `message…` on stderr while something long runs, when stderr is a terminal.
+    pub fn progress(&self, message: &str) -> Progress {
+        let shown = !self.json && self.stderr_tty;
+        if shown {
+            eprint!("{message}… ");
+            let _ = std::io::stderr().flush();
+        }
+        Progress {
+            start: Instant::now(),
+            shown,
+            done: false,
+        }
+    }
+
+    /// Prints a failure: the error body as JSON on stdout with `--json`, else `error:`/`hint:`.
+    pub fn error(&self, err: &CliError, ctx: &HintContext) {
+        if self.json {
+            self.print_json(&err.json());
+        } else {
+            eprint!("{}", error::render(err, ctx, self.stderr_color));
+        }
+    }
+
+    /// Text made to stand out on stdout (red and bold on a colour terminal).
+    pub fn alert(&self, text: &str) -> String {
+        if self.stdout_color {
+            format!("\x1b[1;31m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn print_json(&self, value: &Value) {
+        let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+        text.push('\n');
+        write_stdout(text.as_bytes());
+    }
+}
+
+/// Writes to stdout; a closed pipe (`hearth vm list | head -1`) is not an error worth reporting.
+fn write_stdout(bytes: &[u8]) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(bytes).and_then(|()| out.flush());
+}
+
+/// A progress line started by [`Printer::progress`].
+#[derive(Debug)]
+pub struct Progress {
+    start: Instant,
+    shown: bool,
+    done: bool,
+}
+
+impl Progress {
+    /// Ends the line with e.g. `ready in 4.2s`.
+    pub fn finish(mut self, outcome: &str) {
+        if self.shown {
+            eprintln!("{outcome} in {:.1}s", self.start.elapsed().as_secs_f64());
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        // Unfinished (the operation failed): end the line so the error starts on its own.
+        if self.shown && !self.done {
+            eprintln!("failed");
+        }
+    }
+}

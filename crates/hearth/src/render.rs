@@ -1,0 +1,247 @@
+//! Pure text rendering for human output: sizes, tables, key/value blocks, times.
+
+/// A size in MiB as people write it: `512M`, `1G`, `1.5G`, `2T`.
+pub fn size_mib(mib: u64) -> String {
+    const GIB: u64 = 1024;
+    const TIB: u64 = 1024 * 1024;
+    let (unit_mib, unit) = if mib >= TIB {
+        (TIB, "T")
+    } else if mib >= GIB {
+        (GIB, "G")
+    } else {
+        return format!("{mib}M");
+    };
+    if mib.is_multiple_of(unit_mib) {
+        return format!("{}{unit}", mib / unit_mib);
+    }
+    #[allow(clippy::cast_precision_loss)]
+    let value = mib as f64 / unit_mib as f64;
+    let text = format!("{value:.1}");
+    let text = text.strip_suffix(".0").unwrap_or(&text);
+    format!("{text}{unit}")
+}
+
+/// Columns padded to their widest cell, separated by three spaces; no trailing blanks.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| width(h)).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(width(cell));
+            } else {
+                widths.push(width(cell));
+            }
+        }
+    }
+    let mut out = String::new();
+    let header_row: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header_row).chain(rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i > 0 {
+                line.push_str("   ");
+            }
+            line.push_str(cell);
+            let pad = widths[i] - width(cell);
+            line.extend(std::iter::repeat_n(' ', pad));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `key:` lines with the values aligned.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let key_width = pairs.iter().map(|(k, _)| width(k)).max().unwrap_or(0);
+    let mut out = String::new();
+    for (key, value) in pairs {
+        let pad = key_width - width(key);
+        let line = format!("{key}:{} {value}", " ".repeat(pad));
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn width(s: &str) -> usize {
+    s.chars().count()
+}
+
+/// Seconds since the Unix epoch of an RFC 3339 time such as `2024-05-01T12:00:00.123Z` or
+/// `2024-05-01T14:00:00+02:00`; `None` when it is not one.
+pub fn parse_rfc3339(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = s.get(range)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ if rest.len() == 6 && matches!(rest.as_bytes()[0], b'+' | b'-') => {
+            let sign = if rest.starts_with('-') { -1 } else { 1 };
+            let hours: i64 = rest.get(1..3)?.parse().ok()?;
+            let minutes: i64 = rest.get(4..6)?.parse().ok()?;
+            sign * (hours * 3600 + minutes * 60)
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second - offset)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `5 seconds ago`, `3 minutes ago`, … relative to `now` (Unix seconds); the text itself when
+/// it is not an RFC 3339 time.
+pub fn relative_time(rfc3339: &str, now: i64) -> String {
+    let Some(then) = parse_rfc3339(rfc3339) else {
+        return rfc3339.to_owned();
+    };
+    let secs = now - then;
+    if secs < 0 {
+        return "just now".to_owned();
+    }
+    let (n, unit) = match secs {
+        0..60 => (secs, "second"),
+        60..3_600 => (secs / 60, "minute"),
+        3_600..86_400 => (secs / 3_600, "hour"),
+        _ => (secs / 86_400, "day"),
+    };
+    if unit == "second" && n < 2 {
+        return "just now".to_owned();
+    }
+    let plural = if n == 1 { "" } else { "s" };
+    format!("{n} {unit}{plural} ago")
+}
+
+/// The current time in Unix seconds.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_render_with_units() {
+        assert_eq!(size_mib(0), "0M");
+        assert_eq!(size_mib(128), "128M");
+        assert_eq!(size_mib(512), "512M");
+        assert_eq!(size_mib(1023), "1023M");
+        assert_eq!(size_mib(1024), "1G");
+        assert_eq!(size_mib(1536), "1.5G");
+        assert_eq!(size_mib(2047), "2G");
+        assert_eq!(size_mib(10 * 1024), "10G");
+        assert_eq!(size_mib(1100), "1.1G");
+        assert_eq!(size_mib(1024 * 1024), "1T");
+        assert_eq!(size_mib(3 * 512 * 1024), "1.5T");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = vec![
+            vec!["demo".into(), "running".into(), "2".into()],
+            vec!["a-much-longer-name".into(), "stopped".into(), "16".into()],
+        ];
+        let text = table(&["NAME", "STATE", "CPUS"], &rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "NAME                 STATE     CPUS",
+                "demo                 running   2",
+                "a-much-longer-name   stopped   16",
+            ]
+        );
+        // The second and third columns start at the same offset on every line.
+        for line in &lines {
+            let b = line.as_bytes();
+            assert!(b[20] == b' ' && b[21] != b' ', "{line:?}");
+            assert!(b[30] == b' ' && b[31] != b' ', "{line:?}");
+        }
+    }
+
+    #[test]
+    fn tables_count_characters_not_bytes_and_trim_trailing_blanks() {
+        let rows = vec![
+            vec!["stopped→starting".into(), String::new()],
+            vec!["x".into(), "msg".into()],
+        ];
+        let text = table(&["FROM→TO", "MESSAGE"], &rows);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "FROM→TO            MESSAGE");
+        assert_eq!(lines[1], "stopped→starting");
+        assert_eq!(lines[2], "x                  msg");
+    }
+
+    #[test]
+    fn key_values_align() {
+        let text = key_values(&[("name", "demo".into()), ("state", "running".into())]);
+        assert_eq!(text, "name:  demo\nstate: running\n");
+    }
+
+    #[test]
+    fn rfc3339_parses_zones_and_fractions() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339("2000-03-01T00:00:00Z"), Some(951_868_800));
+        assert_eq!(
+            parse_rfc3339("2024-05-01T12:00:00.123Z"),
+            Some(1_714_564_800)
+        );
+        assert_eq!(
+            parse_rfc3339("2024-05-01T14:00:00+02:00"),
+            Some(1_714_564_800)
+        );
+        assert_eq!(parse_rfc3339("2024-05-01"), None);
+        assert_eq!(parse_rfc3339("2024-05-01T12:00:00"), None);
+        assert_eq!(parse_rfc3339("2024-13-01T12:00:00Z"), None);
+    }
+
+    #[test]
+    fn relative_times() {
+        let t = "2024-05-01T12:00:00Z";
+        let base = 1_714_564_800;
+        assert_eq!(relative_time(t, base), "just now");
+        assert_eq!(relative_time(t, base + 30), "30 seconds ago");
+        assert_eq!(relative_time(t, base + 60), "1 minute ago");
+        assert_eq!(relative_time(t, base + 7_200), "2 hours ago");
+        assert_eq!(relative_time(t, base + 3 * 86_400), "3 days ago");
+        assert_eq!(relative_time("yesterday", base), "yesterday");
+    }
+}

@@ -1,0 +1,120 @@
+//! The local terminal: its size, and raw mode that is always undone.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use hearth_api::TtySize;
+use nix::sys::termios::{self, SetArg, Termios};
+
+nix::ioctl_read_bad!(tiocgwinsz, libc::TIOCGWINSZ, libc::winsize);
+
+/// The size of the terminal on `fd`, when it is one and knows its size.
+pub fn size_of(fd: impl AsFd) -> Option<TtySize> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` to the pointer, which points at a live local; the
+    // descriptor is borrowed for the duration of the call.
+    unsafe { tiocgwinsz(fd.as_fd().as_raw_fd(), &mut ws) }.ok()?;
+    (ws.ws_row > 0 && ws.ws_col > 0).then_some(TtySize {
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
+}
+
+/// The size of the first of stdin, stdout and stderr that is a terminal.
+pub fn local_size() -> Option<TtySize> {
+    let (stdin, stdout, stderr) = (io::stdin(), io::stdout(), io::stderr());
+    [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()]
+        .into_iter()
+        .find_map(size_of)
+}
+
+/// Raw mode on a terminal while this lives; dropping it (also while unwinding from a panic)
+/// puts the saved settings back.
+#[derive(Debug)]
+pub struct RawMode {
+    fd: OwnedFd,
+    saved: Termios,
+}
+
+impl RawMode {
+    pub fn enable(fd: impl AsFd) -> io::Result<RawMode> {
+        let fd = fd.as_fd().try_clone_to_owned()?;
+        let saved = termios::tcgetattr(&fd)?;
+        let mut raw = saved.clone();
+        termios::cfmakeraw(&mut raw);
+        termios::tcsetattr(&fd, SetArg::TCSANOW, &raw)?;
+        Ok(RawMode { fd, saved })
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        let _ = termios::tcsetattr(&self.fd, SetArg::TCSADRAIN, &self.saved);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::pty::openpty;
+    use nix::sys::termios::LocalFlags;
+
+    use super::*;
+
+    fn canonical(fd: &OwnedFd) -> bool {
+        termios::tcgetattr(fd)
+            .unwrap()
+            .local_flags
+            .contains(LocalFlags::ICANON)
+    }
+
+    #[test]
+    fn size_comes_from_the_terminal() {
+        let ws = libc::winsize {
+            ws_row: 42,
+            ws_col: 137,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = openpty(Some(&ws), None).unwrap();
+        assert_eq!(
+            size_of(&pty.slave),
+            Some(TtySize {
+                rows: 42,
+                cols: 137
+            })
+        );
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(size_of(&file), None);
+    }
+
+    #[test]
+    fn raw_mode_is_undone_on_drop_and_on_panic() {
+        let pty = openpty(None, None).unwrap();
+        assert!(canonical(&pty.slave));
+        {
+            let _raw = RawMode::enable(&pty.slave).unwrap();
+            assert!(!canonical(&pty.slave));
+        }
+        assert!(canonical(&pty.slave));
+
+        let slave = &pty.slave;
+        let result = std::panic::catch_unwind(|| {
+            let _raw = RawMode::enable(slave).unwrap();
+            assert!(!canonical(slave));
+            panic!("boom");
+        });
+        assert!(result.is_err());
+        assert!(canonical(&pty.slave));
+    }
+
+    #[test]
+    fn raw_mode_needs_a_terminal() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(RawMode::enable(&file).is_err());
+    }
+}

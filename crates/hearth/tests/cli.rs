@@ -1,0 +1,798 @@
+//! Runs the real `hearth` binary against a small fake hearthd (axum, in this process, on
+//! 127.0.0.1) that serves canned answers for a few endpoints.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use hearth_api::{
+    CreateVmRequest, ErrorBody, ErrorCode, Health, Size, TtySize, Vm, VmDetail, VmEvent, VmState,
+    WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
+};
+
+/// Longest any one run of the binary may take.
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// The fake hearthd
+
+type Files = Arc<Mutex<HashMap<String, (Vec<u8>, Option<String>)>>>;
+
+fn canned_vm(name: &str, state: VmState, memory_mib: u64) -> Vm {
+    Vm {
+        id: format!("vm-{name}"),
+        name: name.into(),
+        state,
+        cpus: 2,
+        memory_mib,
+        rootfs_mib: 10 * 1024,
+        image: "sha256-0123".into(),
+        vmm: "qemu".into(),
+        pid: (state == VmState::Running).then_some(4242),
+        created_at: "2024-05-01T12:00:00Z".into(),
+        updated_at: "2024-05-01T12:00:04Z".into(),
+        last_error: None,
+    }
+}
+
+fn canned_vms() -> Vec<Vm> {
+    vec![
+        canned_vm("demo", VmState::Running, 1024),
+        canned_vm("build-server", VmState::Stopped, 512),
+    ]
+}
+
+fn vm_not_found(name: &str) -> Response {
+    error(ErrorCode::VmNotFound, &format!("no VM is named `{name}`"))
+}
+
+fn error(code: ErrorCode, message: &str) -> Response {
+    let status = StatusCode::from_u16(code.http_status()).unwrap();
+    let body = ErrorBody {
+        error: code,
+        message: message.into(),
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn list() -> Json<Vec<Vm>> {
+    Json(canned_vms())
+}
+
+async fn inspect(Path(name): Path<String>) -> Response {
+    match canned_vms().into_iter().find(|vm| vm.name == name) {
+        Some(vm) => Json(VmDetail {
+            vm,
+            events: vec![VmEvent {
+                at: "2024-05-01T12:00:00.000Z".into(),
+                kind: "created".into(),
+                from_state: None,
+                to_state: Some(VmState::Stopped),
+                message: None,
+            }],
+        })
+        .into_response(),
+        None => vm_not_found(&name),
+    }
+}
+
+/// Echoes the request back as the VM it would make (sizes: a number is MiB, `NG` is GiB).
+async fn create(Json(request): Json<CreateVmRequest>) -> Response {
+    if request.name == "demo" {
+        return error(ErrorCode::VmNameTaken, "a VM named `demo` already exists");
+    }
+    let mib = |size: Option<Size>, default: u64| match size {
+        None => default,
+        Some(Size::Mib(n)) => n,
+        Some(Size::Text(t)) => t.trim_end_matches('G').parse::<u64>().unwrap() * 1024,
+    };
+    let state = if request.start == Some(false) {
+        VmState::Stopped
+    } else {
+        VmState::Running
+    };
+    let mut vm = canned_vm(&request.name, state, mib(request.ram, 512));
+    vm.rootfs_mib = mib(request.rootfs_size, 2048);
+    vm.cpus = request.cpus.unwrap_or(1);
+    let detail = VmDetail { vm, events: vec![] };
+    (StatusCode::CREATED, Json(detail)).into_response()
+}
+
+async fn start(Path(name): Path<String>) -> Response {
+    match name.as_str() {
+        "demo" => error(ErrorCode::InvalidState, "vm demo is already running"),
+        "build-server" => Json(canned_vm(&name, VmState::Running, 512)).into_response(),
+        _ => vm_not_found(&name),
+    }
+}
+
+async fn delete(Path(name): Path<String>) -> Response {
+    match name.as_str() {
+        "build-server" => StatusCode::NO_CONTENT.into_response(),
+        _ => vm_not_found(&name),
+    }
+}
+
+/// Says which log was asked for, then streams a few lines in separate chunks.
+async fn logs(Path(name): Path<String>, Query(query): Query<HashMap<String, String>>) -> Response {
+    if name != "demo" {
+        return vm_not_found(&name);
+    }
+    let mut lines = vec![format!(
+        "source={} follow={} tail={}\n",
+        query.get("source").map_or("-", String::as_str),
+        query.get("follow").map_or("-", String::as_str),
+        query.get("tail").map_or("-", String::as_str),
+    )];
+    lines.extend((1..=3).map(|i| format!("line {i}\n")));
+    let chunks = futures_util::stream::iter(lines).then(|line| async move {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok::<_, std::io::Error>(line)
+    });
+    axum::body::Body::from_stream(chunks).into_response()
+}
+
+async fn health() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: "0.1.0".into(),
+        vmm: "qemu".into(),
+        accel: "tcg".into(),
+        image: Some("sha256-0123".into()),
+    })
+}
+
+async fn put_file(
+    State(files): State<Files>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    body: Bytes,
+) -> Response {
+    if name != "demo" {
+        return vm_not_found(&name);
+    }
+    let Some(path) = query.get("path") else {
+        return error(ErrorCode::InvalidPath, "path is missing");
+    };
+    let mode = query.get("mode").cloned();
+    files
+        .lock()
+        .unwrap()
+        .insert(path.clone(), (body.to_vec(), mode));
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn get_file(
+    State(files): State<Files>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if name != "demo" {
+        return vm_not_found(&name);
+    }
+    let path = query.get("path").cloned().unwrap_or_default();
+    match files.lock().unwrap().get(&path) {
+        Some((bytes, mode)) => {
+            let mut headers = HeaderMap::new();
+            let mode = mode.clone().unwrap_or_else(|| "644".into());
+            headers.insert("x-hearth-file-mode", HeaderValue::from_str(&mode).unwrap());
+            (headers, bytes.clone()).into_response()
+        }
+        None => error(
+            ErrorCode::GuestFileNotFound,
+            &format!("{path} does not exist in the guest"),
+        ),
+    }
+}
+
+async fn exec_ws(Path(name): Path<String>, ws: WebSocketUpgrade) -> Response {
+    if name != "demo" {
+        return vm_not_found(&name);
+    }
+    ws.on_upgrade(exec_session)
+}
+
+fn exit_message(exit_code: Option<i32>, signal: Option<i32>, timed_out: bool) -> Message {
+    let exit = WsServerMessage::Exit {
+        exit_code,
+        signal,
+        timed_out,
+    };
+    Message::Text(serde_json::to_string(&exit).unwrap().into())
+}
+
+fn output(stream: u8, bytes: &[u8]) -> Message {
+    let mut data = vec![stream];
+    data.extend_from_slice(bytes);
+    Message::Binary(data.into())
+}
+
+/// With stdin: echoes it to stdout, says `bye` on stderr, exits 3. Without: `kill` ends by
+/// signal 9, a timeout times out, anything else prints its words and exits 0.
+async fn exec_session(mut socket: WebSocket) {
+    let Some(Ok(Message::Text(first))) = socket.recv().await else {
+        return;
+    };
+    let Ok(WsClientMessage::Start {
+        command,
+        stdin,
+        timeout_secs,
+        tty,
+        ..
+    }) = serde_json::from_str(first.as_str())
+    else {
+        return;
+    };
+    let exit = if let Some(size) = tty {
+        tty_session(&mut socket, size).await
+    } else if stdin {
+        while let Some(Ok(message)) = socket.recv().await {
+            match message {
+                Message::Binary(bytes) => {
+                    let _ = socket.send(output(WS_STDOUT, &bytes)).await;
+                }
+                Message::Text(text) => {
+                    if let Ok(WsClientMessage::Eof) = serde_json::from_str(text.as_str()) {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let _ = socket.send(output(WS_STDERR, b"bye\n")).await;
+        exit_message(Some(3), None, false)
+    } else if timeout_secs.is_some() {
+        exit_message(None, Some(9), true)
+    } else if command.first().map(String::as_str) == Some("kill") {
+        exit_message(None, Some(9), false)
+    } else {
+        let line = format!("{}\n", command.join(" "));
+        let _ = socket.send(output(WS_STDOUT, line.as_bytes())).await;
+        exit_message(Some(0), None, false)
+    };
+    let _ = socket.send(exit).await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// With a terminal: reports its size and each resize, echoes input up to a Ctrl-D, exits 0.
+async fn tty_session(socket: &mut WebSocket, size: TtySize) -> Message {
+    let hello = format!("tty {}x{}\n", size.rows, size.cols);
+    let _ = socket.send(output(WS_STDOUT, hello.as_bytes())).await;
+    while let Some(Ok(message)) = socket.recv().await {
+        match message {
+            Message::Binary(bytes) => {
+                let end = bytes.iter().position(|&b| b == 4);
+                let echo = &bytes[..end.unwrap_or(bytes.len())];
+                let _ = socket.send(output(WS_STDOUT, echo)).await;
+                if end.is_some() {
+                    break;
+                }
+            }
+            Message::Text(text) => {
+                if let Ok(WsClientMessage::Resize { size }) = serde_json::from_str(text.as_str()) {
+                    let line = format!("resize {}x{}\n", size.rows, size.cols);
+                    let _ = socket.send(output(WS_STDOUT, line.as_bytes())).await;
+                }
+            }
+            _ => {}
+        }
+    }
+    exit_message(Some(0), None, false)
+}
+
+/// The fake's address; it runs on a thread of its own for the whole test binary.
+fn server() -> SocketAddr {
+    static ADDR: OnceLock<SocketAddr> = OnceLock::new();
+    *ADDR.get_or_init(|| {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let files: Files = Arc::default();
+        let app = Router::new()
+            .route("/v1/health", get(health))
+            .route("/v1/vms", get(list).post(create))
+            .route("/v1/vms/{name}", get(inspect).delete(delete))
+            .route("/v1/vms/{name}/start", post(start))
+            .route("/v1/vms/{name}/logs", get(logs))
+            .route("/v1/vms/{name}/files", get(get_file).put(put_file))
+            .route("/v1/vms/{name}/exec/ws", get(exec_ws))
+            .with_state(files);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(listener, app).await.unwrap();
+            });
+        });
+        addr
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running the binary
+
+/// Runs `hearth --url <fake> ARGS…` with `stdin` as its input, killing it after [`RUN_LIMIT`].
+fn hearth(args: &[&str], stdin: &[u8]) -> Output {
+    let url = format!("http://{}", server());
+    hearth_at(&url, args, stdin)
+}
+
+fn hearth_at(url: &str, args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .arg("--url")
+        .arg(url)
+        .args(args)
+        .env_remove("HEARTH_URL")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run hearth");
+    let input = stdin.to_vec();
+    let mut child_stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = child_stdin.write_all(&input);
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        out.read_to_end(&mut buf).map(|_| buf)
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        err.read_to_end(&mut buf).map(|_| buf)
+    });
+    let deadline = Instant::now() + RUN_LIMIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("hearth {args:?} ran longer than {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    writer.join().unwrap();
+    Output {
+        status,
+        stdout: out_reader.join().unwrap().unwrap(),
+        stderr: err_reader.join().unwrap().unwrap(),
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn code(output: &Output) -> i32 {
+    output.status.code().expect("hearth ended by a signal")
+}
+
+/// A fresh directory under the target dir for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("hearth-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn list_prints_an_aligned_table() {
+    let out = hearth(&["vm", "list"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert!(
+        lines[0].starts_with("NAME           STATE     CPUS   RAM    ROOTFS   CREATED"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with("demo           running   2      1G     10G      "),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].starts_with("build-server   stopped   2      512M   10G      "),
+        "{stdout}"
+    );
+    assert!(lines[1].ends_with(" ago"), "{stdout}");
+}
+
+#[test]
+fn list_json_is_the_api_json() {
+    let out = hearth(&["--json", "vm", "list"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let vms: Vec<Vm> = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(vms, canned_vms());
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn inspect_shows_the_vm_and_its_events() {
+    let out = hearth(&["vm", "inspect", "demo"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("name:    demo\nid:      vm-demo\nstate:   running\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("pid:     4242\n"), "{stdout}");
+    assert!(stdout.contains("EVENTS\nTIME"), "{stdout}");
+    assert!(stdout.contains("created   -→stopped"), "{stdout}");
+}
+
+#[test]
+fn not_found_exits_3_with_error_and_hint() {
+    let out = hearth(&["vm", "inspect", "nope"], b"");
+    assert_eq!(code(&out), 3);
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    assert_eq!(
+        text(&out.stderr),
+        "error: no VM is named `nope`\nhint: `hearth vm list` shows the VMs\n"
+    );
+}
+
+#[test]
+fn not_found_json_prints_the_error_body() {
+    let out = hearth(&["vm", "inspect", "nope", "--json"], b"");
+    assert_eq!(code(&out), 3);
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    let body: ErrorBody = serde_json::from_slice(&out.stdout).expect("stdout is an error body");
+    assert_eq!(body.error, ErrorCode::VmNotFound);
+    assert_eq!(body.message, "no VM is named `nope`");
+}
+
+#[test]
+fn unreachable_hearthd_exits_5_naming_the_url() {
+    // Nothing listens on port 1 of the loopback address.
+    let out = hearth_at("http://127.0.0.1:1", &["vm", "list"], b"");
+    assert_eq!(code(&out), i32::from(hearth_api::EXIT_UNREACHABLE));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.starts_with("error: cannot reach hearthd: "),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .contains("\nhint: is hearthd running at http://127.0.0.1:1? Start it with `make run`"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("HEARTH_URL"), "{stderr}");
+    let out = hearth_at("http://127.0.0.1:1", &["--json", "vm", "list"], b"");
+    assert_eq!(code(&out), i32::from(hearth_api::EXIT_UNREACHABLE));
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["error"], "unreachable");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("http://127.0.0.1:1")
+    );
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+}
+
+#[test]
+fn cp_up_and_down_keeps_bytes_and_mode() {
+    let dir = scratch("cp");
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i * 7 + i / 13).to_le_bytes()[0])
+        .collect();
+    let local = dir.join("payload.bin");
+    std::fs::write(&local, &data).unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o640)).unwrap();
+
+    let up = hearth(
+        &[
+            "vm",
+            "cp",
+            local.to_str().unwrap(),
+            "demo:/root/payload.bin",
+        ],
+        b"",
+    );
+    assert_eq!(code(&up), 0, "stderr: {}", text(&up.stderr));
+
+    let back = dir.join("back.bin");
+    let down = hearth(
+        &["cp", "demo:/root/payload.bin", back.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(code(&down), 0, "stderr: {}", text(&down.stderr));
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "downloaded bytes differ"
+    );
+    // The fake echoes the mode it was sent; the new local file gets it (less the umask).
+    let mode = std::fs::metadata(&back).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode & !0o640,
+        0,
+        "mode {mode:o} has bits the upload did not send"
+    );
+    assert_eq!(mode & 0o600, 0o600, "mode {mode:o}");
+
+    // Into a directory: the file keeps its guest name.
+    let down = hearth(
+        &["cp", "demo:/root/payload.bin", dir.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(code(&down), 0, "stderr: {}", text(&down.stderr));
+    assert!(std::fs::read(dir.join("payload.bin")).unwrap() == data);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cp_through_stdin_and_stdout() {
+    let data = b"line one\nline two\n\x00\xffbinary tail".to_vec();
+    let up = hearth(&["cp", "-", "demo:/tmp/from-stdin"], &data);
+    assert_eq!(code(&up), 0, "stderr: {}", text(&up.stderr));
+    let down = hearth(&["cp", "demo:/tmp/from-stdin", "-"], b"");
+    assert_eq!(code(&down), 0, "stderr: {}", text(&down.stderr));
+    assert_eq!(down.stdout, data);
+}
+
+#[test]
+fn cp_errors() {
+    let out = hearth(&["cp", "demo:/no/such/file", "-"], b"");
+    assert_eq!(code(&out), 3);
+    assert_eq!(
+        text(&out.stderr),
+        "error: /no/such/file does not exist in the guest\n"
+    );
+    let out = hearth(&["cp", "a", "b"], b"");
+    assert_eq!(code(&out), 2);
+    assert!(text(&out.stderr).starts_with("error: one side of `cp` must be in a VM"));
+    let out = hearth(&["--json", "cp", "x", "demo:relative"], b"");
+    assert_eq!(code(&out), 2);
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["error"], "invalid_path");
+}
+
+#[test]
+fn exec_interactive_echoes_stdin_and_propagates_the_exit_code() {
+    let out = hearth(&["exec", "-i", "demo", "--", "cat"], b"hello\nworld\n");
+    assert_eq!(code(&out), 3, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hello\nworld\n");
+    assert_eq!(text(&out.stderr), "bye\n");
+}
+
+#[test]
+fn exec_exit_codes_for_success_signal_and_timeout() {
+    let out = hearth(&["vm", "exec", "demo", "echo", "hi", "there"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "echo hi there\n");
+    let out = hearth(&["exec", "demo", "--", "kill"], b"");
+    assert_eq!(code(&out), 128 + 9);
+    let out = hearth(&["exec", "--timeout", "1", "demo", "--", "sleep", "9"], b"");
+    assert_eq!(code(&out), 124);
+}
+
+#[test]
+fn exec_failures_exit_125() {
+    let out = hearth(&["exec", "nope", "--", "true"], b"");
+    assert_eq!(code(&out), 125);
+    assert_eq!(
+        text(&out.stderr),
+        "error: no VM is named `nope`\nhint: `hearth vm list` shows the VMs\n"
+    );
+    let out = hearth_at("http://127.0.0.1:1", &["exec", "demo", "--", "true"], b"");
+    assert_eq!(code(&out), 125);
+    assert!(text(&out.stderr).contains("cannot reach hearthd"));
+}
+
+nix::ioctl_write_ptr_bad!(set_window_size, libc::TIOCSWINSZ, libc::winsize);
+
+fn winsize(rows: u16, cols: u16) -> libc::winsize {
+    libc::winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+/// `exec -it` on a real pseudo-terminal: the session gets the terminal's size, a SIGWINCH sends
+/// the new size, keystrokes pass through raw (Ctrl-D is a byte, not end of input), and the
+/// terminal is back in cooked mode afterwards.
+#[test]
+fn exec_tty_uses_raw_mode_sends_sizes_and_restores_the_terminal() {
+    use std::os::fd::AsRawFd;
+    use std::sync::mpsc;
+
+    use nix::sys::termios::{LocalFlags, tcgetattr};
+
+    let pty = nix::pty::openpty(Some(&winsize(30, 100)), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    assert!(
+        tcgetattr(&slave)
+            .unwrap()
+            .local_flags
+            .contains(LocalFlags::ICANON)
+    );
+
+    let url = format!("http://{}", server());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["--url", &url, "exec", "-it", "demo", "--", "sh"])
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+
+    let (tx, rx) = mpsc::channel();
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once the test drops its end of the terminal.
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + RUN_LIMIT;
+    let mut seen = Vec::new();
+    let mut wait_for = |needle: &str| -> Result<(), String> {
+        while !text(&seen).contains(needle) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(bytes) => seen.extend(bytes),
+                Err(_) => {
+                    return Err(format!(
+                        "no {needle:?} on the terminal; saw {:?}",
+                        text(&seen)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    };
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let mut check = |result: Result<(), String>| {
+        if let Err(message) = result {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{message}");
+        }
+    };
+
+    check(wait_for("tty 30x100\n"));
+    // SAFETY: TIOCSWINSZ reads one `winsize` from a live local; the descriptor is open.
+    unsafe { set_window_size(master.as_raw_fd(), &winsize(40, 120)) }.unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGWINCH).unwrap();
+    check(wait_for("resize 40x120\n"));
+    master.write_all(b"typed\x04").unwrap();
+    check(wait_for("typed"));
+
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hearth exec -it did not end");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(0));
+    let flags = tcgetattr(&slave).unwrap().local_flags;
+    assert!(
+        flags.contains(LocalFlags::ICANON) && flags.contains(LocalFlags::ECHO),
+        "{flags:?}"
+    );
+}
+
+#[test]
+fn new_sends_sizes_as_numbers_or_text() {
+    let out = hearth(
+        &[
+            "--json",
+            "vm",
+            "new",
+            "web",
+            "--cpus",
+            "4",
+            "--ram",
+            "2G",
+            "--rootfs-size",
+            "4096",
+        ],
+        b"",
+    );
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let detail: VmDetail = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            detail.vm.cpus,
+            detail.vm.memory_mib,
+            detail.vm.rootfs_mib,
+            detail.vm.state
+        ),
+        (4, 2048, 4096, VmState::Running)
+    );
+    let out = hearth(&["vm", "new", "web", "--no-start"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "created vm web (stopped; 1 cpu, 512M RAM, 2G rootfs)\n"
+    );
+    // stderr is not a terminal here, so no progress line.
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
+    let out = hearth(&["vm", "new", "demo"], b"");
+    assert_eq!(code(&out), 4);
+    assert!(
+        text(&out.stderr).contains("hint: choose another name"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn lifecycle_results_and_conflicts() {
+    let out = hearth(&["vm", "start", "build-server"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "vm build-server is running\n");
+    let out = hearth(&["vm", "start", "demo"], b"");
+    assert_eq!(code(&out), 4);
+    assert_eq!(
+        text(&out.stderr),
+        "error: vm demo is already running\n\
+         hint: it may already be running; `hearth vm inspect demo` shows its state\n"
+    );
+    let out = hearth(&["vm", "delete", "build-server"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "deleted vm build-server\n");
+    let out = hearth(&["--json", "vm", "rm", "build-server"], b"");
+    assert_eq!((code(&out), out.stdout.len()), (0, 0));
+}
+
+#[test]
+fn logs_stream_to_stdout_with_the_asked_source() {
+    let out = hearth(&["vm", "logs", "demo"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "source=serial follow=false tail=-\nline 1\nline 2\nline 3\n"
+    );
+    let out = hearth(&["vm", "logs", "-f", "demo", "vmm", "--tail", "5"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("source=vmm follow=true tail=5\n"));
+    let out = hearth(&["vm", "logs", "nope"], b"");
+    assert_eq!(code(&out), 3);
+}
+
+#[test]
+fn health_prints_its_fields() {
+    let out = hearth(&["health"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "status:  ok\nversion: 0.1.0\nvmm:     qemu\naccel:   tcg\nimage:   sha256-0123\n"
+    );
+}
