@@ -22,7 +22,7 @@ build:
 	$(CARGO) build --release -p hearthd -p hearth
 
 agent:
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p hearth-guest --target $(TARGET)
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" $(CARGO) build --release -p hearth-guest --target $(TARGET)
 
 image: build agent
 	HEARTH_DATA_DIR=$(DATA_DIR) target/release/hearthd build-image

@@ -394,6 +394,10 @@ mod tests {
     #[test]
     fn create_rejects_unknown_fields() {
         let err = serde_json::from_str::<CreateVmRequest>(r#"{"name":"a","memory":1}"#);
-        assert!(err.unwrap_err().to_string().contains("unknown field `memory`"));
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("unknown field `memory`")
+        );
     }
 }

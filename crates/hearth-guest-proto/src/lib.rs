@@ -235,8 +235,16 @@ pub fn encode<M: Serialize>(message: &M, payload: &[u8]) -> Result<Vec<u8>, Enco
     let mut out = Vec::with_capacity(PREFIX_LEN + header.len() + payload.len());
     out.extend_from_slice(&MAGIC);
     // Both lengths were bounded above, far below u32::MAX.
-    out.extend_from_slice(&u32::try_from(header.len()).unwrap_or(u32::MAX).to_le_bytes());
-    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_le_bytes());
+    out.extend_from_slice(
+        &u32::try_from(header.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(
+        &u32::try_from(payload.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes(),
+    );
     out.extend_from_slice(&header);
     out.extend_from_slice(payload);
     Ok(out)
@@ -493,7 +501,14 @@ mod tests {
             "ping", "cancel",
         ];
         let events = [
-            "hello", "started", "output", "exited", "file_info", "data", "done", "error",
+            "hello",
+            "started",
+            "output",
+            "exited",
+            "file_info",
+            "data",
+            "done",
+            "error",
         ];
         for name in requests.iter().chain(events.iter()) {
             assert!(

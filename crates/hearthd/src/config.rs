@@ -50,7 +50,10 @@ pub struct Key {
 impl Key {
     /// `guest.cpus` → `HEARTH_GUEST_CPUS`.
     pub fn env_var(&self) -> String {
-        format!("HEARTH_{}", self.path.replace('.', "_").to_ascii_uppercase())
+        format!(
+            "HEARTH_{}",
+            self.path.replace('.', "_").to_ascii_uppercase()
+        )
     }
 }
 
@@ -272,7 +275,12 @@ pub fn generate_default() -> String {
             out.push_str(&format!("\n[{sec}]\n"));
             section = sec;
         }
-        out.push_str(&format!("\n# {} (env {})\n{name} = {}\n", key.doc, key.env_var(), key.default));
+        out.push_str(&format!(
+            "\n# {} (env {})\n{name} = {}\n",
+            key.doc,
+            key.env_var(),
+            key.default
+        ));
     }
     out
 }
@@ -283,21 +291,24 @@ impl Config {
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = generate_default()
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: "(built-in defaults)".into(),
-                message: e.to_string(),
-            })?;
+        let mut table: toml::Table =
+            generate_default()
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: "(built-in defaults)".into(),
+                    message: e.to_string(),
+                })?;
         if let Some(path) = path {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
                 source,
             })?;
-            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: path.display().to_string(),
-                message: e.message().to_owned(),
-            })?;
+            let file: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: path.display().to_string(),
+                        message: e.message().to_owned(),
+                    })?;
             merge(&mut table, file, path)?;
         }
         for key in KEYS {
@@ -317,7 +328,10 @@ impl Config {
 
     fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         let listen = raw.listen.parse::<SocketAddr>().map_err(|_| {
-            invalid("listen", format!("{:?} is not an address like 127.0.0.1:7070", raw.listen))
+            invalid(
+                "listen",
+                format!("{:?} is not an address like 127.0.0.1:7070", raw.listen),
+            )
         })?;
         let data_dir = PathBuf::from(&raw.data_dir);
         if !data_dir.is_absolute() {
@@ -371,7 +385,11 @@ impl Config {
             }
         };
         if raw.image.suite.is_empty()
-            || !raw.image.suite.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+            || !raw
+                .image
+                .suite
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c == '-')
         {
             return Err(invalid(
                 "image.suite",
@@ -380,7 +398,10 @@ impl Config {
         }
         let mirror = match raw.image.mirror.as_str() {
             "" => None,
-            m if m.starts_with("http://") || m.starts_with("https://") || m.starts_with("file:/") => {
+            m if m.starts_with("http://")
+                || m.starts_with("https://")
+                || m.starts_with("file:/") =>
+            {
                 Some(m.trim_end_matches('/').to_owned())
             }
             m => {
@@ -412,7 +433,10 @@ impl Config {
                 stop_timeout: secs("guest.stop_timeout_secs", raw.guest.stop_timeout_secs)?,
                 log_max_bytes: positive("guest.log_max_bytes", raw.guest.log_max_bytes, 4096)?,
             },
-            request_timeout: secs("server.request_timeout_secs", raw.server.request_timeout_secs)?,
+            request_timeout: secs(
+                "server.request_timeout_secs",
+                raw.server.request_timeout_secs,
+            )?,
             shutdown_timeout: secs(
                 "server.shutdown_timeout_secs",
                 raw.server.shutdown_timeout_secs,
@@ -499,9 +523,11 @@ fn unknown_key(path: &Path, key: &str) -> ConfigError {
 fn set(table: &mut toml::Table, key: &'static Key, text: &str) -> Result<(), ConfigError> {
     let value = match key.kind {
         Kind::String => toml::Value::String(text.to_owned()),
-        Kind::Integer => toml::Value::Integer(text.trim().parse().map_err(|_| {
-            invalid(key.path, format!("{text:?} is not a whole number"))
-        })?),
+        Kind::Integer => toml::Value::Integer(
+            text.trim()
+                .parse()
+                .map_err(|_| invalid(key.path, format!("{text:?} is not a whole number")))?,
+        ),
     };
     let (section, name) = key.path.rsplit_once('.').unwrap_or(("", key.path));
     let slot = if section.is_empty() {
@@ -526,8 +552,10 @@ mod tests {
         if let Some(text) = file {
             std::fs::write(&path, text).unwrap();
         }
-        let env: Vec<(String, String)> =
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::load(file.map(|_| path.as_path()), |name| {
             env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
         })
@@ -571,15 +599,42 @@ mod tests {
     #[test]
     fn bad_values_name_the_key_and_rule() {
         let cases: &[(&[(&str, &str)], &str)] = &[
-            (&[("HEARTH_GUEST_CPUS", "3")], "guest.cpus (env HEARTH_GUEST_CPUS): invalid cpus 3: must be 1 or an even number"),
-            (&[("HEARTH_GUEST_CPUS", "two")], "guest.cpus (env HEARTH_GUEST_CPUS): \"two\" is not a whole number"),
-            (&[("HEARTH_GUEST_MEMORY", "64M")], "guest.memory (env HEARTH_GUEST_MEMORY): invalid ram \"64M\": must be at least 128 MiB"),
-            (&[("HEARTH_LISTEN", "localhost")], "listen (env HEARTH_LISTEN): \"localhost\" is not an address"),
-            (&[("HEARTH_DATA_DIR", "rel/dir")], "data_dir (env HEARTH_DATA_DIR): \"rel/dir\" must be an absolute path"),
-            (&[("HEARTH_VMM", "xen")], "vmm (env HEARTH_VMM): \"xen\" is not one of auto, qemu, firecracker"),
-            (&[("HEARTH_DATABASE_URL", "postgres://x")], "database_url (env HEARTH_DATABASE_URL): \"postgres://x\" is not supported"),
-            (&[("HEARTH_SERVER_SHUTDOWN_TIMEOUT_SECS", "0")], "server.shutdown_timeout_secs (env HEARTH_SERVER_SHUTDOWN_TIMEOUT_SECS): 0 must be"),
-            (&[("HEARTH_QEMU_ACCEL", "hvf")], "qemu.accel (env HEARTH_QEMU_ACCEL): \"hvf\" is not one of"),
+            (
+                &[("HEARTH_GUEST_CPUS", "3")],
+                "guest.cpus (env HEARTH_GUEST_CPUS): invalid cpus 3: must be 1 or an even number",
+            ),
+            (
+                &[("HEARTH_GUEST_CPUS", "two")],
+                "guest.cpus (env HEARTH_GUEST_CPUS): \"two\" is not a whole number",
+            ),
+            (
+                &[("HEARTH_GUEST_MEMORY", "64M")],
+                "guest.memory (env HEARTH_GUEST_MEMORY): invalid ram \"64M\": must be at least 128 MiB",
+            ),
+            (
+                &[("HEARTH_LISTEN", "localhost")],
+                "listen (env HEARTH_LISTEN): \"localhost\" is not an address",
+            ),
+            (
+                &[("HEARTH_DATA_DIR", "rel/dir")],
+                "data_dir (env HEARTH_DATA_DIR): \"rel/dir\" must be an absolute path",
+            ),
+            (
+                &[("HEARTH_VMM", "xen")],
+                "vmm (env HEARTH_VMM): \"xen\" is not one of auto, qemu, firecracker",
+            ),
+            (
+                &[("HEARTH_DATABASE_URL", "postgres://x")],
+                "database_url (env HEARTH_DATABASE_URL): \"postgres://x\" is not supported",
+            ),
+            (
+                &[("HEARTH_SERVER_SHUTDOWN_TIMEOUT_SECS", "0")],
+                "server.shutdown_timeout_secs (env HEARTH_SERVER_SHUTDOWN_TIMEOUT_SECS): 0 must be",
+            ),
+            (
+                &[("HEARTH_QEMU_ACCEL", "hvf")],
+                "qemu.accel (env HEARTH_QEMU_ACCEL): \"hvf\" is not one of",
+            ),
         ];
         for (env, want) in cases {
             let err = load_with(None, env).unwrap_err().to_string();
@@ -589,13 +644,19 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_toml_are_refused() {
-        let err = load_with(Some("lisen = \"x\"\n"), &[]).unwrap_err().to_string();
+        let err = load_with(Some("lisen = \"x\"\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown key \"lisen\""), "{err}");
-        let err = load_with(Some("[guest]\nram = 1\n"), &[]).unwrap_err().to_string();
+        let err = load_with(Some("[guest]\nram = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown key \"guest.ram\""), "{err}");
         let err = load_with(Some("listen = \n"), &[]).unwrap_err().to_string();
         assert!(err.contains("is not valid"), "{err}");
-        let err = load_with(Some("[guest]\ncpus = \"2\"\n"), &[]).unwrap_err().to_string();
+        let err = load_with(Some("[guest]\ncpus = \"2\"\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid type"), "{err}");
     }
 

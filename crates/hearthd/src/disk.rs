@@ -104,7 +104,9 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
         let mut off_in = data;
         let mut off_out = data;
         while off_in < hole {
-            let want = usize::try_from(hole - off_in).unwrap_or(usize::MAX).min(1 << 30);
+            let want = usize::try_from(hole - off_in)
+                .unwrap_or(usize::MAX)
+                .min(1 << 30);
             // SAFETY: both offsets point to live i64s owned by this frame; descriptors are open.
             let n = unsafe {
                 libc::copy_file_range(
@@ -120,7 +122,10 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
                 return Err(io::Error::last_os_error());
             }
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "source shrank"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "source shrank",
+                ));
             }
         }
         pos = hole;
@@ -194,6 +199,10 @@ mod tests {
         assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < (1 << 20));
         // The target must not exist yet.
         assert!(clone_file(&src, &dst).is_err());
-        assert_eq!(std::fs::read(&dst).unwrap(), a, "a failed copy must not touch an existing file");
+        assert_eq!(
+            std::fs::read(&dst).unwrap(),
+            a,
+            "a failed copy must not touch an existing file"
+        );
     }
 }

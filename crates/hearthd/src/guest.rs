@@ -82,7 +82,10 @@ pub struct ExecSpec {
 
 impl GuestClient {
     /// Connects to the agent socket (retrying while the VMM creates it) and starts saying hello.
-    pub async fn connect(socket: &Path, deadline: Duration) -> Result<Arc<GuestClient>, GuestError> {
+    pub async fn connect(
+        socket: &Path,
+        deadline: Duration,
+    ) -> Result<Arc<GuestClient>, GuestError> {
         let start = tokio::time::Instant::now();
         let stream = loop {
             match UnixStream::connect(socket).await {
@@ -123,7 +126,10 @@ impl GuestClient {
                             } = &frame.message
                             {
                                 if *protocol != proto::PROTOCOL_VERSION {
-                                    tracing::error!(protocol, "guest agent speaks another protocol");
+                                    tracing::error!(
+                                        protocol,
+                                        "guest agent speaks another protocol"
+                                    );
                                     break 'read;
                                 }
                                 let boot_id = boot_id.clone();
@@ -134,13 +140,20 @@ impl GuestClient {
                                 });
                                 continue;
                             }
-                            let Some(id) = frame.message.id() else { continue };
+                            let Some(id) = frame.message.id() else {
+                                continue;
+                            };
                             let tx = lock(&reader_sessions).get(&id).cloned();
                             if let Some(tx) = tx {
-                                let last = matches!(
-                                    frame.message,
-                                    Event::Exited { .. } | Event::Done { .. } | Event::Error { .. }
-                                );
+                                // The last frame of an exchange: an exit, a done, an error, or
+                                // the empty data frame that ends a download.
+                                let last = match frame.message {
+                                    Event::Exited { .. }
+                                    | Event::Done { .. }
+                                    | Event::Error { .. } => true,
+                                    Event::Data { .. } => frame.payload.is_empty(),
+                                    _ => false,
+                                };
                                 // A receiver that went away is fine: its exchange was abandoned.
                                 let _ = tx.send(frame).await;
                                 if last {

@@ -155,7 +155,11 @@ fn hex(bytes: &[u8]) -> String {
 /// The mirror apt uses for `suite`, from `apt-get indextargets`.
 pub fn apt_mirror(suite: &str) -> Option<String> {
     let out = Command::new("apt-get")
-        .args(["indextargets", "--format", "$(SITE) $(RELEASE) $(IDENTIFIER)"])
+        .args([
+            "indextargets",
+            "--format",
+            "$(SITE) $(RELEASE) $(IDENTIFIER)",
+        ])
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -224,7 +228,15 @@ impl ImageBuilder {
         let tmp = self.root.join(format!("{id}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
-        let result = self.assemble(&tmp, &kernel_dir, &base, &busybox, &kernel_pkg, &id, progress);
+        let result = self.assemble(
+            &tmp,
+            &kernel_dir,
+            &base,
+            &busybox,
+            &kernel_pkg,
+            &id,
+            progress,
+        );
         if let Err(e) = result {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
@@ -282,7 +294,10 @@ impl ImageBuilder {
             .map_err(io_err("copy", &self.config.agent_path))?;
         for (rel, text) in [
             ("etc/hostname", "hearth\n"),
-            ("etc/hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+            (
+                "etc/hosts",
+                "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            ),
         ] {
             let p = staging.join(rel);
             let _ = std::fs::remove_file(&p);
@@ -292,7 +307,15 @@ impl ImageBuilder {
         run(
             "mkfs.ext4",
             Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", "hearth-root", "-E", "root_owner=0:0", "-d"])
+                .args([
+                    "-q",
+                    "-F",
+                    "-L",
+                    "hearth-root",
+                    "-E",
+                    "root_owner=0:0",
+                    "-d",
+                ])
                 .arg(&staging)
                 .arg(&rootfs)
                 .arg(format!("{MIN_ROOTFS_MIB}M")),
@@ -474,7 +497,7 @@ impl Newc {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }

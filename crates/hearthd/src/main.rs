@@ -25,7 +25,11 @@ use crate::vmm::Vmm;
 use crate::vmm::qemu::{Accel, Qemu};
 
 #[derive(Debug, Parser)]
-#[command(name = "hearthd", version, about = "Hearth control plane: runs microVMs and serves the REST API")]
+#[command(
+    name = "hearthd",
+    version,
+    about = "Hearth control plane: runs microVMs and serves the REST API"
+)]
 struct Cli {
     /// Configuration file (TOML). Without it, built-in defaults and HEARTH_* variables apply.
     #[arg(long, short, global = true, env = "HEARTH_CONFIG")]
@@ -203,7 +207,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (key listen, env HEARTH_LISTEN)", config.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (key listen, env HEARTH_LISTEN)",
+                config.listen
+            )
+        })?;
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "hearthd is serving");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
@@ -230,8 +239,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         std::future::pending::<()>().await;
         return;
     };

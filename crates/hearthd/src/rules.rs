@@ -52,7 +52,7 @@ pub fn validate_name(name: &str) -> Result<(), RuleError> {
 
 /// `cpus`: 1, or an even number up to 32.
 pub fn validate_cpus(cpus: u32) -> Result<(), RuleError> {
-    if cpus == 1 || (cpus >= 2 && cpus <= MAX_CPUS && cpus % 2 == 0) {
+    if cpus == 1 || ((2..=MAX_CPUS).contains(&cpus) && cpus.is_multiple_of(2)) {
         Ok(())
     } else {
         Err(RuleError::new(
@@ -80,14 +80,18 @@ pub fn parse_size_mib(text: &str) -> Result<u64, String> {
         other => return Err(format!("{text:?} has an unknown unit {other:?}")),
     };
     if let Some((whole, frac)) = num.split_once('.') {
-        let whole: u64 = whole.parse().map_err(|_| format!("{text:?} is not a size"))?;
+        let whole: u64 = whole
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size"))?;
         if frac.is_empty() || frac.contains('.') || frac.len() > 3 {
             return Err(format!("{text:?} is not a size"));
         }
-        let frac_val: u64 = frac.parse().map_err(|_| format!("{text:?} is not a size"))?;
+        let frac_val: u64 = frac
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size"))?;
         let scale = 10u64.pow(u32::try_from(frac.len()).unwrap_or(3));
         let mib_frac = frac_val * factor;
-        if mib_frac % scale != 0 {
+        if !mib_frac.is_multiple_of(scale) {
             return Err(format!("{text:?} is not a whole number of MiB"));
         }
         whole
@@ -165,10 +169,23 @@ mod tests {
         for ok in ["a", "web-1", "a1b2", &"a".repeat(63)] {
             assert_eq!(validate_name(ok), Ok(()), "{ok}");
         }
-        for bad in ["", "1abc", "-a", "Abc", "a_b", "a.b", "héllo", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "1abc",
+            "-a",
+            "Abc",
+            "a_b",
+            "a.b",
+            "héllo",
+            &"a".repeat(64),
+        ] {
             let e = validate_name(bad).unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidName);
-            assert!(e.message.contains("starting with a letter"), "{}", e.message);
+            assert!(
+                e.message.contains("starting with a letter"),
+                "{}",
+                e.message
+            );
         }
     }
 
@@ -193,7 +210,15 @@ mod tests {
         assert_eq!(parse_size_mib("2GiB"), Ok(2048));
         assert_eq!(parse_size_mib("1.5G"), Ok(1536));
         assert_eq!(parse_size_mib("1T"), Ok(1024 * 1024));
-        for bad in ["", "G", "2X", "1.2.3G", "-1", "1.0001G", "99999999999999999999"] {
+        for bad in [
+            "",
+            "G",
+            "2X",
+            "1.2.3G",
+            "-1",
+            "1.0001G",
+            "99999999999999999999",
+        ] {
             assert!(parse_size_mib(bad).is_err(), "{bad}");
         }
     }

@@ -245,14 +245,16 @@ impl Store {
         if let Some(err) = t.last_error {
             vm.last_error = err.map(str::to_owned);
         }
-        sqlx::query("UPDATE vms SET state = ?, updated_at = ?, pid = ?, last_error = ? WHERE id = ?")
-            .bind(vm.state.as_str())
-            .bind(&vm.updated_at)
-            .bind(vm.pid.map(i64::from))
-            .bind(&vm.last_error)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE vms SET state = ?, updated_at = ?, pid = ?, last_error = ? WHERE id = ?",
+        )
+        .bind(vm.state.as_str())
+        .bind(&vm.updated_at)
+        .bind(vm.pid.map(i64::from))
+        .bind(&vm.last_error)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         insert_event(&mut tx, id, t.kind, Some(t.from), Some(t.to), t.message).await?;
         tx.commit().await?;
         Ok(vm)
@@ -395,7 +397,10 @@ mod tests {
         assert_eq!(store.get_vm("id-b").await.unwrap().name, "b");
         assert_eq!(store.list_vms().await.unwrap().len(), 2);
         store.delete_vm("id-a").await.unwrap();
-        assert!(matches!(store.get_vm("a").await, Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.get_vm("a").await,
+            Err(StoreError::NotFound(_))
+        ));
         assert!(store.events("id-a").await.unwrap().is_empty());
     }
 
@@ -417,7 +422,10 @@ mod tests {
         // Same transition again: the VM is no longer in `creating`.
         assert!(matches!(
             store.transition("id-a", &t).await,
-            Err(StoreError::StateChanged { found: VmState::Error, .. })
+            Err(StoreError::StateChanged {
+                found: VmState::Error,
+                ..
+            })
         ));
         let events = store.events("id-a").await.unwrap();
         assert_eq!(events.len(), 2);

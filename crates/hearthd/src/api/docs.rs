@@ -15,7 +15,11 @@ fn escape(s: &str) -> String {
 }
 
 fn operation(out: &mut String, method: &str, path: &str, op: &Operation) {
-    let summary = op.description.as_deref().or(op.summary.as_deref()).unwrap_or("");
+    let summary = op
+        .description
+        .as_deref()
+        .or(op.summary.as_deref())
+        .unwrap_or("");
     out.push_str(&format!(
         "<section><h3><span class=m>{method}</span> <code>{}</code></h3><p>{}</p>",
         escape(path),
@@ -44,7 +48,11 @@ fn operation(out: &mut String, method: &str, path: &str, op: &Operation) {
             utoipa::openapi::RefOr::T(r) => r.description.clone(),
             utoipa::openapi::RefOr::Ref(r) => r.ref_location.clone(),
         };
-        out.push_str(&format!("<li><b>{}</b> {}</li>", escape(status), escape(&desc)));
+        out.push_str(&format!(
+            "<li><b>{}</b> {}</li>",
+            escape(status),
+            escape(&desc)
+        ));
     }
     out.push_str("</ul></section>");
 }

@@ -15,13 +15,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hearth_api::{
-    CreateVmRequest, ErrorBody, ErrorCode, ExecRequest, ExecResponse, ExecStreamEvent, Health,
-    Vm, VmDetail, WsClientMessage, WsServerMessage,
+    CreateVmRequest, ErrorBody, ErrorCode, ExecRequest, ExecResponse, ExecStreamEvent, Health, Vm,
+    VmDetail, WsClientMessage, WsServerMessage,
 };
 use serde::Deserialize;
 use utoipa::OpenApi;
 
-use crate::vm::{Action, Error, Reply, VmService};
+use crate::vm::{Action, Reply, VmError, VmService};
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -45,8 +45,8 @@ impl ApiError {
     }
 }
 
-impl From<Error> for ApiError {
-    fn from(e: Error) -> ApiError {
+impl From<VmError> for ApiError {
+    fn from(e: VmError) -> ApiError {
         let code = e.code();
         let message = e.message();
         if code.http_status() >= 500 {
@@ -126,12 +126,33 @@ fn unexpected(reply: Reply) -> ApiError {
         license(name = "Apache-2.0")
     ),
     paths(
-        health, list_vms, create_vm, get_vm, delete_vm, start_vm, stop_vm, restart_vm, vm_logs,
-        exec, exec_stream, exec_ws, put_file, get_file
+        health,
+        list_vms,
+        create_vm,
+        get_vm,
+        delete_vm,
+        start_vm,
+        stop_vm,
+        restart_vm,
+        vm_logs,
+        exec,
+        exec_stream,
+        exec_ws,
+        put_file,
+        get_file
     ),
     components(schemas(
-        ErrorBody, ErrorCode, Health, Vm, VmDetail, CreateVmRequest, ExecRequest, ExecResponse,
-        ExecStreamEvent, WsClientMessage, WsServerMessage
+        ErrorBody,
+        ErrorCode,
+        Health,
+        Vm,
+        VmDetail,
+        CreateVmRequest,
+        ExecRequest,
+        ExecResponse,
+        ExecStreamEvent,
+        WsClientMessage,
+        WsServerMessage
     ))
 )]
 pub struct ApiDoc;
@@ -160,7 +181,10 @@ pub fn router(state: AppState) -> Router {
         .nest(hearth_api::API_PREFIX, v1)
         .route("/openapi.json", get(openapi))
         .route("/docs", get(docs::page))
-        .route("/", get(|| async { axum::response::Redirect::temporary("/docs") }))
+        .route(
+            "/",
+            get(|| async { axum::response::Redirect::temporary("/docs") }),
+        )
         .fallback(|| async {
             ApiError::new(
                 ErrorCode::NotFound,
@@ -327,7 +351,14 @@ async fn vm_logs(
             ));
         }
     };
-    stream::logs(&state.service, &name, source, p.follow.unwrap_or(false), p.tail).await
+    stream::logs(
+        &state.service,
+        &name,
+        source,
+        p.follow.unwrap_or(false),
+        p.tail,
+    )
+    .await
 }
 
 /// Run a command and wait for it: exit code and collected output (up to 16 MiB per stream).
@@ -387,7 +418,10 @@ fn guest_path(p: &FileParams) -> Result<String, ApiError> {
     if !p.path.starts_with('/') || p.path.contains('\0') {
         return Err(ApiError::new(
             ErrorCode::InvalidPath,
-            format!("invalid path {:?}: must be an absolute path in the guest", p.path),
+            format!(
+                "invalid path {:?}: must be an absolute path in the guest",
+                p.path
+            ),
         ));
     }
     Ok(p.path.clone())

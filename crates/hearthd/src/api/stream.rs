@@ -9,8 +9,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, stream};
 use hearth_api::{
-    ErrorCode, ExecRequest, ExecStreamEvent, WS_STDERR, WS_STDOUT, WsClientMessage,
-    WsServerMessage,
+    ErrorCode, ExecRequest, ExecStreamEvent, WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
 };
 use hearth_guest_proto::PtySize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -18,10 +17,10 @@ use tokio::sync::mpsc;
 
 use super::{ApiError, octal_header};
 use crate::guest::{ExecEvent, ExecSession, GuestError};
-use crate::vm::{Error, LogSource, VmService, exec_spec};
+use crate::vm::{LogSource, VmError, VmService, exec_spec};
 
-fn guest_err(name: &str, source: GuestError) -> Error {
-    Error::Guest {
+fn guest_err(name: &str, source: GuestError) -> VmError {
+    VmError::Guest {
         name: name.to_owned(),
         source,
     }
@@ -36,7 +35,7 @@ pub async fn logs(
 ) -> Result<Response, ApiError> {
     let vm = service.record(name).await?;
     let path = service.log_path(&vm, source);
-    let log_err = |e: std::io::Error| Error::Log {
+    let log_err = |e: std::io::Error| VmError::Log {
         name: vm.name.clone(),
         source_name: match source {
             LogSource::Serial => "serial".into(),
@@ -94,7 +93,12 @@ pub async fn logs(
             if let Some(f) = t.file.as_mut() {
                 match f.read(&mut buf).await {
                     Ok(0) => {}
-                    Ok(n) => return Some((Ok::<_, std::io::Error>(Bytes::copy_from_slice(&buf[..n])), t)),
+                    Ok(n) => {
+                        return Some((
+                            Ok::<_, std::io::Error>(Bytes::copy_from_slice(&buf[..n])),
+                            t,
+                        ));
+                    }
                     Err(e) => return Some((Err(e), t)),
                 }
             }
@@ -120,7 +124,7 @@ async fn open_session(
     request: ExecRequest,
     stdin: bool,
     pty: Option<PtySize>,
-) -> Result<(String, ExecSession), Error> {
+) -> Result<(String, ExecSession), VmError> {
     let spec = exec_spec(request, stdin, pty)?;
     let (vm, guest) = service.guest(name, "exec").await?;
     let session = service.open_exec(&vm, &guest, spec).await?;
@@ -220,7 +224,11 @@ async fn send_text(socket: &mut WebSocket, msg: &WsServerMessage) -> Result<(), 
     socket.send(Message::Text(text.into())).await
 }
 
-async fn ws_session(service: &VmService, name: &str, mut socket: WebSocket) -> Result<(), axum::Error> {
+async fn ws_session(
+    service: &VmService,
+    name: &str,
+    mut socket: WebSocket,
+) -> Result<(), axum::Error> {
     let start = loop {
         match socket.recv().await {
             Some(Ok(Message::Text(t))) => break serde_json::from_str::<WsClientMessage>(&t),
@@ -345,7 +353,10 @@ pub async fn put_file(
     let feed = async move {
         while let Some(chunk) = data.next().await {
             let chunk = chunk.map_err(|e| {
-                ApiError::new(ErrorCode::InvalidRequest, format!("reading the upload failed: {e}"))
+                ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("reading the upload failed: {e}"),
+                )
             })?;
             if tx.send(chunk.to_vec()).await.is_err() {
                 break; // the guest side ended early; its answer says why
@@ -354,7 +365,7 @@ pub async fn put_file(
         Ok::<(), ApiError>(())
     };
     let (fed, put) = tokio::join!(feed, guest.put_file(path, mode, rx));
-    put.map_err(|source| Error::GuestFile {
+    put.map_err(|source| VmError::GuestFile {
         name: vm.name.clone(),
         path: path.to_owned(),
         source,
@@ -364,17 +375,17 @@ pub async fn put_file(
 
 pub async fn get_file(service: &VmService, name: &str, path: &str) -> Result<Response, ApiError> {
     let (vm, guest) = service.guest(name, "copying files").await?;
-    let (size, mode, rx) = guest.get_file(path).await.map_err(|source| Error::GuestFile {
-        name: vm.name.clone(),
-        path: path.to_owned(),
-        source,
-    })?;
+    let (size, mode, rx) = guest
+        .get_file(path)
+        .await
+        .map_err(|source| VmError::GuestFile {
+            name: vm.name.clone(),
+            path: path.to_owned(),
+            source,
+        })?;
     let body = stream::unfold(rx, |mut rx| async move {
         let item = rx.recv().await?;
-        Some((
-            item.map(Bytes::from).map_err(std::io::Error::other),
-            rx,
-        ))
+        Some((item.map(Bytes::from).map_err(std::io::Error::other), rx))
     });
     let mut headers = octal_header(mode);
     headers.insert(header::CONTENT_LENGTH, size.into());

@@ -34,7 +34,9 @@ impl Vmm for NoBootVmm {
         Capabilities::default()
     }
     async fn launch(&self, _spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
-        Err(VmmError::Unavailable("this test VMM cannot boot guests".into()))
+        Err(VmmError::Unavailable(
+            "this test VMM cannot boot guests".into(),
+        ))
     }
     async fn adopt(
         &self,
@@ -103,7 +105,12 @@ impl Ctx {
             }
             None => Body::empty(),
         };
-        let resp = self.app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(body).unwrap())
+            .await
+            .unwrap();
         let status = resp.status();
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
@@ -127,13 +134,41 @@ async fn health_and_empty_list() {
 async fn bad_creates_are_400s_that_name_the_field_and_leave_nothing() {
     let ctx = Ctx::new().await;
     let cases = [
-        (json!({"name": "Bad_Name"}), "invalid_name", "starting with a letter"),
-        (json!({"name": "ok", "cpus": 3}), "invalid_cpus", "1 or an even number"),
-        (json!({"name": "ok", "ram": "64M"}), "invalid_ram", "at least 128 MiB"),
-        (json!({"name": "ok", "ram": "lots"}), "invalid_ram", "2G, 512M"),
-        (json!({"name": "ok", "rootfs_size": "512M"}), "invalid_rootfs_size", "at least 1024 MiB"),
-        (json!({"name": "ok", "memory": 5}), "invalid_request", "unknown field `memory`"),
-        (json!({"cpus": 2}), "invalid_request", "missing field `name`"),
+        (
+            json!({"name": "Bad_Name"}),
+            "invalid_name",
+            "starting with a letter",
+        ),
+        (
+            json!({"name": "ok", "cpus": 3}),
+            "invalid_cpus",
+            "1 or an even number",
+        ),
+        (
+            json!({"name": "ok", "ram": "64M"}),
+            "invalid_ram",
+            "at least 128 MiB",
+        ),
+        (
+            json!({"name": "ok", "ram": "lots"}),
+            "invalid_ram",
+            "2G, 512M",
+        ),
+        (
+            json!({"name": "ok", "rootfs_size": "512M"}),
+            "invalid_rootfs_size",
+            "at least 1024 MiB",
+        ),
+        (
+            json!({"name": "ok", "memory": 5}),
+            "invalid_request",
+            "unknown field `memory`",
+        ),
+        (
+            json!({"cpus": 2}),
+            "invalid_request",
+            "missing field `name`",
+        ),
     ];
     for (body, code, words) in cases {
         let (s, resp) = ctx.call("POST", "/v1/vms", Some(body.clone())).await;
@@ -150,11 +185,16 @@ async fn bad_creates_are_400s_that_name_the_field_and_leave_nothing() {
 #[tokio::test]
 async fn a_create_whose_boot_fails_leaves_nothing() {
     let ctx = Ctx::new().await;
-    let (s, resp) = ctx.call("POST", "/v1/vms", Some(json!({"name": "doomed"}))).await;
+    let (s, resp) = ctx
+        .call("POST", "/v1/vms", Some(json!({"name": "doomed"})))
+        .await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{resp}");
     assert_eq!(resp["error"], "vmm_failed");
     assert!(
-        resp["message"].as_str().unwrap().contains("cannot boot guests"),
+        resp["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot boot guests"),
         "{resp}"
     );
     let (_, list) = ctx.call("GET", "/v1/vms", None).await;
@@ -182,39 +222,71 @@ async fn lifecycle_without_booting() {
     let disk = ctx.dir.path().join("data/vms").join(id).join("rootfs.ext4");
     assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2048 << 20);
 
-    let (s, resp) = ctx.call("POST", "/v1/vms", Some(json!({"name": "idle", "start": false}))).await;
-    assert_eq!((s, resp["error"].as_str()), (StatusCode::CONFLICT, Some("vm_name_taken")));
+    let (s, resp) = ctx
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"name": "idle", "start": false})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("vm_name_taken"))
+    );
 
     let (s, resp) = ctx.call("POST", "/v1/vms/idle/stop", None).await;
     assert_eq!(s, StatusCode::CONFLICT, "{resp}");
     assert_eq!(resp["error"], "invalid_state");
-    assert_eq!(resp["message"], "cannot stop VM \"idle\": it is stopped already");
+    assert_eq!(
+        resp["message"],
+        "cannot stop VM \"idle\": it is stopped already"
+    );
 
     let (s, resp) = ctx
-        .call("POST", "/v1/vms/idle/exec", Some(json!({"command": ["true"]})))
+        .call(
+            "POST",
+            "/v1/vms/idle/exec",
+            Some(json!({"command": ["true"]})),
+        )
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
-    assert!(resp["message"].as_str().unwrap().contains("exec needs it running"));
+    assert!(
+        resp["message"]
+            .as_str()
+            .unwrap()
+            .contains("exec needs it running")
+    );
 
     // A failed start records the error on the VM.
     let (s, resp) = ctx.call("POST", "/v1/vms/idle/start", None).await;
     assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{resp}");
     let (_, detail) = ctx.call("GET", "/v1/vms/idle", None).await;
     assert_eq!(detail["state"], "error");
-    assert!(detail["last_error"].as_str().unwrap().contains("cannot boot guests"));
+    assert!(
+        detail["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot boot guests")
+    );
     let kinds: Vec<_> = detail["events"]
         .as_array()
         .unwrap()
         .iter()
         .map(|e| e["kind"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(kinds, ["created", "created_disk", "start_requested", "start_failed"]);
+    assert_eq!(
+        kinds,
+        ["created", "created_disk", "start_requested", "start_failed"]
+    );
 
     let (s, _) = ctx.call("DELETE", "/v1/vms/idle", None).await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     assert!(ctx.vm_dirs().is_empty());
     let (s, resp) = ctx.call("GET", "/v1/vms/idle", None).await;
-    assert_eq!((s, resp["error"].as_str()), (StatusCode::NOT_FOUND, Some("vm_not_found")));
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("vm_not_found"))
+    );
 }
 
 #[tokio::test]
@@ -233,11 +305,24 @@ async fn unknown_things_are_404s_and_bad_params_400s() {
         assert_eq!(resp["message"], "no VM named \"ghost\"");
     }
     let (s, resp) = ctx.call("GET", "/v2/nothing", None).await;
-    assert_eq!((s, resp["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
-    let (s, resp) = ctx.call("POST", "/v1/vms/ghost/stop?timeout_secs=soon", None).await;
-    assert_eq!((s, resp["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
-    let (s, resp) = ctx.call("GET", "/v1/vms/ghost/files?path=relative", None).await;
-    assert_eq!((s, resp["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_path")));
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (s, resp) = ctx
+        .call("POST", "/v1/vms/ghost/stop?timeout_secs=soon", None)
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_request"))
+    );
+    let (s, resp) = ctx
+        .call("GET", "/v1/vms/ghost/files?path=relative", None)
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_path"))
+    );
     let (s, resp) = ctx
         .call("POST", "/v1/vms/ghost/exec", Some(json!({"command": []})))
         .await;
@@ -254,11 +339,18 @@ fn committed_openapi_document_is_current() {
         if std::env::var_os("UPDATE_EXPECT").is_some() {
             std::fs::write(path, &fresh).unwrap();
         } else {
-            panic!("openapi.json is stale; run `UPDATE_EXPECT=1 cargo test -p hearthd openapi` and commit it");
+            panic!(
+                "openapi.json is stale; run `UPDATE_EXPECT=1 cargo test -p hearthd openapi` and commit it"
+            );
         }
     }
     let doc: Value = serde_json::from_str(&fresh).unwrap();
-    for path in ["/v1/vms", "/v1/vms/{name}/exec", "/v1/vms/{name}/files", "/v1/health"] {
+    for path in [
+        "/v1/vms",
+        "/v1/vms/{name}/exec",
+        "/v1/vms/{name}/files",
+        "/v1/health",
+    ] {
         assert!(doc["paths"][path].is_object(), "{path} missing");
     }
 }
@@ -273,7 +365,15 @@ async fn docs_page_lists_the_endpoints() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
-    let html = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    let html = String::from_utf8(
+        resp.into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
     assert!(html.contains("/v1/vms/{name}/exec"));
     assert!(html.contains("Create a VM"));
 }

@@ -29,9 +29,9 @@ use state::{Input, NotAllowed};
 /// such limit.
 pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
 
-/// Errors of VM operations. [`Error::code`] is the one place they become API codes.
+/// Errors of VM operations. [`VmError::code`] is the one place they become API codes.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum VmError {
     #[error(transparent)]
     Rule(#[from] RuleError),
     #[error("invalid request: {0}")]
@@ -90,20 +90,22 @@ pub enum Error {
     Store(#[from] StoreError),
 }
 
-impl Error {
+impl VmError {
     /// The stable code of this error; the HTTP status and exit code follow from it.
     pub fn code(&self) -> ErrorCode {
         use hearth_guest_proto::ErrorCode as G;
         match self {
-            Error::Rule(r) => r.code,
-            Error::BadRequest(_) => ErrorCode::InvalidRequest,
-            Error::NotFound(_) | Error::Store(StoreError::NotFound(_)) => ErrorCode::VmNotFound,
-            Error::NameTaken(_) | Error::Store(StoreError::NameTaken(_)) => ErrorCode::VmNameTaken,
-            Error::NotAllowed { .. } | Error::NotRunning { .. } => ErrorCode::InvalidState,
-            Error::Store(StoreError::StateChanged { .. }) => ErrorCode::VmBusy,
-            Error::ImageUnavailable(_) => ErrorCode::ImageUnavailable,
-            Error::StartFailed { .. } | Error::Vmm(_) => ErrorCode::VmmFailed,
-            Error::Disk { source, .. } => match source {
+            VmError::Rule(r) => r.code,
+            VmError::BadRequest(_) => ErrorCode::InvalidRequest,
+            VmError::NotFound(_) | VmError::Store(StoreError::NotFound(_)) => ErrorCode::VmNotFound,
+            VmError::NameTaken(_) | VmError::Store(StoreError::NameTaken(_)) => {
+                ErrorCode::VmNameTaken
+            }
+            VmError::NotAllowed { .. } | VmError::NotRunning { .. } => ErrorCode::InvalidState,
+            VmError::Store(StoreError::StateChanged { .. }) => ErrorCode::VmBusy,
+            VmError::ImageUnavailable(_) => ErrorCode::ImageUnavailable,
+            VmError::StartFailed { .. } | VmError::Vmm(_) => ErrorCode::VmmFailed,
+            VmError::Disk { source, .. } => match source {
                 DiskError::Copy { source, .. } | DiskError::Grow { source, .. }
                     if source.raw_os_error() == Some(libc::ENOSPC) =>
                 {
@@ -111,18 +113,18 @@ impl Error {
                 }
                 _ => ErrorCode::Internal,
             },
-            Error::Guest { source, .. } | Error::GuestFile { source, .. } => match source {
+            VmError::Guest { source, .. } | VmError::GuestFile { source, .. } => match source {
                 GuestError::Disconnected => ErrorCode::GuestUnavailable,
                 GuestError::NotReady(_) | GuestError::Timeout => ErrorCode::GuestTimeout,
                 GuestError::Agent { code, .. } => match (self, code) {
-                    (Error::GuestFile { .. }, G::NotFound) => ErrorCode::GuestFileNotFound,
-                    (Error::GuestFile { .. }, G::InvalidRequest) => ErrorCode::InvalidPath,
+                    (VmError::GuestFile { .. }, G::NotFound) => ErrorCode::GuestFileNotFound,
+                    (VmError::GuestFile { .. }, G::InvalidRequest) => ErrorCode::InvalidPath,
                     _ => ErrorCode::GuestError,
                 },
                 GuestError::Unexpected(_) => ErrorCode::GuestError,
             },
-            Error::BadCommand { .. } => ErrorCode::InvalidCommand,
-            Error::Log { .. } | Error::Store(_) => ErrorCode::Internal,
+            VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
+            VmError::Log { .. } | VmError::Store(_) => ErrorCode::Internal,
         }
     }
 
@@ -226,7 +228,8 @@ fn random_id() -> String {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
             .unwrap_or(0);
-        bytes = (nanos as u64 ^ u64::from(std::process::id())).to_le_bytes();
+        let low = u64::try_from(nanos & u128::from(u64::MAX)).unwrap_or(0);
+        bytes = (low ^ u64::from(std::process::id())).to_le_bytes();
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -251,7 +254,7 @@ impl VmService {
     }
 
     /// Runs one action.
-    pub async fn handle(&self, action: Action) -> Result<Reply, Error> {
+    pub async fn handle(&self, action: Action) -> Result<Reply, VmError> {
         match action {
             Action::Health => Ok(Reply::Health(self.health())),
             Action::ListVms => Ok(Reply::Vms(
@@ -290,7 +293,7 @@ impl VmService {
         }
     }
 
-    async fn detail(&self, name: &str) -> Result<VmDetail, Error> {
+    async fn detail(&self, name: &str) -> Result<VmDetail, VmError> {
         let vm = self.record(name).await?;
         let events = self.inner.store.events(&vm.id).await?;
         Ok(VmDetail {
@@ -299,9 +302,9 @@ impl VmService {
         })
     }
 
-    pub async fn record(&self, name: &str) -> Result<VmRecord, Error> {
+    pub async fn record(&self, name: &str) -> Result<VmRecord, VmError> {
         match self.inner.store.get_vm(name).await {
-            Err(StoreError::NotFound(_)) => Err(Error::NotFound(name.to_owned())),
+            Err(StoreError::NotFound(_)) => Err(VmError::NotFound(name.to_owned())),
             other => Ok(other?),
         }
     }
@@ -328,13 +331,15 @@ impl VmService {
         })
     }
 
-    fn image(&self) -> Result<Image, Error> {
+    fn image(&self) -> Result<Image, VmError> {
         match &*self.inner.image.borrow() {
             ImageState::Ready(i) => Ok(i.clone()),
-            ImageState::Building(step) => Err(Error::ImageUnavailable(format!(
+            ImageState::Building(step) => Err(VmError::ImageUnavailable(format!(
                 "it is being built ({step}); try again when `hearth health` shows an image"
             ))),
-            ImageState::Failed(e) => Err(Error::ImageUnavailable(format!("its build failed: {e}"))),
+            ImageState::Failed(e) => {
+                Err(VmError::ImageUnavailable(format!("its build failed: {e}")))
+            }
         }
     }
 
@@ -345,8 +350,8 @@ impl VmService {
         message: Option<&str>,
         pid: Option<Option<u32>>,
         last_error: Option<Option<&str>>,
-    ) -> Result<VmRecord, Error> {
-        let to = state::next(vm.state, input).map_err(|reason| Error::NotAllowed {
+    ) -> Result<VmRecord, VmError> {
+        let to = state::next(vm.state, input).map_err(|reason| VmError::NotAllowed {
             name: vm.name.clone(),
             reason,
         })?;
@@ -361,7 +366,7 @@ impl VmService {
         Ok(self.inner.store.transition(&vm.id, &t).await?)
     }
 
-    async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, Error> {
+    async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, VmError> {
         let defaults = &self.inner.config.guest;
         rules::validate_name(&req.name)?;
         let cpus = req.cpus.unwrap_or(defaults.cpus);
@@ -393,13 +398,16 @@ impl VmService {
             last_error: None,
         };
         match self.inner.store.insert_vm(&record).await {
-            Err(StoreError::NameTaken(n)) => return Err(Error::NameTaken(n)),
+            Err(StoreError::NameTaken(n)) => return Err(VmError::NameTaken(n)),
             other => other?,
         }
         let lock = self.vm_lock(&record.id);
         let _guard = lock.lock().await;
         let prepared = match self.prepare_disk(&record, &image).await {
-            Ok(()) => self.transition(&record, Input::Created, None, None, None).await,
+            Ok(()) => {
+                self.transition(&record, Input::Created, None, None, None)
+                    .await
+            }
             Err(e) => Err(e),
         };
         let record = match prepared {
@@ -409,21 +417,21 @@ impl VmService {
                 return Err(e);
             }
         };
-        if req.start.unwrap_or(true) {
-            if let Err(e) = self.start_locked(record.clone()).await {
-                // A create that fails leaves nothing behind.
-                self.purge(&record).await;
-                return Err(e);
-            }
+        if req.start.unwrap_or(true)
+            && let Err(e) = self.start_locked(record.clone()).await
+        {
+            // A create that fails leaves nothing behind.
+            self.purge(&record).await;
+            return Err(e);
         }
         drop(_guard);
         self.detail(&record.id).await
     }
 
-    async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<(), Error> {
+    async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<(), VmError> {
         let dir = self.vm_dir(&vm.id);
         let (src, mib) = (image.rootfs(), vm.rootfs_mib);
-        let disk_err = |source| Error::Disk {
+        let disk_err = |source| VmError::Disk {
             name: vm.name.clone(),
             source,
         };
@@ -438,7 +446,7 @@ impl VmService {
             disk::grow_ext4(&dst, mib)
         })
         .await
-        .map_err(|e| Error::BadRequest(format!("disk task failed: {e}")))?
+        .map_err(|e| VmError::BadRequest(format!("disk task failed: {e}")))?
         .map_err(disk_err)
     }
 
@@ -472,20 +480,15 @@ impl VmService {
 
     /// The image a VM boots: the one its disk came from when still there, else the current one
     /// (the kernel and initramfs do not depend on the disk's contents).
-    fn boot_image(&self, vm: &VmRecord) -> Result<Image, Error> {
-        let own = self
-            .inner
-            .config
-            .data_dir
-            .join("images")
-            .join(&vm.image);
+    fn boot_image(&self, vm: &VmRecord) -> Result<Image, VmError> {
+        let own = self.inner.config.data_dir.join("images").join(&vm.image);
         match Image::load(&own) {
             Some(i) => Ok(i),
             None => self.image(),
         }
     }
 
-    async fn start(&self, name: &str) -> Result<Vm, Error> {
+    async fn start(&self, name: &str) -> Result<Vm, VmError> {
         let vm = self.record(name).await?;
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
@@ -493,10 +496,8 @@ impl VmService {
         Ok(self.start_locked(vm).await?.to_api())
     }
 
-    async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, Error> {
-        let vm = self
-            .transition(&vm, Input::Start, None, None, None)
-            .await?;
+    async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, VmError> {
+        let vm = self.transition(&vm, Input::Start, None, None, None).await?;
         let started = Instant::now();
         match self.boot(&vm).await {
             Ok((runtime, boot_id)) => {
@@ -507,7 +508,13 @@ impl VmService {
                 );
                 lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
                 let vm = self
-                    .transition(&vm, Input::Booted, Some(&message), Some(Some(pid)), Some(None))
+                    .transition(
+                        &vm,
+                        Input::Booted,
+                        Some(&message),
+                        Some(Some(pid)),
+                        Some(None),
+                    )
                     .await?;
                 self.monitor(vm.clone(), runtime);
                 Ok(vm)
@@ -521,9 +528,15 @@ impl VmService {
                     format!("{reason}; serial console ends with: {tail}")
                 };
                 let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
-                self.transition(&vm, Input::BootFailed, Some(&reason), Some(None), Some(Some(&reason)))
-                    .await?;
-                Err(Error::StartFailed {
+                self.transition(
+                    &vm,
+                    Input::BootFailed,
+                    Some(&reason),
+                    Some(None),
+                    Some(Some(&reason)),
+                )
+                .await?;
+                Err(VmError::StartFailed {
                     name: vm.name.clone(),
                     reason,
                 })
@@ -542,7 +555,7 @@ impl VmService {
                 .vmm
                 .launch(&spec)
                 .await
-                .map_err(|e| Error::Vmm(e).message())?,
+                .map_err(|e| VmError::Vmm(e).message())?,
         );
         let timeout = self.inner.config.guest.ready_timeout;
         let ready = async {
@@ -578,7 +591,9 @@ impl VmService {
             if current.is_none() {
                 return; // a stop or delete took over
             }
-            let Ok(now) = service.record(&vm.id).await else { return };
+            let Ok(now) = service.record(&vm.id).await else {
+                return;
+            };
             if now.state != VmState::Running {
                 return;
             }
@@ -593,7 +608,7 @@ impl VmService {
         });
     }
 
-    async fn stop(&self, name: &str, timeout: Option<Duration>) -> Result<Vm, Error> {
+    async fn stop(&self, name: &str, timeout: Option<Duration>) -> Result<Vm, VmError> {
         let vm = self.record(name).await?;
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
@@ -601,7 +616,11 @@ impl VmService {
         Ok(self.stop_locked(vm, timeout).await?.to_api())
     }
 
-    async fn stop_locked(&self, vm: VmRecord, timeout: Option<Duration>) -> Result<VmRecord, Error> {
+    async fn stop_locked(
+        &self,
+        vm: VmRecord,
+        timeout: Option<Duration>,
+    ) -> Result<VmRecord, VmError> {
         let vm = self.transition(&vm, Input::Stop, None, None, None).await?;
         let runtime = lock(&self.inner.runtimes).remove(&vm.id);
         let timeout = timeout.unwrap_or(self.inner.config.guest.stop_timeout);
@@ -631,7 +650,7 @@ impl VmService {
             .await
     }
 
-    async fn restart(&self, name: &str) -> Result<Vm, Error> {
+    async fn restart(&self, name: &str) -> Result<Vm, VmError> {
         let vm = self.record(name).await?;
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
@@ -642,7 +661,7 @@ impl VmService {
         Ok(self.start_locked(vm).await?.to_api())
     }
 
-    async fn delete(&self, name: &str) -> Result<(), Error> {
+    async fn delete(&self, name: &str) -> Result<(), VmError> {
         let vm = self.record(name).await?;
         let lock = self.vm_lock(&vm.id);
         let guard = lock.lock().await;
@@ -650,14 +669,19 @@ impl VmService {
         if vm.state == VmState::Running {
             vm = self.stop_locked(vm, None).await?;
         }
-        self.transition(&vm, Input::Delete, None, None, None).await?;
+        self.transition(&vm, Input::Delete, None, None, None)
+            .await?;
         drop(guard);
         self.purge(&vm).await;
         Ok(())
     }
 
     /// The agent connection of a running VM.
-    pub async fn guest(&self, name: &str, what: &'static str) -> Result<(VmRecord, Arc<GuestClient>), Error> {
+    pub async fn guest(
+        &self,
+        name: &str,
+        what: &'static str,
+    ) -> Result<(VmRecord, Arc<GuestClient>), VmError> {
         let vm = self.record(name).await?;
         let runtime = lock(&self.inner.runtimes).get(&vm.id).cloned();
         match (vm.state, runtime) {
@@ -666,13 +690,13 @@ impl VmService {
                 rt.guest
                     .wait_ready(Duration::from_secs(10))
                     .await
-                    .map_err(|source| Error::Guest {
+                    .map_err(|source| VmError::Guest {
                         name: vm.name.clone(),
                         source,
                     })?;
                 Ok((vm, rt.guest.clone()))
             }
-            (state, _) => Err(Error::NotRunning {
+            (state, _) => Err(VmError::NotRunning {
                 name: vm.name.clone(),
                 state,
                 what,
@@ -680,24 +704,26 @@ impl VmService {
         }
     }
 
-    async fn exec(&self, name: &str, req: ExecRequest) -> Result<ExecResponse, Error> {
+    async fn exec(&self, name: &str, req: ExecRequest) -> Result<ExecResponse, VmError> {
         let started = Instant::now();
         let (vm, guest) = self.guest(name, "exec").await?;
         let stdin = req.stdin.clone();
-        let mut session = self.open_exec(&vm, &guest, exec_spec(req, stdin.is_some(), None)?).await?;
+        let mut session = self
+            .open_exec(&vm, &guest, exec_spec(req, stdin.is_some(), None)?)
+            .await?;
         if let Some(text) = stdin {
             let send = async {
                 guest.send_data(session.id, text.as_bytes()).await?;
                 guest.send_data(session.id, &[]).await
             };
-            send.await.map_err(|source| Error::Guest {
+            send.await.map_err(|source| VmError::Guest {
                 name: vm.name.clone(),
                 source,
             })?;
         }
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
         loop {
-            let event = session.next().await.map_err(|source| Error::Guest {
+            let event = session.next().await.map_err(|source| VmError::Guest {
                 name: vm.name.clone(),
                 source,
             })?;
@@ -729,15 +755,15 @@ impl VmService {
         vm: &VmRecord,
         guest: &Arc<GuestClient>,
         spec: ExecSpec,
-    ) -> Result<crate::guest::ExecSession, Error> {
+    ) -> Result<crate::guest::ExecSession, VmError> {
         let program = spec.argv.first().cloned().unwrap_or_default();
         guest.exec(spec).await.map_err(|source| match source {
-            GuestError::Agent { message, .. } => Error::BadCommand {
+            GuestError::Agent { message, .. } => VmError::BadCommand {
                 name: vm.name.clone(),
                 program,
                 message,
             },
-            source => Error::Guest {
+            source => VmError::Guest {
                 name: vm.name.clone(),
                 source,
             },
@@ -746,7 +772,7 @@ impl VmService {
 
     /// Re-attaches to VMs that were running when hearthd last stopped, and settles the ones
     /// whose VMM is gone or whose create or delete was interrupted.
-    pub async fn recover(&self) -> Result<(), Error> {
+    pub async fn recover(&self) -> Result<(), VmError> {
         for vm in self.inner.store.list_vms().await? {
             match vm.state {
                 VmState::Creating | VmState::Deleting => {
@@ -762,7 +788,7 @@ impl VmService {
         Ok(())
     }
 
-    async fn readopt(&self, vm: VmRecord) -> Result<(), Error> {
+    async fn readopt(&self, vm: VmRecord) -> Result<(), VmError> {
         let adopted = match (vm.pid, self.boot_image(&vm)) {
             (Some(pid), Ok(image)) => {
                 let spec = self.launch_spec(&vm, &image);
@@ -770,7 +796,7 @@ impl VmService {
                     Ok(Some(handle)) => Some((spec, Arc::<dyn VmHandle>::from(handle))),
                     Ok(None) => None,
                     Err(e) => {
-                        tracing::warn!(vm = %vm.name, error = %Error::Vmm(e).message(), "cannot re-attach to the VMM");
+                        tracing::warn!(vm = %vm.name, error = %VmError::Vmm(e).message(), "cannot re-attach to the VMM");
                         None
                     }
                 }
@@ -791,8 +817,14 @@ impl VmService {
                 tracing::warn!(vm = %vm.name, error = %e, "cannot reach the guest agent; ending the VMM");
                 let _ = handle.kill().await;
                 let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
-                self.transition(&vm, Input::Exited, Some("guest agent unreachable after hearthd restart"), Some(None), None)
-                    .await?;
+                self.transition(
+                    &vm,
+                    Input::Exited,
+                    Some("guest agent unreachable after hearthd restart"),
+                    Some(None),
+                    None,
+                )
+                .await?;
                 return Ok(());
             }
         };
@@ -800,20 +832,39 @@ impl VmService {
         lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
         self.inner
             .store
-            .record_event(&vm.id, "readopted", Some(&format!("VMM pid {} re-attached after hearthd restart", runtime.handle.pid())))
+            .record_event(
+                &vm.id,
+                "readopted",
+                Some(&format!(
+                    "VMM pid {} re-attached after hearthd restart",
+                    runtime.handle.pid()
+                )),
+            )
             .await?;
         let vm = match vm.state {
             VmState::Starting => {
-                self.transition(&vm, Input::Booted, Some("guest agent answered after hearthd restart"), None, Some(None))
-                    .await?
+                self.transition(
+                    &vm,
+                    Input::Booted,
+                    Some("guest agent answered after hearthd restart"),
+                    None,
+                    Some(None),
+                )
+                .await?
             }
             VmState::Stopping => {
                 // The stop was interrupted: finish it.
                 lock(&self.inner.runtimes).remove(&vm.id);
                 runtime.handle.kill().await?;
                 let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
-                self.transition(&vm, Input::Halted, Some("stop finished after hearthd restart"), Some(None), None)
-                    .await?;
+                self.transition(
+                    &vm,
+                    Input::Halted,
+                    Some("stop finished after hearthd restart"),
+                    Some(None),
+                    None,
+                )
+                .await?;
                 return Ok(());
             }
             _ => vm,
@@ -828,7 +879,7 @@ pub fn exec_spec(
     req: ExecRequest,
     stdin: bool,
     pty: Option<hearth_guest_proto::PtySize>,
-) -> Result<ExecSpec, Error> {
+) -> Result<ExecSpec, VmError> {
     if req.command.is_empty() || req.command[0].is_empty() {
         return Err(RuleError {
             code: ErrorCode::InvalidCommand,
@@ -836,17 +887,19 @@ pub fn exec_spec(
         }
         .into());
     }
-    if let Some(cwd) = &req.cwd {
-        if !cwd.starts_with('/') {
-            return Err(RuleError {
-                code: ErrorCode::InvalidPath,
-                message: format!("invalid cwd {cwd:?}: must be an absolute path"),
-            }
-            .into());
+    if let Some(cwd) = &req.cwd
+        && !cwd.starts_with('/')
+    {
+        return Err(RuleError {
+            code: ErrorCode::InvalidPath,
+            message: format!("invalid cwd {cwd:?}: must be an absolute path"),
         }
+        .into());
     }
     if req.timeout_secs == Some(0) {
-        return Err(Error::BadRequest("timeout_secs must be at least 1".into()));
+        return Err(VmError::BadRequest(
+            "timeout_secs must be at least 1".into(),
+        ));
     }
     Ok(ExecSpec {
         argv: req.command,

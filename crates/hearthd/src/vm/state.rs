@@ -90,7 +90,10 @@ pub fn next(state: VmState, input: Input) -> Result<VmState, NotAllowed> {
         (S::Running | S::Stopping, I::Exited) => S::Stopped,
         (S::Stopping, I::Halted) => S::Stopped,
         (S::Stopped | S::Error, I::Delete) => S::Deleting,
-        (S::Creating, I::Start | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited | I::Delete)
+        (
+            S::Creating,
+            I::Start | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited | I::Delete,
+        )
         | (S::Stopped, I::Created | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited)
         | (S::Starting, I::Created | I::Start | I::Stop | I::Halted | I::Delete)
         | (S::Running, I::Created | I::Start | I::Booted | I::BootFailed | I::Halted | I::Delete)

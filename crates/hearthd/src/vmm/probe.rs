@@ -37,16 +37,28 @@ pub async fn run(qemu: &Path, accel: &str, work_dir: &Path) -> Result<(), String
     let cpu = if accel == "kvm" { "host" } else { "max" };
     let mut cmd = tokio::process::Command::new(qemu);
     cmd.args(["-M", &format!("microvm,accel={accel}"), "-cpu", cpu])
-        .args(["-m", "16", "-nodefaults", "-no-user-config", "-display", "none"])
+        .args([
+            "-m",
+            "16",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+        ])
         .arg("-bios")
         .arg(&rom)
-        .args(["-device", &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=1")])
+        .args([
+            "-device",
+            &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=1"),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let result = async {
-        let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
         let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
             .await
             .map_err(|_| "the probe guest did not finish within 20 s".to_owned())?

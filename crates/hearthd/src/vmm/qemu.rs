@@ -190,26 +190,27 @@ fn check_version(text: &str) -> Result<(), VmmError> {
 /// The host's TSC frequency in kHz, which the guest kernel is told so it does not calibrate
 /// (calibration under emulation is slow and sometimes hangs).
 fn host_tsc_khz() -> Option<u64> {
-    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz") {
-        if let Ok(khz) = s.trim().parse() {
-            return Some(khz);
-        }
+    if let Ok(s) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+        && let Ok(khz) = s.trim().parse()
+    {
+        return Some(khz);
     }
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
+    let mhz = info
         .lines()
         .find(|l| l.starts_with("cpu MHz"))?
         .split(':')
         .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    if mhz.is_finite() && mhz > 0.0 {
-        // Saturating float-to-int cast of a positive, finite value.
-        Some((mhz * 1000.0) as u64)
-    } else {
-        None
-    }
+        .trim();
+    mhz_to_khz(mhz)
+}
+
+/// `"2596.098"` → `2596098`, without floating point.
+fn mhz_to_khz(mhz: &str) -> Option<u64> {
+    let (whole, frac) = mhz.split_once('.').unwrap_or((mhz, ""));
+    let frac: String = frac.chars().chain("000".chars()).take(3).collect();
+    let khz = whole.parse::<u64>().ok()? * 1000 + frac.parse::<u64>().ok()?;
+    (khz > 0).then_some(khz)
 }
 
 #[async_trait]
@@ -375,7 +376,11 @@ fn log_tail(path: &Path, from: u64) -> String {
     let text = String::from_utf8_lossy(&text[start..]);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
-    if tail.is_empty() { "(nothing)".into() } else { tail }
+    if tail.is_empty() {
+        "(nothing)".into()
+    } else {
+        tail
+    }
 }
 
 #[derive(Debug)]
@@ -433,6 +438,15 @@ impl VmHandle for QemuHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_mhz_parsing() {
+        assert_eq!(mhz_to_khz("2596.098"), Some(2_596_098));
+        assert_eq!(mhz_to_khz("3000"), Some(3_000_000));
+        assert_eq!(mhz_to_khz("1999.5"), Some(1_999_500));
+        assert_eq!(mhz_to_khz("0.000"), None);
+        assert_eq!(mhz_to_khz("fast"), None);
+    }
 
     #[test]
     fn version_check() {

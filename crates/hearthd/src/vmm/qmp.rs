@@ -115,7 +115,11 @@ impl Qmp {
     }
 
     /// Runs a command and returns its `return` value.
-    pub async fn execute(&self, command: &str, arguments: Option<Value>) -> Result<Value, QmpError> {
+    pub async fn execute(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": command, "id": id });
         if let Some(args) = arguments {
@@ -190,9 +194,13 @@ mod tests {
                         .unwrap();
                     return;
                 }
-                other => json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}, "id": id}),
+                other => {
+                    json!({"error": {"class": "CommandNotFound", "desc": format!("The command {other} has not been found")}, "id": id})
+                }
             };
-            w.write_all(format!("{reply}\r\n").as_bytes()).await.unwrap();
+            w.write_all(format!("{reply}\r\n").as_bytes())
+                .await
+                .unwrap();
         }
     }
 
@@ -212,6 +220,9 @@ mod tests {
         qmp.execute("quit", None).await.unwrap();
         server.await.unwrap();
         // The peer is gone: commands fail instead of hanging.
-        assert!(matches!(qmp.status().await, Err(QmpError::Closed | QmpError::Io(_))));
+        assert!(matches!(
+            qmp.status().await,
+            Err(QmpError::Closed | QmpError::Io(_))
+        ));
     }
 }
