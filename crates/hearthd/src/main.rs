@@ -195,7 +195,22 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let service = VmService::new(config.clone(), store.clone(), vmm, image_rx);
+    let service = VmService::new(config.clone(), store.clone(), vmm, image_rx.clone());
+    {
+        // A spare disk for fast creates, whenever a (new) image is ready.
+        let service = service.clone();
+        let mut image_rx = image_rx;
+        tokio::spawn(async move {
+            loop {
+                if matches!(*image_rx.borrow_and_update(), ImageState::Ready(_)) {
+                    service.refill_spare();
+                }
+                if image_rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     service
         .recover()
         .await

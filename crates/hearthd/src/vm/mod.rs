@@ -211,6 +211,8 @@ struct Inner {
     image: watch::Receiver<ImageState>,
     runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// True while a spare disk is being prepared.
+    refilling: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -249,8 +251,61 @@ impl VmService {
                 image,
                 runtimes: Mutex::default(),
                 locks: Mutex::default(),
+                refilling: std::sync::atomic::AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Keeps one spare root disk of the default size, made from the current image, ready in
+    /// `<data_dir>/spare`: a create that wants exactly that takes it with a rename instead of
+    /// copying and growing the image on the request path. Runs in the background.
+    pub fn refill_spare(&self) {
+        use std::sync::atomic::Ordering;
+        let Ok(image) = self.image() else { return };
+        if self.inner.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spare = self.spare_path(&image);
+        let dir = self.inner.config.data_dir.join("spare");
+        let service = self.clone();
+        let mib = self.inner.config.guest.rootfs_mib;
+        tokio::task::spawn_blocking(move || {
+            let result = (|| {
+                std::fs::create_dir_all(&dir).map_err(|source| DiskError::Copy {
+                    from: image.rootfs().display().to_string(),
+                    to: dir.display().to_string(),
+                    source,
+                })?;
+                // Spares of older images or sizes are of no use any more.
+                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                    if e.path() != spare {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+                if spare.exists() {
+                    return Ok(());
+                }
+                let tmp = spare.with_extension("tmp");
+                disk::clone_file(&image.rootfs(), &tmp)?;
+                disk::grow_ext4(&tmp, mib)?;
+                std::fs::rename(&tmp, &spare).map_err(|source| DiskError::Copy {
+                    from: tmp.display().to_string(),
+                    to: spare.display().to_string(),
+                    source,
+                })
+            })();
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "cannot prepare a spare disk; creates will copy the image");
+            }
+            service.inner.refilling.store(false, Ordering::Release);
+        });
+    }
+
+    fn spare_path(&self, image: &Image) -> PathBuf {
+        self.inner.config.data_dir.join("spare").join(format!(
+            "{}-{}.ext4",
+            image.id, self.inner.config.guest.rootfs_mib
+        ))
     }
 
     /// Runs one action.
@@ -430,6 +485,16 @@ impl VmService {
 
     async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<(), VmError> {
         let dir = self.vm_dir(&vm.id);
+        if vm.rootfs_mib == self.inner.config.guest.rootfs_mib {
+            let spare = self.spare_path(image);
+            let dst = dir.join("rootfs.ext4");
+            let taken = tokio::fs::create_dir_all(&dir).await.is_ok()
+                && tokio::fs::rename(&spare, &dst).await.is_ok();
+            if taken {
+                self.refill_spare();
+                return Ok(());
+            }
+        }
         let (src, mib) = (image.rootfs(), vm.rootfs_mib);
         let disk_err = |source| VmError::Disk {
             name: vm.name.clone(),
