@@ -189,6 +189,21 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    fn hearth_with_stdin(&self, args: &[&str], input: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = Command::new(hearth_bin())
+            .args(args)
+            .env("HEARTH_URL", URL)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run hearth");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "hearth {args:?}: {:?}", out.status);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -403,6 +418,20 @@ fn vm_lifecycle_exec_files_and_cleanup() {
         "downloaded bytes differ"
     );
 
+    // Interactive paths: stdin over the WebSocket, a PTY, streamed output, the serial log.
+    let echoed = w.d().hearth_with_stdin(
+        &["exec", "-i", "e2e-a", "--", "tr", "a-z", "A-Z"],
+        b"shout\n",
+    );
+    assert_eq!(echoed, "SHOUT\n");
+    let tty = w.d().hearth_ok(&["exec", "-t", "e2e-a", "--", "tty"]);
+    assert!(tty.starts_with("/dev/pts/"), "{tty:?}");
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(streams("e2e-a"));
+
     // Start on a running VM is a clear 409, seen through the real API.
     let start = w.d().hearth(&["--json", "vm", "start", "e2e-a"]);
     assert_eq!(start.status.code(), Some(4));
@@ -454,6 +483,62 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     let gone = w.d().hearth(&["vm", "inspect", "e2e-a"]);
     assert_eq!(gone.status.code(), Some(3));
     w.assert_gone(&id);
+}
+
+/// The NDJSON exec stream and a followed serial log, over raw HTTP.
+async fn streams(vm: &str) {
+    let http = reqwest::Client::new();
+    let body = json!({"command": ["sh", "-c", "echo a; echo b >&2; exit 5"]});
+    let text = http
+        .post(format!("{URL}/v1/vms/{vm}/exec/stream"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let lines: Vec<Value> = text.lines().map(json_of).collect();
+    assert!(
+        lines.contains(&json!({"type": "stdout", "data": "a\n"})),
+        "{text}"
+    );
+    assert!(
+        lines.contains(&json!({"type": "stderr", "data": "b\n"})),
+        "{text}"
+    );
+    assert_eq!(
+        lines.last().unwrap(),
+        &json!({"type": "exit", "exit_code": 5, "signal": null, "timed_out": false})
+    );
+
+    // Follow the serial log, then write to the guest console: the line arrives on the stream.
+    let mut follow = http
+        .get(format!("{URL}/v1/vms/{vm}/logs?follow=true&tail=0"))
+        .send()
+        .await
+        .unwrap();
+    let marker = "hearth-e2e-marker-7391";
+    let exec = json!({"command": ["sh", "-c", format!("echo {marker} > /dev/console")]});
+    let r = http
+        .post(format!("{URL}/v1/vms/{vm}/exec"))
+        .json(&exec)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = follow.chunk().await.unwrap() {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            if seen.contains(marker) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "followed log: {seen:?}");
 }
 
 impl World {
