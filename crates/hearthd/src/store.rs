@@ -44,41 +44,8 @@ pub enum StoreError {
 /// Migrations in order; each runs once, in a transaction. Additive only.
 const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_vms.sql"))];
 
-/// A VM as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VmRecord {
-    pub id: String,
-    pub name: String,
-    pub state: VmState,
-    pub cpus: u32,
-    pub memory_mib: u64,
-    pub rootfs_mib: u64,
-    pub image: String,
-    pub vmm: String,
-    pub pid: Option<u32>,
-    pub created_at: String,
-    pub updated_at: String,
-    pub last_error: Option<String>,
-}
-
-impl VmRecord {
-    pub fn to_api(&self) -> hearth_api::Vm {
-        hearth_api::Vm {
-            id: self.id.clone(),
-            name: self.name.clone(),
-            state: self.state,
-            cpus: self.cpus,
-            memory_mib: self.memory_mib,
-            rootfs_mib: self.rootfs_mib,
-            image: self.image.clone(),
-            vmm: self.vmm.clone(),
-            pid: self.pid,
-            created_at: self.created_at.clone(),
-            updated_at: self.updated_at.clone(),
-            last_error: self.last_error.clone(),
-        }
-    }
-}
+/// A VM as stored: exactly what the API shows, so one type serves both.
+pub type VmRecord = hearth_api::Vm;
 
 /// A state change to record: the new state, the event, and what to do with `pid` and
 /// `last_error`.

@@ -312,15 +312,7 @@ impl VmService {
     pub async fn handle(&self, action: Action) -> Result<Reply, VmError> {
         match action {
             Action::Health => Ok(Reply::Health(self.health())),
-            Action::ListVms => Ok(Reply::Vms(
-                self.inner
-                    .store
-                    .list_vms()
-                    .await?
-                    .iter()
-                    .map(VmRecord::to_api)
-                    .collect(),
-            )),
+            Action::ListVms => Ok(Reply::Vms(self.inner.store.list_vms().await?)),
             Action::GetVm(name) => Ok(Reply::VmDetail(self.detail(&name).await?)),
             Action::CreateVm(req) => Ok(Reply::Created(self.create(req).await?)),
             Action::StartVm(name) => Ok(Reply::Vm(self.start(&name).await?)),
@@ -351,10 +343,7 @@ impl VmService {
     async fn detail(&self, name: &str) -> Result<VmDetail, VmError> {
         let vm = self.record(name).await?;
         let events = self.inner.store.events(&vm.id).await?;
-        Ok(VmDetail {
-            vm: vm.to_api(),
-            events,
-        })
+        Ok(VmDetail { vm, events })
     }
 
     pub async fn record(&self, name: &str) -> Result<VmRecord, VmError> {
@@ -558,7 +547,7 @@ impl VmService {
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
         let vm = self.record(&vm.id).await?;
-        Ok(self.start_locked(vm).await?.to_api())
+        self.start_locked(vm).await
     }
 
     async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, VmError> {
@@ -678,7 +667,7 @@ impl VmService {
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
         let vm = self.record(&vm.id).await?;
-        Ok(self.stop_locked(vm, timeout).await?.to_api())
+        self.stop_locked(vm, timeout).await
     }
 
     async fn stop_locked(
@@ -723,7 +712,7 @@ impl VmService {
         if vm.state == VmState::Running {
             vm = self.stop_locked(vm, None).await?;
         }
-        Ok(self.start_locked(vm).await?.to_api())
+        self.start_locked(vm).await
     }
 
     async fn delete(&self, name: &str) -> Result<(), VmError> {
