@@ -63,7 +63,8 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-/// The shared image cache: built once, by the real `hearthd build-image`.
+/// The shared image cache: built once, by the real `hearthd build-image`, from the host's
+/// network namespace (never call it from inside a test namespace: it has no route out).
 fn image_cache() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     BUILT
@@ -247,6 +248,8 @@ impl World {
         // QEMUs outlive a killed hearthd; as subreaper this test inherits and reaps them, as
         // systemd does on a real host.
         nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+        // Built before entering the namespace: the build downloads Debian packages.
+        image_cache();
         let netns = Netns::create_and_enter();
         let dir = tempfile::tempdir().unwrap();
         let daemon = Daemon::start(&dir.path().join("data"));
