@@ -35,7 +35,7 @@ lint:
 # real QEMU guests, the real CLI. The guest image is built once and cached in target/.
 test: deps agent lint
 	$(CARGO) build --workspace
-	$(CARGO) test --workspace --no-fail-fast
+	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 bench: deps agent
 	$(CARGO) build --release -p hearthd -p hearth -p xtask

@@ -419,3 +419,20 @@ impl Hearthd {
         Ok(boot)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let mut v: Vec<f64> = (1..=200).map(f64::from).collect();
+        v.reverse();
+        assert_eq!(percentile(&mut v, 50), 100.0);
+        assert_eq!(percentile(&mut v, 99), 198.0);
+        assert_eq!(percentile(&mut v, 100), 200.0);
+        let mut one = vec![7.0];
+        assert_eq!(percentile(&mut one, 99), 7.0);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+    }
+}
