@@ -321,6 +321,9 @@ error_codes! {
     InvalidPath = "invalid_path", 400, 2;
     /// An exec command is empty or malformed.
     InvalidCommand = "invalid_command", 400, 2;
+    /// The program an exec names does not exist in the guest (`hearth exec` exits 127, as a
+    /// shell does).
+    CommandNotFound = "command_not_found", 400, 127;
     /// No VM has that name or id.
     VmNotFound = "vm_not_found", 404, 3;
     /// No such endpoint.

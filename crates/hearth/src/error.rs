@@ -64,7 +64,6 @@ impl CliError {
         }
     }
 
-    #[cfg(test)]
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             CliError::Api { code, .. } => *code,
@@ -190,10 +189,6 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
         ErrorCode::VmNameTaken => {
             format!("choose another name, or remove the existing VM with `hearth vm delete {vm}`")
         }
-        ErrorCode::InvalidName => {
-            "names are 1-63 lowercase letters, digits and hyphens, starting with a letter"
-                .to_owned()
-        }
         ErrorCode::InvalidCpus => "use 1 or an even number of vCPUs up to 32".to_owned(),
         ErrorCode::InvalidRam | ErrorCode::InvalidRootfsSize => {
             "give sizes as MiB (e.g. 512) or with a unit (e.g. 512M, 2G)".to_owned()
@@ -209,7 +204,13 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
         ErrorCode::NotFound => {
             "hearthd does not know this endpoint; is it the same version as this CLI?".to_owned()
         }
-        ErrorCode::InvalidRequest
+        ErrorCode::CommandNotFound => {
+            "check the name; the default guest is Debian bookworm minbase, without most tools"
+                .to_owned()
+        }
+        // The server's message already states the rule.
+        ErrorCode::InvalidName
+        | ErrorCode::InvalidRequest
         | ErrorCode::InvalidCommand
         | ErrorCode::GuestFileNotFound
         | ErrorCode::GuestError => return None,

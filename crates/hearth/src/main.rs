@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use hearth_api::EXIT_EXEC_FAILED;
+use hearth_api::{EXIT_EXEC_FAILED, ErrorCode};
 
 use crate::cli::Cli;
 use crate::client::Client;
@@ -44,7 +44,11 @@ fn main() -> ExitCode {
         Err(err) => {
             printer.error(&err, &context);
             if is_exec {
-                EXIT_EXEC_FAILED
+                // The one failure of hearth's that is the command's own: it does not exist.
+                match err.code() {
+                    Some(ErrorCode::CommandNotFound) => ErrorCode::CommandNotFound.exit_code(),
+                    _ => EXIT_EXEC_FAILED,
+                }
             } else {
                 err.exit_code()
             }

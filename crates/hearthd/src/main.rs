@@ -228,6 +228,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 config.listen
             )
         })?;
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "the API listens beyond loopback and has no authentication yet: anyone who can reach it controls every VM"
+        );
+    }
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "hearthd is serving");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);

@@ -77,7 +77,7 @@ pub fn parse_size_mib(text: &str) -> Result<u64, String> {
         "" | "m" | "mb" | "mib" => 1,
         "g" | "gb" | "gib" => 1024,
         "t" | "tb" | "tib" => 1024 * 1024,
-        other => return Err(format!("{text:?} has an unknown unit {other:?}")),
+        _ => return Err(format!("{text:?} has an unknown unit {:?}", unit.trim())),
     };
     if let Some((whole, frac)) = num.split_once('.') {
         let whole: u64 = whole

@@ -407,6 +407,14 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     assert_eq!(String::from_utf8_lossy(&three.stdout), "out\n");
     assert_eq!(String::from_utf8_lossy(&three.stderr), "err\n");
 
+    let missing = w.d().hearth(&["exec", "e2e-a", "--", "no-such-program"]);
+    assert_eq!(
+        missing.status.code(),
+        Some(127),
+        "a missing program exits 127, as in a shell"
+    );
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no-such-program"));
+
     // 10 MiB up and down, byte for byte.
     let local = w.dir.path().join("blob");
     let blob = pseudo_random(10 << 20);

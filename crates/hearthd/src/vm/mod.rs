@@ -77,6 +77,7 @@ pub enum VmError {
     BadCommand {
         name: String,
         program: String,
+        code: hearth_guest_proto::ErrorCode,
         message: String,
     },
     #[error("cannot read the {source_name} log of VM {name:?}")]
@@ -123,6 +124,9 @@ impl VmError {
                 },
                 GuestError::Unexpected(_) => ErrorCode::GuestError,
             },
+            VmError::BadCommand {
+                code: G::NotFound, ..
+            } => ErrorCode::CommandNotFound,
             VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
             VmError::Log { .. } | VmError::Store(_) => ErrorCode::Internal,
         }
@@ -812,9 +816,10 @@ impl VmService {
     ) -> Result<crate::guest::ExecSession, VmError> {
         let program = spec.argv.first().cloned().unwrap_or_default();
         guest.exec(spec).await.map_err(|source| match source {
-            GuestError::Agent { message, .. } => VmError::BadCommand {
+            GuestError::Agent { code, message } => VmError::BadCommand {
                 name: vm.name.clone(),
                 program,
+                code,
                 message,
             },
             source => VmError::Guest {
