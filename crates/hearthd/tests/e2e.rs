@@ -600,6 +600,35 @@ fn vms_survive_hearthd_kill9() {
         "{detail}"
     );
 
+    // A guest that powers itself off is noticed by the re-adopted VM's monitor (via its pidfd).
+    let _ = w.d().hearth(&[
+        "exec",
+        "e2e-b",
+        "--",
+        "sh",
+        "-c",
+        "echo o > /proc/sysrq-trigger",
+    ]);
+    nix::sys::wait::waitpid(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        None,
+    )
+    .expect("reap QEMU");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let detail = json_of(&w.d().hearth_ok(&["--json", "vm", "inspect", "e2e-b"]));
+        if detail["state"] == "stopped" {
+            let last = detail["events"].as_array().unwrap().last().unwrap().clone();
+            assert_eq!(last["kind"], "exited", "{detail}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "VM not marked stopped: {detail}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    w.assert_gone_runtime(&id);
+    let vm = json_of(&w.d().hearth_ok(&["--json", "vm", "start", "e2e-b"]));
+    let pid = vm["pid"].as_u64().unwrap();
+
     // A VM whose QEMU died while hearthd was down is marked stopped at the next start.
     w.daemon.as_mut().unwrap().kill9();
     nix::sys::signal::kill(

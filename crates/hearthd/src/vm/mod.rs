@@ -638,7 +638,23 @@ impl VmService {
     fn monitor(&self, vm: VmRecord, runtime: Arc<Runtime>) {
         let service = self.clone();
         tokio::spawn(async move {
-            runtime.handle.wait_exit().await;
+            // While it runs, keep its logs under the configured size.
+            let logs = [
+                service.log_path(&vm, LogSource::Serial),
+                service.log_path(&vm, LogSource::Vmm),
+            ];
+            let max = service.inner.config.guest.log_max_bytes;
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = runtime.handle.wait_exit() => break,
+                    _ = tick.tick() => {
+                        for log in &logs {
+                            cap_log(log, max);
+                        }
+                    }
+                }
+            }
             let current = {
                 let mut runtimes = lock(&service.inner.runtimes);
                 match runtimes.get(&vm.id) {
@@ -975,10 +991,22 @@ fn append_capped(buf: &mut Vec<u8>, bytes: &[u8]) {
     buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
-/// Keeps at most one old copy of a log once it is larger than `max` bytes.
+/// Keeps at most one old copy of a log once it is larger than `max` bytes (before a start, when
+/// no process writes it).
 fn rotate_log(path: &Path, max: u64) {
     if std::fs::metadata(path).is_ok_and(|m| m.len() > max) {
         let _ = std::fs::rename(path, path.with_extension("log.1"));
+    }
+}
+
+/// Like [`rotate_log`] for a log the VMM is writing: copy it aside, then truncate it in place.
+/// The VMM opened it for appending, so its next write lands at the new end.
+fn cap_log(path: &Path, max: u64) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > max)
+        && std::fs::copy(path, path.with_extension("log.1")).is_ok()
+        && let Ok(f) = std::fs::OpenOptions::new().write(true).open(path)
+    {
+        let _ = f.set_len(0);
     }
 }
 
@@ -993,4 +1021,61 @@ fn tail_lines(path: &Path, n: usize) -> String {
         .filter(|l| !l.is_empty())
         .collect();
     lines[lines.len().saturating_sub(n)..].join(" / ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn a_log_being_written_is_capped_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        writer.write_all(&[b'x'; 10_000]).unwrap();
+        cap_log(&log, 20_000);
+        assert_eq!(
+            std::fs::metadata(&log).unwrap().len(),
+            10_000,
+            "under the cap"
+        );
+        cap_log(&log, 4096);
+        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::read(dir.path().join("serial.log.1"))
+                .unwrap()
+                .len(),
+            10_000
+        );
+        // The writer keeps appending at the new end, not at its old offset.
+        writer.write_all(b"next\n").unwrap();
+        assert_eq!(std::fs::read(&log).unwrap(), b"next\n");
+    }
+
+    #[test]
+    fn exec_requests_are_checked() {
+        let req = |command: &[&str], cwd: Option<&str>| ExecRequest {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            cwd: cwd.map(str::to_owned),
+            ..ExecRequest::default()
+        };
+        assert_eq!(
+            exec_spec(req(&[], None), false, None).unwrap_err().code(),
+            ErrorCode::InvalidCommand
+        );
+        assert_eq!(
+            exec_spec(req(&["ls"], Some("tmp")), false, None)
+                .unwrap_err()
+                .code(),
+            ErrorCode::InvalidPath
+        );
+        let spec = exec_spec(req(&["ls", "-l"], Some("/tmp")), true, None).unwrap();
+        assert_eq!(spec.argv, ["ls", "-l"]);
+        assert!(spec.stdin);
+    }
 }
