@@ -265,6 +265,8 @@ pub struct Health {
     pub accel: String,
     /// Guest image VMs are created from, when it is ready.
     pub image: Option<String>,
+    /// `ready`, `building: <step>` or `failed: <why>`.
+    pub image_status: String,
 }
 
 /// Every error response's body.

@@ -152,6 +152,7 @@ async fn health() -> Json<Health> {
         vmm: "qemu".into(),
         accel: "tcg".into(),
         image: Some("sha256-0123".into()),
+        image_status: "ready".into(),
     })
 }
 

@@ -177,7 +177,7 @@ fn health_text(health: &Health) -> String {
             health
                 .image
                 .clone()
-                .unwrap_or_else(|| "not ready".to_owned()),
+                .unwrap_or_else(|| health.image_status.clone()),
         ),
     ])
 }
@@ -267,10 +267,11 @@ mod tests {
             vmm: "qemu".into(),
             accel: "tcg".into(),
             image: None,
+            image_status: "building: running debootstrap".into(),
         });
         assert_eq!(
             text,
-            "status:  ok\nversion: 0.1.0\nvmm:     qemu\naccel:   tcg\nimage:   not ready\n"
+            "status:  ok\nversion: 0.1.0\nvmm:     qemu\naccel:   tcg\nimage:   building: running debootstrap\n"
         );
     }
 

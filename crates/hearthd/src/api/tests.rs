@@ -125,6 +125,7 @@ async fn health_and_empty_list() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body["status"], "ok");
     assert_eq!(body["image"], "testimage");
+    assert_eq!(body["image_status"], "ready");
     let (s, body) = ctx.call("GET", "/v1/vms", None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(body, json!([]));

@@ -331,9 +331,10 @@ impl VmService {
     }
 
     fn health(&self) -> Health {
-        let image = match &*self.inner.image.borrow() {
-            ImageState::Ready(i) => Some(i.id.clone()),
-            _ => None,
+        let (image, image_status) = match &*self.inner.image.borrow() {
+            ImageState::Ready(i) => (Some(i.id.clone()), "ready".to_owned()),
+            ImageState::Building(step) => (None, format!("building: {step}")),
+            ImageState::Failed(why) => (None, format!("failed: {why}")),
         };
         Health {
             status: "ok".into(),
@@ -341,6 +342,7 @@ impl VmService {
             vmm: self.inner.vmm.kind().into(),
             accel: self.inner.vmm.accel().into(),
             image,
+            image_status,
         }
     }
 
