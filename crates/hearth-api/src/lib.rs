@@ -170,6 +170,9 @@ pub struct ExecResponse {
     /// Output, decoded as UTF-8 (invalid bytes replaced).
     pub stdout: String,
     pub stderr: String,
+    /// True when stdout or stderr went over 16 MiB and was cut; the streaming endpoints have no
+    /// such limit.
+    pub truncated: bool,
     /// Wall-clock time from request to exit, in milliseconds.
     pub duration_ms: u64,
 }
@@ -330,6 +333,8 @@ error_codes! {
     VmNotFound = "vm_not_found", 404, 3;
     /// No such endpoint.
     NotFound = "not_found", 404, 3;
+    /// The endpoint exists but not with this HTTP method.
+    MethodNotAllowed = "method_not_allowed", 405, 2;
     /// The file does not exist in the guest.
     GuestFileNotFound = "guest_file_not_found", 404, 3;
     /// Another VM already has the name.
@@ -344,6 +349,8 @@ error_codes! {
     GuestError = "guest_error", 502, 1;
     /// The guest did not answer in time.
     GuestTimeout = "guest_timeout", 504, 6;
+    /// The request took longer than the server waits; the operation itself goes on.
+    OperationTimeout = "operation_timeout", 504, 6;
     /// The guest image is not built yet or failed to build.
     ImageUnavailable = "image_unavailable", 503, 5;
     /// The VMM failed to start or control the VM.

@@ -204,6 +204,13 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
         ErrorCode::NotFound => {
             "hearthd does not know this endpoint; is it the same version as this CLI?".to_owned()
         }
+        ErrorCode::OperationTimeout => {
+            format!("`hearth vm inspect {vm}` shows the state and events as the operation goes on")
+        }
+        ErrorCode::MethodNotAllowed => {
+            "hearthd does not take this request here; is it the same version as this CLI?"
+                .to_owned()
+        }
         ErrorCode::CommandNotFound => {
             "check the name; the default guest is Debian bookworm minbase, without most tools"
                 .to_owned()

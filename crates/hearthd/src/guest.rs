@@ -29,7 +29,20 @@ pub enum GuestError {
     Unexpected(String),
     #[error("the guest did not answer in time")]
     Timeout,
+    #[error(
+        "the guest agent speaks protocol {found}, this hearthd speaks {known}; the VM's disk holds an older or newer agent"
+    )]
+    Protocol { found: u32, known: u32 },
+    #[error("the transfer was interrupted: {0}")]
+    Aborted(String),
+    #[error("the reader fell too far behind the guest's output; the exchange was cancelled")]
+    Overrun,
 }
+
+/// Frames buffered per exchange before a consumer counts as stalled (64 KiB each at most).
+const SESSION_BACKLOG: usize = 1024;
+/// How long the agent may take to accept an exec or a download.
+const FIRST_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Sessions = Arc<Mutex<HashMap<RequestId, mpsc::Sender<Frame<Event>>>>>;
 
@@ -46,6 +59,10 @@ pub struct GuestClient {
     /// `Some(boot_id)` once the agent said hello; `None` before. Closed when the connection ends.
     hello: watch::Receiver<Option<String>>,
     connected: watch::Receiver<bool>,
+    /// The agent's protocol, when it is not ours.
+    mismatch: Arc<Mutex<Option<u32>>>,
+    /// Exchanges cancelled because their consumer stalled.
+    overrun: Arc<Mutex<std::collections::HashSet<RequestId>>>,
 }
 
 /// What an exec session delivers, in order.
@@ -101,6 +118,11 @@ impl GuestClient {
         let (hello_tx, hello) = watch::channel(None);
         let (connected_tx, connected) = watch::channel(true);
         let sessions: Sessions = Arc::default();
+        let mismatch: Arc<Mutex<Option<u32>>> = Arc::default();
+        let reader_mismatch = mismatch.clone();
+        let overrun: Arc<Mutex<std::collections::HashSet<RequestId>>> = Arc::default();
+        let reader_overrun = overrun.clone();
+        let reader_writer = writer.clone();
         tokio::spawn(async move {
             while let Some(frame) = frames.recv().await {
                 if write.write_all(&frame).await.is_err() {
@@ -126,10 +148,7 @@ impl GuestClient {
                             } = &frame.message
                             {
                                 if *protocol != proto::PROTOCOL_VERSION {
-                                    tracing::error!(
-                                        protocol,
-                                        "guest agent speaks another protocol"
-                                    );
+                                    *lock(&reader_mismatch) = Some(*protocol);
                                     break 'read;
                                 }
                                 let boot_id = boot_id.clone();
@@ -154,15 +173,33 @@ impl GuestClient {
                                     Event::Data { .. } => frame.payload.is_empty(),
                                     _ => false,
                                 };
-                                // A receiver that went away is fine: its exchange was abandoned.
-                                let _ = tx.send(frame).await;
-                                if last {
-                                    lock(&reader_sessions).remove(&id);
+                                // Never wait here: one stalled consumer must not stop the other
+                                // exchanges of this VM. A consumer that fell a whole backlog
+                                // behind loses its exchange; one that went away abandoned it.
+                                match tx.try_send(frame) {
+                                    Ok(()) if !last => {}
+                                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {
+                                        lock(&reader_sessions).remove(&id);
+                                    }
+                                    Err(mpsc::error::TrySendError::Full(_)) => {
+                                        tracing::warn!(
+                                            id,
+                                            "exchange consumer stalled; cancelling it"
+                                        );
+                                        lock(&reader_sessions).remove(&id);
+                                        lock(&reader_overrun).insert(id);
+                                        if let Ok(cancel) =
+                                            proto::encode(&Request::Cancel { id }, &[])
+                                        {
+                                            let _ = reader_writer.try_send(cancel);
+                                        }
+                                    }
                                 }
                             }
                         }
                         Ok(None) => break,
-                        Err(e) => tracing::warn!(error = %e, "guest agent stream"),
+                        // Debug only: a guest could otherwise flood the host's log.
+                        Err(e) => tracing::debug!(error = %e, "guest agent stream"),
                     }
                 }
             }
@@ -175,6 +212,8 @@ impl GuestClient {
             next_id: AtomicU64::new(1),
             hello,
             connected,
+            mismatch,
+            overrun,
         });
         // Say hello until the agent answers; the first one is queued until the guest opens its
         // port, the repeats cover a frame lost to a resync.
@@ -212,7 +251,7 @@ impl GuestClient {
                     return Ok(boot);
                 }
                 if !*connected.borrow() {
-                    return Err(GuestError::Disconnected);
+                    return Err(self.disconnected());
                 }
                 tokio::select! {
                     r = hello.changed() => if r.is_err() { return Err(GuestError::Disconnected) },
@@ -225,15 +264,39 @@ impl GuestClient {
             .map_err(|_| GuestError::NotReady(timeout.as_secs()))?
     }
 
+    fn disconnected(&self) -> GuestError {
+        match *lock(&self.mismatch) {
+            Some(found) => GuestError::Protocol {
+                found,
+                known: proto::PROTOCOL_VERSION,
+            },
+            None => GuestError::Disconnected,
+        }
+    }
+
+    /// Why the frames of exchange `id` stopped: its consumer stalled, or the agent went away.
+    fn ended(&self, id: RequestId) -> GuestError {
+        if lock(&self.overrun).remove(&id) {
+            GuestError::Overrun
+        } else {
+            self.disconnected()
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         *self.connected.borrow() && self.hello.borrow().is_some()
     }
 
-    fn open(&self) -> (RequestId, mpsc::Receiver<Frame<Event>>) {
+    fn open(self: &Arc<Self>) -> (Pending, mpsc::Receiver<Frame<Event>>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(64);
+        let (tx, rx) = mpsc::channel(SESSION_BACKLOG);
         lock(&self.sessions).insert(id, tx);
-        (id, rx)
+        let pending = Pending {
+            client: self.clone(),
+            id,
+            finished: false,
+        };
+        (pending, rx)
     }
 
     async fn send(&self, request: &Request, payload: &[u8]) -> Result<(), GuestError> {
@@ -260,7 +323,8 @@ impl GuestClient {
     }
 
     pub async fn exec(self: &Arc<Self>, spec: ExecSpec) -> Result<ExecSession, GuestError> {
-        let (id, mut events) = self.open();
+        let (mut pending, mut events) = self.open();
+        let id = pending.id;
         let request = Request::Exec {
             id,
             argv: spec.argv,
@@ -272,20 +336,23 @@ impl GuestClient {
                 .timeout
                 .map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         };
-        if let Err(e) = self.send(&request, &[]).await {
-            lock(&self.sessions).remove(&id);
-            return Err(e);
-        }
-        match events.recv().await.map(|f| f.message) {
-            Some(Event::Started { .. }) => Ok(ExecSession {
-                id,
-                client: self.clone(),
-                events,
-                finished: false,
-            }),
-            Some(Event::Error { code, message, .. }) => Err(GuestError::Agent { code, message }),
-            Some(other) => Err(GuestError::Unexpected(format!("{other:?}"))),
-            None => Err(GuestError::Disconnected),
+        self.send(&request, &[]).await?;
+        match first_reply(&mut events).await? {
+            Event::Started { .. } => {
+                // From here the session's own drop guard takes over.
+                pending.finish();
+                Ok(ExecSession {
+                    id,
+                    client: self.clone(),
+                    events,
+                    finished: false,
+                })
+            }
+            Event::Error { code, message, .. } => {
+                pending.finish();
+                Err(GuestError::Agent { code, message })
+            }
+            other => Err(GuestError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -298,97 +365,155 @@ impl GuestClient {
     }
 
     pub async fn cancel(&self, id: RequestId) {
-        let _ = self.send(&Request::Cancel { id }, &[]).await;
         lock(&self.sessions).remove(&id);
+        let _ = self.send(&Request::Cancel { id }, &[]).await;
     }
 
-    /// Writes a file in the guest from a stream of chunks.
+    /// Writes a file in the guest from a stream of chunks. An `Err` chunk (the upload broke)
+    /// cancels it: the guest discards what it received and the old file stays.
     pub async fn put_file(
-        &self,
+        self: &Arc<Self>,
         path: &str,
         mode: u32,
-        mut chunks: mpsc::Receiver<Vec<u8>>,
+        mut chunks: mpsc::Receiver<Result<Vec<u8>, String>>,
     ) -> Result<(), GuestError> {
-        let (id, mut events) = self.open();
-        let result = async {
-            self.send(
-                &Request::PutFile {
-                    id,
-                    path: path.to_owned(),
-                    mode,
-                },
-                &[],
-            )
-            .await?;
-            while let Some(chunk) = chunks.recv().await {
-                if !chunk.is_empty() {
-                    self.send_data(id, &chunk).await?;
-                }
-                // An early error (say, permission denied) ends the upload at once.
-                if let Ok(frame) = events.try_recv() {
-                    return done_or_error(Some(frame));
-                }
+        let (mut pending, mut events) = self.open();
+        let id = pending.id;
+        self.send(
+            &Request::PutFile {
+                id,
+                path: path.to_owned(),
+                mode,
+            },
+            &[],
+        )
+        .await?;
+        while let Some(chunk) = chunks.recv().await {
+            let chunk = chunk.map_err(GuestError::Aborted)?;
+            if !chunk.is_empty() {
+                self.send_data(id, &chunk).await?;
             }
-            self.send_data(id, &[]).await?;
-            done_or_error(events.recv().await)
+            // An early error (say, permission denied) ends the upload at once.
+            if let Ok(frame) = events.try_recv() {
+                pending.finish();
+                return done_or_error(Some(frame));
+            }
         }
-        .await;
-        if result.is_err() {
-            self.cancel(id).await;
+        self.send_data(id, &[]).await?;
+        let answer = events.recv().await;
+        if answer.is_some() {
+            pending.finish();
         }
-        result
+        done_or_error(answer)
     }
 
     /// Reads a file from the guest: its size and mode, then chunks (the receiver ends after the
-    /// last one; an error mid-way arrives as `Err`).
+    /// last one; an error mid-way arrives as `Err`). Dropping the receiver cancels the transfer.
     pub async fn get_file(
-        &self,
+        self: &Arc<Self>,
         path: &str,
     ) -> Result<(u64, u32, mpsc::Receiver<Result<Vec<u8>, GuestError>>), GuestError> {
-        let (id, mut events) = self.open();
+        let (mut pending, mut events) = self.open();
         self.send(
             &Request::GetFile {
-                id,
+                id: pending.id,
                 path: path.to_owned(),
             },
             &[],
         )
         .await?;
-        let (size, mode) = match events.recv().await.map(|f| f.message) {
-            Some(Event::FileInfo { size, mode, .. }) => (size, mode),
-            Some(Event::Error { code, message, .. }) => {
+        let (size, mode) = match first_reply(&mut events).await? {
+            Event::FileInfo { size, mode, .. } => (size, mode),
+            Event::Error { code, message, .. } => {
+                pending.finish();
                 return Err(GuestError::Agent { code, message });
             }
-            Some(other) => return Err(GuestError::Unexpected(format!("{other:?}"))),
-            None => return Err(GuestError::Disconnected),
+            other => return Err(GuestError::Unexpected(format!("{other:?}"))),
         };
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Some(frame) = events.recv().await {
                 let item = match frame.message {
-                    Event::Data { .. } if frame.payload.is_empty() => return,
+                    Event::Data { .. } if frame.payload.is_empty() => {
+                        pending.finish();
+                        return;
+                    }
                     Event::Data { .. } => Ok(frame.payload),
-                    Event::Error { code, message, .. } => Err(GuestError::Agent { code, message }),
+                    Event::Error { code, message, .. } => {
+                        pending.finish();
+                        Err(GuestError::Agent { code, message })
+                    }
                     other => Err(GuestError::Unexpected(format!("{other:?}"))),
                 };
                 let stop = item.is_err();
+                // A reader that went away drops `pending`, which cancels the transfer.
                 if tx.send(item).await.is_err() || stop {
                     return;
                 }
             }
-            let _ = tx.send(Err(GuestError::Disconnected)).await;
+            let _ = tx.send(Err(pending.client.ended(pending.id))).await;
         });
         Ok((size, mode, rx))
     }
 
     /// Asks the guest to power off; returns once the agent acknowledged.
-    pub async fn shutdown(&self, action: proto::ShutdownAction) -> Result<(), GuestError> {
-        let (id, mut events) = self.open();
-        self.send(&Request::Shutdown { id, action }, &[]).await?;
+    pub async fn shutdown(
+        self: &Arc<Self>,
+        action: proto::ShutdownAction,
+    ) -> Result<(), GuestError> {
+        let (mut pending, mut events) = self.open();
+        self.send(
+            &Request::Shutdown {
+                id: pending.id,
+                action,
+            },
+            &[],
+        )
+        .await?;
         let answer = tokio::time::timeout(Duration::from_secs(10), events.recv())
             .await
             .map_err(|_| GuestError::Timeout)?;
+        if answer.is_some() {
+            pending.finish();
+        }
         done_or_error(answer)
+    }
+}
+
+/// An open exchange; dropped before it finished, it is cancelled in the guest and forgotten here.
+#[derive(Debug)]
+struct Pending {
+    client: Arc<GuestClient>,
+    id: RequestId,
+    finished: bool,
+}
+
+impl Pending {
+    /// The exchange reached its last message: nothing to cancel.
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        // A finished exchange was removed by the reader at its last frame, or handed over (an
+        // exec's session lives on in its ExecSession).
+        if !self.finished {
+            lock(&self.client.sessions).remove(&self.id);
+            let client = self.client.clone();
+            let id = self.id;
+            tokio::spawn(async move { client.cancel(id).await });
+        }
+    }
+}
+
+/// The first answer of an exchange, within [`FIRST_REPLY_TIMEOUT`].
+async fn first_reply(events: &mut mpsc::Receiver<Frame<Event>>) -> Result<Event, GuestError> {
+    match tokio::time::timeout(FIRST_REPLY_TIMEOUT, events.recv()).await {
+        Ok(Some(frame)) => Ok(frame.message),
+        Ok(None) => Err(GuestError::Disconnected),
+        Err(_) => Err(GuestError::Timeout),
     }
 }
 
@@ -442,7 +567,7 @@ impl ExecSession {
             Some(other) => Err(GuestError::Unexpected(format!("{:?}", other.message))),
             None => {
                 self.finished = true;
-                Err(GuestError::Disconnected)
+                Err(self.client.ended(self.id))
             }
         }
     }

@@ -29,9 +29,9 @@ pub enum StoreError {
     NameTaken(String),
     #[error("no VM {0:?}")]
     NotFound(String),
-    #[error("VM {id} changed state concurrently: expected {expected}, found {found}")]
+    #[error("VM {name:?} changed state meanwhile: expected {expected}, found {found}")]
     StateChanged {
-        id: String,
+        name: String,
         expected: VmState,
         found: VmState,
     },
@@ -178,19 +178,25 @@ impl Store {
 
     /// Finds a VM by name or id.
     pub async fn get_vm(&self, name_or_id: &str) -> Result<VmRecord, StoreError> {
-        let row = sqlx::query("SELECT * FROM vms WHERE name = ? OR id = ? LIMIT 1")
-            .bind(name_or_id)
-            .bind(name_or_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| StoreError::NotFound(name_or_id.to_owned()))?;
+        // A name wins over an id that happens to look the same.
+        let row = sqlx::query(
+            "SELECT * FROM vms WHERE name = ? OR id = ? ORDER BY (name = ?) DESC LIMIT 1",
+        )
+        .bind(name_or_id)
+        .bind(name_or_id)
+        .bind(name_or_id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(name_or_id.to_owned()))?;
         vm_from_row(&row)
     }
 
     /// Moves a VM from `t.from` to `t.to` and records the event, atomically. Fails with
     /// [`StoreError::StateChanged`] when the VM is no longer in `t.from`.
     pub async fn transition(&self, id: &str, t: &Transition<'_>) -> Result<VmRecord, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        // IMMEDIATE: take the write lock before reading, so the read-check-write cannot fail
+        // half-way with SQLITE_BUSY_SNAPSHOT when another connection wrote in between.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query("SELECT * FROM vms WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)
@@ -199,7 +205,7 @@ impl Store {
         let mut vm = vm_from_row(&row)?;
         if vm.state != t.from {
             return Err(StoreError::StateChanged {
-                id: id.to_owned(),
+                name: vm.name,
                 expected: t.from,
                 found: vm.state,
             });
@@ -225,6 +231,21 @@ impl Store {
         insert_event(&mut tx, id, t.kind, Some(t.from), Some(t.to), t.message).await?;
         tx.commit().await?;
         Ok(vm)
+    }
+
+    /// Records the pid of a VMM that was just launched, so a hearthd that stops before the guest
+    /// is ready can still find the process.
+    pub async fn set_pid(&self, id: &str, pid: u32, message: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("UPDATE vms SET pid = ?, updated_at = ? WHERE id = ?")
+            .bind(i64::from(pid))
+            .bind(now())
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        insert_event(&mut tx, id, "vmm_launched", None, None, Some(message)).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Records an event that does not change state.
@@ -369,6 +390,21 @@ mod tests {
             Err(StoreError::NotFound(_))
         ));
         assert!(store.events("id-a").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_name_wins_over_an_id_that_looks_the_same() {
+        let (_dir, store) = open().await;
+        store.insert_vm(&record("a")).await.unwrap();
+        // A VM named like the other VM's id.
+        let b = VmRecord {
+            id: "id-b".into(),
+            name: "id-a".into(),
+            ..record("b")
+        };
+        store.insert_vm(&b).await.unwrap();
+        assert_eq!(store.get_vm("id-a").await.unwrap().id, "id-b");
+        assert_eq!(store.get_vm("a").await.unwrap().id, "id-a");
     }
 
     #[tokio::test]

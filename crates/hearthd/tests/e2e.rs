@@ -485,7 +485,13 @@ fn vm_lifecycle_exec_files_and_cleanup() {
         .map(|e| e["kind"].as_str().unwrap())
         .collect();
     assert!(
-        kinds.starts_with(&["created", "created_disk", "start_requested", "running"]),
+        kinds.starts_with(&[
+            "created",
+            "created_disk",
+            "start_requested",
+            "vmm_launched",
+            "running"
+        ]),
         "{kinds:?}"
     );
     assert!(kinds.contains(&"stopped"), "{kinds:?}");
@@ -646,6 +652,59 @@ fn vms_survive_hearthd_kill9() {
     let detail = json_of(&w.d().hearth_ok(&["--json", "vm", "inspect", "e2e-b"]));
     assert_eq!(detail["state"], "stopped");
     w.d().hearth_ok(&["vm", "delete", "e2e-b"]);
+    w.assert_gone(&id);
+
+    // hearthd killed while a guest boots: the next hearthd adopts the booting VM and finishes
+    // the start.
+    let mut create = Command::new(hearth_bin())
+        .args(["vm", "new", "e2e-c"])
+        .env("HEARTH_URL", URL)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let id = loop {
+        let out = w.d().hearth(&["--json", "vm", "inspect", "e2e-c"]);
+        if out.status.success() {
+            let d = json_of(&String::from_utf8_lossy(&out.stdout));
+            let launched = d["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "vmm_launched");
+            if d["state"] == "starting" && launched {
+                break d["id"].as_str().unwrap().to_owned();
+            }
+            assert_ne!(
+                d["state"], "running",
+                "the boot finished before the test could interrupt it"
+            );
+        }
+        assert!(Instant::now() < deadline, "e2e-c never reached starting");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    w.vm_ids.push(id.clone());
+    w.restart_after_kill9();
+    let _ = create.wait();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = json_of(&w.d().hearth_ok(&["--json", "vm", "inspect", "e2e-c"]));
+        if d["state"] == "running" {
+            break;
+        }
+        assert_eq!(d["state"], "starting", "{d}");
+        assert!(
+            Instant::now() < deadline,
+            "interrupted boot never finished: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        w.d().hearth_ok(&["exec", "e2e-c", "--", "echo", "adopted"]),
+        "adopted\n"
+    );
+    w.d().hearth_ok(&["vm", "delete", "e2e-c"]);
     w.assert_gone(&id);
 }
 

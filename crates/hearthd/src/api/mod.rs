@@ -105,9 +105,9 @@ async fn run(state: &AppState, action: Action) -> Result<Reply, ApiError> {
     match tokio::time::timeout(state.request_timeout, state.service.handle(action)).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(ApiError::new(
-            ErrorCode::Internal,
+            ErrorCode::OperationTimeout,
             format!(
-                "the request took longer than server.request_timeout_secs ({} s); the operation goes on in the background",
+                "the request took longer than server.request_timeout_secs ({} s); the operation goes on, and the VM's state and events show when it is done",
                 state.request_timeout.as_secs()
             ),
         )),
@@ -189,6 +189,12 @@ pub fn router(state: AppState) -> Router {
             ApiError::new(
                 ErrorCode::NotFound,
                 "no such endpoint; the API is described at /docs and /openapi.json",
+            )
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                format!("{method} is not allowed here; the API is described at /docs"),
             )
         })
         .with_state(state)
@@ -400,8 +406,17 @@ async fn exec_stream(
 async fn exec_ws(
     State(state): State<AppState>,
     Path(name): Path<String>,
-    ws: axum::extract::WebSocketUpgrade,
+    ws: Result<
+        axum::extract::WebSocketUpgrade,
+        axum::extract::ws::rejection::WebSocketUpgradeRejection,
+    >,
 ) -> Result<Response, ApiError> {
+    let ws = ws.map_err(|r| {
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("this endpoint speaks WebSocket only: {}", r.body_text()),
+        )
+    })?;
     stream::exec_ws(&state.service, &name, ws).await
 }
 

@@ -75,6 +75,7 @@ pub async fn logs(
     }
     struct Tail {
         file: Option<tokio::fs::File>,
+        pos: u64,
         path: std::path::PathBuf,
         follow: bool,
         service: VmService,
@@ -82,6 +83,7 @@ pub async fn logs(
     }
     let state = Tail {
         file,
+        pos: start,
         path,
         follow,
         service: service.clone(),
@@ -94,10 +96,9 @@ pub async fn logs(
                 match f.read(&mut buf).await {
                     Ok(0) => {}
                     Ok(n) => {
-                        return Some((
-                            Ok::<_, std::io::Error>(Bytes::copy_from_slice(&buf[..n])),
-                            t,
-                        ));
+                        t.pos += n as u64;
+                        let chunk = Bytes::copy_from_slice(&buf[..n]);
+                        return Some((Ok::<_, std::io::Error>(chunk), t));
                     }
                     Err(e) => return Some((Err(e), t)),
                 }
@@ -106,8 +107,11 @@ pub async fn logs(
                 return None; // not following, or the VM was deleted
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if t.file.is_none() {
+            // The log may have been capped (truncated in place) or rotated (renamed, a new file
+            // begun) meanwhile: then read the current file from its start.
+            if t.file.is_none() || log_replaced(&t.path, t.file.as_ref(), t.pos).await {
                 t.file = tokio::fs::File::open(&t.path).await.ok();
+                t.pos = 0;
             }
         }
     });
@@ -116,6 +120,19 @@ pub async fn logs(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+/// True when `path` is no longer the file `open` reads, or is shorter than what was read.
+async fn log_replaced(path: &std::path::Path, open: Option<&tokio::fs::File>, pos: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(now) = tokio::fs::metadata(path).await else {
+        return false;
+    };
+    let Some(file) = open else { return true };
+    match file.metadata().await {
+        Ok(was) => was.ino() != now.ino() || now.len() < pos,
+        Err(_) => true,
+    }
 }
 
 async fn open_session(
@@ -155,18 +172,30 @@ pub async fn exec_ndjson(
             .await
             .map_err(|e| guest_err(&vm_name, e))?;
     }
-    let body = stream::unfold(Some((session, vm_name)), |state| async move {
-        let (mut session, vm_name) = state?;
-        let (event, more) = match session.next().await {
+    struct Ndjson {
+        session: ExecSession,
+        vm_name: String,
+        stdout: Utf8Carry,
+        stderr: Utf8Carry,
+    }
+    let state = Ndjson {
+        session,
+        vm_name,
+        stdout: Utf8Carry::default(),
+        stderr: Utf8Carry::default(),
+    };
+    let body = stream::unfold(Some(state), |state| async move {
+        let mut st = state?;
+        let (event, more) = match st.session.next().await {
             Ok(ExecEvent::Stdout(b)) => (
                 ExecStreamEvent::Stdout {
-                    data: String::from_utf8_lossy(&b).into_owned(),
+                    data: st.stdout.push(&b),
                 },
                 true,
             ),
             Ok(ExecEvent::Stderr(b)) => (
                 ExecStreamEvent::Stderr {
-                    data: String::from_utf8_lossy(&b).into_owned(),
+                    data: st.stderr.push(&b),
                 },
                 true,
             ),
@@ -174,16 +203,28 @@ pub async fn exec_ndjson(
                 code,
                 signal,
                 timed_out,
-            }) => (
-                ExecStreamEvent::Exit {
+            }) => {
+                // Bytes of an unfinished character at the very end are flushed as they are.
+                let mut out = Vec::new();
+                for (rest, stdout) in [(st.stdout.finish(), true), (st.stderr.finish(), false)] {
+                    if !rest.is_empty() {
+                        out.push(if stdout {
+                            ExecStreamEvent::Stdout { data: rest }
+                        } else {
+                            ExecStreamEvent::Stderr { data: rest }
+                        });
+                    }
+                }
+                out.push(ExecStreamEvent::Exit {
                     exit_code: code,
                     signal,
                     timed_out,
-                },
-                false,
-            ),
+                });
+                let bytes: Vec<u8> = out.iter().flat_map(|e| ndjson(e).to_vec()).collect();
+                return Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), None));
+            }
             Err(e) => {
-                let e = guest_err(&vm_name, e);
+                let e = guest_err(&st.vm_name, e);
                 (
                     ExecStreamEvent::Error {
                         error: e.code(),
@@ -193,7 +234,12 @@ pub async fn exec_ndjson(
                 )
             }
         };
-        let next = more.then_some((session, vm_name));
+        if matches!(&event, ExecStreamEvent::Stdout { data } | ExecStreamEvent::Stderr { data } if data.is_empty())
+        {
+            // Only part of a character so far: nothing to send yet.
+            return Some((Ok(Bytes::new()), Some(st)));
+        }
+        let next = more.then_some(st);
         Some((Ok::<_, std::io::Error>(ndjson(&event)), next))
     });
     Ok((
@@ -201,6 +247,47 @@ pub async fn exec_ndjson(
         Body::from_stream(body),
     )
         .into_response())
+}
+
+/// Turns a byte stream split at arbitrary points into text, holding back the bytes of a
+/// character that is not complete yet instead of replacing them.
+#[derive(Debug, Default)]
+struct Utf8Carry {
+    pending: Vec<u8>,
+}
+
+impl Utf8Carry {
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let split = self.pending.len() - incomplete_tail(&self.pending);
+        let text = String::from_utf8_lossy(&self.pending[..split]).into_owned();
+        self.pending.drain(..split);
+        text
+    }
+
+    fn finish(&mut self) -> String {
+        let text = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        text
+    }
+}
+
+/// Length of an unfinished UTF-8 sequence at the end of `b` (0 to 3 bytes).
+fn incomplete_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let byte = b[b.len() - back];
+        if byte & 0xc0 == 0x80 {
+            continue; // a continuation byte: look further back for the lead
+        }
+        let need = match byte {
+            0xf0..=0xf7 => 4,
+            0xe0..=0xef => 3,
+            0xc0..=0xdf => 2,
+            _ => 1,
+        };
+        return if need > back { back } else { 0 };
+    }
+    0
 }
 
 pub async fn exec_ws(
@@ -348,29 +435,27 @@ pub async fn put_file(
     body: Body,
 ) -> Result<(), ApiError> {
     let (vm, guest) = service.guest(name, "copying files").await?;
-    let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
     let mut data = body.into_data_stream();
     let feed = async move {
         while let Some(chunk) = data.next().await {
-            let chunk = chunk.map_err(|e| {
-                ApiError::new(
-                    ErrorCode::InvalidRequest,
-                    format!("reading the upload failed: {e}"),
-                )
-            })?;
-            if tx.send(chunk.to_vec()).await.is_err() {
-                break; // the guest side ended early; its answer says why
+            let item = chunk
+                .map(|c| c.to_vec())
+                .map_err(|e| format!("reading the upload failed: {e}"));
+            let failed = item.is_err();
+            // A closed channel: the guest side ended early, and its answer says why.
+            if tx.send(item).await.is_err() || failed {
+                break;
             }
         }
-        Ok::<(), ApiError>(())
     };
-    let (fed, put) = tokio::join!(feed, guest.put_file(path, mode, rx));
+    let ((), put) = tokio::join!(feed, guest.put_file(path, mode, rx));
     put.map_err(|source| VmError::GuestFile {
         name: vm.name.clone(),
         path: path.to_owned(),
         source,
     })?;
-    fed
+    Ok(())
 }
 
 pub async fn get_file(service: &VmService, name: &str, path: &str) -> Result<Response, ApiError> {
@@ -387,11 +472,39 @@ pub async fn get_file(service: &VmService, name: &str, path: &str) -> Result<Res
         let item = rx.recv().await?;
         Some((item.map(Bytes::from).map_err(std::io::Error::other), rx))
     });
+    // No Content-Length: files under /proc or /sys, or files that change while they are read,
+    // do not have the size the guest reported, and a declared length would cut them short.
     let mut headers = octal_header(mode);
-    headers.insert(header::CONTENT_LENGTH, size.into());
+    headers.insert("x-hearth-file-size", size.into());
     headers.insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/octet-stream"),
     );
     Ok((headers, Body::from_stream(body)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn characters_split_across_chunks_survive() {
+        let text = "héllo wörld — ✓ 🦀";
+        let bytes = text.as_bytes();
+        for cut in 0..=bytes.len() {
+            let mut c = Utf8Carry::default();
+            let mut out = c.push(&bytes[..cut]);
+            out.push_str(&c.push(&bytes[cut..]));
+            out.push_str(&c.finish());
+            assert_eq!(out, text, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn invalid_bytes_are_still_replaced() {
+        let mut c = Utf8Carry::default();
+        assert_eq!(c.push(b"a\xffb"), "a\u{fffd}b");
+        assert_eq!(c.push(b"\xe2\x82"), "");
+        assert_eq!(c.finish(), "\u{fffd}");
+    }
 }

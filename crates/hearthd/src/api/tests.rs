@@ -305,6 +305,14 @@ async fn unknown_things_are_404s_and_bad_params_400s() {
         assert_eq!(resp["error"], "vm_not_found");
         assert_eq!(resp["message"], "no VM named \"ghost\"");
     }
+    let (s, resp) = ctx.call("PUT", "/v1/vms", None).await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed"))
+    );
+    let (s, resp) = ctx.call("GET", "/v1/vms/ghost/exec/ws", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{resp}");
+    assert!(resp["message"].as_str().unwrap().contains("WebSocket"));
     let (s, resp) = ctx.call("GET", "/v2/nothing", None).await;
     assert_eq!(
         (s, resp["error"].as_str()),

@@ -89,6 +89,8 @@ pub enum VmError {
     },
     #[error("state store failure")]
     Store(#[from] StoreError),
+    #[error("an internal task failed: {0}")]
+    Task(String),
 }
 
 impl VmError {
@@ -122,13 +124,16 @@ impl VmError {
                     (VmError::GuestFile { .. }, G::InvalidRequest) => ErrorCode::InvalidPath,
                     _ => ErrorCode::GuestError,
                 },
-                GuestError::Unexpected(_) => ErrorCode::GuestError,
+                GuestError::Unexpected(_) | GuestError::Protocol { .. } | GuestError::Overrun => {
+                    ErrorCode::GuestError
+                }
+                GuestError::Aborted(_) => ErrorCode::InvalidRequest,
             },
             VmError::BadCommand {
                 code: G::NotFound, ..
             } => ErrorCode::CommandNotFound,
             VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
-            VmError::Log { .. } | VmError::Store(_) => ErrorCode::Internal,
+            VmError::Log { .. } | VmError::Store(_) | VmError::Task(_) => ErrorCode::Internal,
         }
     }
 
@@ -318,12 +323,35 @@ impl VmService {
             Action::Health => Ok(Reply::Health(self.health())),
             Action::ListVms => Ok(Reply::Vms(self.inner.store.list_vms().await?)),
             Action::GetVm(name) => Ok(Reply::VmDetail(self.detail(&name).await?)),
-            Action::CreateVm(req) => Ok(Reply::Created(self.create(req).await?)),
-            Action::StartVm(name) => Ok(Reply::Vm(self.start(&name).await?)),
-            Action::StopVm { name, timeout } => Ok(Reply::Vm(self.stop(&name, timeout).await?)),
-            Action::RestartVm(name) => Ok(Reply::Vm(self.restart(&name).await?)),
+            // Lifecycle work runs in a task of its own: a client that hangs up or a request
+            // timeout stops the waiting, never the work half-way.
+            Action::CreateVm(req) => {
+                let s = self.clone();
+                Ok(Reply::Created(
+                    detached(async move { s.create(req).await }).await?,
+                ))
+            }
+            Action::StartVm(name) => {
+                let s = self.clone();
+                Ok(Reply::Vm(
+                    detached(async move { s.start(&name).await }).await?,
+                ))
+            }
+            Action::StopVm { name, timeout } => {
+                let s = self.clone();
+                Ok(Reply::Vm(
+                    detached(async move { s.stop(&name, timeout).await }).await?,
+                ))
+            }
+            Action::RestartVm(name) => {
+                let s = self.clone();
+                Ok(Reply::Vm(
+                    detached(async move { s.restart(&name).await }).await?,
+                ))
+            }
             Action::DeleteVm(name) => {
-                self.delete(&name).await?;
+                let s = self.clone();
+                detached(async move { s.delete(&name).await }).await?;
                 Ok(Reply::Deleted)
             }
             Action::Exec { name, request } => Ok(Reply::Exec(self.exec(&name, request).await?)),
@@ -506,13 +534,16 @@ impl VmService {
             disk::grow_ext4(&dst, mib)
         })
         .await
-        .map_err(|e| VmError::BadRequest(format!("disk task failed: {e}")))?
+        .map_err(|e| VmError::Task(format!("disk preparation: {e}")))?
         .map_err(disk_err)
     }
 
     /// Removes everything of a VM: files, runtime, record.
     async fn purge(&self, vm: &VmRecord) {
-        lock(&self.inner.runtimes).remove(&vm.id);
+        let runtime = lock(&self.inner.runtimes).remove(&vm.id);
+        if let Some(rt) = runtime {
+            let _ = rt.handle.kill().await;
+        }
         let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
         let _ = tokio::fs::remove_dir_all(self.vm_dir(&vm.id)).await;
         if let Err(e) = self.inner.store.delete_vm(&vm.id).await {
@@ -521,15 +552,17 @@ impl VmService {
         lock(&self.inner.locks).remove(&vm.id);
     }
 
-    fn launch_spec(&self, vm: &VmRecord, image: &Image) -> LaunchSpec {
+    /// What the VMM needs to run `vm`. Without an image (re-adopting a running VM whose image is
+    /// gone) the kernel paths are empty: adoption only uses the VM's own paths.
+    fn launch_spec(&self, vm: &VmRecord, image: Option<&Image>) -> LaunchSpec {
         let dir = self.vm_dir(&vm.id);
         LaunchSpec {
             id: vm.id.clone(),
             name: vm.name.clone(),
             cpus: vm.cpus,
             memory_mib: vm.memory_mib,
-            kernel: image.kernel(),
-            initrd: image.initrd(),
+            kernel: image.map(Image::kernel).unwrap_or_default(),
+            initrd: image.map(Image::initrd).unwrap_or_default(),
             cmdline: format!("hearth.hostname={}", vm.name),
             rootfs: dir.join("rootfs.ext4"),
             run_dir: self.run_dir(&vm.id),
@@ -559,7 +592,19 @@ impl VmService {
     async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, VmError> {
         let vm = self.transition(&vm, Input::Start, None, None, None).await?;
         let started = Instant::now();
-        match self.boot(&vm).await {
+        let result = self.boot(&vm).await;
+        self.finish_boot(vm, started, result).await
+    }
+
+    /// Records the outcome of a boot of `vm` (in `starting`): running with a monitor, or error
+    /// with `last_error` and nothing left running.
+    async fn finish_boot(
+        &self,
+        vm: VmRecord,
+        started: Instant,
+        result: Result<(Arc<Runtime>, String), String>,
+    ) -> Result<VmRecord, VmError> {
+        match result {
             Ok((runtime, boot_id)) => {
                 let pid = runtime.handle.pid();
                 let message = format!(
@@ -567,7 +612,7 @@ impl VmService {
                     started.elapsed().as_millis()
                 );
                 lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
-                let vm = self
+                let booted = self
                     .transition(
                         &vm,
                         Input::Booted,
@@ -575,9 +620,19 @@ impl VmService {
                         Some(Some(pid)),
                         Some(None),
                     )
-                    .await?;
-                self.monitor(vm.clone(), runtime);
-                Ok(vm)
+                    .await;
+                match booted {
+                    Ok(vm) => {
+                        self.monitor(vm.clone(), runtime);
+                        Ok(vm)
+                    }
+                    Err(e) => {
+                        lock(&self.inner.runtimes).remove(&vm.id);
+                        let _ = runtime.handle.kill().await;
+                        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                        Err(e)
+                    }
+                }
             }
             Err(reason) => {
                 let serial = self.log_path(&vm, LogSource::Serial);
@@ -607,7 +662,7 @@ impl VmService {
     /// Launches the VMM and waits for the agent. On failure nothing is left running.
     async fn boot(&self, vm: &VmRecord) -> Result<(Arc<Runtime>, String), String> {
         let image = self.boot_image(vm).map_err(|e| e.message())?;
-        let spec = self.launch_spec(vm, &image);
+        let spec = self.launch_spec(vm, Some(&image));
         rotate_log(&spec.serial_log, self.inner.config.guest.log_max_bytes);
         rotate_log(&spec.vmm_log, self.inner.config.guest.log_max_bytes);
         let handle: Arc<dyn VmHandle> = Arc::from(
@@ -617,6 +672,24 @@ impl VmService {
                 .await
                 .map_err(|e| VmError::Vmm(e).message())?,
         );
+        let launched = format!("VMM pid {} launched", handle.pid());
+        if let Err(e) = self
+            .inner
+            .store
+            .set_pid(&vm.id, handle.pid(), &launched)
+            .await
+        {
+            tracing::warn!(vm = %vm.name, error = %e, "cannot record the VMM pid");
+        }
+        self.await_guest(&spec, handle).await
+    }
+
+    /// Waits for the agent of a launched VMM; on failure ends the VMM.
+    async fn await_guest(
+        &self,
+        spec: &LaunchSpec,
+        handle: Arc<dyn VmHandle>,
+    ) -> Result<(Arc<Runtime>, String), String> {
         let timeout = self.inner.config.guest.ready_timeout;
         let ready = async {
             let guest = GuestClient::connect(&spec.agent_socket(), Duration::from_secs(10)).await?;
@@ -673,13 +746,15 @@ impl VmService {
             if now.state != VmState::Running {
                 return;
             }
-            let _ = tokio::fs::remove_dir_all(service.run_dir(&vm.id)).await;
             let msg = "the VMM process exited (guest powered off or crashed)";
-            if let Err(e) = service
+            match service
                 .transition(&now, Input::Exited, Some(msg), Some(None), None)
                 .await
             {
-                tracing::warn!(vm = %vm.name, error = %e.message(), "cannot record exit");
+                Ok(_) => {
+                    let _ = tokio::fs::remove_dir_all(service.run_dir(&vm.id)).await;
+                }
+                Err(e) => tracing::warn!(vm = %vm.name, error = %e.message(), "cannot record exit"),
             }
         });
     }
@@ -815,6 +890,8 @@ impl VmService {
                         exit_code: code,
                         signal,
                         timed_out,
+                        truncated: stdout.len() >= EXEC_OUTPUT_LIMIT
+                            || stderr.len() >= EXEC_OUTPUT_LIMIT,
                         stdout: String::from_utf8_lossy(&stdout).into_owned(),
                         stderr: String::from_utf8_lossy(&stderr).into_owned(),
                         duration_ms: u64::try_from(started.elapsed().as_millis())
@@ -866,47 +943,26 @@ impl VmService {
     }
 
     async fn readopt(&self, vm: VmRecord) -> Result<(), VmError> {
-        let adopted = match (vm.pid, self.boot_image(&vm)) {
-            (Some(pid), Ok(image)) => {
-                let spec = self.launch_spec(&vm, &image);
-                match self.inner.vmm.adopt(&spec, pid).await {
-                    Ok(Some(handle)) => Some((spec, Arc::<dyn VmHandle>::from(handle))),
-                    Ok(None) => None,
-                    Err(e) => {
-                        tracing::warn!(vm = %vm.name, error = %VmError::Vmm(e).message(), "cannot re-attach to the VMM");
-                        None
-                    }
+        let image = self.boot_image(&vm).ok();
+        let spec = self.launch_spec(&vm, image.as_ref());
+        let adopted = match vm.pid {
+            Some(pid) => match self.inner.vmm.adopt(&spec, pid).await {
+                Ok(handle) => handle.map(Arc::<dyn VmHandle>::from),
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name, error = %VmError::Vmm(e).message(), "cannot re-attach to the VMM");
+                    None
                 }
-            }
-            _ => None,
+            },
+            None => None,
         };
-        let Some((spec, handle)) = adopted else {
+        let Some(handle) = adopted else {
             tracing::info!(vm = %vm.name, "VMM is gone; marking the VM stopped");
-            let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
             let msg = "the VMM process was gone when hearthd started";
             self.transition(&vm, Input::Exited, Some(msg), Some(None), None)
                 .await?;
+            let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
             return Ok(());
         };
-        let guest = match GuestClient::connect(&spec.agent_socket(), Duration::from_secs(2)).await {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::warn!(vm = %vm.name, error = %e, "cannot reach the guest agent; ending the VMM");
-                let _ = handle.kill().await;
-                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
-                self.transition(
-                    &vm,
-                    Input::Exited,
-                    Some("guest agent unreachable after hearthd restart"),
-                    Some(None),
-                    None,
-                )
-                .await?;
-                return Ok(());
-            }
-        };
-        let runtime = Arc::new(Runtime { handle, guest });
-        lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
         self.inner
             .store
             .record_event(
@@ -914,26 +970,14 @@ impl VmService {
                 "readopted",
                 Some(&format!(
                     "VMM pid {} re-attached after hearthd restart",
-                    runtime.handle.pid()
+                    handle.pid()
                 )),
             )
             .await?;
-        let vm = match vm.state {
-            VmState::Starting => {
-                self.transition(
-                    &vm,
-                    Input::Booted,
-                    Some("guest agent answered after hearthd restart"),
-                    None,
-                    Some(None),
-                )
-                .await?
-            }
+        match vm.state {
             VmState::Stopping => {
                 // The stop was interrupted: finish it.
-                lock(&self.inner.runtimes).remove(&vm.id);
-                runtime.handle.kill().await?;
-                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                handle.kill().await?;
                 self.transition(
                     &vm,
                     Input::Halted,
@@ -942,13 +986,58 @@ impl VmService {
                     None,
                 )
                 .await?;
-                return Ok(());
+                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
             }
-            _ => vm,
-        };
-        self.monitor(vm, runtime);
+            VmState::Starting => {
+                // The boot was interrupted: wait for the guest again, holding the VM's lock so
+                // user requests queue behind it.
+                let service = self.clone();
+                tokio::spawn(async move {
+                    let lock = service.vm_lock(&vm.id);
+                    let _guard = lock.lock().await;
+                    let started = Instant::now();
+                    let result = service.await_guest(&spec, handle).await;
+                    if let Err(e) = service.finish_boot(vm, started, result).await {
+                        tracing::warn!(error = %e.message(), "cannot finish an interrupted boot");
+                    }
+                });
+            }
+            _ => {
+                let guest = match GuestClient::connect(&spec.agent_socket(), Duration::from_secs(2))
+                    .await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "cannot reach the guest agent; ending the VMM");
+                        let _ = handle.kill().await;
+                        self.transition(
+                            &vm,
+                            Input::Exited,
+                            Some("guest agent unreachable after hearthd restart"),
+                            Some(None),
+                            None,
+                        )
+                        .await?;
+                        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                        return Ok(());
+                    }
+                };
+                let runtime = Arc::new(Runtime { handle, guest });
+                lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
+                self.monitor(vm, runtime);
+            }
+        }
         Ok(())
     }
+}
+
+/// Runs `work` to completion in its own task, whatever happens to the caller.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, VmError>> + Send + 'static,
+) -> Result<T, VmError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
 }
 
 /// Turns an API exec request into an agent exec.

@@ -267,6 +267,8 @@ impl Vmm for Qemu {
             source,
         })?;
         let pid = child.id().unwrap_or(0);
+        // Opened while the child cannot have been reaped yet, so it names exactly this process.
+        let pidfd = pidfd_open(pid);
         let deadline = Instant::now() + Duration::from_secs(30);
         // Wait for the QMP socket, or for QEMU to give up.
         loop {
@@ -306,6 +308,7 @@ impl Vmm for Qemu {
         });
         Ok(Box::new(QemuHandle {
             pid,
+            pidfd,
             qmp: Arc::new(qmp),
             exited,
         }))
@@ -327,22 +330,32 @@ impl Vmm for Qemu {
         let Some(pidfd) = pidfd_open(pid) else {
             return Ok(None);
         };
-        let qmp = match Qmp::connect(&qmp_path).await {
-            Ok(q) => q,
+        let answered = async {
+            let qmp = Qmp::connect(&qmp_path).await?;
+            let status = qmp.status().await?;
+            Ok::<_, super::qmp::QmpError>((qmp, status))
+        };
+        let qmp = match answered.await {
+            Ok((qmp, status)) => {
+                tracing::info!(vm = %spec.name, pid, %status, "re-attached to running VMM");
+                qmp
+            }
             Err(e) => {
-                tracing::warn!(vm = %spec.name, pid, error = %e, "VMM runs but its QMP socket does not answer");
-                return Err(e.into());
+                // Ours, but beyond control: end it rather than leave it running untracked.
+                tracing::warn!(vm = %spec.name, pid, error = %e, "VMM does not answer on QMP; ending it");
+                signal_pidfd(&pidfd, libc::SIGKILL);
+                if let Ok(fd) = register_pidfd(pidfd) {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), fd.readable()).await;
+                }
+                let _ = std::fs::remove_file(self.ram_file(&spec.id));
+                return Ok(None);
             }
         };
-        let status = qmp.status().await?;
-        tracing::info!(vm = %spec.name, pid, %status, "re-attached to running VMM");
         let (tx, exited) = watch::channel(false);
         let ram = self.ram_file(&spec.id);
+        let kill_fd = pidfd.try_clone().ok();
         tokio::spawn(async move {
-            // SAFETY: `pidfd` is an open OwnedFd moved into the AsyncFd, which owns it until it is
-            // dropped, so the descriptor stays valid and unchanged for the AsyncFd's lifetime.
-            let registered = unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) };
-            if let Ok(fd) = registered {
+            if let Ok(fd) = register_pidfd(pidfd) {
                 let _ = fd.readable().await;
             }
             let _ = std::fs::remove_file(ram);
@@ -350,6 +363,7 @@ impl Vmm for Qemu {
         });
         Ok(Some(Box::new(QemuHandle {
             pid,
+            pidfd: kill_fd,
             qmp: Arc::new(qmp),
             exited,
         })))
@@ -369,6 +383,27 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// A pidfd becomes readable when its process exits.
+fn register_pidfd(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: `pidfd` is an open OwnedFd moved into the AsyncFd, which owns it until it is
+    // dropped, so the descriptor stays valid and unchanged for the AsyncFd's lifetime.
+    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }.map_err(|e| e.into())
+}
+
+/// Sends `signal` to exactly the process `fd` refers to (never to a recycled pid).
+fn signal_pidfd(fd: &OwnedFd, signal: i32) {
+    // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo; no memory is shared.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
+    }
+}
+
 /// The end of what the VMM wrote to its log since `from`, for error messages.
 fn log_tail(path: &Path, from: u64) -> String {
     let text = std::fs::read(path).unwrap_or_default();
@@ -386,6 +421,8 @@ fn log_tail(path: &Path, from: u64) -> String {
 #[derive(Debug)]
 struct QemuHandle {
     pid: u32,
+    /// Signals go through this, never through the bare pid, which could be recycled.
+    pidfd: Option<OwnedFd>,
     qmp: Arc<Qmp>,
     exited: watch::Receiver<bool>,
 }
@@ -416,18 +453,8 @@ impl VmHandle for QemuHandle {
             .await
             .is_err()
         {
-            if let Some(fd) = pidfd_open(self.pid) {
-                // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo; signals exactly
-                // the process the pidfd refers to, never a recycled pid.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        fd.as_raw_fd(),
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    );
-                }
+            if let Some(fd) = &self.pidfd {
+                signal_pidfd(fd, libc::SIGKILL);
             }
             self.wait_exit().await;
         }
