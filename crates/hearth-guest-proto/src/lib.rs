@@ -143,13 +143,18 @@ pub enum ErrorCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
-    /// Answer to [`Request::Hello`]: the agent is ready to serve.
+    /// Answer to [`Request::Hello`]: the agent is ready to serve. An agent inside a VM also
+    /// sends it unprompted when it starts, so the host notices an agent that was restarted.
     Hello {
         protocol: u32,
         /// The agent's crate version.
         agent_version: String,
         /// Changes every boot; lets the host tell a reboot from a reconnect.
         boot_id: String,
+        /// Changes every time the agent process starts. When it changes, every exchange the
+        /// host had open is gone.
+        #[serde(default)]
+        instance: String,
     },
     /// The exec's process is running.
     Started { id: RequestId, pid: u32 },

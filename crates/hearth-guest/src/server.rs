@@ -87,8 +87,15 @@ pub async fn serve(
         link,
         registry: Registry::default(),
         boot_id,
+        instance: random_id(),
         decoder: Decoder::new(),
     };
+    if role == Role::Init {
+        // Announce this agent: a host still holding exchanges of a previous agent process (this
+        // one was restarted by PID 1) learns that they are gone.
+        let hello = server.hello();
+        server.link.outbox().send(&hello, &[]).await;
+    }
     while let Some(message) = inbound.recv().await {
         match message {
             Inbound::Bytes(bytes) => {
@@ -124,10 +131,21 @@ struct Server {
     link: Link,
     registry: Registry,
     boot_id: String,
+    /// Random per agent process.
+    instance: String,
     decoder: Decoder<Request>,
 }
 
 impl Server {
+    fn hello(&self) -> Event {
+        Event::Hello {
+            protocol: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            boot_id: self.boot_id.clone(),
+            instance: self.instance.clone(),
+        }
+    }
+
     /// Handles one request; returns an outcome when serving must stop.
     async fn handle(&mut self, frame: Frame<Request>) -> Option<Outcome> {
         let Frame { message, payload } = frame;
@@ -138,11 +156,7 @@ impl Server {
                 }
                 // A host repeats hello until it is answered, and a late repeat may follow its first
                 // requests: so a hello only gets an answer and never closes open exchanges.
-                let hello = Event::Hello {
-                    protocol: PROTOCOL_VERSION,
-                    agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                    boot_id: self.boot_id.clone(),
-                };
+                let hello = self.hello();
                 self.link.outbox().send(&hello, &[]).await;
             }
             Request::Exec {

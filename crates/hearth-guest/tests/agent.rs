@@ -297,10 +297,12 @@ fn hello_is_answered_every_time() {
                 protocol,
                 agent_version,
                 boot_id,
+                instance,
             } => {
                 assert_eq!(protocol, PROTOCOL_VERSION);
                 assert_eq!(agent_version, env!("CARGO_PKG_VERSION"));
                 assert!(!boot_id.is_empty());
+                assert!(!instance.is_empty());
                 boot_ids.push(boot_id);
             }
             other => panic!("expected hello, got {other:?}"),

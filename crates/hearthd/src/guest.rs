@@ -37,6 +37,15 @@ pub enum GuestError {
     Aborted(String),
     #[error("the reader fell too far behind the guest's output; the exchange was cancelled")]
     Overrun,
+    #[error("the guest agent restarted; what it was doing for this request is gone")]
+    AgentRestarted,
+}
+
+/// Why an exchange ended before its last message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EndReason {
+    Overrun,
+    AgentRestarted,
 }
 
 /// Frames buffered per exchange before a consumer counts as stalled (64 KiB each at most).
@@ -61,8 +70,8 @@ pub struct GuestClient {
     connected: watch::Receiver<bool>,
     /// The agent's protocol, when it is not ours.
     mismatch: Arc<Mutex<Option<u32>>>,
-    /// Exchanges cancelled because their consumer stalled.
-    overrun: Arc<Mutex<std::collections::HashSet<RequestId>>>,
+    /// Why exchanges ended early, for their consumers.
+    ended: Arc<Mutex<HashMap<RequestId, EndReason>>>,
 }
 
 /// What an exec session delivers, in order.
@@ -120,8 +129,8 @@ impl GuestClient {
         let sessions: Sessions = Arc::default();
         let mismatch: Arc<Mutex<Option<u32>>> = Arc::default();
         let reader_mismatch = mismatch.clone();
-        let overrun: Arc<Mutex<std::collections::HashSet<RequestId>>> = Arc::default();
-        let reader_overrun = overrun.clone();
+        let ended: Arc<Mutex<HashMap<RequestId, EndReason>>> = Arc::default();
+        let reader_ended = ended.clone();
         let reader_writer = writer.clone();
         tokio::spawn(async move {
             while let Some(frame) = frames.recv().await {
@@ -133,6 +142,7 @@ impl GuestClient {
         let reader_sessions = sessions.clone();
         tokio::spawn(async move {
             let mut decoder = Decoder::<Event>::new();
+            let mut agent_instance: Option<String> = None;
             let mut buf = vec![0u8; 256 * 1024];
             'read: loop {
                 let n = match read.read(&mut buf).await {
@@ -144,13 +154,35 @@ impl GuestClient {
                     match decoder.next_frame() {
                         Ok(Some(frame)) => {
                             if let Event::Hello {
-                                protocol, boot_id, ..
+                                protocol,
+                                boot_id,
+                                instance,
+                                ..
                             } = &frame.message
                             {
                                 if *protocol != proto::PROTOCOL_VERSION {
                                     *lock(&reader_mismatch) = Some(*protocol);
                                     break 'read;
                                 }
+                                if agent_instance
+                                    .as_ref()
+                                    .is_some_and(|known| known != instance)
+                                {
+                                    // A new agent process: the exchanges of the old one are gone.
+                                    // Reasons first, then the senders go: a consumer that
+                                    // wakes up on the closed channel must find its reason.
+                                    let open: Vec<RequestId> =
+                                        lock(&reader_sessions).keys().copied().collect();
+                                    tracing::warn!(
+                                        open = open.len(),
+                                        "the guest agent restarted; failing its open exchanges"
+                                    );
+                                    lock(&reader_ended).extend(
+                                        open.iter().map(|id| (*id, EndReason::AgentRestarted)),
+                                    );
+                                    lock(&reader_sessions).retain(|id, _| !open.contains(id));
+                                }
+                                agent_instance = Some(instance.clone());
                                 let boot_id = boot_id.clone();
                                 hello_tx.send_if_modified(|h| {
                                     let changed = h.as_deref() != Some(boot_id.as_str());
@@ -186,8 +218,8 @@ impl GuestClient {
                                             id,
                                             "exchange consumer stalled; cancelling it"
                                         );
+                                        lock(&reader_ended).insert(id, EndReason::Overrun);
                                         lock(&reader_sessions).remove(&id);
-                                        lock(&reader_overrun).insert(id);
                                         if let Ok(cancel) =
                                             proto::encode(&Request::Cancel { id }, &[])
                                         {
@@ -213,7 +245,7 @@ impl GuestClient {
             hello,
             connected,
             mismatch,
-            overrun,
+            ended,
         });
         // Say hello until the agent answers; the first one is queued until the guest opens its
         // port, the repeats cover a frame lost to a resync.
@@ -276,10 +308,10 @@ impl GuestClient {
 
     /// Why the frames of exchange `id` stopped: its consumer stalled, or the agent went away.
     fn ended(&self, id: RequestId) -> GuestError {
-        if lock(&self.overrun).remove(&id) {
-            GuestError::Overrun
-        } else {
-            self.disconnected()
+        match lock(&self.ended).remove(&id) {
+            Some(EndReason::Overrun) => GuestError::Overrun,
+            Some(EndReason::AgentRestarted) => GuestError::AgentRestarted,
+            None => self.disconnected(),
         }
     }
 

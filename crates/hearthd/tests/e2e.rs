@@ -443,6 +443,34 @@ fn vm_lifecycle_exec_files_and_cleanup() {
         .unwrap()
         .block_on(streams("e2e-a"));
 
+    // The agent dies mid-exec (PID 1 restarts it): open execs fail at once instead of hanging,
+    // and the next exec works.
+    let mut sleeper = Command::new(hearth_bin())
+        .args(["exec", "e2e-a", "--", "sleep", "120"])
+        .env("HEARTH_URL", URL)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let killer = w
+        .d()
+        .hearth(&["exec", "e2e-a", "--", "sh", "-c", "kill -9 $PPID; sleep 5"]);
+    assert_eq!(killer.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&killer.stderr).contains("agent restarted"),
+        "{}",
+        String::from_utf8_lossy(&killer.stderr)
+    );
+    let started = Instant::now();
+    let status = sleeper.wait().unwrap();
+    assert_eq!(status.code(), Some(125));
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(
+        w.d().hearth_ok(&["exec", "e2e-a", "--", "echo", "back"]),
+        "back\n"
+    );
+
     // Start on a running VM is a clear 409, seen through the real API.
     let start = w.d().hearth(&["--json", "vm", "start", "e2e-a"]);
     assert_eq!(start.status.code(), Some(4));

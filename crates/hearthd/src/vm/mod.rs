@@ -124,9 +124,10 @@ impl VmError {
                     (VmError::GuestFile { .. }, G::InvalidRequest) => ErrorCode::InvalidPath,
                     _ => ErrorCode::GuestError,
                 },
-                GuestError::Unexpected(_) | GuestError::Protocol { .. } | GuestError::Overrun => {
-                    ErrorCode::GuestError
-                }
+                GuestError::Unexpected(_)
+                | GuestError::Protocol { .. }
+                | GuestError::Overrun
+                | GuestError::AgentRestarted => ErrorCode::GuestError,
                 GuestError::Aborted(_) => ErrorCode::InvalidRequest,
             },
             VmError::BadCommand {
