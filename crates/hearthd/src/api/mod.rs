@@ -471,7 +471,9 @@ async fn put_file(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Download a file from the guest. The `x-hearth-file-mode` header carries its permission bits.
+/// Download a file from the guest. The `x-hearth-file-mode` header carries its permission bits,
+/// `x-hearth-file-size` the size the guest reported (the body is sent chunked: files under `/proc`
+/// or ones that change while read have another length).
 #[utoipa::path(get, path = "/v1/vms/{name}/files", tag = "files",
     params(("name" = String, Path, description = "VM name or id"), FileParams),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
