@@ -446,13 +446,29 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     // The agent dies mid-exec (PID 1 restarts it): open execs fail at once instead of hanging,
     // and the next exec works.
     let mut sleeper = Command::new(hearth_bin())
-        .args(["exec", "e2e-a", "--", "sleep", "120"])
+        .args([
+            "exec",
+            "e2e-a",
+            "--",
+            "sh",
+            "-c",
+            "touch /run/sleeper; exec sleep 120",
+        ])
         .env("HEARTH_URL", URL)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !w
+        .d()
+        .hearth(&["exec", "e2e-a", "--", "test", "-e", "/run/sleeper"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the sleeping exec never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let killer = w
         .d()
         .hearth(&["exec", "e2e-a", "--", "sh", "-c", "kill -9 $PPID; sleep 5"]);
