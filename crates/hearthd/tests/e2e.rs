@@ -51,6 +51,13 @@ fn agent_bin() -> PathBuf {
     p
 }
 
+/// The real CLI, pointed at the test's hearthd.
+fn hearth_cmd(args: &[&str]) -> Command {
+    let mut cmd = Command::new(hearth_bin());
+    cmd.args(args).env("HEARTH_URL", URL);
+    cmd
+}
+
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -170,9 +177,7 @@ impl Daemon {
     }
 
     fn hearth(&self, args: &[&str]) -> Output {
-        Command::new(hearth_bin())
-            .args(args)
-            .env("HEARTH_URL", URL)
+        hearth_cmd(args)
             .stdin(Stdio::null())
             .output()
             .expect("run hearth")
@@ -192,9 +197,7 @@ impl Daemon {
 
     fn hearth_with_stdin(&self, args: &[&str], input: &[u8]) -> String {
         use std::io::Write;
-        let mut child = Command::new(hearth_bin())
-            .args(args)
-            .env("HEARTH_URL", URL)
+        let mut child = hearth_cmd(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -276,8 +279,26 @@ impl World {
 
     /// Nothing of VM `id` is left: no process, no socket, no disk, no RAM file.
     fn assert_gone(&self, id: &str) {
+        assert!(!self.data().join("vms").join(id).exists(), "VM dir left");
+        self.assert_no_run(id);
+    }
+
+    /// After a stop: nothing of the run is left (the disk stays).
+    fn assert_gone_runtime(&self, id: &str) {
+        assert!(
+            self.data()
+                .join("vms")
+                .join(id)
+                .join("rootfs.ext4")
+                .exists(),
+            "disk must stay"
+        );
+        self.assert_no_run(id);
+    }
+
+    /// No sockets, no RAM file, no QEMU process of VM `id`.
+    fn assert_no_run(&self, id: &str) {
         let data = self.data();
-        assert!(!data.join("vms").join(id).exists(), "VM dir left");
         assert!(
             !data.join("run").join(id).exists(),
             "run dir (sockets) left"
@@ -445,20 +466,18 @@ fn vm_lifecycle_exec_files_and_cleanup() {
 
     // The agent dies mid-exec (PID 1 restarts it): open execs fail at once instead of hanging,
     // and the next exec works.
-    let mut sleeper = Command::new(hearth_bin())
-        .args([
-            "exec",
-            "e2e-a",
-            "--",
-            "sh",
-            "-c",
-            "touch /run/sleeper; exec sleep 120",
-        ])
-        .env("HEARTH_URL", URL)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut sleeper = hearth_cmd(&[
+        "exec",
+        "e2e-a",
+        "--",
+        "sh",
+        "-c",
+        "touch /run/sleeper; exec sleep 120",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !w
         .d()
@@ -602,25 +621,6 @@ async fn streams(vm: &str) {
     assert_eq!(found, Ok(true), "followed log: {seen:?}");
 }
 
-impl World {
-    /// After a stop: no process, no sockets, no RAM file (the disk stays).
-    fn assert_gone_runtime(&self, id: &str) {
-        let data = self.data();
-        assert!(
-            data.join("vms").join(id).join("rootfs.ext4").exists(),
-            "disk must stay"
-        );
-        assert!(
-            !data.join("run").join(id).exists(),
-            "sockets left after stop"
-        );
-        assert!(
-            !Path::new(&format!("/dev/shm/hearth-{id}.ram")).exists(),
-            "RAM file left after stop"
-        );
-    }
-}
-
 #[test]
 fn vms_survive_hearthd_kill9() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -700,9 +700,7 @@ fn vms_survive_hearthd_kill9() {
 
     // hearthd killed while a guest boots: the next hearthd adopts the booting VM and finishes
     // the start.
-    let mut create = Command::new(hearth_bin())
-        .args(["vm", "new", "e2e-c"])
-        .env("HEARTH_URL", URL)
+    let mut create = hearth_cmd(&["vm", "new", "e2e-c"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

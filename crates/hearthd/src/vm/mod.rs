@@ -741,21 +741,24 @@ impl VmService {
             if current.is_none() {
                 return; // a stop or delete took over
             }
+            // Under the VM's lock no start can slip in between the cleanup and the transition,
+            // so the files removed are this run's, and `stopped` is shown only once they are
+            // gone. (A stop holding the lock took the runtime first and returned above.)
+            let lock = service.vm_lock(&vm.id);
+            let _guard = lock.lock().await;
             let Ok(now) = service.record(&vm.id).await else {
                 return;
             };
             if now.state != VmState::Running {
                 return;
             }
+            let _ = tokio::fs::remove_dir_all(service.run_dir(&vm.id)).await;
             let msg = "the VMM process exited (guest powered off or crashed)";
-            match service
+            if let Err(e) = service
                 .transition(&now, Input::Exited, Some(msg), Some(None), None)
                 .await
             {
-                Ok(_) => {
-                    let _ = tokio::fs::remove_dir_all(service.run_dir(&vm.id)).await;
-                }
-                Err(e) => tracing::warn!(vm = %vm.name, error = %e.message(), "cannot record exit"),
+                tracing::warn!(vm = %vm.name, error = %e.message(), "cannot record exit");
             }
         });
     }
