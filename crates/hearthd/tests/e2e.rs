@@ -277,6 +277,15 @@ impl World {
         self.daemon = Some(Daemon::start(&self.data()));
     }
 
+    /// Downloads `guest_path` (`VM:/path`) with the CLI and compares it with `want`.
+    fn assert_guest_file(&self, guest_path: &str, want: &[u8], what: &str) {
+        let local = self.dir.path().join("download");
+        let _ = std::fs::remove_file(&local);
+        self.d()
+            .hearth_ok(&["cp", guest_path, local.to_str().unwrap()]);
+        assert!(std::fs::read(&local).unwrap() == want, "{what}");
+    }
+
     /// Nothing of VM `id` is left: no process, no socket, no disk, no RAM file.
     fn assert_gone(&self, id: &str) {
         assert!(!self.data().join("vms").join(id).exists(), "VM dir left");
@@ -442,13 +451,7 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     std::fs::write(&local, &blob).unwrap();
     w.d()
         .hearth_ok(&["cp", local.to_str().unwrap(), "e2e-a:/root/blob"]);
-    let back = w.dir.path().join("blob.back");
-    w.d()
-        .hearth_ok(&["cp", "e2e-a:/root/blob", back.to_str().unwrap()]);
-    assert!(
-        std::fs::read(&back).unwrap() == blob,
-        "downloaded bytes differ"
-    );
+    w.assert_guest_file("e2e-a:/root/blob", &blob, "downloaded bytes differ");
 
     // Interactive paths: stdin over the WebSocket, a PTY, streamed output, the serial log.
     let echoed = w.d().hearth_with_stdin(
@@ -518,13 +521,7 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     assert!(stopped["pid"].is_null());
     w.assert_gone_runtime(&id);
     w.d().hearth_ok(&["vm", "start", "e2e-a"]);
-    let back2 = w.dir.path().join("blob.back2");
-    w.d()
-        .hearth_ok(&["cp", "e2e-a:/root/blob", back2.to_str().unwrap()]);
-    assert!(
-        std::fs::read(&back2).unwrap() == blob,
-        "file changed across stop/start"
-    );
+    w.assert_guest_file("e2e-a:/root/blob", &blob, "file changed across stop/start");
 
     let restarted = json_of(&w.d().hearth_ok(&["--json", "vm", "restart", "e2e-a"]));
     assert_eq!(restarted["state"], "running");

@@ -403,6 +403,11 @@ impl VmService {
         self.inner.config.data_dir.join("run").join(id)
     }
 
+    /// Removes a VM's sockets and other per-run files; a VM that never ran has none.
+    async fn clear_run_dir(&self, id: &str) {
+        let _ = tokio::fs::remove_dir_all(self.run_dir(id)).await;
+    }
+
     pub fn log_path(&self, vm: &VmRecord, source: LogSource) -> PathBuf {
         self.vm_dir(&vm.id).join(match source {
             LogSource::Serial => "serial.log",
@@ -545,7 +550,7 @@ impl VmService {
         if let Some(rt) = runtime {
             let _ = rt.handle.kill().await;
         }
-        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+        self.clear_run_dir(&vm.id).await;
         let _ = tokio::fs::remove_dir_all(self.vm_dir(&vm.id)).await;
         if let Err(e) = self.inner.store.delete_vm(&vm.id).await {
             tracing::error!(vm = %vm.name, error = %e, "cannot remove VM record");
@@ -630,7 +635,7 @@ impl VmService {
                     Err(e) => {
                         lock(&self.inner.runtimes).remove(&vm.id);
                         let _ = runtime.handle.kill().await;
-                        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                        self.clear_run_dir(&vm.id).await;
                         Err(e)
                     }
                 }
@@ -643,7 +648,7 @@ impl VmService {
                 } else {
                     format!("{reason}; serial console ends with: {tail}")
                 };
-                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                self.clear_run_dir(&vm.id).await;
                 self.transition(
                     &vm,
                     Input::BootFailed,
@@ -752,7 +757,7 @@ impl VmService {
             if now.state != VmState::Running {
                 return;
             }
-            let _ = tokio::fs::remove_dir_all(service.run_dir(&vm.id)).await;
+            service.clear_run_dir(&vm.id).await;
             let msg = "the VMM process exited (guest powered off or crashed)";
             if let Err(e) = service
                 .transition(&now, Input::Exited, Some(msg), Some(None), None)
@@ -800,7 +805,7 @@ impl VmService {
                 );
             }
         }
-        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+        self.clear_run_dir(&vm.id).await;
         self.transition(&vm, Input::Halted, Some(&how), Some(None), None)
             .await
     }
@@ -964,7 +969,7 @@ impl VmService {
             let msg = "the VMM process was gone when hearthd started";
             self.transition(&vm, Input::Exited, Some(msg), Some(None), None)
                 .await?;
-            let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+            self.clear_run_dir(&vm.id).await;
             return Ok(());
         };
         self.inner
@@ -990,7 +995,7 @@ impl VmService {
                     None,
                 )
                 .await?;
-                let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                self.clear_run_dir(&vm.id).await;
             }
             VmState::Starting => {
                 // The boot was interrupted: wait for the guest again, holding the VM's lock so
@@ -1022,7 +1027,7 @@ impl VmService {
                             None,
                         )
                         .await?;
-                        let _ = tokio::fs::remove_dir_all(self.run_dir(&vm.id)).await;
+                        self.clear_run_dir(&vm.id).await;
                         return Ok(());
                     }
                 };

@@ -269,34 +269,14 @@ impl Vmm for Qemu {
         let pid = child.id().unwrap_or(0);
         // Opened while the child cannot have been reaped yet, so it names exactly this process.
         let pidfd = pidfd_open(pid);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        // Wait for the QMP socket, or for QEMU to give up.
-        loop {
-            if let Some(status) = child.try_wait().ok().flatten() {
-                let _ = std::fs::remove_file(self.ram_file(&spec.id));
-                return Err(VmmError::EarlyExit {
-                    status: status.to_string(),
-                    log: log_tail(&spec.vmm_log, log_start),
-                });
-            }
-            if socket_exists(&qmp_path) {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                let _ = std::fs::remove_file(self.ram_file(&spec.id));
-                return Err(VmmError::NoControlSocket(30));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        let qmp = match Qmp::connect(&qmp_path).await {
+        let qmp = match control(&mut child, &qmp_path, &spec.vmm_log, log_start).await {
             Ok(q) => q,
             Err(e) => {
+                // Whatever went wrong, nothing of this launch stays behind.
                 let _ = child.start_kill();
                 let _ = child.wait().await;
                 let _ = std::fs::remove_file(self.ram_file(&spec.id));
-                return Err(e.into());
+                return Err(e);
             }
         };
         let (tx, exited) = watch::channel(false);
@@ -367,6 +347,32 @@ impl Vmm for Qemu {
             qmp: Arc::new(qmp),
             exited,
         })))
+    }
+}
+
+/// Waits for a freshly launched QEMU's QMP socket and connects to it; fails when QEMU exits
+/// first or the socket does not appear in time.
+async fn control(
+    child: &mut tokio::process::Child,
+    qmp_path: &Path,
+    vmm_log: &Path,
+    log_start: u64,
+) -> Result<Qmp, VmmError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().ok().flatten() {
+            return Err(VmmError::EarlyExit {
+                status: status.to_string(),
+                log: log_tail(vmm_log, log_start),
+            });
+        }
+        if socket_exists(qmp_path) {
+            return Ok(Qmp::connect(qmp_path).await?);
+        }
+        if Instant::now() > deadline {
+            return Err(VmmError::NoControlSocket(30));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
