@@ -270,6 +270,34 @@ pub struct Health {
     pub image: Option<String>,
     /// `ready`, `building: <step>` or `failed: <why>`.
     pub image_status: String,
+    /// What VMs may commit on this host and what they have committed.
+    pub capacity: Capacity,
+}
+
+/// Host capacity for VMs, after overcommit ratios and reserves (`capacity.*` in the config).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Capacity {
+    /// vCPUs of starting and running VMs.
+    pub vcpus: Resource,
+    /// Guest RAM of starting and running VMs, in MiB.
+    pub memory_mib: Resource,
+    /// Space for guest RAM files (a tmpfs; never overcommitted), in MiB.
+    pub ram_files_mib: Resource,
+    /// Provisioned root disks of all VMs, in MiB.
+    pub disk_mib: Resource,
+    /// Free space on the data directory's filesystem beyond the reserve, in MiB.
+    pub disk_free_mib: u64,
+}
+
+/// One accounted resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Resource {
+    /// What VMs may commit in all.
+    pub total: u64,
+    /// What they have committed.
+    pub committed: u64,
+    /// `total - committed`: what one more VM may ask for.
+    pub available: u64,
 }
 
 /// Every error response's body.
@@ -343,6 +371,9 @@ error_codes! {
     InvalidState = "invalid_state", 409, 4;
     /// Another lifecycle operation on this VM is in progress.
     VmBusy = "vm_busy", 409, 4;
+    /// The host has not enough vCPUs, memory or RAM-file space left for the VM to run
+    /// (admission control; the message names the resource, what was asked and what is free).
+    InsufficientCapacity = "insufficient_capacity", 409, 4;
     /// The guest agent is not reachable (the VM is not running or still booting).
     GuestUnavailable = "guest_unavailable", 503, 5;
     /// The guest agent refused or failed the request.
@@ -355,7 +386,7 @@ error_codes! {
     ImageUnavailable = "image_unavailable", 503, 5;
     /// The VMM failed to start or control the VM.
     VmmFailed = "vmm_failed", 500, 1;
-    /// The host ran out of something (disk space, memory).
+    /// The host ran out of something (disk space, memory), or a new disk would not fit.
     ResourceExhausted = "resource_exhausted", 507, 1;
     /// Anything else; the server log has details.
     Internal = "internal", 500, 1;

@@ -200,6 +200,9 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
         }
         ErrorCode::VmmFailed => format!("`hearth vm logs {vm} vmm` shows the VMM's log"),
         ErrorCode::ResourceExhausted => "free disk space or memory on the host".to_owned(),
+        ErrorCode::InsufficientCapacity => {
+            "`hearth health` shows the host's capacity and what VMs have committed".to_owned()
+        }
         ErrorCode::Internal => "hearthd's log has the details".to_owned(),
         ErrorCode::NotFound => {
             "hearthd does not know this endpoint; is it the same version as this CLI?".to_owned()

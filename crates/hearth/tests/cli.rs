@@ -19,8 +19,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use hearth_api::{
-    CreateVmRequest, ErrorBody, ErrorCode, Health, Size, TtySize, Vm, VmDetail, VmEvent, VmState,
-    WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
+    Capacity, CreateVmRequest, ErrorBody, ErrorCode, Health, Resource, Size, TtySize, Vm, VmDetail,
+    VmEvent, VmState, WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
 };
 
 /// Longest any one run of the binary may take.
@@ -153,6 +153,29 @@ async fn health() -> Json<Health> {
         accel: "tcg".into(),
         image: Some("sha256-0123".into()),
         image_status: "ready".into(),
+        capacity: Capacity {
+            vcpus: Resource {
+                total: 8,
+                committed: 0,
+                available: 8,
+            },
+            memory_mib: Resource {
+                total: 1024,
+                committed: 0,
+                available: 1024,
+            },
+            ram_files_mib: Resource {
+                total: 1024,
+                committed: 0,
+                available: 1024,
+            },
+            disk_mib: Resource {
+                total: 4096,
+                committed: 0,
+                available: 4096,
+            },
+            disk_free_mib: 4096,
+        },
     })
 }
 
@@ -794,6 +817,11 @@ fn health_prints_its_fields() {
     assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "status:  ok\nversion: 0.1.0\nvmm:     qemu\naccel:   tcg\nimage:   sha256-0123\n"
+        "status:    ok\nversion:   0.1.0\nvmm:       qemu\naccel:     tcg\nimage:     sha256-0123\n\
+         vcpus:     0 of 8 committed, 8 available\n\
+         memory:    0M of 1G committed, 1G available\n\
+         ram files: 0M of 1G committed, 1G available\n\
+         disks:     0M of 4G committed, 4G available\n\
+         disk free: 4G\n"
     );
 }

@@ -164,7 +164,37 @@ pub const KEYS: &[Key] = &[
         path: "qemu.accel",
         kind: Kind::String,
         default: "\"auto\"",
-        doc: "auto, kvm or tcg. auto probes KVM by running a guest instruction and falls back to tcg.",
+        doc: "auto, kvm or tcg. auto uses KVM only when it boots the guest kernel (a firmware probe at start, then the kernel itself once the image is ready; the verdict is cached per host boot); else tcg.",
+    },
+    Key {
+        path: "capacity.cpu_overcommit_percent",
+        kind: Kind::Integer,
+        default: "400",
+        doc: "vCPUs of starting and running VMs may add up to this percentage of the host's CPUs.",
+    },
+    Key {
+        path: "capacity.memory_overcommit_percent",
+        kind: Kind::Integer,
+        default: "100",
+        doc: "Guest RAM of starting and running VMs may add up to this percentage of the host's memory less capacity.memory_reserve.",
+    },
+    Key {
+        path: "capacity.memory_reserve",
+        kind: Kind::String,
+        default: "\"1G\"",
+        doc: "Host memory kept for the host itself and hearthd, never given to guests.",
+    },
+    Key {
+        path: "capacity.disk_overcommit_percent",
+        kind: Kind::Integer,
+        default: "200",
+        doc: "Root disks of all VMs (sparse files) may add up to this percentage of the data directory's filesystem.",
+    },
+    Key {
+        path: "capacity.disk_reserve",
+        kind: Kind::String,
+        default: "\"2G\"",
+        doc: "Free space kept on the data directory's filesystem: a create that would leave less is refused.",
     },
 ];
 
@@ -180,6 +210,7 @@ struct RawConfig {
     server: RawServer,
     image: RawImage,
     qemu: RawQemu,
+    capacity: RawCapacity,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -206,6 +237,16 @@ struct RawImage {
     agent_path: String,
     suite: String,
     mirror: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapacity {
+    cpu_overcommit_percent: i64,
+    memory_overcommit_percent: i64,
+    memory_reserve: String,
+    disk_overcommit_percent: i64,
+    disk_reserve: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +284,17 @@ pub struct Config {
     pub image: ImageConfig,
     pub qemu_binary: PathBuf,
     pub accel: AccelChoice,
+    pub capacity: CapacityConfig,
+}
+
+/// How much of the host VMs may commit (admission control, `crate::capacity`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapacityConfig {
+    pub cpu_overcommit_percent: u64,
+    pub memory_overcommit_percent: u64,
+    pub memory_reserve_mib: u64,
+    pub disk_overcommit_percent: u64,
+    pub disk_reserve_mib: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -448,6 +500,28 @@ impl Config {
             },
             qemu_binary: PathBuf::from(raw.qemu.binary),
             accel,
+            capacity: CapacityConfig {
+                cpu_overcommit_percent: positive(
+                    "capacity.cpu_overcommit_percent",
+                    raw.capacity.cpu_overcommit_percent,
+                    1,
+                )?,
+                memory_overcommit_percent: positive(
+                    "capacity.memory_overcommit_percent",
+                    raw.capacity.memory_overcommit_percent,
+                    1,
+                )?,
+                memory_reserve_mib: size_mib(
+                    "capacity.memory_reserve",
+                    &raw.capacity.memory_reserve,
+                )?,
+                disk_overcommit_percent: positive(
+                    "capacity.disk_overcommit_percent",
+                    raw.capacity.disk_overcommit_percent,
+                    1,
+                )?,
+                disk_reserve_mib: size_mib("capacity.disk_reserve", &raw.capacity.disk_reserve)?,
+            },
         })
     }
 }
@@ -475,6 +549,15 @@ fn positive(path: &str, value: i64, min: i64) -> Result<u64, ConfigError> {
         return Err(invalid(path, format!("{value} must be at least {min}")));
     }
     Ok(value.unsigned_abs())
+}
+
+fn size_mib(path: &str, text: &str) -> Result<u64, ConfigError> {
+    rules::parse_size_mib(text).map_err(|why| {
+        invalid(
+            path,
+            format!("{why}: write it as 1G, 512M or a number of MiB"),
+        )
+    })
 }
 
 fn secs(path: &str, value: i64) -> Result<Duration, ConfigError> {

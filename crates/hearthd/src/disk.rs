@@ -5,8 +5,9 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -172,6 +173,73 @@ pub fn grow_ext4(path: &Path, mib: u64) -> Result<(), DiskError> {
         });
     }
     Ok(())
+}
+
+/// One spare root disk of the default size, made from the current image and kept ready in
+/// `<data_dir>/spare`, so a create that wants exactly that size takes it with a rename instead of
+/// copying and growing the image on the request path.
+#[derive(Debug)]
+pub struct Spares {
+    dir: PathBuf,
+    mib: u64,
+    /// True while a spare is being prepared.
+    refilling: AtomicBool,
+}
+
+impl Spares {
+    pub fn new(data_dir: &Path, mib: u64) -> Spares {
+        Spares {
+            dir: data_dir.join("spare"),
+            mib,
+            refilling: AtomicBool::new(false),
+        }
+    }
+
+    fn path(&self, image_id: &str) -> PathBuf {
+        self.dir.join(format!("{image_id}-{}.ext4", self.mib))
+    }
+
+    /// Moves the spare for `image_id` to `dst` when the wanted size is the spare's; false when
+    /// there is none (the caller copies the image itself).
+    pub fn take(&self, image_id: &str, mib: u64, dst: &Path) -> bool {
+        mib == self.mib && std::fs::rename(self.path(image_id), dst).is_ok()
+    }
+
+    /// Prepares a spare of `rootfs` (image `image_id`) unless one is ready or being made; spares
+    /// of other images or sizes are removed. Blocking: run it off the async threads.
+    pub fn refill(&self, image_id: &str, rootfs: &Path) {
+        if self.refilling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let spare = self.path(image_id);
+        let result = (|| {
+            std::fs::create_dir_all(&self.dir).map_err(|source| DiskError::Copy {
+                from: rootfs.display().to_string(),
+                to: self.dir.display().to_string(),
+                source,
+            })?;
+            for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                if e.path() != spare {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            if spare.exists() {
+                return Ok(());
+            }
+            let tmp = spare.with_extension("tmp");
+            clone_file(rootfs, &tmp)?;
+            grow_ext4(&tmp, self.mib)?;
+            std::fs::rename(&tmp, &spare).map_err(|source| DiskError::Copy {
+                from: tmp.display().to_string(),
+                to: spare.display().to_string(),
+                source,
+            })
+        })();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot prepare a spare disk; creates will copy the image");
+        }
+        self.refilling.store(false, Ordering::Release);
+    }
 }
 
 #[cfg(test)]

@@ -603,10 +603,6 @@ impl ExecSession {
             }
         }
     }
-
-    pub fn client(&self) -> &Arc<GuestClient> {
-        &self.client
-    }
 }
 
 impl Drop for ExecSession {

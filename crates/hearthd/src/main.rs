@@ -1,6 +1,7 @@
 //! hearthd: Hearth's control plane.
 
 mod api;
+mod capacity;
 mod config;
 mod disk;
 mod guest;
@@ -195,14 +196,29 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         });
     }
 
-    let service = VmService::new(config.clone(), store.clone(), vmm, image_rx.clone());
+    // With an image at hand the VMM settles what needs a guest kernel (whether KVM really runs
+    // guests) before anything is served; otherwise as soon as the image is built.
+    let probe_cache = config.data_dir.join("images").join("kvm-probe");
+    let kernel = match &*image_rx.borrow() {
+        ImageState::Ready(image) => Some(image.kernel()),
+        _ => None,
+    };
+    if let Some(kernel) = kernel {
+        vmm.prepare(&kernel, &probe_cache).await;
+    }
+    let service = VmService::new(config.clone(), store.clone(), vmm.clone(), image_rx.clone());
     {
         // A spare disk for fast creates, whenever a (new) image is ready.
         let service = service.clone();
         let mut image_rx = image_rx;
         tokio::spawn(async move {
             loop {
-                if matches!(*image_rx.borrow_and_update(), ImageState::Ready(_)) {
+                let ready = match &*image_rx.borrow_and_update() {
+                    ImageState::Ready(image) => Some(image.kernel()),
+                    _ => None,
+                };
+                if let Some(kernel) = ready {
+                    vmm.prepare(&kernel, &probe_cache).await;
                     service.refill_spare();
                 }
                 if image_rx.changed().await.is_err() {
@@ -237,7 +253,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "hearthd is serving");
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
         let _ = stop_rx.wait_for(|s| *s).await;
     });
     let mut server = std::pin::pin!(server.into_future());

@@ -1,6 +1,6 @@
 //! `hearth vm new|list|inspect|start|stop|restart|delete` and `hearth health`.
 
-use hearth_api::{CreateVmRequest, Health, Vm, VmDetail, VmEvent};
+use hearth_api::{CreateVmRequest, Health, Resource, Vm, VmDetail, VmEvent};
 
 use crate::cli::NewArgs;
 use crate::client::{Client, Lifecycle};
@@ -167,6 +167,7 @@ fn one_line(text: &str) -> String {
 }
 
 fn health_text(health: &Health) -> String {
+    let c = &health.capacity;
     key_values(&[
         ("status", health.status.clone()),
         ("version", health.version.clone()),
@@ -179,12 +180,27 @@ fn health_text(health: &Health) -> String {
                 .clone()
                 .unwrap_or_else(|| health.image_status.clone()),
         ),
+        ("vcpus", capacity_line(&c.vcpus, |n| n.to_string())),
+        ("memory", capacity_line(&c.memory_mib, size_mib)),
+        ("ram files", capacity_line(&c.ram_files_mib, size_mib)),
+        ("disks", capacity_line(&c.disk_mib, size_mib)),
+        ("disk free", size_mib(c.disk_free_mib)),
     ])
+}
+
+/// `3 of 8 committed, 5 available`.
+fn capacity_line(r: &Resource, unit: impl Fn(u64) -> String) -> String {
+    format!(
+        "{} of {} committed, {} available",
+        unit(r.committed),
+        unit(r.total),
+        unit(r.available)
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use hearth_api::VmState;
+    use hearth_api::{Capacity, VmState};
 
     use super::*;
 
@@ -268,10 +284,38 @@ mod tests {
             accel: "tcg".into(),
             image: None,
             image_status: "building: running debootstrap".into(),
+            capacity: Capacity {
+                vcpus: Resource {
+                    total: 8,
+                    committed: 3,
+                    available: 5,
+                },
+                memory_mib: Resource {
+                    total: 23552,
+                    committed: 2048,
+                    available: 21504,
+                },
+                ram_files_mib: Resource {
+                    total: 12288,
+                    committed: 2048,
+                    available: 10240,
+                },
+                disk_mib: Resource {
+                    total: 204800,
+                    committed: 10240,
+                    available: 194560,
+                },
+                disk_free_mib: 79872,
+            },
         });
         assert_eq!(
             text,
-            "status:  ok\nversion: 0.1.0\nvmm:     qemu\naccel:   tcg\nimage:   building: running debootstrap\n"
+            "status:    ok\nversion:   0.1.0\nvmm:       qemu\naccel:     tcg\nimage:     building: running debootstrap\n\
+             vcpus:     3 of 8 committed, 5 available\n\
+             memory:    2G of 23G committed, 21G available\n\
+             ram files: 2G of 12G committed, 10G available\n\
+             disks:     10G of 200G committed, 190G available\n\
+             disk free: 78G\n"
         );
     }
 

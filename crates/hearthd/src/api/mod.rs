@@ -21,7 +21,7 @@ use hearth_api::{
 use serde::Deserialize;
 use utoipa::OpenApi;
 
-use crate::vm::{Action, Reply, VmError, VmService};
+use crate::vm::{Action, Caller, Principal, Reply, Source, VmError, VmService};
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -100,9 +100,49 @@ fn query_rejection(r: QueryRejection) -> ApiError {
     )
 }
 
+/// The caller of a request: the operator (until API keys exist), where it came from, and its
+/// request id (the client's `x-request-id` when it is a sane token, else a new one).
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let source = match parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        {
+            Some(info) => Source::Tcp(info.0),
+            None => parts
+                .extensions
+                .get::<Source>()
+                .cloned()
+                .unwrap_or(Source::Internal),
+        };
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|id| {
+                (1..=64).contains(&id.len())
+                    && id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+            })
+            .map(str::to_owned)
+            .unwrap_or_else(|| Caller::system().request_id);
+        Ok(Caller {
+            principal: Principal::Operator,
+            source,
+            request_id,
+        })
+    }
+}
+
 /// Runs an action with the request timeout.
-async fn run(state: &AppState, action: Action) -> Result<Reply, ApiError> {
-    match tokio::time::timeout(state.request_timeout, state.service.handle(action)).await {
+async fn run(state: &AppState, caller: &Caller, action: Action) -> Result<Reply, ApiError> {
+    match tokio::time::timeout(state.request_timeout, state.service.handle(caller, action)).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(ApiError::new(
             ErrorCode::OperationTimeout,
@@ -114,7 +154,7 @@ async fn run(state: &AppState, action: Action) -> Result<Reply, ApiError> {
     }
 }
 
-fn unexpected(reply: Reply) -> ApiError {
+pub(crate) fn unexpected(reply: Reply) -> ApiError {
     ApiError::new(ErrorCode::Internal, format!("unexpected reply {reply:?}"))
 }
 
@@ -207,8 +247,11 @@ async fn openapi() -> impl IntoResponse {
 /// Service health and configuration summary.
 #[utoipa::path(get, path = "/v1/health", tag = "system",
     responses((status = 200, body = Health)))]
-async fn health(State(state): State<AppState>) -> Result<axum::Json<Health>, ApiError> {
-    match run(&state, Action::Health).await? {
+async fn health(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<Health>, ApiError> {
+    match run(&state, &caller, Action::Health).await? {
         Reply::Health(h) => Ok(axum::Json(h)),
         other => Err(unexpected(other)),
     }
@@ -217,8 +260,11 @@ async fn health(State(state): State<AppState>) -> Result<axum::Json<Health>, Api
 /// List VMs.
 #[utoipa::path(get, path = "/v1/vms", tag = "vms",
     responses((status = 200, body = [Vm])))]
-async fn list_vms(State(state): State<AppState>) -> Result<axum::Json<Vec<Vm>>, ApiError> {
-    match run(&state, Action::ListVms).await? {
+async fn list_vms(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<Vm>>, ApiError> {
+    match run(&state, &caller, Action::ListVms).await? {
         Reply::Vms(v) => Ok(axum::Json(v)),
         other => Err(unexpected(other)),
     }
@@ -235,9 +281,10 @@ async fn list_vms(State(state): State<AppState>) -> Result<axum::Json<Vec<Vm>>, 
     ))]
 async fn create_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Json(req): Json<CreateVmRequest>,
 ) -> Result<(StatusCode, axum::Json<VmDetail>), ApiError> {
-    match run(&state, Action::CreateVm(req)).await? {
+    match run(&state, &caller, Action::CreateVm(req)).await? {
         Reply::Created(d) => Ok((StatusCode::CREATED, axum::Json(d))),
         other => Err(unexpected(other)),
     }
@@ -249,9 +296,10 @@ async fn create_vm(
     responses((status = 200, body = VmDetail), (status = 404, body = ErrorBody)))]
 async fn get_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<axum::Json<VmDetail>, ApiError> {
-    match run(&state, Action::GetVm(name)).await? {
+    match run(&state, &caller, Action::GetVm(name)).await? {
         Reply::VmDetail(d) => Ok(axum::Json(d)),
         other => Err(unexpected(other)),
     }
@@ -263,9 +311,10 @@ async fn get_vm(
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn delete_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    match run(&state, Action::DeleteVm(name)).await? {
+    match run(&state, &caller, Action::DeleteVm(name)).await? {
         Reply::Deleted => Ok(StatusCode::NO_CONTENT),
         other => Err(unexpected(other)),
     }
@@ -279,9 +328,10 @@ async fn delete_vm(
         (status = 500, description = "Boot failed (vmm_failed); see last_error", body = ErrorBody)))]
 async fn start_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Vm>, ApiError> {
-    match run(&state, Action::StartVm(name)).await? {
+    match run(&state, &caller, Action::StartVm(name)).await? {
         Reply::Vm(v) => Ok(axum::Json(v)),
         other => Err(unexpected(other)),
     }
@@ -301,12 +351,13 @@ struct StopParams {
         (status = 409, description = "Not running (invalid_state)", body = ErrorBody)))]
 async fn stop_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     params: Result<Query<StopParams>, QueryRejection>,
 ) -> Result<axum::Json<Vm>, ApiError> {
     let Query(params) = params.map_err(query_rejection)?;
     let timeout = params.timeout_secs.map(Duration::from_secs);
-    match run(&state, Action::StopVm { name, timeout }).await? {
+    match run(&state, &caller, Action::StopVm { name, timeout }).await? {
         Reply::Vm(v) => Ok(axum::Json(v)),
         other => Err(unexpected(other)),
     }
@@ -318,9 +369,10 @@ async fn stop_vm(
     responses((status = 200, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn restart_vm(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
 ) -> Result<axum::Json<Vm>, ApiError> {
-    match run(&state, Action::RestartVm(name)).await? {
+    match run(&state, &caller, Action::RestartVm(name)).await? {
         Reply::Vm(v) => Ok(axum::Json(v)),
         other => Err(unexpected(other)),
     }
@@ -343,6 +395,7 @@ struct LogParams {
     responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
 async fn vm_logs(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     params: Result<Query<LogParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -357,14 +410,11 @@ async fn vm_logs(
             ));
         }
     };
-    stream::logs(
-        &state.service,
-        &name,
-        source,
-        p.follow.unwrap_or(false),
-        p.tail,
-    )
-    .await
+    let window = crate::vm::LogWindow {
+        tail: p.tail,
+        follow: p.follow.unwrap_or(false),
+    };
+    stream::logs(&state.service, &caller, name, source, window).await
 }
 
 /// Run a command and wait for it: exit code and collected output (up to 16 MiB per stream).
@@ -375,10 +425,11 @@ async fn vm_logs(
         (status = 404, body = ErrorBody), (status = 409, description = "VM not running", body = ErrorBody)))]
 async fn exec(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     Json(request): Json<ExecRequest>,
 ) -> Result<axum::Json<ExecResponse>, ApiError> {
-    match run(&state, Action::Exec { name, request }).await? {
+    match run(&state, &caller, Action::Exec { name, request }).await? {
         Reply::Exec(r) => Ok(axum::Json(r)),
         other => Err(unexpected(other)),
     }
@@ -391,10 +442,11 @@ async fn exec(
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn exec_stream(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     Json(request): Json<ExecRequest>,
 ) -> Result<Response, ApiError> {
-    stream::exec_ndjson(&state.service, &name, request).await
+    stream::exec_ndjson(&state.service, &caller, name, request).await
 }
 
 /// Interactive exec over a WebSocket: stdin, a PTY, resize and signals (`WsClientMessage`
@@ -405,6 +457,7 @@ async fn exec_stream(
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn exec_ws(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     ws: Result<
         axum::extract::WebSocketUpgrade,
@@ -417,7 +470,7 @@ async fn exec_ws(
             format!("this endpoint speaks WebSocket only: {}", r.body_text()),
         )
     })?;
-    stream::exec_ws(&state.service, &name, ws).await
+    stream::exec_ws(&state.service, caller, name, ws).await
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -429,19 +482,6 @@ struct FileParams {
     mode: Option<String>,
 }
 
-fn guest_path(p: &FileParams) -> Result<String, ApiError> {
-    if !p.path.starts_with('/') || p.path.contains('\0') {
-        return Err(ApiError::new(
-            ErrorCode::InvalidPath,
-            format!(
-                "invalid path {:?}: must be an absolute path in the guest",
-                p.path
-            ),
-        ));
-    }
-    Ok(p.path.clone())
-}
-
 /// Upload a file into the guest (the body is the file's bytes). Parent directories are created.
 #[utoipa::path(put, path = "/v1/vms/{name}/files", tag = "files",
     params(("name" = String, Path, description = "VM name or id"), FileParams),
@@ -449,12 +489,12 @@ fn guest_path(p: &FileParams) -> Result<String, ApiError> {
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn put_file(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     params: Result<Query<FileParams>, QueryRejection>,
     body: axum::body::Body,
 ) -> Result<StatusCode, ApiError> {
     let Query(p) = params.map_err(query_rejection)?;
-    let path = guest_path(&p)?;
     let mode = match &p.mode {
         None => 0o644,
         Some(m) => u32::from_str_radix(m, 8)
@@ -467,7 +507,7 @@ async fn put_file(
                 )
             })?,
     };
-    stream::put_file(&state.service, &name, &path, mode, body).await?;
+    stream::put_file(&state.service, &caller, name, p.path, mode, body).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -480,12 +520,12 @@ async fn put_file(
         (status = 404, description = "No such VM or file (vm_not_found, guest_file_not_found)", body = ErrorBody)))]
 async fn get_file(
     State(state): State<AppState>,
+    caller: Caller,
     Path(name): Path<String>,
     params: Result<Query<FileParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(p) = params.map_err(query_rejection)?;
-    let path = guest_path(&p)?;
-    stream::get_file(&state.service, &name, &path).await
+    stream::get_file(&state.service, &caller, name, p.path).await
 }
 
 pub(crate) fn octal_header(mode: u32) -> HeaderMap {

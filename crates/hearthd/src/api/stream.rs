@@ -1,7 +1,6 @@
-//! The streaming endpoints: logs, exec as NDJSON or over a WebSocket, file transfers.
-
-use std::io::SeekFrom;
-use std::time::Duration;
+//! The streaming endpoints: logs, exec as NDJSON or over a WebSocket, file transfers. Each
+//! turns its request into an [`Action`] for [`VmService::handle`] and the stream it gets back
+//! into HTTP; the sessions themselves live in `vm`.
 
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -9,111 +8,36 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::{StreamExt, stream};
 use hearth_api::{
-    ErrorCode, ExecRequest, ExecStreamEvent, WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
+    ErrorCode, ExecRequest, ExecStreamEvent, VmState, WS_STDERR, WS_STDOUT, WsClientMessage,
+    WsServerMessage,
 };
 use hearth_guest_proto::PtySize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::mpsc;
 
-use super::{ApiError, octal_header};
-use crate::guest::{ExecEvent, ExecSession, GuestError};
-use crate::vm::{LogSource, VmError, VmService, exec_spec};
-
-fn guest_err(name: &str, source: GuestError) -> VmError {
-    VmError::Guest {
-        name: name.to_owned(),
-        source,
-    }
-}
+use super::{ApiError, octal_header, unexpected};
+use crate::vm::{
+    Action, Caller, ExecEvent, ExecOpen, ExecStream, LogSource, LogWindow, Reply, Upload, VmError,
+    VmService,
+};
 
 pub async fn logs(
     service: &VmService,
-    name: &str,
+    caller: &Caller,
+    name: String,
     source: LogSource,
-    follow: bool,
-    tail: Option<usize>,
+    window: LogWindow,
 ) -> Result<Response, ApiError> {
-    let vm = service.record(name).await?;
-    let path = service.log_path(&vm, source);
-    let log_err = |e: std::io::Error| VmError::Log {
-        name: vm.name.clone(),
-        source_name: match source {
-            LogSource::Serial => "serial".into(),
-            LogSource::Vmm => "vmm".into(),
-        },
-        source: e,
+    let action = Action::Logs {
+        name,
+        source,
+        window,
     };
-    let mut file = match tokio::fs::File::open(&path).await {
-        Ok(f) => Some(f),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => return Err(log_err(e).into()),
+    let log = match service.handle(caller, action).await? {
+        Reply::Log(log) => log,
+        other => return Err(unexpected(other)),
     };
-    // Start position: everything, or the last `tail` lines (looked for in the last 1 MiB).
-    let mut start = 0u64;
-    if let (Some(f), Some(n)) = (file.as_mut(), tail) {
-        let len = f.metadata().await.map_err(log_err)?.len();
-        let from = len.saturating_sub(1 << 20);
-        f.seek(SeekFrom::Start(from)).await.map_err(log_err)?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf).await.map_err(log_err)?;
-        let body = buf.strip_suffix(b"\n").unwrap_or(&buf);
-        let mut cut = 0;
-        let mut seen = 0;
-        for (i, b) in body.iter().enumerate().rev() {
-            if *b == b'\n' {
-                seen += 1;
-                if seen == n {
-                    cut = i + 1;
-                    break;
-                }
-            }
-        }
-        start = if n == 0 { len } else { from + cut as u64 };
-    }
-    if let Some(f) = file.as_mut() {
-        f.seek(SeekFrom::Start(start)).await.map_err(log_err)?;
-    }
-    struct Tail {
-        file: Option<tokio::fs::File>,
-        pos: u64,
-        path: std::path::PathBuf,
-        follow: bool,
-        service: VmService,
-        id: String,
-    }
-    let state = Tail {
-        file,
-        pos: start,
-        path,
-        follow,
-        service: service.clone(),
-        id: vm.id.clone(),
-    };
-    let body = stream::unfold(state, |mut t| async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            if let Some(f) = t.file.as_mut() {
-                match f.read(&mut buf).await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        t.pos += n as u64;
-                        let chunk = Bytes::copy_from_slice(&buf[..n]);
-                        return Some((Ok::<_, std::io::Error>(chunk), t));
-                    }
-                    Err(e) => return Some((Err(e), t)),
-                }
-            }
-            if !t.follow || t.service.record(&t.id).await.is_err() {
-                return None; // not following, or the VM was deleted
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            // The log may have been capped (truncated in place) or rotated (renamed, a new file
-            // begun) meanwhile: then read the current file from its start.
-            if t.file.is_none() || log_replaced(&t.path, t.file.as_ref(), t.pos).await {
-                t.file = tokio::fs::File::open(&t.path).await.ok();
-                t.pos = 0;
-            }
-        }
+    let body = stream::unfold(log, |mut log| async move {
+        let chunk = log.next().await?;
+        Some((chunk, log))
     });
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
@@ -122,30 +46,19 @@ pub async fn logs(
         .into_response())
 }
 
-/// True when `path` is no longer the file `open` reads, or is shorter than what was read.
-async fn log_replaced(path: &std::path::Path, open: Option<&tokio::fs::File>, pos: u64) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(now) = tokio::fs::metadata(path).await else {
-        return false;
-    };
-    let Some(file) = open else { return true };
-    match file.metadata().await {
-        Ok(was) => was.ino() != now.ino() || now.len() < pos,
-        Err(_) => true,
-    }
-}
-
-async fn open_session(
+async fn open_exec(
     service: &VmService,
-    name: &str,
-    request: ExecRequest,
-    stdin: bool,
-    pty: Option<PtySize>,
-) -> Result<(String, ExecSession), VmError> {
-    let spec = exec_spec(request, stdin, pty)?;
-    let (vm, guest) = service.guest(name, "exec").await?;
-    let session = service.open_exec(&vm, &guest, spec).await?;
-    Ok((vm.name, session))
+    caller: &Caller,
+    name: String,
+    open: ExecOpen,
+) -> Result<ExecStream, VmError> {
+    match service
+        .handle(caller, Action::OpenExec { name, open })
+        .await?
+    {
+        Reply::ExecStream(s) => Ok(s),
+        other => Err(VmError::Task(format!("unexpected reply {other:?}"))),
+    }
 }
 
 fn ndjson(event: &ExecStreamEvent) -> Bytes {
@@ -156,37 +69,34 @@ fn ndjson(event: &ExecStreamEvent) -> Bytes {
 
 pub async fn exec_ndjson(
     service: &VmService,
-    name: &str,
-    request: ExecRequest,
+    caller: &Caller,
+    name: String,
+    mut request: ExecRequest,
 ) -> Result<Response, ApiError> {
-    let stdin = request.stdin.clone();
-    let (vm_name, session) = open_session(service, name, request, stdin.is_some(), None).await?;
+    let stdin = request.stdin.take();
+    let open = ExecOpen {
+        request,
+        stdin: stdin.is_some(),
+        pty: None,
+    };
+    let ExecStream { output, input } = open_exec(service, caller, name, open).await?;
     if let Some(text) = stdin {
-        let client = session.client().clone();
-        client
-            .send_data(session.id, text.as_bytes())
-            .await
-            .map_err(|e| guest_err(&vm_name, e))?;
-        client
-            .send_data(session.id, &[])
-            .await
-            .map_err(|e| guest_err(&vm_name, e))?;
+        input.write(text.as_bytes()).await?;
+        input.close().await?;
     }
     struct Ndjson {
-        session: ExecSession,
-        vm_name: String,
+        output: crate::vm::ExecOutput,
         stdout: Utf8Carry,
         stderr: Utf8Carry,
     }
     let state = Ndjson {
-        session,
-        vm_name,
+        output,
         stdout: Utf8Carry::default(),
         stderr: Utf8Carry::default(),
     };
     let body = stream::unfold(Some(state), |state| async move {
         let mut st = state?;
-        let (event, more) = match st.session.next().await {
+        let (event, more) = match st.output.next().await {
             Ok(ExecEvent::Stdout(b)) => (
                 ExecStreamEvent::Stdout {
                     data: st.stdout.push(&b),
@@ -223,16 +133,13 @@ pub async fn exec_ndjson(
                 let bytes: Vec<u8> = out.iter().flat_map(|e| ndjson(e).to_vec()).collect();
                 return Some((Ok::<_, std::io::Error>(Bytes::from(bytes)), None));
             }
-            Err(e) => {
-                let e = guest_err(&st.vm_name, e);
-                (
-                    ExecStreamEvent::Error {
-                        error: e.code(),
-                        message: e.message(),
-                    },
-                    false,
-                )
-            }
+            Err(e) => (
+                ExecStreamEvent::Error {
+                    error: e.code(),
+                    message: e.message(),
+                },
+                false,
+            ),
         };
         if matches!(&event, ExecStreamEvent::Stdout { data } | ExecStreamEvent::Stderr { data } if data.is_empty())
         {
@@ -292,15 +199,29 @@ fn incomplete_tail(b: &[u8]) -> usize {
 
 pub async fn exec_ws(
     service: &VmService,
-    name: &str,
+    caller: Caller,
+    name: String,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    // Check before upgrading, so a missing or stopped VM gets a plain HTTP error.
-    service.guest(name, "exec").await?;
+    // Checked before upgrading, so a missing or stopped VM gets a plain HTTP error.
+    let vm = match service
+        .handle(&caller, crate::vm::Action::GetVm(name.clone()))
+        .await?
+    {
+        Reply::VmDetail(d) => d.vm,
+        other => return Err(unexpected(other)),
+    };
+    if vm.state != VmState::Running {
+        return Err(VmError::NotRunning {
+            name: vm.name,
+            state: vm.state,
+            what: "exec",
+        }
+        .into());
+    }
     let service = service.clone();
-    let name = name.to_owned();
     Ok(ws.on_upgrade(move |socket| async move {
-        if let Err(e) = ws_session(&service, &name, socket).await {
+        if let Err(e) = ws_session(&service, &caller, name.clone(), socket).await {
             tracing::debug!(vm = %name, error = %e, "exec websocket ended");
         }
     }))
@@ -311,9 +232,18 @@ async fn send_text(socket: &mut WebSocket, msg: &WsServerMessage) -> Result<(), 
     socket.send(Message::Text(text.into())).await
 }
 
+async fn send_error(socket: &mut WebSocket, e: &VmError) -> Result<(), axum::Error> {
+    let msg = WsServerMessage::Error {
+        error: e.code(),
+        message: e.message(),
+    };
+    send_text(socket, &msg).await
+}
+
 async fn ws_session(
     service: &VmService,
-    name: &str,
+    caller: &Caller,
+    name: String,
     mut socket: WebSocket,
 ) -> Result<(), axum::Error> {
     let start = loop {
@@ -323,7 +253,7 @@ async fn ws_session(
             _ => return Ok(()),
         }
     };
-    let (request, stdin, tty) = match start {
+    let open = match start {
         Ok(WsClientMessage::Start {
             command,
             env,
@@ -331,8 +261,8 @@ async fn ws_session(
             tty,
             stdin,
             timeout_secs,
-        }) => (
-            ExecRequest {
+        }) => ExecOpen {
+            request: ExecRequest {
                 command,
                 env,
                 cwd,
@@ -340,11 +270,11 @@ async fn ws_session(
                 timeout_secs,
             },
             stdin,
-            tty.map(|t| PtySize {
+            pty: tty.map(|t| PtySize {
                 rows: t.rows,
                 cols: t.cols,
             }),
-        ),
+        },
         Ok(other) => {
             let msg = WsServerMessage::Error {
                 error: ErrorCode::InvalidRequest,
@@ -360,22 +290,14 @@ async fn ws_session(
             return send_text(&mut socket, &msg).await;
         }
     };
-    let (vm_name, mut session) = match open_session(service, name, request, stdin, tty).await {
+    let mut stdin_open = open.stdin;
+    let ExecStream { mut output, input } = match open_exec(service, caller, name, open).await {
         Ok(s) => s,
-        Err(e) => {
-            let msg = WsServerMessage::Error {
-                error: e.code(),
-                message: e.message(),
-            };
-            return send_text(&mut socket, &msg).await;
-        }
+        Err(e) => return send_error(&mut socket, &e).await,
     };
-    let client = session.client().clone();
-    let id = session.id;
-    let mut stdin_open = stdin;
     loop {
         tokio::select! {
-            event = session.next() => {
+            event = output.next() => {
                 let msg = match event {
                     Ok(ExecEvent::Stdout(b)) => Message::Binary(prefixed(WS_STDOUT, &b)),
                     Ok(ExecEvent::Stderr(b)) => Message::Binary(prefixed(WS_STDERR, &b)),
@@ -385,8 +307,7 @@ async fn ws_session(
                         return Ok(());
                     }
                     Err(e) => {
-                        let e = guest_err(&vm_name, e);
-                        send_text(&mut socket, &WsServerMessage::Error { error: e.code(), message: e.message() }).await?;
+                        send_error(&mut socket, &e).await?;
                         let _ = socket.send(Message::Close(None)).await;
                         return Ok(());
                     }
@@ -394,26 +315,26 @@ async fn ws_session(
                 socket.send(msg).await?;
             }
             incoming = socket.recv() => {
-                // The client going away drops `session`, which cancels the process in the guest.
+                // The client going away drops `output`, which ends the process in the guest.
                 let Some(Ok(msg)) = incoming else { return Ok(()) };
                 let sent = match msg {
-                    Message::Binary(data) if stdin_open => client.send_data(id, &data).await,
+                    Message::Binary(data) if stdin_open => input.write(&data).await,
                     Message::Text(t) => match serde_json::from_str::<WsClientMessage>(&t) {
                         Ok(WsClientMessage::Eof) if stdin_open => {
                             stdin_open = false;
-                            client.send_data(id, &[]).await
+                            input.close().await
                         }
                         Ok(WsClientMessage::Resize { size }) => {
-                            client.resize(id, PtySize { rows: size.rows, cols: size.cols }).await
+                            input.resize(PtySize { rows: size.rows, cols: size.cols }).await
                         }
-                        Ok(WsClientMessage::Signal { signal }) => client.signal(id, signal).await,
+                        Ok(WsClientMessage::Signal { signal }) => input.signal(signal).await,
                         _ => Ok(()),
                     },
                     Message::Close(_) => return Ok(()),
                     _ => Ok(()),
                 };
                 if let Err(e) = sent {
-                    tracing::debug!(error = %e, "exec websocket: cannot forward to guest");
+                    tracing::debug!(error = %e.message(), "exec websocket: cannot forward to guest");
                 }
             }
         }
@@ -429,57 +350,52 @@ fn prefixed(tag: u8, data: &[u8]) -> Bytes {
 
 pub async fn put_file(
     service: &VmService,
-    name: &str,
-    path: &str,
+    caller: &Caller,
+    name: String,
+    path: String,
     mode: u32,
     body: Body,
 ) -> Result<(), ApiError> {
-    let (vm, guest) = service.guest(name, "copying files").await?;
-    let (tx, rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
-    let mut data = body.into_data_stream();
-    let feed = async move {
-        while let Some(chunk) = data.next().await {
-            let item = chunk
-                .map(|c| c.to_vec())
-                .map_err(|e| format!("reading the upload failed: {e}"));
-            let failed = item.is_err();
-            // A closed channel: the guest side ended early, and its answer says why.
-            if tx.send(item).await.is_err() || failed {
-                break;
-            }
-        }
+    let data = body
+        .into_data_stream()
+        .map(|chunk| chunk.map_err(|e| format!("reading the upload failed: {e}")));
+    let action = Action::PutFile {
+        name,
+        path,
+        mode,
+        data: Upload(Box::pin(data)),
     };
-    let ((), put) = tokio::join!(feed, guest.put_file(path, mode, rx));
-    put.map_err(|source| VmError::GuestFile {
-        name: vm.name.clone(),
-        path: path.to_owned(),
-        source,
-    })?;
-    Ok(())
+    match service.handle(caller, action).await? {
+        Reply::Written => Ok(()),
+        other => Err(unexpected(other)),
+    }
 }
 
-pub async fn get_file(service: &VmService, name: &str, path: &str) -> Result<Response, ApiError> {
-    let (vm, guest) = service.guest(name, "copying files").await?;
-    let (size, mode, rx) = guest
-        .get_file(path)
-        .await
-        .map_err(|source| VmError::GuestFile {
-            name: vm.name.clone(),
-            path: path.to_owned(),
-            source,
-        })?;
-    let body = stream::unfold(rx, |mut rx| async move {
-        let item = rx.recv().await?;
-        Some((item.map(Bytes::from).map_err(std::io::Error::other), rx))
-    });
+pub async fn get_file(
+    service: &VmService,
+    caller: &Caller,
+    name: String,
+    path: String,
+) -> Result<Response, ApiError> {
+    let download = match service
+        .handle(caller, Action::GetFile { name, path })
+        .await?
+    {
+        Reply::Download(d) => d,
+        other => return Err(unexpected(other)),
+    };
     // No Content-Length: files under /proc or /sys, or files that change while they are read,
     // do not have the size the guest reported, and a declared length would cut them short.
-    let mut headers = octal_header(mode);
-    headers.insert("x-hearth-file-size", size.into());
+    let mut headers = octal_header(download.mode);
+    headers.insert("x-hearth-file-size", download.size.into());
     headers.insert(
         header::CONTENT_TYPE,
         header::HeaderValue::from_static("application/octet-stream"),
     );
+    let body = stream::unfold(download, |mut d| async move {
+        let item = d.next().await?;
+        Some((item.map_err(|e| std::io::Error::other(e.message())), d))
+    });
     Ok((headers, Body::from_stream(body)).into_response())
 }
 

@@ -38,6 +38,13 @@ impl Vmm for NoBootVmm {
             "this test VMM cannot boot guests".into(),
         ))
     }
+    async fn prepare(&self, _kernel: &std::path::Path, _cache: &std::path::Path) {}
+    fn ram_dir(&self) -> PathBuf {
+        PathBuf::from("/dev/shm")
+    }
+    fn find(&self, _spec: &LaunchSpec) -> Option<u32> {
+        None
+    }
     async fn adopt(
         &self,
         _spec: &LaunchSpec,
@@ -385,4 +392,52 @@ async fn docs_page_lists_the_endpoints() {
     .unwrap();
     assert!(html.contains("/v1/vms/{name}/exec"));
     assert!(html.contains("Create a VM"));
+}
+
+#[tokio::test]
+async fn a_vm_the_host_cannot_hold_is_refused_at_once_and_leaves_nothing() {
+    let ctx = Ctx::new().await;
+    let started = std::time::Instant::now();
+    let (s, resp) = ctx
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"name": "huge", "ram": "1T"})),
+        )
+        .await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("insufficient_capacity")),
+        "{resp}"
+    );
+    let msg = resp["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("not enough memory on this host: the VM needs 1048576 MiB,"),
+        "{msg}"
+    );
+    assert!(ctx.vm_dirs().is_empty());
+    let (_, list) = ctx.call("GET", "/v1/vms", None).await;
+    assert_eq!(list, json!([]));
+
+    // A disk far beyond the data directory's filesystem: 507.
+    let (s, resp) = ctx
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"name": "wide", "rootfs_size": "10T", "start": false})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::INSUFFICIENT_STORAGE, Some("resource_exhausted")),
+        "{resp}"
+    );
+    assert!(ctx.vm_dirs().is_empty());
+
+    // The health report shows the capacity it decided on.
+    let (_, health) = ctx.call("GET", "/v1/health", None).await;
+    let memory = &health["capacity"]["memory_mib"];
+    assert_eq!(memory["committed"], 0);
+    assert!(memory["total"].as_u64().unwrap() > 0, "{health}");
 }

@@ -1,160 +1,104 @@
-//! VM lifecycle: every front end turns its input into an [`Action`] and hands it to
-//! [`VmService::handle`]; streaming operations (exec sessions, files, logs) go through the typed
-//! methods below. Only this module changes VM state, and only through [`state::next`] and
-//! `Store::transition`.
+//! VMs: every front end (REST, SSH, E2B) turns its input into one [`Action`] and hands it, with
+//! the [`Caller`] it came from, to [`VmService::handle`]; streams (exec sessions, file transfers,
+//! logs) are actions too, whose replies are handles the front end drives. Only this module
+//! changes VM state, and only through [`state::next`] and `Store::transition`.
+//!
+//! - `error`: [`VmError`], the one place errors get their API code.
+//! - `lifecycle`: create, start, stop, restart, delete, and the one teardown of a run.
+//! - `running`: running VMs (VMM handle + agent connection) and the exit monitor.
+//! - `admission`: whether the host can take one more VM (`crate::capacity` decides).
+//! - `recovery`: what hearthd does at start with the VMs of its last run.
+//! - `exec`, `files`, `logs`: the operations on a VM's guest and its logs.
 
+mod admission;
+mod error;
+mod exec;
+mod files;
+mod lifecycle;
+mod logs;
+mod recovery;
+mod running;
 pub mod state;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use hearth_api::{
-    CreateVmRequest, ErrorCode, ExecRequest, ExecResponse, Health, Size, Vm, VmDetail, VmState,
-};
-use hearth_guest_proto::ShutdownAction;
+use hearth_api::{CreateVmRequest, ExecRequest, ExecResponse, Health, Vm, VmDetail};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::disk::{self, DiskError};
-use crate::guest::{ExecEvent, ExecSpec, GuestClient, GuestError};
+use crate::disk::Spares;
 use crate::image::Image;
-use crate::rules::{self, RuleError};
 use crate::store::{Store, StoreError, Transition, VmRecord};
-use crate::vmm::{LaunchSpec, VmHandle, Vmm, VmmError};
-use state::{Input, NotAllowed};
+use crate::vmm::Vmm;
+use running::Runtime;
+use state::Input;
 
-/// Largest stdout or stderr a request/response exec collects; the streaming endpoints have no
-/// such limit.
-pub const EXEC_OUTPUT_LIMIT: usize = 16 * 1024 * 1024;
+pub use error::VmError;
+pub use exec::{ExecEvent, ExecOpen, ExecOutput, ExecStream};
+pub use files::{Download, Upload};
+pub use logs::{LogSource, LogStream, LogWindow};
 
-/// Errors of VM operations. [`VmError::code`] is the one place they become API codes.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    #[error(transparent)]
-    Rule(#[from] RuleError),
-    #[error("invalid request: {0}")]
-    BadRequest(String),
-    #[error("no VM named {0:?}")]
-    NotFound(String),
-    #[error("a VM named {0:?} already exists")]
-    NameTaken(String),
-    #[error("cannot {verb} VM {name:?}: {reason}", verb = reason.input.verb())]
-    NotAllowed { name: String, reason: NotAllowed },
-    #[error("VM {name:?} is {state}: {what} needs it running")]
-    NotRunning {
-        name: String,
-        state: VmState,
-        what: &'static str,
-    },
-    #[error("the guest image is not ready: {0}")]
-    ImageUnavailable(String),
-    #[error("VM {name:?} did not start: {reason}")]
-    StartFailed { name: String, reason: String },
-    #[error("cannot prepare the disk of VM {name:?}")]
-    Disk {
-        name: String,
-        #[source]
-        source: DiskError,
-    },
-    #[error("VMM failure")]
-    Vmm(#[from] VmmError),
-    #[error("guest of VM {name:?}: {source}")]
-    Guest {
-        name: String,
-        #[source]
-        source: GuestError,
-    },
-    #[error("file {path:?} in VM {name:?}: {source}")]
-    GuestFile {
-        name: String,
-        path: String,
-        #[source]
-        source: GuestError,
-    },
-    #[error("program {program:?} cannot run in VM {name:?}: {message}")]
-    BadCommand {
-        name: String,
-        program: String,
-        code: hearth_guest_proto::ErrorCode,
-        message: String,
-    },
-    #[error("cannot read the {source_name} log of VM {name:?}")]
-    Log {
-        name: String,
-        source_name: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("state store failure")]
-    Store(#[from] StoreError),
-    #[error("an internal task failed: {0}")]
-    Task(String),
+/// Who asked for an action: decided on by authorization and recorded by audit, for every
+/// action of every front end.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub principal: Principal,
+    pub source: Source,
+    /// Set by the front end (or taken from the client's `x-request-id`); ties logs to requests.
+    pub request_id: String,
 }
 
-impl VmError {
-    /// The stable code of this error; the HTTP status and exit code follow from it.
-    pub fn code(&self) -> ErrorCode {
-        use hearth_guest_proto::ErrorCode as G;
+/// The identity behind a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The host's operator: whoever can reach the API's loopback port or its unix socket. Until
+    /// users and API keys exist, every caller is the operator.
+    Operator,
+    /// hearthd itself (recovery, background work).
+    System,
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Tcp(std::net::SocketAddr),
+    Internal,
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Principal::Operator => "operator",
+            Principal::System => "system",
+        })
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            VmError::Rule(r) => r.code,
-            VmError::BadRequest(_) => ErrorCode::InvalidRequest,
-            VmError::NotFound(_) | VmError::Store(StoreError::NotFound(_)) => ErrorCode::VmNotFound,
-            VmError::NameTaken(_) | VmError::Store(StoreError::NameTaken(_)) => {
-                ErrorCode::VmNameTaken
-            }
-            VmError::NotAllowed { .. } | VmError::NotRunning { .. } => ErrorCode::InvalidState,
-            VmError::Store(StoreError::StateChanged { .. }) => ErrorCode::VmBusy,
-            VmError::ImageUnavailable(_) => ErrorCode::ImageUnavailable,
-            VmError::StartFailed { .. } | VmError::Vmm(_) => ErrorCode::VmmFailed,
-            VmError::Disk { source, .. } => match source {
-                DiskError::Copy { source, .. } | DiskError::Grow { source, .. }
-                    if source.raw_os_error() == Some(libc::ENOSPC) =>
-                {
-                    ErrorCode::ResourceExhausted
-                }
-                _ => ErrorCode::Internal,
-            },
-            VmError::Guest { source, .. } | VmError::GuestFile { source, .. } => match source {
-                GuestError::Disconnected => ErrorCode::GuestUnavailable,
-                GuestError::NotReady(_) | GuestError::Timeout => ErrorCode::GuestTimeout,
-                GuestError::Agent { code, .. } => match (self, code) {
-                    (VmError::GuestFile { .. }, G::NotFound) => ErrorCode::GuestFileNotFound,
-                    (VmError::GuestFile { .. }, G::InvalidRequest) => ErrorCode::InvalidPath,
-                    _ => ErrorCode::GuestError,
-                },
-                GuestError::Unexpected(_)
-                | GuestError::Protocol { .. }
-                | GuestError::Overrun
-                | GuestError::AgentRestarted => ErrorCode::GuestError,
-                GuestError::Aborted(_) => ErrorCode::InvalidRequest,
-            },
-            VmError::BadCommand {
-                code: G::NotFound, ..
-            } => ErrorCode::CommandNotFound,
-            VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
-            VmError::Log { .. } | VmError::Store(_) | VmError::Task(_) => ErrorCode::Internal,
+            Source::Tcp(addr) => write!(f, "tcp:{addr}"),
+            Source::Internal => f.write_str("internal"),
         }
-    }
-
-    /// The message for API clients: this error and its causes, each said once.
-    pub fn message(&self) -> String {
-        let mut msg = self.to_string();
-        let mut source = std::error::Error::source(self);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !msg.contains(&text) {
-                msg.push_str(": ");
-                msg.push_str(&text);
-            }
-            source = s.source();
-        }
-        msg
     }
 }
 
-/// Every non-streaming operation of the API and the SSH surface.
+impl Caller {
+    /// hearthd's own work.
+    pub fn system() -> Caller {
+        Caller {
+            principal: Principal::System,
+            source: Source::Internal,
+            request_id: random_id(),
+        }
+    }
+}
+
+/// Every operation on VMs, of every front end.
 #[derive(Debug)]
 pub enum Action {
     Health,
@@ -168,10 +112,55 @@ pub enum Action {
     },
     RestartVm(String),
     DeleteVm(String),
+    /// Run a command to completion and collect its output.
     Exec {
         name: String,
         request: ExecRequest,
     },
+    /// Start an exec session; the reply is a stream to drive.
+    OpenExec {
+        name: String,
+        open: ExecOpen,
+    },
+    /// Write a file into the guest from a stream of chunks.
+    PutFile {
+        name: String,
+        path: String,
+        mode: u32,
+        data: Upload,
+    },
+    /// Read a file from the guest as a stream of chunks.
+    GetFile {
+        name: String,
+        path: String,
+    },
+    /// Read (and optionally follow) one of a VM's logs.
+    Logs {
+        name: String,
+        source: LogSource,
+        window: LogWindow,
+    },
+}
+
+impl Action {
+    /// The action's name, for logs and audit.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Health => "health",
+            Action::ListVms => "list_vms",
+            Action::GetVm(_) => "get_vm",
+            Action::CreateVm(_) => "create_vm",
+            Action::StartVm(_) => "start_vm",
+            Action::StopVm { .. } => "stop_vm",
+            Action::RestartVm(_) => "restart_vm",
+            Action::DeleteVm(_) => "delete_vm",
+            Action::Exec { .. } => "exec",
+            Action::OpenExec { .. } => "open_exec",
+            Action::PutFile { .. } => "put_file",
+            Action::GetFile { .. } => "get_file",
+            Action::Logs { .. } => "logs",
+        }
+    }
 }
 
 /// The successful result of an [`Action`].
@@ -184,13 +173,10 @@ pub enum Reply {
     VmDetail(VmDetail),
     Deleted,
     Exec(ExecResponse),
-}
-
-/// Which log of a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogSource {
-    Serial,
-    Vmm,
+    ExecStream(ExecStream),
+    Written,
+    Download(Download),
+    Log(LogStream),
 }
 
 /// State of the guest image, shared with the background build.
@@ -199,12 +185,6 @@ pub enum ImageState {
     Building(String),
     Ready(Image),
     Failed(String),
-}
-
-#[derive(Debug)]
-struct Runtime {
-    handle: Arc<dyn VmHandle>,
-    guest: Arc<GuestClient>,
 }
 
 /// Owns VM lifecycles. Cheap to clone.
@@ -219,10 +199,14 @@ struct Inner {
     store: Store,
     vmm: Arc<dyn Vmm>,
     image: watch::Receiver<ImageState>,
+    spares: Arc<Spares>,
     runtimes: Mutex<HashMap<String, Arc<Runtime>>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// True while a spare disk is being prepared.
-    refilling: std::sync::atomic::AtomicBool,
+    /// Set to true when a VM is removed, for the log followers of that VM.
+    gone: Mutex<HashMap<String, watch::Sender<bool>>>,
+    /// Held from an admission check until what it admitted is recorded, so two requests
+    /// cannot both take the last of a resource.
+    admission: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -255,73 +239,53 @@ impl VmService {
     ) -> VmService {
         VmService {
             inner: Arc::new(Inner {
-                config,
                 store,
                 vmm,
                 image,
+                spares: Arc::new(Spares::new(&config.data_dir, config.guest.rootfs_mib)),
+                config,
                 runtimes: Mutex::default(),
                 locks: Mutex::default(),
-                refilling: std::sync::atomic::AtomicBool::new(false),
+                gone: Mutex::default(),
+                admission: tokio::sync::Mutex::new(()),
             }),
         }
     }
 
-    /// Keeps one spare root disk of the default size, made from the current image, ready in
-    /// `<data_dir>/spare`: a create that wants exactly that takes it with a rename instead of
-    /// copying and growing the image on the request path. Runs in the background.
+    /// Keeps a spare root disk of the default size ready for the current image (in the
+    /// background), so a default create is a rename.
     pub fn refill_spare(&self) {
-        use std::sync::atomic::Ordering;
         let Ok(image) = self.image() else { return };
-        if self.inner.refilling.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let spare = self.spare_path(&image);
-        let dir = self.inner.config.data_dir.join("spare");
-        let service = self.clone();
-        let mib = self.inner.config.guest.rootfs_mib;
-        tokio::task::spawn_blocking(move || {
-            let result = (|| {
-                std::fs::create_dir_all(&dir).map_err(|source| DiskError::Copy {
-                    from: image.rootfs().display().to_string(),
-                    to: dir.display().to_string(),
-                    source,
-                })?;
-                // Spares of older images or sizes are of no use any more.
-                for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                    if e.path() != spare {
-                        let _ = std::fs::remove_file(e.path());
-                    }
-                }
-                if spare.exists() {
-                    return Ok(());
-                }
-                let tmp = spare.with_extension("tmp");
-                disk::clone_file(&image.rootfs(), &tmp)?;
-                disk::grow_ext4(&tmp, mib)?;
-                std::fs::rename(&tmp, &spare).map_err(|source| DiskError::Copy {
-                    from: tmp.display().to_string(),
-                    to: spare.display().to_string(),
-                    source,
-                })
-            })();
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "cannot prepare a spare disk; creates will copy the image");
+        let spares = self.inner.spares.clone();
+        tokio::task::spawn_blocking(move || spares.refill(&image.id, &image.rootfs()));
+    }
+
+    /// Runs one action for `caller`. Every operation of every front end passes here, so this is
+    /// where authorization and audit see it.
+    pub async fn handle(&self, caller: &Caller, action: Action) -> Result<Reply, VmError> {
+        use tracing::Instrument;
+        let span = tracing::debug_span!(
+            "action",
+            action = action.name(),
+            principal = %caller.principal,
+            source = %caller.source,
+            request_id = %caller.request_id,
+        );
+        async move {
+            tracing::debug!("started");
+            let reply = self.dispatch(action).await;
+            if let Err(e) = &reply {
+                tracing::debug!(code = %e.code(), "failed");
             }
-            service.inner.refilling.store(false, Ordering::Release);
-        });
+            reply
+        }
+        .instrument(span)
+        .await
     }
 
-    fn spare_path(&self, image: &Image) -> PathBuf {
-        self.inner.config.data_dir.join("spare").join(format!(
-            "{}-{}.ext4",
-            image.id, self.inner.config.guest.rootfs_mib
-        ))
-    }
-
-    /// Runs one action.
-    pub async fn handle(&self, action: Action) -> Result<Reply, VmError> {
+    async fn dispatch(&self, action: Action) -> Result<Reply, VmError> {
         match action {
-            Action::Health => Ok(Reply::Health(self.health())),
+            Action::Health => Ok(Reply::Health(self.health().await?)),
             Action::ListVms => Ok(Reply::Vms(self.inner.store.list_vms().await?)),
             Action::GetVm(name) => Ok(Reply::VmDetail(self.detail(&name).await?)),
             // Lifecycle work runs in a task of its own: a client that hangs up or a request
@@ -329,50 +293,71 @@ impl VmService {
             Action::CreateVm(req) => {
                 let s = self.clone();
                 Ok(Reply::Created(
-                    detached(async move { s.create(req).await }).await?,
+                    lifecycle::detached(async move { s.create(req).await }).await?,
                 ))
             }
             Action::StartVm(name) => {
                 let s = self.clone();
                 Ok(Reply::Vm(
-                    detached(async move { s.start(&name).await }).await?,
+                    lifecycle::detached(async move { s.start(&name).await }).await?,
                 ))
             }
             Action::StopVm { name, timeout } => {
                 let s = self.clone();
                 Ok(Reply::Vm(
-                    detached(async move { s.stop(&name, timeout).await }).await?,
+                    lifecycle::detached(async move { s.stop(&name, timeout).await }).await?,
                 ))
             }
             Action::RestartVm(name) => {
                 let s = self.clone();
                 Ok(Reply::Vm(
-                    detached(async move { s.restart(&name).await }).await?,
+                    lifecycle::detached(async move { s.restart(&name).await }).await?,
                 ))
             }
             Action::DeleteVm(name) => {
                 let s = self.clone();
-                detached(async move { s.delete(&name).await }).await?;
+                lifecycle::detached(async move { s.delete(&name).await }).await?;
                 Ok(Reply::Deleted)
             }
             Action::Exec { name, request } => Ok(Reply::Exec(self.exec(&name, request).await?)),
+            Action::OpenExec { name, open } => {
+                Ok(Reply::ExecStream(self.open_exec_stream(&name, open).await?))
+            }
+            Action::PutFile {
+                name,
+                path,
+                mode,
+                data,
+            } => {
+                self.put_file(&name, &path, mode, data).await?;
+                Ok(Reply::Written)
+            }
+            Action::GetFile { name, path } => {
+                Ok(Reply::Download(self.get_file(&name, &path).await?))
+            }
+            Action::Logs {
+                name,
+                source,
+                window,
+            } => Ok(Reply::Log(self.log_stream(&name, source, window).await?)),
         }
     }
 
-    fn health(&self) -> Health {
+    async fn health(&self) -> Result<Health, VmError> {
         let (image, image_status) = match &*self.inner.image.borrow() {
             ImageState::Ready(i) => (Some(i.id.clone()), "ready".to_owned()),
             ImageState::Building(step) => (None, format!("building: {step}")),
             ImageState::Failed(why) => (None, format!("failed: {why}")),
         };
-        Health {
+        Ok(Health {
             status: "ok".into(),
             version: env!("CARGO_PKG_VERSION").into(),
             vmm: self.inner.vmm.kind().into(),
             accel: self.inner.vmm.accel().into(),
             image,
             image_status,
-        }
+            capacity: self.capacity().await?,
+        })
     }
 
     async fn detail(&self, name: &str) -> Result<VmDetail, VmError> {
@@ -401,18 +386,6 @@ impl VmService {
 
     fn run_dir(&self, id: &str) -> PathBuf {
         self.inner.config.data_dir.join("run").join(id)
-    }
-
-    /// Removes a VM's sockets and other per-run files; a VM that never ran has none.
-    async fn clear_run_dir(&self, id: &str) {
-        let _ = tokio::fs::remove_dir_all(self.run_dir(id)).await;
-    }
-
-    pub fn log_path(&self, vm: &VmRecord, source: LogSource) -> PathBuf {
-        self.vm_dir(&vm.id).join(match source {
-            LogSource::Serial => "serial.log",
-            LogSource::Vmm => "vmm.log",
-        })
     }
 
     fn image(&self) -> Result<Image, VmError> {
@@ -448,734 +421,5 @@ impl VmService {
             last_error,
         };
         Ok(self.inner.store.transition(&vm.id, &t).await?)
-    }
-
-    async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, VmError> {
-        let defaults = &self.inner.config.guest;
-        rules::validate_name(&req.name)?;
-        let cpus = req.cpus.unwrap_or(defaults.cpus);
-        rules::validate_cpus(cpus)?;
-        let memory_mib = match &req.ram {
-            Some(size) => rules::validate_ram(size)?,
-            None => defaults.memory_mib,
-        };
-        let image = self.image()?;
-        let rootfs_mib = rules::validate_rootfs(
-            req.rootfs_size
-                .as_ref()
-                .unwrap_or(&Size::Mib(defaults.rootfs_mib)),
-            image.rootfs_mib,
-        )?;
-        let now = crate::store::now();
-        let record = VmRecord {
-            id: random_id(),
-            name: req.name.clone(),
-            state: VmState::Creating,
-            cpus,
-            memory_mib,
-            rootfs_mib,
-            image: image.id.clone(),
-            vmm: self.inner.vmm.kind().into(),
-            pid: None,
-            created_at: now.clone(),
-            updated_at: now,
-            last_error: None,
-        };
-        match self.inner.store.insert_vm(&record).await {
-            Err(StoreError::NameTaken(n)) => return Err(VmError::NameTaken(n)),
-            other => other?,
-        }
-        let lock = self.vm_lock(&record.id);
-        let _guard = lock.lock().await;
-        let prepared = match self.prepare_disk(&record, &image).await {
-            Ok(()) => {
-                self.transition(&record, Input::Created, None, None, None)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        let record = match prepared {
-            Ok(r) => r,
-            Err(e) => {
-                self.purge(&record).await;
-                return Err(e);
-            }
-        };
-        if req.start.unwrap_or(true)
-            && let Err(e) = self.start_locked(record.clone()).await
-        {
-            // A create that fails leaves nothing behind.
-            self.purge(&record).await;
-            return Err(e);
-        }
-        drop(_guard);
-        self.detail(&record.id).await
-    }
-
-    async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<(), VmError> {
-        let dir = self.vm_dir(&vm.id);
-        if vm.rootfs_mib == self.inner.config.guest.rootfs_mib {
-            let spare = self.spare_path(image);
-            let dst = dir.join("rootfs.ext4");
-            let taken = tokio::fs::create_dir_all(&dir).await.is_ok()
-                && tokio::fs::rename(&spare, &dst).await.is_ok();
-            if taken {
-                self.refill_spare();
-                return Ok(());
-            }
-        }
-        let (src, mib) = (image.rootfs(), vm.rootfs_mib);
-        let disk_err = |source| VmError::Disk {
-            name: vm.name.clone(),
-            source,
-        };
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|source| DiskError::Copy {
-                from: src.display().to_string(),
-                to: dir.display().to_string(),
-                source,
-            })?;
-            let dst = dir.join("rootfs.ext4");
-            disk::clone_file(&src, &dst)?;
-            disk::grow_ext4(&dst, mib)
-        })
-        .await
-        .map_err(|e| VmError::Task(format!("disk preparation: {e}")))?
-        .map_err(disk_err)
-    }
-
-    /// Removes everything of a VM: files, runtime, record.
-    async fn purge(&self, vm: &VmRecord) {
-        let runtime = lock(&self.inner.runtimes).remove(&vm.id);
-        if let Some(rt) = runtime {
-            let _ = rt.handle.kill().await;
-        }
-        self.clear_run_dir(&vm.id).await;
-        let _ = tokio::fs::remove_dir_all(self.vm_dir(&vm.id)).await;
-        if let Err(e) = self.inner.store.delete_vm(&vm.id).await {
-            tracing::error!(vm = %vm.name, error = %e, "cannot remove VM record");
-        }
-        lock(&self.inner.locks).remove(&vm.id);
-    }
-
-    /// What the VMM needs to run `vm`. Without an image (re-adopting a running VM whose image is
-    /// gone) the kernel paths are empty: adoption only uses the VM's own paths.
-    fn launch_spec(&self, vm: &VmRecord, image: Option<&Image>) -> LaunchSpec {
-        let dir = self.vm_dir(&vm.id);
-        LaunchSpec {
-            id: vm.id.clone(),
-            name: vm.name.clone(),
-            cpus: vm.cpus,
-            memory_mib: vm.memory_mib,
-            kernel: image.map(Image::kernel).unwrap_or_default(),
-            initrd: image.map(Image::initrd).unwrap_or_default(),
-            cmdline: format!("hearth.hostname={}", vm.name),
-            rootfs: dir.join("rootfs.ext4"),
-            run_dir: self.run_dir(&vm.id),
-            serial_log: dir.join("serial.log"),
-            vmm_log: dir.join("vmm.log"),
-        }
-    }
-
-    /// The image a VM boots: the one its disk came from when still there, else the current one
-    /// (the kernel and initramfs do not depend on the disk's contents).
-    fn boot_image(&self, vm: &VmRecord) -> Result<Image, VmError> {
-        let own = self.inner.config.data_dir.join("images").join(&vm.image);
-        match Image::load(&own) {
-            Some(i) => Ok(i),
-            None => self.image(),
-        }
-    }
-
-    async fn start(&self, name: &str) -> Result<Vm, VmError> {
-        let vm = self.record(name).await?;
-        let lock = self.vm_lock(&vm.id);
-        let _guard = lock.lock().await;
-        let vm = self.record(&vm.id).await?;
-        self.start_locked(vm).await
-    }
-
-    async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, VmError> {
-        let vm = self.transition(&vm, Input::Start, None, None, None).await?;
-        let started = Instant::now();
-        let result = self.boot(&vm).await;
-        self.finish_boot(vm, started, result).await
-    }
-
-    /// Records the outcome of a boot of `vm` (in `starting`): running with a monitor, or error
-    /// with `last_error` and nothing left running.
-    async fn finish_boot(
-        &self,
-        vm: VmRecord,
-        started: Instant,
-        result: Result<(Arc<Runtime>, String), String>,
-    ) -> Result<VmRecord, VmError> {
-        match result {
-            Ok((runtime, boot_id)) => {
-                let pid = runtime.handle.pid();
-                let message = format!(
-                    "guest agent ready in {} ms (pid {pid}, boot {boot_id})",
-                    started.elapsed().as_millis()
-                );
-                lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
-                let booted = self
-                    .transition(
-                        &vm,
-                        Input::Booted,
-                        Some(&message),
-                        Some(Some(pid)),
-                        Some(None),
-                    )
-                    .await;
-                match booted {
-                    Ok(vm) => {
-                        self.monitor(vm.clone(), runtime);
-                        Ok(vm)
-                    }
-                    Err(e) => {
-                        lock(&self.inner.runtimes).remove(&vm.id);
-                        let _ = runtime.handle.kill().await;
-                        self.clear_run_dir(&vm.id).await;
-                        Err(e)
-                    }
-                }
-            }
-            Err(reason) => {
-                let serial = self.log_path(&vm, LogSource::Serial);
-                let tail = tail_lines(&serial, 3);
-                let reason = if tail.is_empty() {
-                    reason
-                } else {
-                    format!("{reason}; serial console ends with: {tail}")
-                };
-                self.clear_run_dir(&vm.id).await;
-                self.transition(
-                    &vm,
-                    Input::BootFailed,
-                    Some(&reason),
-                    Some(None),
-                    Some(Some(&reason)),
-                )
-                .await?;
-                Err(VmError::StartFailed {
-                    name: vm.name.clone(),
-                    reason,
-                })
-            }
-        }
-    }
-
-    /// Launches the VMM and waits for the agent. On failure nothing is left running.
-    async fn boot(&self, vm: &VmRecord) -> Result<(Arc<Runtime>, String), String> {
-        let image = self.boot_image(vm).map_err(|e| e.message())?;
-        let spec = self.launch_spec(vm, Some(&image));
-        rotate_log(&spec.serial_log, self.inner.config.guest.log_max_bytes);
-        rotate_log(&spec.vmm_log, self.inner.config.guest.log_max_bytes);
-        let handle: Arc<dyn VmHandle> = Arc::from(
-            self.inner
-                .vmm
-                .launch(&spec)
-                .await
-                .map_err(|e| VmError::Vmm(e).message())?,
-        );
-        let launched = format!("VMM pid {} launched", handle.pid());
-        if let Err(e) = self
-            .inner
-            .store
-            .set_pid(&vm.id, handle.pid(), &launched)
-            .await
-        {
-            tracing::warn!(vm = %vm.name, error = %e, "cannot record the VMM pid");
-        }
-        self.await_guest(&spec, handle).await
-    }
-
-    /// Waits for the agent of a launched VMM; on failure ends the VMM.
-    async fn await_guest(
-        &self,
-        spec: &LaunchSpec,
-        handle: Arc<dyn VmHandle>,
-    ) -> Result<(Arc<Runtime>, String), String> {
-        let timeout = self.inner.config.guest.ready_timeout;
-        let ready = async {
-            let guest = GuestClient::connect(&spec.agent_socket(), Duration::from_secs(10)).await?;
-            let boot_id = guest.wait_ready(timeout).await?;
-            Ok::<_, GuestError>((guest, boot_id))
-        };
-        let result = tokio::select! {
-            r = ready => r.map_err(|e| e.to_string()),
-            () = handle.wait_exit() => Err("the VMM exited while the guest was booting".to_owned()),
-        };
-        match result {
-            Ok((guest, boot_id)) => Ok((Arc::new(Runtime { handle, guest }), boot_id)),
-            Err(e) => {
-                let _ = handle.kill().await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Watches a running VM's VMM and records when it exits on its own.
-    fn monitor(&self, vm: VmRecord, runtime: Arc<Runtime>) {
-        let service = self.clone();
-        tokio::spawn(async move {
-            // While it runs, keep its logs under the configured size.
-            let logs = [
-                service.log_path(&vm, LogSource::Serial),
-                service.log_path(&vm, LogSource::Vmm),
-            ];
-            let max = service.inner.config.guest.log_max_bytes;
-            let mut tick = tokio::time::interval(Duration::from_secs(5));
-            loop {
-                tokio::select! {
-                    () = runtime.handle.wait_exit() => break,
-                    _ = tick.tick() => {
-                        for log in &logs {
-                            cap_log(log, max);
-                        }
-                    }
-                }
-            }
-            let current = {
-                let mut runtimes = lock(&service.inner.runtimes);
-                match runtimes.get(&vm.id) {
-                    Some(r) if Arc::ptr_eq(r, &runtime) => runtimes.remove(&vm.id),
-                    _ => None,
-                }
-            };
-            if current.is_none() {
-                return; // a stop or delete took over
-            }
-            // Under the VM's lock no start can slip in between the cleanup and the transition,
-            // so the files removed are this run's, and `stopped` is shown only once they are
-            // gone. (A stop holding the lock took the runtime first and returned above.)
-            let lock = service.vm_lock(&vm.id);
-            let _guard = lock.lock().await;
-            let Ok(now) = service.record(&vm.id).await else {
-                return;
-            };
-            if now.state != VmState::Running {
-                return;
-            }
-            service.clear_run_dir(&vm.id).await;
-            let msg = "the VMM process exited (guest powered off or crashed)";
-            if let Err(e) = service
-                .transition(&now, Input::Exited, Some(msg), Some(None), None)
-                .await
-            {
-                tracing::warn!(vm = %vm.name, error = %e.message(), "cannot record exit");
-            }
-        });
-    }
-
-    async fn stop(&self, name: &str, timeout: Option<Duration>) -> Result<Vm, VmError> {
-        let vm = self.record(name).await?;
-        let lock = self.vm_lock(&vm.id);
-        let _guard = lock.lock().await;
-        let vm = self.record(&vm.id).await?;
-        self.stop_locked(vm, timeout).await
-    }
-
-    async fn stop_locked(
-        &self,
-        vm: VmRecord,
-        timeout: Option<Duration>,
-    ) -> Result<VmRecord, VmError> {
-        let vm = self.transition(&vm, Input::Stop, None, None, None).await?;
-        let runtime = lock(&self.inner.runtimes).remove(&vm.id);
-        let timeout = timeout.unwrap_or(self.inner.config.guest.stop_timeout);
-        let mut how = "no VMM process was running".to_owned();
-        if let Some(rt) = runtime {
-            let asked = if rt.guest.is_ready() {
-                rt.guest.shutdown(ShutdownAction::Poweroff).await.is_ok()
-            } else {
-                rt.handle.request_poweroff().await.is_ok()
-            };
-            let clean = asked
-                && tokio::time::timeout(timeout, rt.handle.wait_exit())
-                    .await
-                    .is_ok();
-            if clean {
-                how = "guest powered off".into();
-            } else {
-                rt.handle.kill().await?;
-                how = format!(
-                    "guest did not power off within {} s; VMM ended by force",
-                    timeout.as_secs()
-                );
-            }
-        }
-        self.clear_run_dir(&vm.id).await;
-        self.transition(&vm, Input::Halted, Some(&how), Some(None), None)
-            .await
-    }
-
-    async fn restart(&self, name: &str) -> Result<Vm, VmError> {
-        let vm = self.record(name).await?;
-        let lock = self.vm_lock(&vm.id);
-        let _guard = lock.lock().await;
-        let mut vm = self.record(&vm.id).await?;
-        if vm.state == VmState::Running {
-            vm = self.stop_locked(vm, None).await?;
-        }
-        self.start_locked(vm).await
-    }
-
-    async fn delete(&self, name: &str) -> Result<(), VmError> {
-        let vm = self.record(name).await?;
-        let lock = self.vm_lock(&vm.id);
-        let guard = lock.lock().await;
-        let mut vm = self.record(&vm.id).await?;
-        if vm.state == VmState::Running {
-            vm = self.stop_locked(vm, None).await?;
-        }
-        self.transition(&vm, Input::Delete, None, None, None)
-            .await?;
-        drop(guard);
-        self.purge(&vm).await;
-        Ok(())
-    }
-
-    /// The agent connection of a running VM.
-    pub async fn guest(
-        &self,
-        name: &str,
-        what: &'static str,
-    ) -> Result<(VmRecord, Arc<GuestClient>), VmError> {
-        let vm = self.record(name).await?;
-        let runtime = lock(&self.inner.runtimes).get(&vm.id).cloned();
-        match (vm.state, runtime) {
-            (VmState::Running, Some(rt)) => {
-                // After a hearthd restart the agent may not have answered hello yet.
-                rt.guest
-                    .wait_ready(Duration::from_secs(10))
-                    .await
-                    .map_err(|source| VmError::Guest {
-                        name: vm.name.clone(),
-                        source,
-                    })?;
-                Ok((vm, rt.guest.clone()))
-            }
-            (state, _) => Err(VmError::NotRunning {
-                name: vm.name.clone(),
-                state,
-                what,
-            }),
-        }
-    }
-
-    async fn exec(&self, name: &str, req: ExecRequest) -> Result<ExecResponse, VmError> {
-        let started = Instant::now();
-        let (vm, guest) = self.guest(name, "exec").await?;
-        let stdin = req.stdin.clone();
-        let mut session = self
-            .open_exec(&vm, &guest, exec_spec(req, stdin.is_some(), None)?)
-            .await?;
-        if let Some(text) = stdin {
-            let send = async {
-                guest.send_data(session.id, text.as_bytes()).await?;
-                guest.send_data(session.id, &[]).await
-            };
-            send.await.map_err(|source| VmError::Guest {
-                name: vm.name.clone(),
-                source,
-            })?;
-        }
-        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-        loop {
-            let event = session.next().await.map_err(|source| VmError::Guest {
-                name: vm.name.clone(),
-                source,
-            })?;
-            match event {
-                ExecEvent::Stdout(b) => append_capped(&mut stdout, &b),
-                ExecEvent::Stderr(b) => append_capped(&mut stderr, &b),
-                ExecEvent::Exited {
-                    code,
-                    signal,
-                    timed_out,
-                } => {
-                    return Ok(ExecResponse {
-                        exit_code: code,
-                        signal,
-                        timed_out,
-                        truncated: stdout.len() >= EXEC_OUTPUT_LIMIT
-                            || stderr.len() >= EXEC_OUTPUT_LIMIT,
-                        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-                        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-                        duration_ms: u64::try_from(started.elapsed().as_millis())
-                            .unwrap_or(u64::MAX),
-                    });
-                }
-            }
-        }
-    }
-
-    /// Starts an exec session, mapping "program not found" to a clear error.
-    pub async fn open_exec(
-        &self,
-        vm: &VmRecord,
-        guest: &Arc<GuestClient>,
-        spec: ExecSpec,
-    ) -> Result<crate::guest::ExecSession, VmError> {
-        let program = spec.argv.first().cloned().unwrap_or_default();
-        guest.exec(spec).await.map_err(|source| match source {
-            GuestError::Agent { code, message } => VmError::BadCommand {
-                name: vm.name.clone(),
-                program,
-                code,
-                message,
-            },
-            source => VmError::Guest {
-                name: vm.name.clone(),
-                source,
-            },
-        })
-    }
-
-    /// Re-attaches to VMs that were running when hearthd last stopped, and settles the ones
-    /// whose VMM is gone or whose create or delete was interrupted.
-    pub async fn recover(&self) -> Result<(), VmError> {
-        for vm in self.inner.store.list_vms().await? {
-            match vm.state {
-                VmState::Creating | VmState::Deleting => {
-                    tracing::info!(vm = %vm.name, state = %vm.state, "removing VM whose create or delete was interrupted");
-                    self.purge(&vm).await;
-                }
-                VmState::Stopped | VmState::Error => {}
-                VmState::Starting | VmState::Running | VmState::Stopping => {
-                    self.readopt(vm).await?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn readopt(&self, vm: VmRecord) -> Result<(), VmError> {
-        let image = self.boot_image(&vm).ok();
-        let spec = self.launch_spec(&vm, image.as_ref());
-        let adopted = match vm.pid {
-            Some(pid) => match self.inner.vmm.adopt(&spec, pid).await {
-                Ok(handle) => handle.map(Arc::<dyn VmHandle>::from),
-                Err(e) => {
-                    tracing::warn!(vm = %vm.name, error = %VmError::Vmm(e).message(), "cannot re-attach to the VMM");
-                    None
-                }
-            },
-            None => None,
-        };
-        let Some(handle) = adopted else {
-            tracing::info!(vm = %vm.name, "VMM is gone; marking the VM stopped");
-            let msg = "the VMM process was gone when hearthd started";
-            self.transition(&vm, Input::Exited, Some(msg), Some(None), None)
-                .await?;
-            self.clear_run_dir(&vm.id).await;
-            return Ok(());
-        };
-        self.inner
-            .store
-            .record_event(
-                &vm.id,
-                "readopted",
-                Some(&format!(
-                    "VMM pid {} re-attached after hearthd restart",
-                    handle.pid()
-                )),
-            )
-            .await?;
-        match vm.state {
-            VmState::Stopping => {
-                // The stop was interrupted: finish it.
-                handle.kill().await?;
-                self.transition(
-                    &vm,
-                    Input::Halted,
-                    Some("stop finished after hearthd restart"),
-                    Some(None),
-                    None,
-                )
-                .await?;
-                self.clear_run_dir(&vm.id).await;
-            }
-            VmState::Starting => {
-                // The boot was interrupted: wait for the guest again, holding the VM's lock so
-                // user requests queue behind it.
-                let service = self.clone();
-                tokio::spawn(async move {
-                    let lock = service.vm_lock(&vm.id);
-                    let _guard = lock.lock().await;
-                    let started = Instant::now();
-                    let result = service.await_guest(&spec, handle).await;
-                    if let Err(e) = service.finish_boot(vm, started, result).await {
-                        tracing::warn!(error = %e.message(), "cannot finish an interrupted boot");
-                    }
-                });
-            }
-            _ => {
-                let guest = match GuestClient::connect(&spec.agent_socket(), Duration::from_secs(2))
-                    .await
-                {
-                    Ok(g) => g,
-                    Err(e) => {
-                        tracing::warn!(vm = %vm.name, error = %e, "cannot reach the guest agent; ending the VMM");
-                        let _ = handle.kill().await;
-                        self.transition(
-                            &vm,
-                            Input::Exited,
-                            Some("guest agent unreachable after hearthd restart"),
-                            Some(None),
-                            None,
-                        )
-                        .await?;
-                        self.clear_run_dir(&vm.id).await;
-                        return Ok(());
-                    }
-                };
-                let runtime = Arc::new(Runtime { handle, guest });
-                lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
-                self.monitor(vm, runtime);
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Runs `work` to completion in its own task, whatever happens to the caller.
-async fn detached<T: Send + 'static>(
-    work: impl std::future::Future<Output = Result<T, VmError>> + Send + 'static,
-) -> Result<T, VmError> {
-    tokio::spawn(work)
-        .await
-        .map_err(|e| VmError::Task(e.to_string()))?
-}
-
-/// Turns an API exec request into an agent exec.
-pub fn exec_spec(
-    req: ExecRequest,
-    stdin: bool,
-    pty: Option<hearth_guest_proto::PtySize>,
-) -> Result<ExecSpec, VmError> {
-    if req.command.is_empty() || req.command[0].is_empty() {
-        return Err(RuleError {
-            code: ErrorCode::InvalidCommand,
-            message: "invalid command: it must name a program, e.g. [\"uname\", \"-a\"]".into(),
-        }
-        .into());
-    }
-    if let Some(cwd) = &req.cwd
-        && !cwd.starts_with('/')
-    {
-        return Err(RuleError {
-            code: ErrorCode::InvalidPath,
-            message: format!("invalid cwd {cwd:?}: must be an absolute path"),
-        }
-        .into());
-    }
-    if req.timeout_secs == Some(0) {
-        return Err(VmError::BadRequest(
-            "timeout_secs must be at least 1".into(),
-        ));
-    }
-    Ok(ExecSpec {
-        argv: req.command,
-        env: req.env.into_iter().collect(),
-        cwd: req.cwd,
-        stdin,
-        pty,
-        timeout: req.timeout_secs.map(Duration::from_secs),
-    })
-}
-
-fn append_capped(buf: &mut Vec<u8>, bytes: &[u8]) {
-    let room = EXEC_OUTPUT_LIMIT.saturating_sub(buf.len());
-    buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-}
-
-/// Keeps at most one old copy of a log once it is larger than `max` bytes (before a start, when
-/// no process writes it).
-fn rotate_log(path: &Path, max: u64) {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > max) {
-        let _ = std::fs::rename(path, path.with_extension("log.1"));
-    }
-}
-
-/// Like [`rotate_log`] for a log the VMM is writing: copy it aside, then truncate it in place.
-/// The VMM opened it for appending, so its next write lands at the new end.
-fn cap_log(path: &Path, max: u64) {
-    if std::fs::metadata(path).is_ok_and(|m| m.len() > max)
-        && std::fs::copy(path, path.with_extension("log.1")).is_ok()
-        && let Ok(f) = std::fs::OpenOptions::new().write(true).open(path)
-    {
-        let _ = f.set_len(0);
-    }
-}
-
-/// The last `n` non-empty lines of a file, joined, for error messages.
-fn tail_lines(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = text.len().saturating_sub(16 * 1024);
-    let text = String::from_utf8_lossy(&text[start..]);
-    let lines: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].join(" / ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-
-    #[test]
-    fn a_log_being_written_is_capped_in_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("serial.log");
-        let mut writer = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        writer.write_all(&[b'x'; 10_000]).unwrap();
-        cap_log(&log, 20_000);
-        assert_eq!(
-            std::fs::metadata(&log).unwrap().len(),
-            10_000,
-            "under the cap"
-        );
-        cap_log(&log, 4096);
-        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
-        assert_eq!(
-            std::fs::read(dir.path().join("serial.log.1"))
-                .unwrap()
-                .len(),
-            10_000
-        );
-        // The writer keeps appending at the new end, not at its old offset.
-        writer.write_all(b"next\n").unwrap();
-        assert_eq!(std::fs::read(&log).unwrap(), b"next\n");
-    }
-
-    #[test]
-    fn exec_requests_are_checked() {
-        let req = |command: &[&str], cwd: Option<&str>| ExecRequest {
-            command: command.iter().map(|s| s.to_string()).collect(),
-            cwd: cwd.map(str::to_owned),
-            ..ExecRequest::default()
-        };
-        assert_eq!(
-            exec_spec(req(&[], None), false, None).unwrap_err().code(),
-            ErrorCode::InvalidCommand
-        );
-        assert_eq!(
-            exec_spec(req(&["ls"], Some("tmp")), false, None)
-                .unwrap_err()
-                .code(),
-            ErrorCode::InvalidPath
-        );
-        let spec = exec_spec(req(&["ls", "-l"], Some("/tmp")), true, None).unwrap();
-        assert_eq!(spec.argv, ["ls", "-l"]);
-        assert!(spec.stdin);
     }
 }

@@ -29,6 +29,8 @@ pub enum Input {
     Exited,
     /// A user asked to delete it.
     Delete,
+    /// hearthd cannot manage the VM any more (its recovery at start failed).
+    Failed,
 }
 
 impl Input {
@@ -39,6 +41,7 @@ impl Input {
             Input::Start | Input::Booted | Input::BootFailed => "start",
             Input::Stop | Input::Halted | Input::Exited => "stop",
             Input::Delete => "delete",
+            Input::Failed => "recover",
         }
     }
 
@@ -53,6 +56,7 @@ impl Input {
             Input::Halted => "stopped",
             Input::Exited => "exited",
             Input::Delete => "delete_requested",
+            Input::Failed => "failed",
         }
     }
 }
@@ -90,16 +94,35 @@ pub fn next(state: VmState, input: Input) -> Result<VmState, NotAllowed> {
         (S::Running | S::Stopping, I::Exited) => S::Stopped,
         (S::Stopping, I::Halted) => S::Stopped,
         (S::Stopped | S::Error, I::Delete) => S::Deleting,
+        (S::Stopped | S::Starting | S::Running | S::Stopping | S::Error, I::Failed) => S::Error,
         (
             S::Creating,
-            I::Start | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited | I::Delete,
+            I::Start
+            | I::Booted
+            | I::BootFailed
+            | I::Stop
+            | I::Halted
+            | I::Exited
+            | I::Delete
+            | I::Failed,
         )
         | (S::Stopped, I::Created | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited)
         | (S::Starting, I::Created | I::Start | I::Stop | I::Halted | I::Delete)
         | (S::Running, I::Created | I::Start | I::Booted | I::BootFailed | I::Halted | I::Delete)
         | (S::Stopping, I::Created | I::Start | I::Booted | I::BootFailed | I::Stop | I::Delete)
         | (S::Error, I::Created | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited)
-        | (S::Deleting, _) => return Err(NotAllowed { state, input }),
+        | (
+            S::Deleting,
+            I::Created
+            | I::Start
+            | I::Booted
+            | I::BootFailed
+            | I::Stop
+            | I::Halted
+            | I::Exited
+            | I::Delete
+            | I::Failed,
+        ) => return Err(NotAllowed { state, input }),
     };
     Ok(to)
 }
@@ -109,7 +132,7 @@ mod tests {
     use super::*;
     use VmState as S;
 
-    const INPUTS: [Input; 8] = [
+    const INPUTS: [Input; 9] = [
         Input::Created,
         Input::Start,
         Input::Booted,
@@ -118,6 +141,7 @@ mod tests {
         Input::Halted,
         Input::Exited,
         Input::Delete,
+        Input::Failed,
     ];
 
     #[test]
@@ -152,6 +176,9 @@ mod tests {
         assert_eq!(next(S::Running, Input::Exited), Ok(S::Stopped));
         assert_eq!(next(S::Error, Input::Start), Ok(S::Starting));
         assert_eq!(next(S::Error, Input::Delete), Ok(S::Deleting));
+        assert_eq!(next(S::Running, Input::Failed), Ok(S::Error));
+        assert_eq!(next(S::Stopping, Input::Failed), Ok(S::Error));
+        assert!(next(S::Creating, Input::Failed).is_err());
     }
 
     #[test]

@@ -82,8 +82,17 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// `kvm` or `tcg`.
     fn accel(&self) -> &'static str;
     fn capabilities(&self) -> Capabilities;
+    /// Called when a guest kernel is at hand, before VMs are launched with it: the backend
+    /// finishes what it cannot decide without one (QEMU: whether KVM really runs guests).
+    /// `cache` is a file the backend may keep its findings in.
+    async fn prepare(&self, kernel: &Path, cache: &Path);
+    /// The directory holding guest RAM files (its filesystem's size is admission-controlled).
+    fn ram_dir(&self) -> PathBuf;
     /// Starts the VMM for `spec`; returns once the VMM runs (the guest may still be booting).
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError>;
+    /// The VMM process of `spec` found by its run directory, whatever pid was recorded: for a
+    /// hearthd that died between launching a VMM and recording its pid.
+    fn find(&self, spec: &LaunchSpec) -> Option<u32>;
     /// Re-attaches to a VMM process started by an earlier hearthd. `Ok(None)` when that process
     /// is gone (or `pid` now belongs to something else).
     async fn adopt(
@@ -105,8 +114,50 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
     async fn kill(&self) -> Result<(), VmmError>;
 }
 
+/// The first process whose command line has an argument containing `needle`.
+pub(crate) fn process_with_arg(needle: &str) -> Option<u32> {
+    let me = std::process::id();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        if pid == me {
+            return None;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        cmdline
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg).contains(needle))
+            .then_some(pid)
+    })
+}
+
 /// True when `path` exists and is a socket something listens on.
 pub(crate) fn socket_exists(path: &Path) -> bool {
     use std::os::unix::fs::FileTypeExt;
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_are_found_by_an_argument() {
+        let marker = format!("/tmp/hearth-find-test-{}/qmp.sock", std::process::id());
+        // `tail -F` keeps running while it waits for the (missing) file to appear.
+        let mut child = std::process::Command::new("tail")
+            .args(["-F", "-q", &marker])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut found = None;
+        while found.is_none() && std::time::Instant::now() < deadline {
+            found = process_with_arg(&marker);
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(found, Some(child.id()));
+        assert_eq!(process_with_arg("/no/such/hearth/run/dir"), None);
+    }
 }

@@ -33,7 +33,12 @@ pub enum Accel {
 pub struct Qemu {
     binary: PathBuf,
     firmware: PathBuf,
-    accel: Accel,
+    /// The accelerator guests are launched with now.
+    accel: std::sync::RwLock<Accel>,
+    /// `qemu.accel = auto` and the firmware probe passed: KVM is used once the kernel probe
+    /// ([`Vmm::prepare`]) confirms that it runs a real guest kernel; until then, TCG.
+    kvm_unconfirmed: bool,
+    probe_dir: PathBuf,
     tsc_khz: Option<u64>,
     ram_dir: PathBuf,
 }
@@ -63,29 +68,38 @@ impl Qemu {
             })?;
         let version = String::from_utf8_lossy(&version.stdout).to_string();
         check_version(&version)?;
-        let accel = match want {
-            Some(Accel::Tcg) => Accel::Tcg,
+        let (accel, kvm_unconfirmed) = match want {
+            Some(Accel::Tcg) => (Accel::Tcg, false),
             Some(Accel::Kvm) => {
                 probe::run(binary, "kvm", probe_dir).await.map_err(|why| {
                     VmmError::Unavailable(format!("qemu.accel is kvm but KVM does not work: {why}"))
                 })?;
-                Accel::Kvm
+                (Accel::Kvm, false)
             }
             None => match probe::run(binary, "kvm", probe_dir).await {
-                Ok(()) => Accel::Kvm,
+                Ok(()) => (Accel::Tcg, true),
                 Err(why) => {
                     tracing::info!(%why, "KVM is not usable; guests run under TCG emulation");
-                    Accel::Tcg
+                    (Accel::Tcg, false)
                 }
             },
         };
         Ok(Qemu {
             binary: binary.to_owned(),
             firmware,
-            accel,
+            accel: std::sync::RwLock::new(accel),
+            kvm_unconfirmed,
+            probe_dir: probe_dir.to_owned(),
             tsc_khz: host_tsc_khz(),
             ram_dir: PathBuf::from("/dev/shm"),
         })
+    }
+
+    fn current_accel(&self) -> Accel {
+        *self
+            .accel
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Path of a VM's RAM file.
@@ -99,7 +113,7 @@ impl Qemu {
 
     /// The full argument vector for `spec`.
     pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
-        let (accel, cpu) = match self.accel {
+        let (accel, cpu) = match self.current_accel() {
             Accel::Kvm => ("kvm", "host"),
             Accel::Tcg => ("tcg", "max"),
         };
@@ -220,7 +234,7 @@ impl Vmm for Qemu {
     }
 
     fn accel(&self) -> &'static str {
-        match self.accel {
+        match self.current_accel() {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
         }
@@ -232,7 +246,7 @@ impl Vmm for Qemu {
             snapshot: true,
             vsock: false,
             hotplug: false,
-            hardware_accel: self.accel == Accel::Kvm,
+            hardware_accel: self.current_accel() == Accel::Kvm,
         }
     }
 
@@ -292,6 +306,40 @@ impl Vmm for Qemu {
             qmp: Arc::new(qmp),
             exited,
         }))
+    }
+
+    async fn prepare(&self, kernel: &Path, cache: &Path) {
+        let forced = self.current_accel() == Accel::Kvm;
+        if !self.kvm_unconfirmed && !forced {
+            return;
+        }
+        let verdict =
+            probe::run_kernel(&self.binary, &self.firmware, kernel, &self.probe_dir, cache).await;
+        match (verdict, forced) {
+            (Ok(()), _) => {
+                if !forced {
+                    tracing::info!("KVM runs the guest kernel; guests from now on use KVM");
+                }
+                *self
+                    .accel
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Accel::Kvm;
+            }
+            (Err(why), false) => {
+                tracing::info!(%why, "KVM is not usable; guests run under TCG emulation");
+            }
+            (Err(why), true) => {
+                tracing::error!(%why, "qemu.accel is kvm but KVM does not run the guest kernel; VMs will not boot");
+            }
+        }
+    }
+
+    fn ram_dir(&self) -> PathBuf {
+        self.ram_dir.clone()
+    }
+
+    fn find(&self, spec: &LaunchSpec) -> Option<u32> {
+        super::process_with_arg(&format!("unix:{},", Self::qmp_socket(spec).display()))
     }
 
     async fn adopt(
@@ -367,7 +415,14 @@ async fn control(
             });
         }
         if socket_exists(qmp_path) {
-            return Ok(Qmp::connect(qmp_path).await?);
+            // QEMU creates the socket file a moment before it listens on it.
+            match Qmp::connect(qmp_path).await {
+                Ok(qmp) => return Ok(qmp),
+                Err(super::qmp::QmpError::Connect { source, .. })
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         if Instant::now() > deadline {
             return Err(VmmError::NoControlSocket(30));
@@ -494,7 +549,9 @@ mod tests {
         let q = Qemu {
             binary: "qemu-system-x86_64".into(),
             firmware: DEFAULT_FIRMWARE.into(),
-            accel: Accel::Tcg,
+            accel: std::sync::RwLock::new(Accel::Tcg),
+            kvm_unconfirmed: false,
+            probe_dir: "/tmp".into(),
             tsc_khz: Some(2_000_000),
             ram_dir: "/dev/shm".into(),
         };

@@ -1,0 +1,53 @@
+//! Admission control for VMs: what they have committed, measured against the host by
+//! `crate::capacity`, before a create or a start does anything.
+
+use hearth_api::{Capacity, VmState};
+
+use super::{VmError, VmService};
+use crate::capacity::{self, Committed, Demand, Host};
+use crate::store::VmRecord;
+
+/// What `vms` hold: vCPUs and RAM while they run (or are about to), disks always.
+fn committed(vms: &[VmRecord]) -> Committed {
+    let mut c = Committed::default();
+    for vm in vms {
+        c.disk_mib += vm.rootfs_mib;
+        match vm.state {
+            VmState::Starting | VmState::Running | VmState::Stopping => {
+                c.cpus += u64::from(vm.cpus);
+                c.memory_mib += vm.memory_mib;
+            }
+            VmState::Creating | VmState::Stopped | VmState::Error | VmState::Deleting => {}
+        }
+    }
+    c
+}
+
+impl VmService {
+    fn host(&self) -> Result<Host, VmError> {
+        capacity::probe(&self.inner.vmm.ram_dir(), &self.inner.config.data_dir)
+            .map_err(VmError::HostProbe)
+    }
+
+    /// Refuses `demand` when the host cannot take it. The caller holds `inner.admission` until
+    /// it has recorded what was admitted.
+    pub(super) async fn admit(&self, demand: Demand) -> Result<(), VmError> {
+        let committed = committed(&self.inner.store.list_vms().await?);
+        capacity::check(
+            &self.host()?,
+            &self.inner.config.capacity,
+            committed,
+            demand,
+        )?;
+        Ok(())
+    }
+
+    pub(super) async fn capacity(&self) -> Result<Capacity, VmError> {
+        let committed = committed(&self.inner.store.list_vms().await?);
+        Ok(capacity::summary(
+            &self.host()?,
+            &self.inner.config.capacity,
+            committed,
+        ))
+    }
+}

@@ -1,0 +1,143 @@
+//! Errors of VM operations. [`VmError::code`] is the one place they become API codes.
+
+use hearth_api::{ErrorCode, VmState};
+
+use super::state::NotAllowed;
+use crate::capacity::CapacityError;
+use crate::disk::DiskError;
+use crate::guest::GuestError;
+use crate::rules::RuleError;
+use crate::store::StoreError;
+use crate::vmm::VmmError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+    #[error("no VM named {0:?}")]
+    NotFound(String),
+    #[error("a VM named {0:?} already exists")]
+    NameTaken(String),
+    #[error("cannot {verb} VM {name:?}: {reason}", verb = reason.input.verb())]
+    NotAllowed { name: String, reason: NotAllowed },
+    #[error("VM {name:?} is {state}: {what} needs it running")]
+    NotRunning {
+        name: String,
+        state: VmState,
+        what: &'static str,
+    },
+    #[error("the guest image is not ready: {0}")]
+    ImageUnavailable(String),
+    #[error("VM {name:?} did not start: {reason}")]
+    StartFailed { name: String, reason: String },
+    #[error("cannot prepare the disk of VM {name:?}")]
+    Disk {
+        name: String,
+        #[source]
+        source: DiskError,
+    },
+    #[error("VMM failure")]
+    Vmm(#[from] VmmError),
+    #[error("guest of VM {name:?}: {source}")]
+    Guest {
+        name: String,
+        #[source]
+        source: GuestError,
+    },
+    #[error("file {path:?} in VM {name:?}: {source}")]
+    GuestFile {
+        name: String,
+        path: String,
+        #[source]
+        source: GuestError,
+    },
+    #[error("program {program:?} cannot run in VM {name:?}: {message}")]
+    BadCommand {
+        name: String,
+        program: String,
+        code: hearth_guest_proto::ErrorCode,
+        message: String,
+    },
+    #[error("cannot read the {source_name} log of VM {name:?}")]
+    Log {
+        name: String,
+        source_name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
+    #[error("cannot measure the host's capacity")]
+    HostProbe(#[source] std::io::Error),
+    #[error("state store failure")]
+    Store(#[from] StoreError),
+    #[error("an internal task failed: {0}")]
+    Task(String),
+}
+
+impl VmError {
+    /// The stable code of this error; the HTTP status and exit code follow from it.
+    pub fn code(&self) -> ErrorCode {
+        use hearth_guest_proto::ErrorCode as G;
+        match self {
+            VmError::Rule(r) => r.code,
+            VmError::BadRequest(_) => ErrorCode::InvalidRequest,
+            VmError::NotFound(_) | VmError::Store(StoreError::NotFound(_)) => ErrorCode::VmNotFound,
+            VmError::NameTaken(_) | VmError::Store(StoreError::NameTaken(_)) => {
+                ErrorCode::VmNameTaken
+            }
+            VmError::NotAllowed { .. } | VmError::NotRunning { .. } => ErrorCode::InvalidState,
+            VmError::Store(StoreError::StateChanged { .. }) => ErrorCode::VmBusy,
+            VmError::ImageUnavailable(_) => ErrorCode::ImageUnavailable,
+            VmError::StartFailed { .. } | VmError::Vmm(_) => ErrorCode::VmmFailed,
+            VmError::Disk { source, .. } => match source {
+                DiskError::Copy { source, .. } | DiskError::Grow { source, .. }
+                    if source.raw_os_error() == Some(libc::ENOSPC) =>
+                {
+                    ErrorCode::ResourceExhausted
+                }
+                _ => ErrorCode::Internal,
+            },
+            VmError::Guest { source, .. } | VmError::GuestFile { source, .. } => match source {
+                GuestError::Disconnected => ErrorCode::GuestUnavailable,
+                GuestError::NotReady(_) | GuestError::Timeout => ErrorCode::GuestTimeout,
+                GuestError::Agent { code, .. } => match (self, code) {
+                    (VmError::GuestFile { .. }, G::NotFound) => ErrorCode::GuestFileNotFound,
+                    (VmError::GuestFile { .. }, G::InvalidRequest) => ErrorCode::InvalidPath,
+                    _ => ErrorCode::GuestError,
+                },
+                GuestError::Unexpected(_)
+                | GuestError::Protocol { .. }
+                | GuestError::Overrun
+                | GuestError::AgentRestarted => ErrorCode::GuestError,
+                GuestError::Aborted(_) => ErrorCode::InvalidRequest,
+            },
+            VmError::BadCommand {
+                code: G::NotFound, ..
+            } => ErrorCode::CommandNotFound,
+            VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
+            VmError::Capacity(e) if e.disk => ErrorCode::ResourceExhausted,
+            VmError::Capacity(_) => ErrorCode::InsufficientCapacity,
+            VmError::Log { .. } | VmError::HostProbe(_) | VmError::Store(_) | VmError::Task(_) => {
+                ErrorCode::Internal
+            }
+        }
+    }
+
+    /// The message for API clients: this error and its causes, each said once.
+    pub fn message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            source = s.source();
+        }
+        msg
+    }
+}

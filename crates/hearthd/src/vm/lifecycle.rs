@@ -1,0 +1,411 @@
+//! Create, start, stop, restart and delete: the work that moves a VM through its states, and
+//! the one teardown of a run's resources.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_api::{CreateVmRequest, Size, Vm, VmDetail, VmState};
+use hearth_guest_proto::ShutdownAction;
+
+use super::logs::{LogSource, rotate_log, tail_lines};
+use super::running::Runtime;
+use super::state::{self, Input};
+use super::{VmError, VmService, lock, random_id};
+use crate::capacity::Demand;
+use crate::disk::{self, DiskError};
+use crate::guest::{GuestClient, GuestError};
+use crate::image::Image;
+use crate::rules;
+use crate::store::{StoreError, VmRecord};
+use crate::vmm::{LaunchSpec, VmHandle};
+
+impl VmService {
+    pub(super) async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, VmError> {
+        let defaults = &self.inner.config.guest;
+        rules::validate_name(&req.name)?;
+        let cpus = req.cpus.unwrap_or(defaults.cpus);
+        rules::validate_cpus(cpus)?;
+        let memory_mib = match &req.ram {
+            Some(size) => rules::validate_ram(size)?,
+            None => defaults.memory_mib,
+        };
+        let image = self.image()?;
+        let rootfs_mib = rules::validate_rootfs(
+            req.rootfs_size
+                .as_ref()
+                .unwrap_or(&Size::Mib(defaults.rootfs_mib)),
+            image.rootfs_mib,
+        )?;
+        let now = crate::store::now();
+        let record = VmRecord {
+            id: random_id(),
+            name: req.name.clone(),
+            state: VmState::Creating,
+            cpus,
+            memory_mib,
+            rootfs_mib,
+            image: image.id.clone(),
+            vmm: self.inner.vmm.kind().into(),
+            pid: None,
+            created_at: now.clone(),
+            updated_at: now,
+            last_error: None,
+        };
+        let start = req.start.unwrap_or(true);
+        {
+            // Refused before anything is made; the disk counts from the insert on.
+            let _admission = self.inner.admission.lock().await;
+            let demand = Demand {
+                cpus: u64::from(cpus),
+                memory_mib,
+                disk_mib: rootfs_mib,
+                run: start,
+            };
+            if let Err(e) = self.admit(demand).await {
+                // A taken name is the better answer.
+                if self.inner.store.get_vm(&req.name).await.is_ok() {
+                    return Err(VmError::NameTaken(req.name));
+                }
+                return Err(e);
+            }
+            match self.inner.store.insert_vm(&record).await {
+                Err(StoreError::NameTaken(n)) => return Err(VmError::NameTaken(n)),
+                other => other?,
+            }
+        }
+        let lock = self.vm_lock(&record.id);
+        let _guard = lock.lock().await;
+        let prepared = match self.prepare_disk(&record, &image).await {
+            Ok(()) => {
+                self.transition(&record, Input::Created, None, None, None)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        let record = match prepared {
+            Ok(r) => r,
+            Err(e) => {
+                self.purge(&record).await;
+                return Err(e);
+            }
+        };
+        if start && let Err(e) = self.start_locked(record.clone()).await {
+            // A create that fails leaves nothing behind.
+            self.purge(&record).await;
+            return Err(e);
+        }
+        drop(_guard);
+        self.detail(&record.id).await
+    }
+
+    pub(super) async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<(), VmError> {
+        let dir = self.vm_dir(&vm.id);
+        let taken = tokio::fs::create_dir_all(&dir).await.is_ok()
+            && self
+                .inner
+                .spares
+                .take(&image.id, vm.rootfs_mib, &dir.join("rootfs.ext4"));
+        if taken {
+            self.refill_spare();
+            return Ok(());
+        }
+        let (src, mib) = (image.rootfs(), vm.rootfs_mib);
+        let disk_err = |source| VmError::Disk {
+            name: vm.name.clone(),
+            source,
+        };
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir).map_err(|source| DiskError::Copy {
+                from: src.display().to_string(),
+                to: dir.display().to_string(),
+                source,
+            })?;
+            let dst = dir.join("rootfs.ext4");
+            disk::clone_file(&src, &dst)?;
+            disk::grow_ext4(&dst, mib)
+        })
+        .await
+        .map_err(|e| VmError::Task(format!("disk preparation: {e}")))?
+        .map_err(disk_err)
+    }
+
+    /// Removes everything of a VM: its run, files and record.
+    pub(super) async fn purge(&self, vm: &VmRecord) {
+        let runtime = lock(&self.inner.runtimes).remove(&vm.id);
+        self.teardown(&vm.id, runtime.as_ref().map(|rt| &rt.handle))
+            .await;
+        let _ = tokio::fs::remove_dir_all(self.vm_dir(&vm.id)).await;
+        if let Err(e) = self.inner.store.delete_vm(&vm.id).await {
+            tracing::error!(vm = %vm.name, error = %e, "cannot remove VM record");
+        }
+        lock(&self.inner.locks).remove(&vm.id);
+        self.signal_gone(&vm.id);
+    }
+
+    /// Ends a run of VM `id`: its VMM, when one is given and still runs, then its sockets and
+    /// other per-run files. Every path that stops, fails or loses a run releases it here, so
+    /// whatever a run holds (networking adds its slot) is released in one place. Never fails:
+    /// a VMM that cannot be ended is logged, and the VM is not left half-stopped.
+    pub(super) async fn teardown(&self, id: &str, vmm: Option<&Arc<dyn VmHandle>>) {
+        if let Some(handle) = vmm
+            && let Err(e) = handle.kill().await
+        {
+            tracing::error!(vm = id, pid = handle.pid(), error = %VmError::Vmm(e).message(), "cannot end the VMM");
+        }
+        let _ = tokio::fs::remove_dir_all(self.run_dir(id)).await;
+    }
+
+    /// What the VMM needs to run `vm`. Without an image (re-adopting a running VM whose image is
+    /// gone) the kernel paths are empty: adoption only uses the VM's own paths.
+    pub(super) fn launch_spec(&self, vm: &VmRecord, image: Option<&Image>) -> LaunchSpec {
+        let dir = self.vm_dir(&vm.id);
+        LaunchSpec {
+            id: vm.id.clone(),
+            name: vm.name.clone(),
+            cpus: vm.cpus,
+            memory_mib: vm.memory_mib,
+            kernel: image.map(Image::kernel).unwrap_or_default(),
+            initrd: image.map(Image::initrd).unwrap_or_default(),
+            cmdline: format!("hearth.hostname={}", vm.name),
+            rootfs: dir.join("rootfs.ext4"),
+            run_dir: self.run_dir(&vm.id),
+            serial_log: dir.join("serial.log"),
+            vmm_log: dir.join("vmm.log"),
+        }
+    }
+
+    /// The image a VM boots: the one its disk came from when still there, else the current one
+    /// (the kernel and initramfs do not depend on the disk's contents).
+    pub(super) fn boot_image(&self, vm: &VmRecord) -> Result<Image, VmError> {
+        let own = self.inner.config.data_dir.join("images").join(&vm.image);
+        match Image::load(&own) {
+            Some(i) => Ok(i),
+            None => self.image(),
+        }
+    }
+
+    pub(super) async fn start(&self, name: &str) -> Result<Vm, VmError> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(&vm.id).await?;
+        self.start_locked(vm).await
+    }
+
+    pub(super) async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, VmError> {
+        let vm = {
+            let _admission = self.inner.admission.lock().await;
+            // The state is checked first: starting a running VM is "already running", not
+            // "not enough memory".
+            state::next(vm.state, Input::Start).map_err(|reason| VmError::NotAllowed {
+                name: vm.name.clone(),
+                reason,
+            })?;
+            let demand = Demand {
+                cpus: u64::from(vm.cpus),
+                memory_mib: vm.memory_mib,
+                disk_mib: 0,
+                run: true,
+            };
+            self.admit(demand).await?;
+            self.transition(&vm, Input::Start, None, None, None).await?
+        };
+        let started = Instant::now();
+        let result = self.boot(&vm).await;
+        self.finish_boot(vm, started, result).await
+    }
+
+    /// Records the outcome of a boot of `vm` (in `starting`): running with a monitor, or error
+    /// with `last_error` and nothing left running.
+    pub(super) async fn finish_boot(
+        &self,
+        vm: VmRecord,
+        started: Instant,
+        result: Result<(Arc<Runtime>, String), String>,
+    ) -> Result<VmRecord, VmError> {
+        match result {
+            Ok((runtime, boot_id)) => {
+                let pid = runtime.handle.pid();
+                let message = format!(
+                    "guest agent ready in {} ms (pid {pid}, boot {boot_id})",
+                    started.elapsed().as_millis()
+                );
+                lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
+                let booted = self
+                    .transition(
+                        &vm,
+                        Input::Booted,
+                        Some(&message),
+                        Some(Some(pid)),
+                        Some(None),
+                    )
+                    .await;
+                match booted {
+                    Ok(vm) => {
+                        self.monitor(vm.clone(), runtime);
+                        Ok(vm)
+                    }
+                    Err(e) => {
+                        lock(&self.inner.runtimes).remove(&vm.id);
+                        self.teardown(&vm.id, Some(&runtime.handle)).await;
+                        Err(e)
+                    }
+                }
+            }
+            Err(reason) => {
+                let serial = self.log_path(&vm, LogSource::Serial);
+                let tail = tail_lines(&serial, 3);
+                let reason = if tail.is_empty() {
+                    reason
+                } else {
+                    format!("{reason}; serial console ends with: {tail}")
+                };
+                self.teardown(&vm.id, None).await;
+                self.transition(
+                    &vm,
+                    Input::BootFailed,
+                    Some(&reason),
+                    Some(None),
+                    Some(Some(&reason)),
+                )
+                .await?;
+                Err(VmError::StartFailed {
+                    name: vm.name.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    /// Launches the VMM and waits for the agent. On failure nothing is left running.
+    pub(super) async fn boot(&self, vm: &VmRecord) -> Result<(Arc<Runtime>, String), String> {
+        let image = self.boot_image(vm).map_err(|e| e.message())?;
+        let spec = self.launch_spec(vm, Some(&image));
+        rotate_log(&spec.serial_log, self.inner.config.guest.log_max_bytes);
+        rotate_log(&spec.vmm_log, self.inner.config.guest.log_max_bytes);
+        let handle: Arc<dyn VmHandle> = Arc::from(
+            self.inner
+                .vmm
+                .launch(&spec)
+                .await
+                .map_err(|e| VmError::Vmm(e).message())?,
+        );
+        self.cap_logs_while_running(vm, handle.clone());
+        // The pid is part of the boot: a VMM hearthd could not record is ended (a restarted
+        // hearthd also finds VMMs by their run directory, for a crash in between).
+        let launched = format!("VMM pid {} launched", handle.pid());
+        if let Err(e) = self
+            .inner
+            .store
+            .set_pid(&vm.id, handle.pid(), &launched)
+            .await
+        {
+            self.teardown(&vm.id, Some(&handle)).await;
+            return Err(format!("cannot record the VMM's pid: {e}"));
+        }
+        self.await_guest(&spec, handle).await
+    }
+
+    /// Waits for the agent of a launched VMM; on failure ends the VMM.
+    pub(super) async fn await_guest(
+        &self,
+        spec: &LaunchSpec,
+        handle: Arc<dyn VmHandle>,
+    ) -> Result<(Arc<Runtime>, String), String> {
+        let timeout = self.inner.config.guest.ready_timeout;
+        let ready = async {
+            let guest = GuestClient::connect(&spec.agent_socket(), Duration::from_secs(10)).await?;
+            let boot_id = guest.wait_ready(timeout).await?;
+            Ok::<_, GuestError>((guest, boot_id))
+        };
+        let result = tokio::select! {
+            r = ready => r.map_err(|e| e.to_string()),
+            () = handle.wait_exit() => Err("the VMM exited while the guest was booting".to_owned()),
+        };
+        match result {
+            Ok((guest, boot_id)) => Ok((Arc::new(Runtime { handle, guest }), boot_id)),
+            Err(e) => {
+                self.teardown(&spec.id, Some(&handle)).await;
+                Err(e)
+            }
+        }
+    }
+
+    pub(super) async fn stop(&self, name: &str, timeout: Option<Duration>) -> Result<Vm, VmError> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(&vm.id).await?;
+        self.stop_locked(vm, timeout).await
+    }
+
+    pub(super) async fn stop_locked(
+        &self,
+        vm: VmRecord,
+        timeout: Option<Duration>,
+    ) -> Result<VmRecord, VmError> {
+        let vm = self.transition(&vm, Input::Stop, None, None, None).await?;
+        let runtime = lock(&self.inner.runtimes).remove(&vm.id);
+        let timeout = timeout.unwrap_or(self.inner.config.guest.stop_timeout);
+        let mut how = "no VMM process was running".to_owned();
+        if let Some(rt) = runtime {
+            let asked = if rt.guest.is_ready() {
+                rt.guest.shutdown(ShutdownAction::Poweroff).await.is_ok()
+            } else {
+                rt.handle.request_poweroff().await.is_ok()
+            };
+            let clean = asked
+                && tokio::time::timeout(timeout, rt.handle.wait_exit())
+                    .await
+                    .is_ok();
+            how = if clean {
+                "guest powered off".into()
+            } else {
+                format!(
+                    "guest did not power off within {} s; VMM ended by force",
+                    timeout.as_secs()
+                )
+            };
+            self.teardown(&vm.id, Some(&rt.handle)).await;
+        } else {
+            self.teardown(&vm.id, None).await;
+        }
+        self.transition(&vm, Input::Halted, Some(&how), Some(None), None)
+            .await
+    }
+
+    pub(super) async fn restart(&self, name: &str) -> Result<Vm, VmError> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let mut vm = self.record(&vm.id).await?;
+        if vm.state == VmState::Running {
+            vm = self.stop_locked(vm, None).await?;
+        }
+        self.start_locked(vm).await
+    }
+
+    pub(super) async fn delete(&self, name: &str) -> Result<(), VmError> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let guard = lock.lock().await;
+        let mut vm = self.record(&vm.id).await?;
+        if vm.state == VmState::Running {
+            vm = self.stop_locked(vm, None).await?;
+        }
+        self.transition(&vm, Input::Delete, None, None, None)
+            .await?;
+        drop(guard);
+        self.purge(&vm).await;
+        Ok(())
+    }
+}
+
+/// Runs `work` to completion in its own task, whatever happens to the caller.
+pub(super) async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, VmError>> + Send + 'static,
+) -> Result<T, VmError> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| VmError::Task(e.to_string()))?
+}

@@ -1,0 +1,164 @@
+//! Start-up recovery: re-attach to VMs that kept running while hearthd was down, and settle
+//! the ones whose VMM is gone or whose create or delete was interrupted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_api::VmState;
+
+use super::running::Runtime;
+use super::state::Input;
+use super::{VmError, VmService, lock};
+use crate::guest::GuestClient;
+use crate::store::VmRecord;
+use crate::vmm::VmHandle;
+
+impl VmService {
+    /// Settles every VM of the last run. A VM whose recovery fails is marked `error` with the
+    /// reason in `last_error`, and the others are recovered all the same: one bad VM never
+    /// keeps hearthd from starting.
+    pub async fn recover(&self) -> Result<(), VmError> {
+        for vm in self.inner.store.list_vms().await? {
+            let (id, name) = (vm.id.clone(), vm.name.clone());
+            if let Err(e) = self.recover_one(vm).await {
+                let why = format!("hearthd could not recover it at start: {}", e.message());
+                tracing::error!(vm = %name, error = %why, "marking the VM error");
+                self.mark_failed(&id, &why).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn recover_one(&self, vm: VmRecord) -> Result<(), VmError> {
+        match vm.state {
+            VmState::Creating | VmState::Deleting => {
+                tracing::info!(vm = %vm.name, state = %vm.state, "removing VM whose create or delete was interrupted");
+                self.purge(&vm).await;
+                Ok(())
+            }
+            VmState::Stopped | VmState::Error => {
+                // Nothing may run on its disk: a VMM left over from a lost run is ended.
+                let spec = self.launch_spec(&vm, None);
+                if let Some(pid) = self.inner.vmm.find(&spec) {
+                    tracing::warn!(vm = %vm.name, pid, "a VMM runs for a VM recorded as {}; ending it", vm.state);
+                    if let Some(handle) = self.inner.vmm.adopt(&spec, pid).await? {
+                        self.teardown(&vm.id, Some(&Arc::from(handle))).await;
+                    }
+                }
+                Ok(())
+            }
+            VmState::Starting | VmState::Running | VmState::Stopping => self.readopt(vm).await,
+        }
+    }
+
+    /// Records that hearthd gave up on VM `id`, ending whatever of its run is left.
+    pub(super) async fn mark_failed(&self, id: &str, why: &str) {
+        let runtime = lock(&self.inner.runtimes).remove(id);
+        self.teardown(id, runtime.as_ref().map(|rt| &rt.handle))
+            .await;
+        let marked = match self.record(id).await {
+            Ok(vm) => self
+                .transition(&vm, Input::Failed, Some(why), Some(None), Some(Some(why)))
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = marked {
+            tracing::error!(vm = id, error = %e.message(), "cannot mark the VM error");
+        }
+    }
+
+    pub(super) async fn readopt(&self, vm: VmRecord) -> Result<(), VmError> {
+        let image = self.boot_image(&vm).ok();
+        let spec = self.launch_spec(&vm, image.as_ref());
+        // The recorded pid, or, when it was lost (hearthd died between the launch and recording
+        // it) or names another process, the VMM found by its run directory: two VMMs must never
+        // open one disk.
+        let mut adopted = None;
+        for pid in [vm.pid, self.inner.vmm.find(&spec)].into_iter().flatten() {
+            match self.inner.vmm.adopt(&spec, pid).await {
+                Ok(Some(handle)) => {
+                    adopted = Some(Arc::<dyn VmHandle>::from(handle));
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(vm = %vm.name, pid, error = %VmError::Vmm(e).message(), "cannot re-attach to the VMM");
+                }
+            }
+        }
+        let Some(handle) = adopted else {
+            tracing::info!(vm = %vm.name, "VMM is gone; marking the VM stopped");
+            let msg = "the VMM process was gone when hearthd started";
+            self.teardown(&vm.id, None).await;
+            self.transition(&vm, Input::Exited, Some(msg), Some(None), None)
+                .await?;
+            return Ok(());
+        };
+        self.inner
+            .store
+            .record_event(
+                &vm.id,
+                "readopted",
+                Some(&format!(
+                    "VMM pid {} re-attached after hearthd restart",
+                    handle.pid()
+                )),
+            )
+            .await?;
+        match vm.state {
+            VmState::Stopping => {
+                // The stop was interrupted: finish it.
+                self.teardown(&vm.id, Some(&handle)).await;
+                self.transition(
+                    &vm,
+                    Input::Halted,
+                    Some("stop finished after hearthd restart"),
+                    Some(None),
+                    None,
+                )
+                .await?;
+            }
+            VmState::Starting => {
+                // The boot was interrupted: wait for the guest again, holding the VM's lock so
+                // user requests queue behind it.
+                let service = self.clone();
+                tokio::spawn(async move {
+                    let lock = service.vm_lock(&vm.id);
+                    let _guard = lock.lock().await;
+                    let started = Instant::now();
+                    service.cap_logs_while_running(&vm, handle.clone());
+                    let result = service.await_guest(&spec, handle).await;
+                    if let Err(e) = service.finish_boot(vm, started, result).await {
+                        tracing::warn!(error = %e.message(), "cannot finish an interrupted boot");
+                    }
+                });
+            }
+            _ => {
+                let guest = match GuestClient::connect(&spec.agent_socket(), Duration::from_secs(2))
+                    .await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %e, "cannot reach the guest agent; ending the VMM");
+                        self.teardown(&vm.id, Some(&handle)).await;
+                        self.transition(
+                            &vm,
+                            Input::Exited,
+                            Some("guest agent unreachable after hearthd restart"),
+                            Some(None),
+                            None,
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                };
+                self.cap_logs_while_running(&vm, handle.clone());
+                let runtime = Arc::new(Runtime { handle, guest });
+                lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
+                self.monitor(vm, runtime);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+//! Running VMs: their VMM handle and agent connection, and the monitor that notices a VMM
+//! exiting on its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hearth_api::VmState;
+
+use super::logs::{LogSource, cap_log};
+use super::state::Input;
+use super::{VmError, VmService, lock};
+use crate::guest::GuestClient;
+use crate::store::VmRecord;
+use crate::vmm::VmHandle;
+
+/// How often the logs of a running VM are checked against their cap.
+const LOG_CAP_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+pub(super) struct Runtime {
+    pub(super) handle: Arc<dyn VmHandle>,
+    pub(super) guest: Arc<GuestClient>,
+}
+
+impl VmService {
+    /// Keeps a VM's logs under `guest.log_max_bytes` for as long as its VMM runs, from the
+    /// moment it is launched (a guest that floods its console while booting is capped too).
+    pub(super) fn cap_logs_while_running(&self, vm: &VmRecord, handle: Arc<dyn VmHandle>) {
+        let logs = [
+            self.log_path(vm, LogSource::Serial),
+            self.log_path(vm, LogSource::Vmm),
+        ];
+        let max = self.inner.config.guest.log_max_bytes;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LOG_CAP_INTERVAL);
+            loop {
+                tokio::select! {
+                    () = handle.wait_exit() => return,
+                    _ = tick.tick() => {
+                        for log in &logs {
+                            cap_log(log, max);
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    /// Watches a running VM's VMM and records when it exits on its own.
+    pub(super) fn monitor(&self, vm: VmRecord, runtime: Arc<Runtime>) {
+        let service = self.clone();
+        tokio::spawn(async move {
+            runtime.handle.wait_exit().await;
+            let current = {
+                let mut runtimes = lock(&service.inner.runtimes);
+                match runtimes.get(&vm.id) {
+                    Some(r) if Arc::ptr_eq(r, &runtime) => runtimes.remove(&vm.id),
+                    _ => None,
+                }
+            };
+            if current.is_none() {
+                return; // a stop or delete took over
+            }
+            // Under the VM's lock no start can slip in between the cleanup and the transition,
+            // so the files removed are this run's, and `stopped` is shown only once they are
+            // gone. (A stop holding the lock took the runtime first and returned above.)
+            let lock = service.vm_lock(&vm.id);
+            let _guard = lock.lock().await;
+            let Ok(now) = service.record(&vm.id).await else {
+                return;
+            };
+            if now.state != VmState::Running {
+                return;
+            }
+            service.teardown(&vm.id, None).await;
+            let msg = "the VMM process exited (guest powered off or crashed)";
+            if let Err(e) = service
+                .transition(&now, Input::Exited, Some(msg), Some(None), None)
+                .await
+            {
+                tracing::warn!(vm = %vm.name, error = %e.message(), "cannot record exit");
+            }
+        });
+    }
+
+    /// The agent connection of a running VM.
+    pub async fn guest(
+        &self,
+        name: &str,
+        what: &'static str,
+    ) -> Result<(VmRecord, Arc<GuestClient>), VmError> {
+        let vm = self.record(name).await?;
+        let runtime = lock(&self.inner.runtimes).get(&vm.id).cloned();
+        match (vm.state, runtime) {
+            (VmState::Running, Some(rt)) => {
+                // After a hearthd restart the agent may not have answered hello yet.
+                rt.guest
+                    .wait_ready(Duration::from_secs(10))
+                    .await
+                    .map_err(|source| VmError::Guest {
+                        name: vm.name.clone(),
+                        source,
+                    })?;
+                Ok((vm, rt.guest.clone()))
+            }
+            (state, _) => Err(VmError::NotRunning {
+                name: vm.name.clone(),
+                state,
+                what,
+            }),
+        }
+    }
+}
