@@ -322,7 +322,16 @@ impl VmService {
     pub async fn handle(&self, action: Action) -> Result<Reply, VmError> {
         match action {
             Action::Health => Ok(Reply::Health(self.health())),
-            Action::ListVms => Ok(Reply::Vms(self.inner.store.list_vms().await?)),
+            Action::ListVms => Ok(Reply::Vms(
+                self.inner
+                    .store
+                    .list_vms()
+                    .await?
+                    .vms
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+            )),
             Action::GetVm(name) => Ok(Reply::VmDetail(self.detail(&name).await?)),
             // Lifecycle work runs in a task of its own: a client that hangs up or a request
             // timeout stops the waiting, never the work half-way.
@@ -378,7 +387,10 @@ impl VmService {
     async fn detail(&self, name: &str) -> Result<VmDetail, VmError> {
         let vm = self.record(name).await?;
         let events = self.inner.store.events(&vm.id).await?;
-        Ok(VmDetail { vm, events })
+        Ok(VmDetail {
+            vm: vm.into(),
+            events: events.into_iter().map(Into::into).collect(),
+        })
     }
 
     pub async fn record(&self, name: &str) -> Result<VmRecord, VmError> {
@@ -592,7 +604,7 @@ impl VmService {
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
         let vm = self.record(&vm.id).await?;
-        self.start_locked(vm).await
+        self.start_locked(vm).await.map(Into::into)
     }
 
     async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, VmError> {
@@ -773,7 +785,7 @@ impl VmService {
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
         let vm = self.record(&vm.id).await?;
-        self.stop_locked(vm, timeout).await
+        self.stop_locked(vm, timeout).await.map(Into::into)
     }
 
     async fn stop_locked(
@@ -818,7 +830,7 @@ impl VmService {
         if vm.state == VmState::Running {
             vm = self.stop_locked(vm, None).await?;
         }
-        self.start_locked(vm).await
+        self.start_locked(vm).await.map(Into::into)
     }
 
     async fn delete(&self, name: &str) -> Result<(), VmError> {
@@ -936,7 +948,23 @@ impl VmService {
     /// Re-attaches to VMs that were running when hearthd last stopped, and settles the ones
     /// whose VMM is gone or whose create or delete was interrupted.
     pub async fn recover(&self) -> Result<(), VmError> {
-        for vm in self.inner.store.list_vms().await? {
+        let list = self.inner.store.list_vms().await?;
+        // A row this hearthd cannot read is put in `error` (by id) and left alone.
+        for bad in list.unreadable {
+            tracing::error!(vm = %bad.id, name = ?bad.name, error = %bad.error, "cannot read the stored VM; marking it error");
+            if bad.state != Some(VmState::Error) {
+                let why = bad.error.to_string();
+                if let Err(e) = self
+                    .inner
+                    .store
+                    .mark_error(&bad.id, "unreadable", &why)
+                    .await
+                {
+                    tracing::error!(vm = %bad.id, error = %e, "cannot mark the VM error");
+                }
+            }
+        }
+        for vm in list.vms {
             match vm.state {
                 VmState::Creating | VmState::Deleting => {
                     tracing::info!(vm = %vm.name, state = %vm.state, "removing VM whose create or delete was interrupted");
