@@ -385,6 +385,18 @@ async fn store_suite_on_sqlite() {
 async fn store_suite_on_postgres() {
     let pg = Postgres::start().await;
     run_suite(async || pg.fresh_database().await).await;
+    // Over the server's unix socket, in the URL form README.md shows.
+    let tcp = pg.fresh_database().await;
+    let database = tcp.rsplit('/').next().unwrap();
+    let url = format!(
+        "postgres://postgres@localhost:{}/{database}?host={}",
+        pg.port,
+        pg.socket.display()
+    );
+    let store = Store::open(&url).await.unwrap();
+    store.insert_vm(&record("a")).await.unwrap();
+    assert_eq!(store.get_vm("a").await.unwrap().id, "id-a");
+    store.close().await;
 }
 
 #[test]
@@ -535,6 +547,7 @@ async fn a_row_the_sqlite_driver_cannot_convert_is_reported_alone() {
 struct Postgres {
     child: Child,
     port: u16,
+    socket: PathBuf,
     next: AtomicU32,
     log: PathBuf,
     // Last: removed after the server stopped.
@@ -596,6 +609,7 @@ impl Postgres {
         let mut pg = Postgres {
             child,
             port,
+            socket,
             next: AtomicU32::new(0),
             log,
             _dir: dir,
