@@ -600,6 +600,16 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+
+    /// Runs `sql` with `$1` bound to `arg`, unchecked: how tests damage a row.
+    #[cfg(test)]
+    pub(crate) async fn execute_for_test(&self, sql: &str, arg: &str) {
+        sqlx::query(sql)
+            .bind(arg)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
 }
 
 impl VmList {

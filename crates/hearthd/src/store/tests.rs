@@ -39,13 +39,8 @@ fn to_error(kind: &str) -> Transition<'_> {
     }
 }
 
-/// Runs SQL the store would never run, on its own pool: how the tests damage a row.
 async fn raw(store: &Store, sql: &str, id: &str) {
-    sqlx::query(sql)
-        .bind(id)
-        .execute(&store.pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    store.execute_for_test(sql, id).await;
 }
 
 /// The stored state and last error, read without decoding the rest of the row.
