@@ -63,6 +63,9 @@ pub enum StoreError {
         column: &'static str,
         reason: String,
     },
+    /// A row the driver could not even convert, so no column is known.
+    #[error("the stored VM {id:?} cannot be read: {reason}")]
+    UnreadableRow { id: String, reason: String },
     #[error("an event of VM {id:?} cannot be read: column {column} {reason}")]
     UnreadableEvent {
         id: String,
@@ -226,7 +229,8 @@ pub struct UnreadableVm {
     pub name: Option<String>,
     /// `None` when the state is what cannot be read.
     pub state: Option<VmState>,
-    /// [`StoreError::Unreadable`], naming the column and why.
+    /// [`StoreError::Unreadable`] (naming the column and why) or
+    /// [`StoreError::UnreadableRow`].
     pub error: StoreError,
 }
 
@@ -423,16 +427,27 @@ impl Store {
                         Ok(Some(row)) => list.push(&row, vm_from_row(&row))?,
                         // Deleted meanwhile.
                         Ok(None) => {}
-                        Err(e) => list.unreadable.push(UnreadableVm {
-                            error: StoreError::Unreadable {
-                                id: id.clone(),
-                                column: "*",
-                                reason: decode_reason(e),
-                            },
-                            id,
-                            name: None,
-                            state: None,
-                        }),
+                        Err(e) => {
+                            // What can still be read of it.
+                            let some = sqlx::query("SELECT name, state FROM vms WHERE id = $1")
+                                .bind(&id)
+                                .fetch_optional(&self.pool)
+                                .await
+                                .ok()
+                                .flatten();
+                            let some = some.as_ref();
+                            list.unreadable.push(UnreadableVm {
+                                error: StoreError::UnreadableRow {
+                                    id: id.clone(),
+                                    reason: e.to_string(),
+                                },
+                                id,
+                                name: some.and_then(|r| r.try_get("name").ok()),
+                                state: some
+                                    .and_then(|r| r.try_get::<String, _>("state").ok())
+                                    .and_then(|s| state_from_text(&s)),
+                            })
+                        }
                     }
                 }
             }

@@ -524,6 +524,10 @@ async fn a_row_the_sqlite_driver_cannot_convert_is_reported_alone() {
     );
     let bad: Vec<_> = list.unreadable.iter().map(|u| u.id.as_str()).collect();
     assert_eq!(bad, ["id-a", "id-b"]);
+    assert_eq!(
+        list.unreadable[0].error.to_string(),
+        "the stored VM \"id-a\" cannot be read: error occurred while decoding: invalid utf-8 sequence of 1 bytes from index 0"
+    );
     assert!(matches!(
         &list.unreadable[1].error,
         StoreError::Unreadable { column: "cpus", .. }
@@ -533,6 +537,12 @@ async fn a_row_the_sqlite_driver_cannot_convert_is_reported_alone() {
         .await
         .unwrap();
     assert_eq!(raw_state(&store, "id-a").await.0, "error");
+    let list = store.list_vms().await.unwrap();
+    let a = &list.unreadable[0];
+    assert_eq!(
+        (a.id.as_str(), a.name.as_deref(), a.state),
+        ("id-a", Some("a"), Some(VmState::Error))
+    );
     store.close().await;
 }
 
