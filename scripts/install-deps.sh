@@ -23,6 +23,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v unshare >/dev/null || need+=(util-linux)
 command -v cc >/dev/null || need+=(gcc)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# The store's test suite also runs against a PostgreSQL server it starts itself.
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
 # The guest image build fetches the cloud kernel package through apt, so apt's lists must know it.
 lists_ok=1
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || lists_ok=0

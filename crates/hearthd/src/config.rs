@@ -74,7 +74,7 @@ pub const KEYS: &[Key] = &[
         path: "database_url",
         kind: Kind::String,
         default: "\"\"",
-        doc: "Database URL. Empty means the embedded SQLite file <data_dir>/hearth.db.",
+        doc: "Database URL: sqlite://PATH, or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE (unencrypted: no TLS in this build). Empty means the embedded SQLite file <data_dir>/hearth.db.",
     },
     Key {
         path: "vmm",
@@ -394,14 +394,14 @@ impl Config {
         }
         let database_url = if raw.database_url.is_empty() {
             format!("sqlite://{}", data_dir.join("hearth.db").display())
-        } else if raw.database_url.starts_with("sqlite:") {
+        } else if crate::store::Backend::of_url(&raw.database_url).is_some() {
             raw.database_url
         } else {
             return Err(invalid(
                 "database_url",
                 format!(
-                    "{:?} is not supported: this version stores state in SQLite (sqlite://PATH)",
-                    raw.database_url
+                    "{:?} is not supported: use sqlite://PATH or postgres://USER@HOST/DATABASE",
+                    crate::store::redact_url(&raw.database_url)
                 ),
             ));
         };
@@ -680,6 +680,18 @@ mod tests {
     }
 
     #[test]
+    fn database_url_takes_sqlite_or_postgres() {
+        for url in [
+            "sqlite:///srv/hearth.db",
+            "postgres://hearth@db.internal/hearth",
+            "postgresql://hearth:pw@127.0.0.1:5432/hearth",
+        ] {
+            let c = load_with(None, &[("HEARTH_DATABASE_URL", url)]).unwrap();
+            assert_eq!(c.database_url, url);
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_key_and_rule() {
         let cases: &[(&[(&str, &str)], &str)] = &[
             (
@@ -707,8 +719,8 @@ mod tests {
                 "vmm (env HEARTH_VMM): \"xen\" is not one of auto, qemu, firecracker",
             ),
             (
-                &[("HEARTH_DATABASE_URL", "postgres://x")],
-                "database_url (env HEARTH_DATABASE_URL): \"postgres://x\" is not supported",
+                &[("HEARTH_DATABASE_URL", "mysql://u:pw@x/db")],
+                "database_url (env HEARTH_DATABASE_URL): \"mysql://u:***@x/db\" is not supported: use sqlite://PATH or postgres://USER@HOST/DATABASE",
             ),
             (
                 &[("HEARTH_SERVER_SHUTDOWN_TIMEOUT_SECS", "0")],

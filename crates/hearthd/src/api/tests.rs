@@ -441,3 +441,60 @@ async fn a_vm_the_host_cannot_hold_is_refused_at_once_and_leaves_nothing() {
     assert_eq!(memory["committed"], 0);
     assert!(memory["total"].as_u64().unwrap() > 0, "{health}");
 }
+
+/// A VM row hearthd cannot read does not stop recovery: that VM is marked `error` with the
+/// reason, and every other VM is still settled.
+#[tokio::test]
+async fn an_unreadable_vm_row_does_not_stop_recovery() {
+    use crate::store::VmRecord;
+    use hearth_api::VmState;
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("HEARTH_DATA_DIR", dir.path().display().to_string())];
+    let config = Config::load(None, |k| {
+        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let store = Store::open(&config.database_url).await.unwrap();
+    for name in ["good", "bad"] {
+        let now = crate::store::now();
+        let vm = VmRecord {
+            id: format!("id-{name}"),
+            name: name.into(),
+            state: VmState::Running,
+            cpus: 1,
+            memory_mib: 1024,
+            rootfs_mib: 1024,
+            image: "testimage".into(),
+            vmm: "fake".into(),
+            pid: Some(999_999),
+            created_at: now.clone(),
+            updated_at: now,
+            last_error: None,
+        };
+        store.insert_vm(&vm).await.unwrap();
+    }
+    store
+        .execute_for_test("UPDATE vms SET memory_mib = -5 WHERE id = $1", "id-bad")
+        .await;
+    let (_tx, rx) = watch::channel(ImageState::Building("test".into()));
+    let service = VmService::new(Arc::new(config), store.clone(), Arc::new(NoBootVmm), rx);
+    service.recover().await.unwrap();
+    // The good VM's VMM is gone: it is stopped.
+    assert_eq!(store.get_vm("good").await.unwrap().state, VmState::Stopped);
+    let list = store.list_vms().await.unwrap();
+    assert_eq!(list.unreadable.len(), 1);
+    assert_eq!(list.unreadable[0].id, "id-bad");
+    assert_eq!(list.unreadable[0].state, Some(VmState::Error));
+    let events = store.events("id-bad").await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last.kind, "unreadable");
+    assert_eq!(
+        last.message.as_deref(),
+        Some(
+            "the stored VM \"id-bad\" cannot be read: column memory_mib holds -5, out of range for u64"
+        )
+    );
+    // A second start does not mark it again.
+    service.recover().await.unwrap();
+    assert_eq!(store.events("id-bad").await.unwrap().len(), events.len());
+}

@@ -32,7 +32,7 @@ impl VmService {
     /// Refuses `demand` when the host cannot take it. The caller holds `inner.admission` until
     /// it has recorded what was admitted.
     pub(super) async fn admit(&self, demand: Demand) -> Result<(), VmError> {
-        let committed = committed(&self.inner.store.list_vms().await?);
+        let committed = committed(&self.inner.store.list_vms().await?.vms);
         capacity::check(
             &self.host()?,
             &self.inner.config.capacity,
@@ -43,7 +43,7 @@ impl VmService {
     }
 
     pub(super) async fn capacity(&self) -> Result<Capacity, VmError> {
-        let committed = committed(&self.inner.store.list_vms().await?);
+        let committed = committed(&self.inner.store.list_vms().await?.vms);
         Ok(capacity::summary(
             &self.host()?,
             &self.inner.config.capacity,

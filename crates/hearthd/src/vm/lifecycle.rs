@@ -189,7 +189,7 @@ impl VmService {
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
         let vm = self.record(&vm.id).await?;
-        self.start_locked(vm).await
+        self.start_locked(vm).await.map(Into::into)
     }
 
     pub(super) async fn start_locked(&self, vm: VmRecord) -> Result<VmRecord, VmError> {
@@ -336,7 +336,7 @@ impl VmService {
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
         let vm = self.record(&vm.id).await?;
-        self.stop_locked(vm, timeout).await
+        self.stop_locked(vm, timeout).await.map(Into::into)
     }
 
     pub(super) async fn stop_locked(
@@ -382,7 +382,7 @@ impl VmService {
         if vm.state == VmState::Running {
             vm = self.stop_locked(vm, None).await?;
         }
-        self.start_locked(vm).await
+        self.start_locked(vm).await.map(Into::into)
     }
 
     pub(super) async fn delete(&self, name: &str) -> Result<(), VmError> {

@@ -286,7 +286,16 @@ impl VmService {
     async fn dispatch(&self, action: Action) -> Result<Reply, VmError> {
         match action {
             Action::Health => Ok(Reply::Health(self.health().await?)),
-            Action::ListVms => Ok(Reply::Vms(self.inner.store.list_vms().await?)),
+            Action::ListVms => Ok(Reply::Vms(
+                self.inner
+                    .store
+                    .list_vms()
+                    .await?
+                    .vms
+                    .into_iter()
+                    .map(Into::into)
+                    .collect(),
+            )),
             Action::GetVm(name) => Ok(Reply::VmDetail(self.detail(&name).await?)),
             // Lifecycle work runs in a task of its own: a client that hangs up or a request
             // timeout stops the waiting, never the work half-way.
@@ -363,7 +372,10 @@ impl VmService {
     async fn detail(&self, name: &str) -> Result<VmDetail, VmError> {
         let vm = self.record(name).await?;
         let events = self.inner.store.events(&vm.id).await?;
-        Ok(VmDetail { vm, events })
+        Ok(VmDetail {
+            vm: vm.into(),
+            events: events.into_iter().map(Into::into).collect(),
+        })
     }
 
     pub async fn record(&self, name: &str) -> Result<VmRecord, VmError> {

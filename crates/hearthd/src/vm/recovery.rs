@@ -18,7 +18,23 @@ impl VmService {
     /// reason in `last_error`, and the others are recovered all the same: one bad VM never
     /// keeps hearthd from starting.
     pub async fn recover(&self) -> Result<(), VmError> {
-        for vm in self.inner.store.list_vms().await? {
+        let list = self.inner.store.list_vms().await?;
+        // A row this hearthd cannot read is put in `error` (by id) and left alone.
+        for bad in list.unreadable {
+            tracing::error!(vm = %bad.id, name = ?bad.name, error = %bad.error, "cannot read the stored VM; marking it error");
+            if bad.state != Some(VmState::Error) {
+                let why = bad.error.to_string();
+                if let Err(e) = self
+                    .inner
+                    .store
+                    .mark_error(&bad.id, "unreadable", &why)
+                    .await
+                {
+                    tracing::error!(vm = %bad.id, error = %e, "cannot mark the VM error");
+                }
+            }
+        }
+        for vm in list.vms {
             let (id, name) = (vm.id.clone(), vm.name.clone());
             if let Err(e) = self.recover_one(vm).await {
                 let why = format!("hearthd could not recover it at start: {}", e.message());
