@@ -577,14 +577,11 @@ impl VmService {
         }
     }
 
-    /// The image a VM boots: the one its disk came from when still there, else the current one
-    /// (the kernel and initramfs do not depend on the disk's contents).
-    fn boot_image(&self, vm: &VmRecord) -> Result<Image, VmError> {
-        let own = self.inner.config.data_dir.join("images").join(&vm.image);
-        match Image::load(&own) {
-            Some(i) => Ok(i),
-            None => self.image(),
-        }
+    /// The image a VM boots: always the current one, whatever image its disk came from. The
+    /// agent travels in the initramfs, so this is how every VM runs the current agent; the
+    /// kernel matches the modules in that initramfs, and nothing at boot uses the disk's.
+    fn boot_image(&self, _vm: &VmRecord) -> Result<Image, VmError> {
+        self.image()
     }
 
     async fn start(&self, name: &str) -> Result<Vm, VmError> {
