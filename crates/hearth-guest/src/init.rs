@@ -128,7 +128,10 @@ pub fn boot() {
     supervise();
 }
 
-/// Mounts what is not mounted yet; a filesystem the initramfs moved over stays as it is.
+/// Mounts what is not mounted yet. What the initramfs set up stays as it is: `/dev`, `/proc` and
+/// `/sys` it moved over, and `/run`, the tmpfs this very binary runs from (hearthd's initramfs
+/// copies the agent there, so a VM runs the agent of the hearthd that booted it, whatever its
+/// disk holds). Mounting over `/run` would hide that copy, so it must never be remounted.
 fn mount_api_filesystems() {
     if !Path::new("/proc/self/mountinfo").exists() {
         mount_one(&MOUNTS[0]);
@@ -136,11 +139,16 @@ fn mount_api_filesystems() {
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")
         .map(|text| parse_mountinfo(&text))
         .unwrap_or_default();
-    for spec in MOUNTS {
-        if !mounted.iter().any(|m| m.mount_point == spec.target) {
-            mount_one(spec);
-        }
+    for spec in missing_mounts(&mounted) {
+        mount_one(spec);
     }
+}
+
+/// The filesystems of [`MOUNTS`] that are not mounted yet, in mount order.
+fn missing_mounts(mounted: &[MountEntry]) -> impl Iterator<Item = &'static Mount> + '_ {
+    MOUNTS
+        .iter()
+        .filter(|spec| !mounted.iter().any(|m| m.mount_point == spec.target))
 }
 
 fn mount_one(spec: &Mount) {
@@ -494,6 +502,26 @@ mod tests {
         let text = format!("{MOUNTINFO}30 22 254:1 / / rw,relatime - ext4 /dev/vda rw\n");
         assert!(!root_is_read_only(&parse_mountinfo(&text)));
         assert!(!root_is_read_only(&[]));
+    }
+
+    #[test]
+    fn what_the_initramfs_mounted_is_kept() {
+        // As hearthd's initramfs leaves it: the root disk, the moved API filesystems, and the
+        // tmpfs on /run that holds the running agent.
+        let text = "\
+22 1 254:1 / / rw,noatime - ext4 /dev/vda rw
+23 22 0:5 / /dev rw,nosuid - devtmpfs dev rw,mode=755
+24 22 0:21 / /proc rw,relatime - proc proc rw
+25 22 0:20 / /sys rw,relatime - sysfs sys rw
+26 22 0:30 / /run rw,nosuid,nodev - tmpfs tmpfs rw,mode=755
+";
+        let missing: Vec<_> = missing_mounts(&parse_mountinfo(text))
+            .map(|m| m.target)
+            .collect();
+        assert_eq!(missing, ["/dev/pts", "/dev/shm"]);
+        let all: Vec<_> = missing_mounts(&[]).map(|m| m.target).collect();
+        assert_eq!(all.len(), MOUNTS.len());
+        assert!(all.contains(&"/run"));
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //!
 //! # What it does
 //!
-//! The VM's initramfs mounts the root disk and `switch_root`s into `/usr/sbin/hearth-guest`, so in
-//! a VM this binary starts as PID 1 ([`init`]): it mounts the API filesystems, remounts `/`
+//! This binary travels in the initramfs hearthd hands QEMU at every boot, not on the VM's disk:
+//! the initramfs mounts the root disk, copies the agent onto a tmpfs at the disk's `/run` and
+//! `switch_root`s into `/run/hearth/hearth-guest`, so in a VM this binary starts as PID 1
+//! ([`init`]), whatever the disk holds: it mounts the API filesystems, remounts `/`
 //! read-write, sets the hostname from `hearth.hostname=` on the kernel command line and brings up
 //! loopback, all with plain syscalls (every fork+exec costs tens of milliseconds under TCG). It
 //! then forks: the child serves the host, and PID 1 stays a small loop that reaps orphans and

@@ -140,7 +140,7 @@ pub const KEYS: &[Key] = &[
         path: "image.agent_path",
         kind: Kind::String,
         default: "\"\"",
-        doc: "Static hearth-guest binary put into the guest image. Empty: hearth-guest beside hearthd.",
+        doc: "Static hearth-guest binary put into the guest initramfs: every VM boots it. Empty: hearth-guest beside hearthd.",
     },
     Key {
         path: "image.suite",

@@ -174,16 +174,6 @@ impl VmService {
         }
     }
 
-    /// The image a VM boots: the one its disk came from when still there, else the current one
-    /// (the kernel and initramfs do not depend on the disk's contents).
-    pub(super) fn boot_image(&self, vm: &VmRecord) -> Result<Image, VmError> {
-        let own = self.inner.config.data_dir.join("images").join(&vm.image);
-        match Image::load(&own) {
-            Some(i) => Ok(i),
-            None => self.image(),
-        }
-    }
-
     pub(super) async fn start(&self, name: &str) -> Result<Vm, VmError> {
         let vm = self.record(name).await?;
         let lock = self.vm_lock(&vm.id);
@@ -279,7 +269,10 @@ impl VmService {
 
     /// Launches the VMM and waits for the agent. On failure nothing is left running.
     pub(super) async fn boot(&self, vm: &VmRecord) -> Result<(Arc<Runtime>, String), String> {
-        let image = self.boot_image(vm).map_err(|e| e.message())?;
+        // Always the current image, whatever image the disk came from: the agent travels in
+        // the initramfs, so this is how every VM runs the current agent (and the kernel matches
+        // the modules in that initramfs; nothing at boot uses the disk's).
+        let image = self.image().map_err(|e| e.message())?;
         let spec = self.launch_spec(vm, Some(&image));
         rotate_log(&spec.serial_log, self.inner.config.guest.log_max_bytes);
         rotate_log(&spec.vmm_log, self.inner.config.guest.log_max_bytes);

@@ -85,7 +85,7 @@ impl VmService {
     }
 
     pub(super) async fn readopt(&self, vm: VmRecord) -> Result<(), VmError> {
-        let image = self.boot_image(&vm).ok();
+        let image = self.image().ok();
         let spec = self.launch_spec(&vm, image.as_ref());
         // The recorded pid, or, when it was lost (hearthd died between the launch and recording
         // it) or names another process, the VMM found by its run directory: two VMMs must never

@@ -132,6 +132,11 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(data: &Path) -> Daemon {
+        Daemon::start_with_env(data, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables (they win over the defaults).
+    pub fn start_with_env(data: &Path, env: &[(&str, &str)]) -> Daemon {
         std::fs::create_dir_all(data).unwrap();
         let images = data.join("images");
         if !images.exists() {
@@ -148,6 +153,7 @@ impl Daemon {
             .env("HEARTH_IMAGE_AGENT_PATH", agent_bin())
             .env("HEARTH_GUEST_MEMORY", "256M")
             .env("HEARTH_LOG", "hearthd=debug,info")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
