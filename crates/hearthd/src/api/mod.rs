@@ -4,8 +4,10 @@
 //! Only this module knows HTTP.
 
 mod docs;
+pub mod guard;
 mod stream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -27,6 +29,7 @@ use crate::vm::{Action, Reply, VmError, VmService};
 pub struct AppState {
     pub service: VmService,
     pub request_timeout: Duration,
+    pub guard: Arc<guard::Guard>,
 }
 
 /// An error on its way to becoming a response.
@@ -83,6 +86,12 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Json<T> 
 }
 
 fn json_rejection(r: JsonRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            ErrorCode::RequestTooLarge,
+            "the request body is larger than server.max_json_body_bytes allows",
+        );
+    }
     let detail = r.body_text();
     let detail = detail
         .strip_prefix("Failed to deserialize the JSON body into the target type: ")
@@ -165,6 +174,7 @@ pub fn openapi_json() -> String {
 }
 
 pub fn router(state: AppState) -> Router {
+    let guard = state.guard.clone();
     let v1 = Router::new()
         .route("/health", get(health))
         .route("/vms", get(list_vms).post(create_vm))
@@ -198,6 +208,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            guard.max_json_body_bytes(),
+        ))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
 }
 
 async fn openapi() -> impl IntoResponse {

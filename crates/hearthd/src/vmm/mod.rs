@@ -82,6 +82,12 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// `kvm` or `tcg`.
     fn accel(&self) -> &'static str;
     fn capabilities(&self) -> Capabilities;
+    /// The directory this backend keeps guest RAM files in, when it keeps guest RAM in files
+    /// (QEMU: a 0700 directory of this hearthd's on the `/dev/shm` tmpfs); `statvfs` of it gives
+    /// the capacity and use of the filesystem those files fill.
+    fn ram_dir(&self) -> Option<&Path> {
+        None
+    }
     /// Starts the VMM for `spec`; returns once the VMM runs (the guest may still be booting).
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError>;
     /// Re-attaches to a VMM process started by an earlier hearthd. `Ok(None)` when that process
