@@ -363,6 +363,14 @@ error_codes! {
     NotFound = "not_found", 404, 3;
     /// The endpoint exists but not with this HTTP method.
     MethodNotAllowed = "method_not_allowed", 405, 2;
+    /// The request's `Host` header names neither hearthd's listen address, a loopback name nor
+    /// a name in `server.allowed_hosts` (a DNS-rebinding guard).
+    ForbiddenHost = "forbidden_host", 403, 2;
+    /// A browser sent the request from a page whose `Origin` is not in
+    /// `server.allowed_origins` (nor hearthd's own).
+    ForbiddenOrigin = "forbidden_origin", 403, 2;
+    /// The request body is larger than `server.max_json_body_bytes`.
+    RequestTooLarge = "request_too_large", 413, 2;
     /// The file does not exist in the guest.
     GuestFileNotFound = "guest_file_not_found", 404, 3;
     /// Another VM already has the name.
@@ -386,6 +394,8 @@ error_codes! {
     ImageUnavailable = "image_unavailable", 503, 5;
     /// The VMM failed to start or control the VM.
     VmmFailed = "vmm_failed", 500, 1;
+    /// hearthd has as many requests (or streams) in hand and waiting as it takes; try again.
+    Overloaded = "overloaded", 503, 5;
     /// The host ran out of something (disk space, memory), or a new disk would not fit.
     ResourceExhausted = "resource_exhausted", 507, 1;
     /// Anything else; the server log has details.

@@ -1,14 +1,19 @@
-//! hearthd's REST API over plain HTTP: one method per endpoint, errors turned into [`CliError`].
+//! hearthd's REST API over plain HTTP, on TCP (`http://host:port`) or on hearthd's unix socket
+//! (`unix:///path/to/hearth.sock`): one method per endpoint, errors turned into [`CliError`].
 
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hearth_api::{API_PREFIX, CreateVmRequest, ErrorBody, ErrorCode, Health, Vm, VmDetail};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use tokio::net::TcpStream;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+use tokio_tungstenite::{WebSocketStream, tungstenite};
 
 use crate::error::{CliError, Result};
 
@@ -21,7 +26,54 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Header of `GET …/files` carrying the file's mode in octal.
 pub const FILE_MODE_HEADER: &str = "x-hearth-file-mode";
 
-pub type ExecSocket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type ExecSocket = WebSocketStream<Connection>;
+
+/// A connection to hearthd for the exec WebSocket: TCP or the unix socket.
+#[derive(Debug)]
+pub enum Connection {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Connection::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Connection::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Connection::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Connection::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Connection::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
 
 /// A decoded response together with the JSON exactly as hearthd sent it (for `--json`).
 #[derive(Debug)]
@@ -41,7 +93,12 @@ pub enum Lifecycle {
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
+    /// The HTTP base of every request (`http://localhost/` over a unix socket).
     base: Url,
+    /// hearthd's unix socket, when the URL was `unix:///path`.
+    socket: Option<PathBuf>,
+    /// The URL as given, for messages.
+    shown: String,
 }
 
 impl Client {
@@ -52,32 +109,57 @@ impl Client {
                 format!("bad hearthd URL `{url}`: {why}"),
             )
         };
-        let base = Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
-        if base.scheme() != "http" {
-            return Err(bad_url(format!(
-                "hearth speaks plain HTTP only, not {}",
-                base.scheme()
-            )));
-        }
-        if base.host_str().is_none() || base.cannot_be_a_base() {
-            return Err(bad_url("it names no host".into()));
-        }
+        let parsed = Url::parse(url).map_err(|e| bad_url(e.to_string()))?;
         let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .user_agent(concat!("hearth/", env!("CARGO_PKG_VERSION")));
-        if is_loopback(&base) {
-            // A proxy from the environment must not capture the local daemon's traffic.
-            builder = builder.no_proxy();
-        }
+        let (base, socket) = match parsed.scheme() {
+            "unix" => {
+                if parsed.host_str().is_some_and(|h| !h.is_empty()) || parsed.path().len() < 2 {
+                    return Err(bad_url(
+                        "a unix socket URL names an absolute path, e.g. unix:///var/lib/hearth/hearth.sock"
+                            .into(),
+                    ));
+                }
+                let socket = PathBuf::from(parsed.path());
+                builder = builder.unix_socket(socket.clone()).no_proxy();
+                let base = Url::parse("http://localhost/").map_err(|e| bad_url(e.to_string()))?;
+                (base, Some(socket))
+            }
+            "http" => {
+                if parsed.host_str().is_none() || parsed.cannot_be_a_base() {
+                    return Err(bad_url("it names no host".into()));
+                }
+                if is_loopback(&parsed) {
+                    // A proxy from the environment must not capture the local daemon's traffic.
+                    builder = builder.no_proxy();
+                }
+                (parsed, None)
+            }
+            other => {
+                return Err(bad_url(format!(
+                    "hearth speaks plain HTTP (http://) or a unix socket (unix:///path), not {other}"
+                )));
+            }
+        };
         let http = builder
             .build()
             .map_err(|e| CliError::protocol(format!("cannot set up the HTTP client: {e}")))?;
-        Ok(Client { http, base })
+        let shown = match &socket {
+            Some(path) => format!("unix://{}", path.display()),
+            None => base.as_str().trim_end_matches('/').to_owned(),
+        };
+        Ok(Client {
+            http,
+            base,
+            socket,
+            shown,
+        })
     }
 
     /// The URL hearthd is expected at, for messages.
     pub fn base_url(&self) -> &str {
-        self.base.as_str().trim_end_matches('/')
+        &self.shown
     }
 
     fn url(&self, segments: &[&str], query: &[(&str, String)]) -> Url {
@@ -204,7 +286,11 @@ impl Client {
                 "cannot make a WebSocket URL of {url}"
             )));
         }
-        let connect = tokio_tungstenite::connect_async(url.as_str());
+        let connection = self.connect().await.map_err(|e| CliError::Unreachable {
+            url: self.base_url().to_owned(),
+            reason: e.to_string(),
+        })?;
+        let connect = tokio_tungstenite::client_async(url.as_str(), connection);
         let result = match tokio::time::timeout(QUICK_TIMEOUT, connect).await {
             Ok(result) => result,
             Err(_) => {
@@ -233,6 +319,29 @@ impl Client {
             }),
             Err(e) => Err(CliError::protocol(format!("exec session failed: {e}"))),
         }
+    }
+
+    /// A new connection to hearthd, for the WebSocket.
+    async fn connect(&self) -> std::io::Result<Connection> {
+        let connect = async {
+            match &self.socket {
+                Some(path) => UnixStream::connect(path).await.map(Connection::Unix),
+                None => {
+                    let host = self.base.host_str().unwrap_or("localhost");
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let port = self.base.port_or_known_default().unwrap_or(80);
+                    TcpStream::connect((host, port)).await.map(Connection::Tcp)
+                }
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connecting timed out",
+                ))
+            })
     }
 
     /// Sends the request; any answer but a success becomes the error its body describes.
@@ -364,11 +473,28 @@ mod tests {
             "https://x",
             "127.0.0.1:7070",
             "not a url",
-            "unix:/run/hearth.sock",
+            "unix://host/run/hearth.sock",
+            "unix:",
         ] {
             let err = Client::new(bad).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");
             assert!(err.message().contains(bad), "{}", err.message());
+        }
+    }
+
+    #[test]
+    fn unix_socket_urls() {
+        for url in ["unix:///run/hearth.sock", "unix:/run/hearth.sock"] {
+            let client = Client::new(url).unwrap();
+            assert_eq!(
+                client.socket.as_deref(),
+                Some(std::path::Path::new("/run/hearth.sock"))
+            );
+            assert_eq!(client.base_url(), "unix:///run/hearth.sock");
+            assert_eq!(
+                client.url(&["vms"], &[]).as_str(),
+                "http://localhost/v1/vms"
+            );
         }
     }
 

@@ -214,6 +214,20 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             "hearthd does not take this request here; is it the same version as this CLI?"
                 .to_owned()
         }
+        ErrorCode::ForbiddenHost => {
+            "point HEARTH_URL (or --url) at hearthd's listen address or its unix socket, or add \
+             the name to hearthd's server.allowed_hosts"
+                .to_owned()
+        }
+        ErrorCode::ForbiddenOrigin => {
+            "web pages may call hearthd only from origins in its server.allowed_origins".to_owned()
+        }
+        ErrorCode::RequestTooLarge => {
+            "copy large inputs in with `hearth cp`, or stream them with `hearth exec -i`".to_owned()
+        }
+        ErrorCode::Overloaded => "hearthd is busy; try again in a moment (its server.max_requests \
+             and server.max_streams set the limits)"
+            .to_owned(),
         ErrorCode::CommandNotFound => {
             "check the name; the default guest is Debian bookworm minbase, without most tools"
                 .to_owned()
@@ -235,8 +249,13 @@ pub fn render(err: &CliError, ctx: &HintContext, color: bool) -> String {
     } else {
         ("", "", "")
     };
-    let mut out = format!("{red}error{reset}: {}\n", err.message());
+    // Messages can quote a guest (a serial console, an agent's error): escaped for the terminal.
+    let mut out = format!(
+        "{red}error{reset}: {}\n",
+        crate::render::terminal_safe(&err.message())
+    );
     for hint in err.hints(ctx) {
+        let hint = crate::render::terminal_safe(&hint);
         out.push_str(&format!("{cyan}hint{reset}: {hint}\n"));
     }
     out
@@ -343,6 +362,23 @@ mod tests {
             json!({"error": "invalid_path", "message": "bad path"})
         );
         assert_eq!(local.exit_code(), 2);
+    }
+
+    #[test]
+    fn messages_are_escaped_for_the_terminal() {
+        let err = api(
+            ErrorCode::VmmFailed,
+            "boot failed; serial console ends with: \x1b[2J\x1b]0;owned\x07",
+        );
+        let text = render(&err, &HintContext::new(Action::Start, Some("demo")), false);
+        assert!(
+            text.starts_with(
+                "error: boot failed; serial console ends with: \\x1b[2J\\x1b]0;owned\\x07\n"
+            ),
+            "{text:?}"
+        );
+        // --json keeps the message as it came (JSON escapes it).
+        assert!(err.json()["message"].as_str().unwrap().contains('\x1b'));
     }
 
     #[test]

@@ -86,10 +86,26 @@ impl Printer {
     }
 
     fn print_json(&self, value: &Value) {
-        let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+        let text = serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string());
+        let mut text = json_for_terminal(&text);
         text.push('\n');
         write_stdout(text.as_bytes());
     }
+}
+
+/// JSON text with the control characters JSON lets through raw (DEL, C1, bidirectional
+/// overrides; serde escapes the rest) written as `\u` escapes: the same JSON, safe to print.
+fn json_for_terminal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\u{7f}'..='\u{9f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                out.push_str(&format!("\\u{:04x}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Writes to stdout; a closed pipe (`hearth vm list | head -1`) is not an error worth reporting.
@@ -122,5 +138,22 @@ impl Drop for Progress {
         if self.shown && !self.done {
             eprintln!("failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_output_escapes_what_json_lets_through() {
+        let value = serde_json::json!({"message": "esc \u{1b} del \u{7f} csi \u{9b} rlo \u{202e}"});
+        let text = json_for_terminal(&serde_json::to_string(&value).unwrap());
+        assert!(
+            !text.chars().any(|c| c.is_control()) && !text.contains('\u{202e}'),
+            "{text:?}"
+        );
+        let back: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, value);
     }
 }

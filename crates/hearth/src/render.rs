@@ -1,5 +1,96 @@
 //! Pure text rendering for human output: sizes, tables, key/value blocks, times.
 
+/// Text from hearthd (and so possibly from a guest) made safe for a terminal: control
+/// characters other than newline and tab become visible escapes (`\x1b`, `\u{9b}`), so a guest
+/// cannot move the cursor, retitle the window or hide text. `\r\n` line ends become `\n`;
+/// bidirectional overrides are escaped too. `--json` output does not pass through here: JSON
+/// escapes control characters itself.
+pub fn terminal_safe(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    escape_into(&mut out, text);
+    out
+}
+
+fn escape_into(out: &mut String, text: &str) {
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\x{:02x}", u32::from(c)));
+            }
+            '\u{80}'..='\u{9f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => {
+                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+/// [`terminal_safe`] for a byte stream that arrives in chunks (a log): a UTF-8 sequence or a
+/// `\r\n` split between two chunks is kept whole; bytes that are not UTF-8 become `\xNN`.
+#[derive(Debug, Default)]
+pub struct TerminalStream {
+    pending: Vec<u8>,
+}
+
+impl TerminalStream {
+    /// The printable text of `chunk` (and of what was held back from the last one).
+    pub fn push(&mut self, chunk: &[u8]) -> String {
+        self.pending.extend_from_slice(chunk);
+        let bytes = std::mem::take(&mut self.pending);
+        let mut out = String::with_capacity(bytes.len());
+        let mut rest = &bytes[..];
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(text) => {
+                    let (text, held) = match text.strip_suffix('\r') {
+                        Some(head) => (head, true),
+                        None => (text, false),
+                    };
+                    escape_into(&mut out, text);
+                    if held {
+                        self.pending.push(b'\r');
+                    }
+                    break;
+                }
+                Err(e) => {
+                    let (valid, after) = rest.split_at(e.valid_up_to());
+                    escape_into(&mut out, std::str::from_utf8(valid).unwrap_or_default());
+                    match e.error_len() {
+                        Some(n) => {
+                            for b in &after[..n] {
+                                out.push_str(&format!("\\x{b:02x}"));
+                            }
+                            rest = &after[n..];
+                        }
+                        None => {
+                            // An incomplete sequence at the end: wait for the rest of it.
+                            self.pending.extend_from_slice(after);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// What is still held back at the end of the stream.
+    pub fn finish(&mut self) -> String {
+        let bytes = std::mem::take(&mut self.pending);
+        let mut out = String::new();
+        for chunk in bytes.utf8_chunks() {
+            escape_into(&mut out, chunk.valid());
+            for b in chunk.invalid() {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out
+    }
+}
+
 /// A size in MiB as people write it: `512M`, `1G`, `1.5G`, `2T`.
 pub fn size_mib(mib: u64) -> String {
     const GIB: u64 = 1024;
@@ -157,6 +248,44 @@ pub fn now_unix() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_terminals() {
+        assert_eq!(
+            terminal_safe("plain text\n\tindented"),
+            "plain text\n\tindented"
+        );
+        assert_eq!(
+            terminal_safe("\x1b]0;pwned\x07\x1b[2Jcleared"),
+            "\\x1b]0;pwned\\x07\\x1b[2Jcleared"
+        );
+        assert_eq!(
+            terminal_safe("ok\r\nover\rwritten\x7f"),
+            "ok\nover\\x0dwritten\\x7f"
+        );
+        assert_eq!(
+            terminal_safe("c1 \u{9b}31m bidi \u{202e}x"),
+            "c1 \\u{9b}31m bidi \\u{202e}x"
+        );
+        assert_eq!(terminal_safe("é → ü"), "é → ü");
+    }
+
+    #[test]
+    fn streams_keep_split_sequences_whole() {
+        let mut t = TerminalStream::default();
+        let text = "boot ok\r\n\x1b[31mé\n".as_bytes();
+        // Split inside "\r\n" and inside the two bytes of "é".
+        let split_cr = text.iter().position(|&b| b == b'\n').unwrap();
+        let split_e = text.len() - 2;
+        let mut out = t.push(&text[..split_cr]);
+        out += &t.push(&text[split_cr..split_e]);
+        out += &t.push(&text[split_e..]);
+        out += &t.finish();
+        assert_eq!(out, "boot ok\n\\x1b[31mé\n");
+        let mut t = TerminalStream::default();
+        let out = t.push(b"bad \xff\xfe bytes\r") + &t.finish();
+        assert_eq!(out, "bad \\xff\\xfe bytes\\x0d");
+    }
 
     #[test]
     fn sizes_render_with_units() {

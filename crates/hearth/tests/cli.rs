@@ -72,7 +72,16 @@ async fn list() -> Json<Vec<Vm>> {
     Json(canned_vms())
 }
 
+/// Text a hostile guest could have put in a serial console, which the server quotes.
+const HOSTILE: &str = "\x1b]0;owned\x07\x1b[2Jgone";
+
 async fn inspect(Path(name): Path<String>) -> Response {
+    if name == "evil" {
+        return error(
+            ErrorCode::VmmFailed,
+            &format!("boot failed; serial console ends with: {HOSTILE}"),
+        );
+    }
     match canned_vms().into_iter().find(|vm| vm.name == name) {
         Some(vm) => Json(VmDetail {
             vm,
@@ -128,6 +137,9 @@ async fn delete(Path(name): Path<String>) -> Response {
 
 /// Says which log was asked for, then streams a few lines in separate chunks.
 async fn logs(Path(name): Path<String>, Query(query): Query<HashMap<String, String>>) -> Response {
+    if name == "evil" {
+        return format!("boot\r\n{HOSTILE}\n").into_response();
+    }
     if name != "demo" {
         return vm_not_found(&name);
     }
@@ -208,6 +220,14 @@ async fn get_file(
         return vm_not_found(&name);
     }
     let path = query.get("path").cloned().unwrap_or_default();
+    if path == "/broken" {
+        // Some bytes, then the connection breaks.
+        let chunks = futures_util::stream::iter([
+            Ok(Bytes::from_static(b"partial")),
+            Err(std::io::Error::other("disk on fire")),
+        ]);
+        return axum::body::Body::from_stream(chunks).into_response();
+    }
     match files.lock().unwrap().get(&path) {
         Some((bytes, mode)) => {
             let mut headers = HeaderMap::new();
@@ -317,6 +337,19 @@ async fn tty_session(socket: &mut WebSocket, size: TtySize) -> Message {
     exit_message(Some(0), None, false)
 }
 
+fn fake_app() -> Router {
+    let files: Files = Arc::default();
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/vms", get(list).post(create))
+        .route("/v1/vms/{name}", get(inspect).delete(delete))
+        .route("/v1/vms/{name}/start", post(start))
+        .route("/v1/vms/{name}/logs", get(logs))
+        .route("/v1/vms/{name}/files", get(get_file).put(put_file))
+        .route("/v1/vms/{name}/exec/ws", get(exec_ws))
+        .with_state(files)
+}
+
 /// The fake's address; it runs on a thread of its own for the whole test binary.
 fn server() -> SocketAddr {
     static ADDR: OnceLock<SocketAddr> = OnceLock::new();
@@ -324,16 +357,7 @@ fn server() -> SocketAddr {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let files: Files = Arc::default();
-        let app = Router::new()
-            .route("/v1/health", get(health))
-            .route("/v1/vms", get(list).post(create))
-            .route("/v1/vms/{name}", get(inspect).delete(delete))
-            .route("/v1/vms/{name}/start", post(start))
-            .route("/v1/vms/{name}/logs", get(logs))
-            .route("/v1/vms/{name}/files", get(get_file).put(put_file))
-            .route("/v1/vms/{name}/exec/ws", get(exec_ws))
-            .with_state(files);
+        let app = fake_app();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -347,6 +371,29 @@ fn server() -> SocketAddr {
         });
         addr
     })
+}
+
+/// The same fake on a unix socket, as hearthd's `server.unix_socket`.
+fn unix_server() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = scratch("unix");
+        let path = dir.join("hearth.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                axum::serve(listener, fake_app()).await.unwrap();
+            });
+        });
+        path
+    })
+    .clone()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -823,5 +870,105 @@ fn health_prints_its_fields() {
          ram files: 0M of 1G committed, 1G available\n\
          disks:     0M of 4G committed, 4G available\n\
          disk free: 4G\n"
+    );
+}
+
+#[test]
+fn the_cli_speaks_over_a_unix_socket() {
+    let url = format!("unix://{}", unix_server().display());
+    let out = hearth_at(&url, &["--json", "vm", "list"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let vms: Vec<Vm> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(vms, canned_vms());
+    // The exec WebSocket and streamed file bodies too.
+    let out = hearth_at(&url, &["exec", "demo", "--", "echo", "over", "unix"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "echo over unix\n");
+    let up = hearth_at(&url, &["cp", "-", "demo:/tmp/u"], b"via the socket");
+    assert_eq!(code(&up), 0, "stderr: {}", text(&up.stderr));
+    let down = hearth_at(&url, &["cp", "demo:/tmp/u", "-"], b"");
+    assert_eq!(down.stdout, b"via the socket");
+    // No socket there: unreachable (exit 5), naming the socket.
+    let out = hearth_at("unix:///nonexistent/hearth.sock", &["vm", "list"], b"");
+    assert_eq!(code(&out), i32::from(hearth_api::EXIT_UNREACHABLE));
+    assert!(
+        text(&out.stderr).contains("hearthd running at unix:///nonexistent/hearth.sock"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn a_failed_download_leaves_the_local_file_intact() {
+    let dir = scratch("cp-broken");
+    let local = dir.join("keep.txt");
+    std::fs::write(&local, "precious\n").unwrap();
+    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let out = hearth(&["cp", "demo:/broken", local.to_str().unwrap()], b"");
+    assert_ne!(code(&out), 0, "the broken download succeeded");
+    assert_eq!(std::fs::read_to_string(&local).unwrap(), "precious\n");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["keep.txt"], "temporary files left behind");
+    // A download that works replaces it, and the file keeps its own mode.
+    let up = hearth(&["cp", "-", "demo:/tmp/new"], b"new contents");
+    assert_eq!(code(&up), 0, "stderr: {}", text(&up.stderr));
+    let down = hearth(&["cp", "demo:/tmp/new", local.to_str().unwrap()], b"");
+    assert_eq!(code(&down), 0, "stderr: {}", text(&down.stderr));
+    assert_eq!(std::fs::read_to_string(&local).unwrap(), "new contents");
+    let mode = std::fs::metadata(&local).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn guest_text_is_escaped_on_a_terminal_and_raw_in_a_pipe() {
+    // Error messages quoting a guest: escaped on stderr, JSON-escaped with --json.
+    let out = hearth(&["vm", "inspect", "evil"], b"");
+    assert_eq!(code(&out), 1);
+    assert!(!out.stderr.contains(&0x1b), "{:?}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("ends with: \\x1b]0;owned\\x07\\x1b[2Jgone"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hearth(&["--json", "vm", "inspect", "evil"], b"");
+    assert!(!out.stdout.contains(&0x1b));
+    let body: ErrorBody = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(body.message.ends_with(HOSTILE));
+
+    // Logs into a pipe are the log's own bytes.
+    let out = hearth(&["vm", "logs", "evil"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), format!("boot\r\n{HOSTILE}\n"));
+
+    // On a terminal, escaped.
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let url = format!("http://{}", server());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["--url", &url, "vm", "logs", "evil"])
+        .stdin(Stdio::null())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(slave);
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Ends with EIO once the terminal has no other end open.
+    while let Ok(n @ 1..) = master.read(&mut buf) {
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(!seen.contains(&0x1b), "{:?}", text(&seen));
+    assert!(
+        text(&seen).contains("\\x1b]0;owned\\x07\\x1b[2Jgone"),
+        "{:?}",
+        text(&seen)
     );
 }

@@ -186,20 +186,27 @@ pub fn summary(host: &Host, cfg: &CapacityConfig, committed: Committed) -> Capac
     }
 }
 
-/// Measures the host: CPUs, memory, and the filesystems of `ram_dir` and `data_dir`.
-pub fn probe(ram_dir: &Path, data_dir: &Path) -> std::io::Result<Host> {
+/// Measures the host: CPUs, memory, and the filesystems of `ram_dir` and `data_dir`. A backend
+/// that keeps no guest RAM in files (`ram_dir` `None`) is bounded by memory alone.
+pub fn probe(ram_dir: Option<&Path>, data_dir: &Path) -> std::io::Result<Host> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let meminfo = std::fs::read_to_string("/proc/meminfo")?;
     let memory_mib = meminfo_kib(&meminfo, "MemTotal").unwrap_or(0) / 1024;
-    let ram = nix::sys::statvfs::statvfs(ram_dir)?;
-    let data = nix::sys::statvfs::statvfs(data_dir)?;
     let mib = |blocks: u64, size: u64| {
         u64::try_from(u128::from(blocks) * u128::from(size) / (1 << 20)).unwrap_or(u64::MAX)
     };
+    let ram_files_mib = match ram_dir {
+        Some(dir) => {
+            let ram = nix::sys::statvfs::statvfs(dir)?;
+            mib(ram.blocks(), ram.fragment_size())
+        }
+        None => memory_mib,
+    };
+    let data = nix::sys::statvfs::statvfs(data_dir)?;
     Ok(Host {
         cpus,
         memory_mib,
-        ram_files_mib: mib(ram.blocks(), ram.fragment_size()),
+        ram_files_mib,
         disk_mib: mib(data.blocks(), data.fragment_size()),
         disk_free_mib: mib(data.blocks_available(), data.fragment_size()),
     })
@@ -328,7 +335,11 @@ mod tests {
     #[test]
     fn the_host_is_measured() {
         let dir = tempfile::tempdir().unwrap();
-        let host = probe(Path::new("/dev/shm"), dir.path()).unwrap();
+        let host = probe(Some(Path::new("/dev/shm")), dir.path()).unwrap();
+        assert_eq!(
+            probe(None, dir.path()).unwrap().ram_files_mib,
+            host.memory_mib
+        );
         assert!(host.cpus >= 1 && host.memory_mib > 0 && host.disk_mib > 0);
         assert_eq!(
             meminfo_kib("MemTotal:       24576000 kB\n", "MemTotal"),

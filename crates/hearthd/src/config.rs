@@ -36,6 +36,8 @@ pub enum ConfigError {
 pub enum Kind {
     String,
     Integer,
+    /// A list of strings; its environment variable separates them with commas.
+    List,
 }
 
 /// One configuration key: its TOML path, type, default (as TOML) and documentation.
@@ -137,6 +139,54 @@ pub const KEYS: &[Key] = &[
         doc: "On SIGTERM/SIGINT, how long to let requests in flight finish. VMs keep running.",
     },
     Key {
+        path: "server.unix_socket",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "Unix socket the API also listens on (mode 0660; no Host check there). Empty: <data_dir>/hearth.sock; off: none.",
+    },
+    Key {
+        path: "server.unix_socket_group",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "Group (name or gid) given the unix socket, so its members may use the API. Empty: hearthd's own group.",
+    },
+    Key {
+        path: "server.allowed_hosts",
+        kind: Kind::List,
+        default: "[]",
+        doc: "Host names requests may carry in Host besides loopback names and the listen address: exact, or *.example.com. Others get 403 forbidden_host (a DNS-rebinding guard).",
+    },
+    Key {
+        path: "server.allowed_origins",
+        kind: Kind::List,
+        default: "[]",
+        doc: "Web origins whose pages may call the API: exact (https://app.example.com) or a wildcard (https://*.example.com); * allows any. hearthd's own origin always may; other browser requests get 403 forbidden_origin.",
+    },
+    Key {
+        path: "server.max_requests",
+        kind: Kind::Integer,
+        default: "64",
+        doc: "Requests handled at once, streams excepted; more wait in a queue.",
+    },
+    Key {
+        path: "server.max_queued_requests",
+        kind: Kind::Integer,
+        default: "256",
+        doc: "Requests that may wait for one of server.max_requests; beyond that, 503 overloaded at once.",
+    },
+    Key {
+        path: "server.max_streams",
+        kind: Kind::Integer,
+        default: "128",
+        doc: "Streams open at once (exec WebSockets and streams, followed logs, file transfers), counted apart from server.max_requests; beyond that, 503 overloaded.",
+    },
+    Key {
+        path: "server.max_json_body_bytes",
+        kind: Kind::Integer,
+        default: "1048576",
+        doc: "Largest JSON request body; larger ones get 413 request_too_large. File uploads are streamed and not limited by this.",
+    },
+    Key {
         path: "image.agent_path",
         kind: Kind::String,
         default: "\"\"",
@@ -229,6 +279,14 @@ struct RawGuest {
 struct RawServer {
     request_timeout_secs: i64,
     shutdown_timeout_secs: i64,
+    unix_socket: String,
+    unix_socket_group: String,
+    allowed_hosts: Vec<String>,
+    allowed_origins: Vec<String>,
+    max_requests: i64,
+    max_queued_requests: i64,
+    max_streams: i64,
+    max_json_body_bytes: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -281,6 +339,7 @@ pub struct Config {
     pub guest: GuestDefaults,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
+    pub server: ServerConfig,
     pub image: ImageConfig,
     pub qemu_binary: PathBuf,
     pub accel: AccelChoice,
@@ -305,6 +364,23 @@ pub struct GuestDefaults {
     pub ready_timeout: Duration,
     pub stop_timeout: Duration,
     pub log_max_bytes: u64,
+}
+
+/// Listeners, request guards and limits of the API.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The unix socket beside TCP, unless `server.unix_socket = "off"`.
+    pub unix_socket: Option<PathBuf>,
+    /// The group the socket is given (`None`: hearthd's own).
+    pub unix_socket_group: Option<u32>,
+    /// Lowercase host names or `*.suffix` patterns.
+    pub allowed_hosts: Vec<String>,
+    /// Lowercase origins, `scheme://*.suffix` patterns, or `*`.
+    pub allowed_origins: Vec<String>,
+    pub max_requests: usize,
+    pub max_queued_requests: usize,
+    pub max_streams: usize,
+    pub max_json_body_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -463,6 +539,7 @@ impl Config {
                 ));
             }
         };
+        let server = validate_server(&raw.server, &data_dir)?;
         let agent_path = if raw.image.agent_path.is_empty() {
             std::env::current_exe()
                 .ok()
@@ -493,6 +570,7 @@ impl Config {
                 "server.shutdown_timeout_secs",
                 raw.server.shutdown_timeout_secs,
             )?,
+            server,
             image: ImageConfig {
                 agent_path,
                 suite: raw.image.suite,
@@ -524,6 +602,89 @@ impl Config {
             },
         })
     }
+}
+
+fn validate_server(raw: &RawServer, data_dir: &Path) -> Result<ServerConfig, ConfigError> {
+    let unix_socket = match raw.unix_socket.as_str() {
+        "" => Some(data_dir.join("hearth.sock")),
+        "off" => None,
+        p if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+        p => {
+            return Err(invalid(
+                "server.unix_socket",
+                format!("{p:?} must be an absolute path, empty (<data_dir>/hearth.sock) or off"),
+            ));
+        }
+    };
+    let unix_socket_group = match raw.unix_socket_group.as_str() {
+        "" => None,
+        g => Some(group_id(g).ok_or_else(|| {
+            invalid(
+                "server.unix_socket_group",
+                format!("{g:?} is neither a group of this host nor a numeric gid"),
+            )
+        })?),
+    };
+    let mut allowed_hosts = Vec::new();
+    for host in &raw.allowed_hosts {
+        let h = host.trim().trim_end_matches('.').to_ascii_lowercase();
+        let name = h.strip_prefix("*.").unwrap_or(&h);
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !valid {
+            return Err(invalid(
+                "server.allowed_hosts",
+                format!("{host:?} is not a host name or a *.example.com pattern"),
+            ));
+        }
+        allowed_hosts.push(h);
+    }
+    let mut allowed_origins = Vec::new();
+    for origin in &raw.allowed_origins {
+        let o = origin.trim().trim_end_matches('/').to_ascii_lowercase();
+        let valid = o == "*"
+            || o.split_once("://").is_some_and(|(scheme, rest)| {
+                matches!(scheme, "http" | "https")
+                    && !rest.is_empty()
+                    && !rest.contains(['/', '?', '#', '@'])
+                    && !rest.strip_prefix("*.").unwrap_or(rest).contains('*')
+            });
+        if !valid {
+            return Err(invalid(
+                "server.allowed_origins",
+                format!(
+                    "{origin:?} is not an origin such as https://app.example.com, a pattern such as https://*.example.com, or *"
+                ),
+            ));
+        }
+        allowed_origins.push(o);
+    }
+    let count = |path: &str, value: i64, min: i64| {
+        positive(path, value, min).map(|v| usize::try_from(v).unwrap_or(usize::MAX))
+    };
+    Ok(ServerConfig {
+        unix_socket,
+        unix_socket_group,
+        allowed_hosts,
+        allowed_origins,
+        max_requests: count("server.max_requests", raw.max_requests, 1)?,
+        max_queued_requests: count("server.max_queued_requests", raw.max_queued_requests, 0)?,
+        max_streams: count("server.max_streams", raw.max_streams, 1)?,
+        max_json_body_bytes: count("server.max_json_body_bytes", raw.max_json_body_bytes, 1024)?,
+    })
+}
+
+/// A group name or numeric gid, as the group database knows it.
+fn group_id(group: &str) -> Option<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Some(gid);
+    }
+    nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
 }
 
 /// The smallest root disk: the size of the guest image's filesystem.
@@ -610,6 +771,13 @@ fn set(table: &mut toml::Table, key: &'static Key, text: &str) -> Result<(), Con
             text.trim()
                 .parse()
                 .map_err(|_| invalid(key.path, format!("{text:?} is not a whole number")))?,
+        ),
+        Kind::List => toml::Value::Array(
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
         ),
     };
     let (section, name) = key.path.rsplit_once('.').unwrap_or(("", key.path));
@@ -753,6 +921,73 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("invalid type"), "{err}");
+    }
+
+    #[test]
+    fn server_guards_listeners_and_limits() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(
+            c.server.unix_socket.as_deref(),
+            Some(Path::new("/var/lib/hearth/hearth.sock"))
+        );
+        assert_eq!(c.server.unix_socket_group, None);
+        assert!(c.server.allowed_hosts.is_empty() && c.server.allowed_origins.is_empty());
+        assert_eq!(
+            (
+                c.server.max_requests,
+                c.server.max_queued_requests,
+                c.server.max_streams
+            ),
+            (64, 256, 128)
+        );
+        let c = load_with(
+            Some(
+                "[server]\nallowed_origins = [\"https://*.Example.com/\", \"http://localhost:3000\"]\nunix_socket = \"off\"\n",
+            ),
+            &[
+                ("HEARTH_SERVER_ALLOWED_HOSTS", "hearth.lan, *.corp.example,"),
+                ("HEARTH_SERVER_UNIX_SOCKET_GROUP", "0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.unix_socket, None);
+        assert_eq!(c.server.unix_socket_group, Some(0));
+        assert_eq!(c.server.allowed_hosts, ["hearth.lan", "*.corp.example"]);
+        assert_eq!(
+            c.server.allowed_origins,
+            ["https://*.example.com", "http://localhost:3000"]
+        );
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "HEARTH_SERVER_UNIX_SOCKET",
+                "rel.sock",
+                "must be an absolute path",
+            ),
+            (
+                "HEARTH_SERVER_UNIX_SOCKET_GROUP",
+                "no-such-group-here",
+                "is neither a group",
+            ),
+            ("HEARTH_SERVER_ALLOWED_HOSTS", "a b", "is not a host name"),
+            (
+                "HEARTH_SERVER_ALLOWED_ORIGINS",
+                "example.com",
+                "is not an origin",
+            ),
+            (
+                "HEARTH_SERVER_ALLOWED_ORIGINS",
+                "https://a.*.com",
+                "is not an origin",
+            ),
+            ("HEARTH_SERVER_MAX_REQUESTS", "0", "0 must be at least 1"),
+        ];
+        for (var, value, words) in cases {
+            let err = load_with(None, &[(var, value)]).unwrap_err().to_string();
+            assert!(
+                err.contains(var) && err.contains(words),
+                "{var}={value}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -418,6 +418,10 @@ impl ImageBuilder {
                 let p = staging.join(rel);
                 let _ = std::fs::remove_file(&p);
                 std::fs::write(&p, text).map_err(io_err("write", &p))?;
+                // Readable by every guest user, whatever hearthd's own (private) umask.
+                let mode =
+                    <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644);
+                std::fs::set_permissions(&p, mode).map_err(io_err("chmod", &p))?;
             }
             run(
                 "mkfs.ext4",

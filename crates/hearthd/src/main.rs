@@ -11,7 +11,8 @@ mod store;
 mod vm;
 mod vmm;
 
-use std::path::PathBuf;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::sync::watch;
 
+use crate::api::guard::{ConnInfo, GuardedListener, Transport};
 use crate::config::{AccelChoice, Config, VmmChoice};
 use crate::image::ImageBuilder;
 use crate::vm::{ImageState, VmService};
@@ -55,6 +57,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Before anything is created: every file and directory hearthd and the programs it starts
+    // (QEMU: serial logs, sockets) make is private unless it says otherwise.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     if cli.generate_config {
         print!("{}", config::generate_default());
@@ -130,10 +135,21 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     for dir in ["", "vms", "run", "images"] {
         let d = config.data_dir.join(dir);
-        std::fs::create_dir_all(&d)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
             .with_context(|| format!("cannot create data directory {}", d.display()))?;
     }
+    secure_state(&config);
     let store = store::Store::open(&config.database_url).await?;
+    if let Some(db) = sqlite_path(&config.database_url) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = db.clone().into_os_string();
+            path.push(suffix);
+            tighten(Path::new(&path), 0o600);
+        }
+    }
     let vmm: Arc<dyn Vmm> = match config.vmm {
         VmmChoice::Firecracker => anyhow::bail!(
             "vmm (env HEARTH_VMM): firecracker is not available in this build yet; use qemu or auto"
@@ -144,13 +160,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 AccelChoice::Kvm => Some(Accel::Kvm),
                 AccelChoice::Tcg => Some(Accel::Tcg),
             };
-            Arc::new(Qemu::new(&config.qemu_binary, want, &config.data_dir.join("run")).await?)
+            let ram_dir = vmm::qemu::ram_dir_for(&config.data_dir);
+            let run_dir = config.data_dir.join("run");
+            Arc::new(Qemu::new(&config.qemu_binary, want, &run_dir, ram_dir).await?)
         }
     };
     tracing::info!(
         vmm = vmm.kind(),
         accel = vmm.accel(),
         capabilities = ?vmm.capabilities(),
+        ram_dir = ?vmm.ram_dir(),
         "VMM backend ready"
     );
 
@@ -235,6 +254,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let app = api::router(api::AppState {
         service,
         request_timeout: config.request_timeout,
+        guard: Arc::new(api::guard::Guard::new(config.listen, &config.server)),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -250,17 +270,44 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "the API listens beyond loopback and has no authentication yet: anyone who can reach it controls every VM"
         );
     }
-    tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), "hearthd is serving");
+    let unix = match &config.server.unix_socket {
+        Some(path) => Some(bind_unix(path, config.server.unix_socket_group)?),
+        None => None,
+    };
+    tracing::info!(
+        listen = %config.listen,
+        unix_socket = %config.server.unix_socket.as_deref().map_or("off".into(), |p| p.display().to_string()),
+        data_dir = %config.data_dir.display(),
+        "hearthd is serving"
+    );
 
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let tcp = axum::serve(
+        GuardedListener::new(listener, Transport::Tcp),
+        app.clone()
+            .into_make_service_with_connect_info::<ConnInfo>(),
     )
-    .with_graceful_shutdown(async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let unix = unix.map(|listener| {
+        axum::serve(
+            GuardedListener::new(listener, Transport::Unix),
+            app.into_make_service_with_connect_info::<ConnInfo>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx))
     });
-    let mut server = std::pin::pin!(server.into_future());
+    let server = async move {
+        let unix = async move {
+            match unix {
+                Some(server) => server.await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(tcp.into_future(), unix).map(|_| ())
+    };
+    let mut server = std::pin::pin!(server);
     tokio::select! {
         r = &mut server => r?,
         () = shutdown_signal() => {
@@ -275,7 +322,110 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     store.close().await;
+    if let Some(path) = &config.server.unix_socket {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
+}
+
+/// The database file of a `sqlite://PATH[?options]` URL.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url.strip_prefix("sqlite://")?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// Takes group and other access away from state hearthd made under an earlier, looser umask:
+/// the data directory (0700, or 0710 for the group of a unix socket inside it, which may only
+/// pass through), its `vms`, `run` and `spare` directories, each VM's directory and its files
+/// (disk, serial and VMM logs). The image cache holds nothing private and is left as it is.
+fn secure_state(config: &Config) {
+    let data = &config.data_dir;
+    let socket_group = match (&config.server.unix_socket, config.server.unix_socket_group) {
+        (Some(socket), Some(gid)) if socket.parent() == Some(data.as_path()) => Some(gid),
+        _ => None,
+    };
+    if let Some(gid) = socket_group
+        && let Err(e) = nix::unistd::chown(data, None, Some(nix::unistd::Gid::from_raw(gid)))
+    {
+        tracing::warn!(path = %data.display(), gid, error = %e, "cannot give the data directory to the socket's group");
+    }
+    tighten(data, if socket_group.is_some() { 0o710 } else { 0o700 });
+    for dir in ["vms", "run", "spare"] {
+        tighten(&data.join(dir), 0o700);
+    }
+    for dir in ["vms", "spare"] {
+        let Ok(entries) = std::fs::read_dir(data.join(dir)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            tighten(&path, 0o700);
+            if let Ok(files) = std::fs::read_dir(&path) {
+                for file in files.flatten() {
+                    tighten(&file.path(), 0o600);
+                }
+            }
+        }
+    }
+}
+
+/// Sets `path`'s permission bits to `mode` (0600 files, 0700 directories) when it is a file or
+/// directory of hearthd's own that is more open than that. Symlinks are never followed.
+fn tighten(path: &Path, mode: u32) {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    let kind = meta.file_type();
+    let mine = meta.uid() == nix::unistd::geteuid().as_raw();
+    if !mine || kind.is_symlink() || kind.is_socket() || meta.mode() & 0o7777 == mode {
+        return;
+    }
+    let mode = if kind.is_dir() { mode } else { mode & 0o666 };
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), mode = format!("{mode:o}"), "tightened permissions")
+        }
+        Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot tighten permissions"),
+    }
+}
+
+/// Listens on the unix socket at `path`: mode 0660, given to `group` when one is configured.
+fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<tokio::net::UnixListener> {
+    let key = "key server.unix_socket, env HEARTH_SERVER_UNIX_SOCKET";
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!(
+                    "cannot listen on {}: another process (a running hearthd?) listens there ({key})",
+                    path.display()
+                );
+            }
+            // Left behind by a hearthd that did not shut down cleanly.
+            std::fs::remove_file(path)
+                .with_context(|| format!("cannot remove the stale socket {}", path.display()))?;
+        }
+        Ok(_) => anyhow::bail!(
+            "cannot listen on {}: something that is not a socket is there ({key})",
+            path.display()
+        ),
+        Err(_) => {}
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on {} ({key})", path.display()))?;
+    if let Some(gid) = group {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid))).with_context(
+            || {
+                format!(
+                    "cannot give {} to group {gid} (key server.unix_socket_group)",
+                    path.display()
+                )
+            },
+        )?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+    Ok(listener)
 }
 
 async fn shutdown_signal() {

@@ -10,10 +10,6 @@ use std::process::Command;
 use common::*;
 use sha2::{Digest, Sha256};
 
-/// This host's `/dev/kvm` (PVM) passes the KVM probe but cannot boot stock kernels; the real-VM
-/// tests run under TCG (DESIGN.md, "Where this runs today").
-const TCG: (&str, &str) = ("HEARTH_QEMU_ACCEL", "tcg");
-
 fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
@@ -76,10 +72,7 @@ fn a_vm_from_an_older_image_boots_the_current_agent() {
     .unwrap();
     w.daemon = Some(Daemon::start_with_env(
         &data,
-        &[
-            ("HEARTH_IMAGE_AGENT_PATH", old_agent.to_str().unwrap()),
-            TCG,
-        ],
+        &[("HEARTH_IMAGE_AGENT_PATH", old_agent.to_str().unwrap())],
     ));
     let older = image_id(w.d());
     assert_ne!(older, current, "another agent makes another image");
@@ -137,7 +130,7 @@ fn a_vm_from_an_older_image_boots_the_current_agent() {
     // The current hearthd starts it: it boots the current image and runs the current agent,
     // from the initramfs's copy on /run.
     w.daemon.take();
-    w.daemon = Some(Daemon::start_with_env(&data, &[TCG]));
+    w.daemon = Some(Daemon::start(&data));
     // Until its own build is checked, a starting hearthd offers the image it had last.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
     while image_id(w.d()) != current {

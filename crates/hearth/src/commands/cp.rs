@@ -210,31 +210,91 @@ async fn download(client: &Client, vm: &str, path: &str, to: Local) -> Result<()
             other => other,
         };
     };
-    let existed = target.exists();
-    let mut options = std::fs::OpenOptions::new();
-    // The guest's permission bits for a new file (less the umask, as `cp` does); an existing
-    // file keeps its own.
-    options
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode.unwrap_or(0o666) & 0o777);
-    let file = options
-        .open(&target)
-        .map_err(|e| CliError::io(format_args!("cannot write {}", target.display()), &e))?;
-    let mut file = tokio::fs::File::from_std(file);
-    let copied = copy_body(client, body, &mut file).await;
-    let copied = match copied {
-        Ok(()) => file
-            .sync_all()
-            .await
-            .map_err(|e| CliError::io(format_args!("cannot write {}", target.display()), &e)),
-        Err(e) => Err(e),
+    // A regular file (or none yet) is replaced only once the whole download is in: the bytes
+    // go to a temporary file beside it, renamed over it at the end, so a failed download leaves
+    // the old file as it was. Anything else (a device, a pipe) is written to directly.
+    let target = match std::fs::symlink_metadata(&target) {
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::canonicalize(&target)
+            .map_err(|e| CliError::io(format_args!("cannot resolve {}", target.display()), &e))?,
+        _ => target,
     };
-    if copied.is_err() && !existed {
-        let _ = std::fs::remove_file(&target);
+    let existing = std::fs::metadata(&target).ok();
+    if existing.as_ref().is_some_and(|m| !m.is_file()) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .map_err(|e| CliError::io(format_args!("cannot write {}", target.display()), &e))?;
+        return copy_body(client, body, &mut tokio::fs::File::from_std(file)).await;
     }
-    copied
+    let (file, temp) = temp_beside(&target)?;
+    // An existing file keeps its own permission bits; a new one gets the guest's (less the
+    // umask, as `cp` does).
+    let mode = match &existing {
+        Some(meta) => meta.permissions().mode() & 0o7777,
+        None => mode.unwrap_or(0o666) & 0o777 & !current_umask(),
+    };
+    let mut file = tokio::fs::File::from_std(file);
+    let written = async {
+        copy_body(client, body, &mut file).await?;
+        let io =
+            |e: std::io::Error| CliError::io(format_args!("cannot write {}", target.display()), &e);
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .await
+            .map_err(io)?;
+        file.sync_all().await.map_err(io)?;
+        std::fs::rename(&temp, &target).map_err(io)
+    };
+    let result = written.await;
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// A new, empty, private file in `target`'s directory, named after it.
+fn temp_beside(target: &Path) -> Result<(std::fs::File, PathBuf)> {
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = target
+        .file_name()
+        .map_or_else(|| "download".into(), |n| n.to_string_lossy().into_owned());
+    let mut last = None;
+    for attempt in 0..100u32 {
+        let temp = dir.join(format!(
+            ".{name}.hearth-{}-{attempt}.part",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temp)
+        {
+            Ok(file) => return Ok((file, temp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => {
+                return Err(CliError::io(
+                    format_args!("cannot write in {}", dir.display()),
+                    &e,
+                ));
+            }
+        }
+    }
+    let e = last.unwrap_or_else(|| std::io::Error::other("no free temporary name"));
+    Err(CliError::io(
+        format_args!("cannot write in {}", dir.display()),
+        &e,
+    ))
+}
+
+/// The process's umask (read by setting it and putting it back).
+fn current_umask() -> u32 {
+    use nix::sys::stat::{Mode, umask};
+    let old = umask(Mode::from_bits_truncate(0o077));
+    umask(old);
+    old.bits()
 }
 
 async fn copy_body(

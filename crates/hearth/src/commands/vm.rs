@@ -6,7 +6,7 @@ use crate::cli::NewArgs;
 use crate::client::{Client, Lifecycle};
 use crate::error::Result;
 use crate::printer::Printer;
-use crate::render::{key_values, now_unix, relative_time, size_mib, table};
+use crate::render::{key_values, now_unix, relative_time, size_mib, table, terminal_safe};
 
 pub async fn new(client: &Client, printer: &Printer, args: NewArgs) -> Result<()> {
     let request = CreateVmRequest {
@@ -58,7 +58,9 @@ pub async fn lifecycle(
     let progress = printer.progress(&format!("{doing} vm {name}"));
     let vm = client.lifecycle(name, op).await?;
     progress.finish(vm.data.state.as_str());
-    printer.result(&vm, |vm| format!("vm {} is {}\n", vm.name, vm.state));
+    printer.result(&vm, |vm| {
+        format!("vm {} is {}\n", terminal_safe(&vm.name), vm.state)
+    });
     Ok(())
 }
 
@@ -66,7 +68,7 @@ pub async fn delete(client: &Client, printer: &Printer, name: &str) -> Result<()
     let progress = printer.progress(&format!("deleting vm {name}"));
     client.delete_vm(name).await?;
     progress.finish("deleted");
-    printer.text(&format!("deleted vm {name}\n"));
+    printer.text(&format!("deleted vm {}\n", terminal_safe(name)));
     Ok(())
 }
 
@@ -80,7 +82,7 @@ pub async fn health(client: &Client, printer: &Printer) -> Result<()> {
 fn created_text(vm: &Vm) -> String {
     format!(
         "created vm {} ({}; {} {}, {} RAM, {} rootfs)\n",
-        vm.name,
+        terminal_safe(&vm.name),
         vm.state,
         vm.cpus,
         if vm.cpus == 1 { "cpu" } else { "cpus" },
@@ -94,7 +96,7 @@ fn list_text(vms: &[Vm], now: i64) -> String {
         .iter()
         .map(|vm| {
             vec![
-                vm.name.clone(),
+                terminal_safe(&vm.name),
                 vm.state.to_string(),
                 vm.cpus.to_string(),
                 size_mib(vm.memory_mib),
@@ -112,8 +114,8 @@ fn list_text(vms: &[Vm], now: i64) -> String {
 fn inspect_text(detail: &VmDetail, alert: impl Fn(&str) -> String) -> String {
     let vm = &detail.vm;
     let mut pairs = vec![
-        ("name", vm.name.clone()),
-        ("id", vm.id.clone()),
+        ("name", terminal_safe(&vm.name)),
+        ("id", terminal_safe(&vm.id)),
         ("state", vm.state.to_string()),
     ];
     if let Some(error) = &vm.last_error {
@@ -123,14 +125,14 @@ fn inspect_text(detail: &VmDetail, alert: impl Fn(&str) -> String) -> String {
         ("cpus", vm.cpus.to_string()),
         ("ram", size_mib(vm.memory_mib)),
         ("rootfs", size_mib(vm.rootfs_mib)),
-        ("image", vm.image.clone()),
-        ("vmm", vm.vmm.clone()),
+        ("image", terminal_safe(&vm.image)),
+        ("vmm", terminal_safe(&vm.vmm)),
         (
             "pid",
             vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         ),
-        ("created", vm.created_at.clone()),
-        ("updated", vm.updated_at.clone()),
+        ("created", terminal_safe(&vm.created_at)),
+        ("updated", terminal_safe(&vm.updated_at)),
     ]);
     let mut out = key_values(&pairs);
     out.push('\n');
@@ -154,31 +156,29 @@ fn event_row(event: &VmEvent) -> Vec<String> {
         ),
     };
     vec![
-        event.at.clone(),
-        event.kind.clone(),
+        terminal_safe(&event.at),
+        terminal_safe(&event.kind),
         transition,
         event.message.as_deref().map(one_line).unwrap_or_default(),
     ]
 }
 
-/// Multi-line messages (errors with output) on one table line.
+/// Multi-line messages (errors with output, perhaps a guest's) on one table line, safe for a
+/// terminal.
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    terminal_safe(&text.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 
 fn health_text(health: &Health) -> String {
     let c = &health.capacity;
     key_values(&[
-        ("status", health.status.clone()),
-        ("version", health.version.clone()),
-        ("vmm", health.vmm.clone()),
-        ("accel", health.accel.clone()),
+        ("status", terminal_safe(&health.status)),
+        ("version", terminal_safe(&health.version)),
+        ("vmm", terminal_safe(&health.vmm)),
+        ("accel", terminal_safe(&health.accel)),
         (
             "image",
-            health
-                .image
-                .clone()
-                .unwrap_or_else(|| health.image_status.clone()),
+            terminal_safe(health.image.as_deref().unwrap_or(&health.image_status)),
         ),
         ("vcpus", capacity_line(&c.vcpus, |n| n.to_string())),
         ("memory", capacity_line(&c.memory_mib, size_mib)),
@@ -273,6 +273,33 @@ mod tests {
              2024-05-01T12:00:00.000Z   created        -→stopped\n\
              2024-05-01T12:00:01.000Z   start_failed   starting→error   qemu exited\n"
         );
+    }
+
+    #[test]
+    fn guest_text_cannot_drive_the_terminal() {
+        let mut v = vm("demo", VmState::Error);
+        v.last_error =
+            Some("boot failed; serial console ends with: \x1b]0;owned\x07\x1b[2J".into());
+        let detail = VmDetail {
+            vm: v,
+            events: vec![VmEvent {
+                at: "2024-05-01T12:00:01.000Z".into(),
+                kind: "start_failed".into(),
+                from_state: None,
+                to_state: None,
+                message: Some("agent says \x1b[1A\u{9b}hidden".into()),
+            }],
+        };
+        let text = inspect_text(&detail, str::to_owned);
+        assert!(
+            !text.contains('\x1b') && !text.contains('\u{9b}'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("ends with: \\x1b]0;owned\\x07\\x1b[2J"),
+            "{text}"
+        );
+        assert!(text.contains("agent says \\x1b[1A\\u{9b}hidden"), "{text}");
     }
 
     #[test]

@@ -4,8 +4,10 @@
 //! Only this module knows HTTP.
 
 mod docs;
+pub mod guard;
 mod stream;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -27,6 +29,7 @@ use crate::vm::{Action, Caller, Principal, Reply, Source, VmError, VmService};
 pub struct AppState {
     pub service: VmService,
     pub request_timeout: Duration,
+    pub guard: Arc<guard::Guard>,
 }
 
 /// An error on its way to becoming a response.
@@ -83,6 +86,12 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Json<T> 
 }
 
 fn json_rejection(r: JsonRejection) -> ApiError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::new(
+            ErrorCode::RequestTooLarge,
+            "the request body is larger than server.max_json_body_bytes allows",
+        );
+    }
     let detail = r.body_text();
     let detail = detail
         .strip_prefix("Failed to deserialize the JSON body into the target type: ")
@@ -109,17 +118,11 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
         parts: &mut axum::http::request::Parts,
         _state: &S,
     ) -> Result<Self, Self::Rejection> {
-        let source = match parts
+        // Requests that came through no listener (tests, in-process calls) are internal.
+        let source = parts
             .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        {
-            Some(info) => Source::Tcp(info.0),
-            None => parts
-                .extensions
-                .get::<Source>()
-                .cloned()
-                .unwrap_or(Source::Internal),
-        };
+            .get::<axum::extract::ConnectInfo<guard::ConnInfo>>()
+            .map_or(Source::Internal, |info| info.0.source.clone());
         let request_id = parts
             .headers
             .get("x-request-id")
@@ -205,6 +208,7 @@ pub fn openapi_json() -> String {
 }
 
 pub fn router(state: AppState) -> Router {
+    let guard = state.guard.clone();
     let v1 = Router::new()
         .route("/health", get(health))
         .route("/vms", get(list_vms).post(create_vm))
@@ -238,6 +242,10 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(
+            guard.max_json_body_bytes(),
+        ))
+        .layer(axum::middleware::from_fn_with_state(guard, guard::check))
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -39,9 +39,6 @@ impl Vmm for NoBootVmm {
         ))
     }
     async fn prepare(&self, _kernel: &std::path::Path, _cache: &std::path::Path) {}
-    fn ram_dir(&self) -> PathBuf {
-        PathBuf::from("/dev/shm")
-    }
     fn find(&self, _spec: &LaunchSpec) -> Option<u32> {
         None
     }
@@ -89,10 +86,12 @@ impl Ctx {
         let (_tx, rx) = watch::channel(ImageState::Ready(image));
         std::mem::forget(_tx);
         let request_timeout = config.request_timeout;
+        let guard = Arc::new(super::guard::Guard::new(config.listen, &config.server));
         let service = VmService::new(Arc::new(config), store, Arc::new(NoBootVmm), rx);
         let app = router(AppState {
             service,
             request_timeout,
+            guard,
         });
         Ctx { dir, app }
     }
@@ -497,4 +496,148 @@ async fn an_unreadable_vm_row_does_not_stop_recovery() {
     // A second start does not mark it again.
     service.recover().await.unwrap();
     assert_eq!(store.events("id-bad").await.unwrap().len(), events.len());
+}
+
+/// The guard in front of the real router: foreign Hosts and Origins are refused before any
+/// handler runs, the CLI's requests and hearthd's own pages pass.
+mod guard_tests {
+    use super::*;
+
+    async fn call_with(ctx: &Ctx, req: axum::http::request::Builder) -> (StatusCode, Value) {
+        let resp = ctx
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    fn ws(uri: &str) -> axum::http::request::Builder {
+        Request::get(uri)
+            .header("host", "127.0.0.1:7070")
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    }
+
+    #[tokio::test]
+    async fn cross_origin_posts_foreign_hosts_and_foreign_websockets_get_403() {
+        let ctx = Ctx::new().await;
+        let (s, _) = ctx
+            .call(
+                "POST",
+                "/v1/vms",
+                Some(json!({"name": "target", "start": false})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED);
+
+        let cases = [
+            (
+                Request::post("/v1/vms/target/start")
+                    .header("host", "127.0.0.1:7070")
+                    .header("origin", "https://evil.example"),
+                "forbidden_origin",
+                "server.allowed_origins",
+            ),
+            (
+                Request::post("/v1/vms/target/start").header("host", "evil.example:7070"),
+                "forbidden_host",
+                "\"evil.example:7070\"",
+            ),
+            (
+                Request::get("/v1/vms").header("host", "evil.example"),
+                "forbidden_host",
+                "server.allowed_hosts",
+            ),
+            (
+                ws("/v1/vms/target/exec/ws").header("origin", "https://evil.example"),
+                "forbidden_origin",
+                "\"https://evil.example\"",
+            ),
+            (
+                ws("/v1/vms/target/exec/ws").header("origin", "null"),
+                "forbidden_origin",
+                "\"null\"",
+            ),
+        ];
+        for (req, code, words) in cases {
+            let (s, body) = call_with(&ctx, req).await;
+            assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+            assert_eq!(body["error"], code, "{body}");
+            let message = body["message"].as_str().unwrap();
+            assert!(message.contains(words), "{message}");
+        }
+        // None of them reached the VM.
+        let (_, vm) = ctx.call("GET", "/v1/vms/target", None).await;
+        let kinds: Vec<_> = vm["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(!kinds.iter().any(|k| k == "start_requested"), "{kinds:?}");
+
+        // The CLI (no Origin, Host = the listen address), hearthd's own pages and loopback
+        // names pass; a same-origin WebSocket reaches its handler (which wants a real upgrade).
+        let (s, _) = call_with(
+            &ctx,
+            Request::get("/v1/vms").header("host", "127.0.0.1:7070"),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, _) = call_with(
+            &ctx,
+            Request::get("/v1/health")
+                .header("host", "localhost:7070")
+                .header("origin", "http://localhost:7070"),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let (s, body) = call_with(
+            &ctx,
+            Request::post("/v1/vms/target/stop")
+                .header("host", "127.0.0.1:7070")
+                .header("origin", "http://127.0.0.1:7070"),
+        )
+        .await;
+        assert_eq!(
+            (s, body["error"].as_str()),
+            (StatusCode::CONFLICT, Some("invalid_state"))
+        );
+        let (s, body) = call_with(
+            &ctx,
+            ws("/v1/vms/target/exec/ws").header("origin", "http://127.0.0.1:7070"),
+        )
+        .await;
+        assert_ne!(s, StatusCode::FORBIDDEN, "{body}");
+    }
+
+    #[tokio::test]
+    async fn oversized_json_bodies_get_413() {
+        let ctx = Ctx::new().await;
+        let stdin = "x".repeat(2 << 20);
+        let (s, body) = ctx
+            .call(
+                "POST",
+                "/v1/vms/ghost/exec",
+                Some(json!({"command": ["cat"], "stdin": stdin})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        assert_eq!(body["error"], "request_too_large");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("server.max_json_body_bytes")
+        );
+    }
 }

@@ -25,7 +25,7 @@ fn committed(vms: &[VmRecord]) -> Committed {
 
 impl VmService {
     fn host(&self) -> Result<Host, VmError> {
-        capacity::probe(&self.inner.vmm.ram_dir(), &self.inner.config.data_dir)
+        capacity::probe(self.inner.vmm.ram_dir(), &self.inner.config.data_dir)
             .map_err(VmError::HostProbe)
     }
 

@@ -66,6 +66,7 @@ pub enum Principal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     Tcp(std::net::SocketAddr),
+    UnixSocket,
     Internal,
 }
 
@@ -82,6 +83,7 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Tcp(addr) => write!(f, "tcp:{addr}"),
+            Source::UnixSocket => f.write_str("unix"),
             Source::Internal => f.write_str("internal"),
         }
     }

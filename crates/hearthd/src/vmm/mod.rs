@@ -86,8 +86,12 @@ pub trait Vmm: Send + Sync + std::fmt::Debug {
     /// finishes what it cannot decide without one (QEMU: whether KVM really runs guests).
     /// `cache` is a file the backend may keep its findings in.
     async fn prepare(&self, kernel: &Path, cache: &Path);
-    /// The directory holding guest RAM files (its filesystem's size is admission-controlled).
-    fn ram_dir(&self) -> PathBuf;
+    /// The directory this backend keeps guest RAM files in, when it keeps guest RAM in files
+    /// (QEMU: a 0700 directory of this hearthd's on the `/dev/shm` tmpfs); `statvfs` of it gives
+    /// the capacity and use of the filesystem those files fill.
+    fn ram_dir(&self) -> Option<&Path> {
+        None
+    }
     /// Starts the VMM for `spec`; returns once the VMM runs (the guest may still be booting).
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError>;
     /// The VMM process of `spec` found by its run directory, whatever pid was recorded: for a

@@ -1,12 +1,17 @@
 //! The QEMU backend: the `microvm` machine, KVM when the probe says it works, TCG otherwise.
 //!
 //! Guest RAM is a file on tmpfs shared with QEMU (`memory-backend-file`, `share=on`), so later
-//! snapshots only have to save device state (DESIGN.md, "Guest memory and fast paths").
+//! snapshots only have to save device state (DESIGN.md, "Guest memory and fast paths"). The
+//! files live in a directory of this hearthd's own on `/dev/shm` ([`ram_dir_for`], mode 0700,
+//! checked to be ours at start), and each is created by hearthd with `O_EXCL`, mode 0600, before
+//! QEMU is given its path: no other local user can read a guest's memory or plant a file there.
 //! Firmware is QEMU's qboot: Debian's default microvm firmware (SeaBIOS) corrupts guests that
 //! have exactly 2048 MiB of RAM.
 
 use std::fs::OpenOptions;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -22,6 +27,52 @@ use super::{Capabilities, LaunchSpec, VmHandle, Vmm, VmmError, probe, socket_exi
 
 /// Where QEMU's own microvm firmware lives (package qemu-system-data).
 pub const DEFAULT_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
+
+/// The tmpfs guest RAM files live on.
+pub const SHM: &str = "/dev/shm";
+
+/// The directory of the guest RAM files of the hearthd whose data directory is `data_dir`:
+/// `/dev/shm/hearth-<the first 16 hex digits of the SHA-256 of the data_dir path>`. One per
+/// data directory, so two hearthds (or test runs) never share one.
+pub fn ram_dir_for(data_dir: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    Path::new(SHM).join(format!("hearth-{hex}"))
+}
+
+/// Makes `dir` (mode 0700) or checks the one there: it must be a real directory owned by this
+/// user, never a symlink or somebody else's directory planted in the world-writable `/dev/shm`.
+pub fn prepare_ram_dir(dir: &Path) -> Result<(), VmmError> {
+    let files_err = |source| VmmError::Files {
+        path: dir.display().to_string(),
+        source,
+    };
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(files_err(e)),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(files_err)?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_dir() {
+        return Err(VmmError::Unavailable(format!(
+            "the guest RAM directory {} is not a directory (a symlink or file is in its place); remove it",
+            dir.display()
+        )));
+    }
+    if meta.uid() != me {
+        return Err(VmmError::Unavailable(format!(
+            "the guest RAM directory {} belongs to uid {}, not to hearthd's uid {me}: someone else made it; remove it",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(files_err)?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -50,7 +101,9 @@ impl Qemu {
         binary: &Path,
         want: Option<Accel>,
         probe_dir: &Path,
+        ram_dir: PathBuf,
     ) -> Result<Qemu, VmmError> {
+        prepare_ram_dir(&ram_dir)?;
         let firmware = PathBuf::from(DEFAULT_FIRMWARE);
         if !firmware.exists() {
             return Err(VmmError::Unavailable(format!(
@@ -91,7 +144,7 @@ impl Qemu {
             kvm_unconfirmed,
             probe_dir: probe_dir.to_owned(),
             tsc_khz: host_tsc_khz(),
-            ram_dir: PathBuf::from("/dev/shm"),
+            ram_dir,
         })
     }
 
@@ -104,7 +157,32 @@ impl Qemu {
 
     /// Path of a VM's RAM file.
     pub fn ram_file(&self, id: &str) -> PathBuf {
-        self.ram_dir.join(format!("hearth-{id}.ram"))
+        self.ram_dir.join(format!("{id}.ram"))
+    }
+
+    /// Where a VM's RAM file was before hearthd had a directory of its own (VMs started by an
+    /// older hearthd and adopted by this one).
+    fn legacy_ram_file(id: &str) -> PathBuf {
+        Path::new(SHM).join(format!("hearth-{id}.ram"))
+    }
+
+    /// Creates the VM's RAM file, empty (QEMU sizes it), mode 0600, failing if anything is
+    /// there: only after this does QEMU get its path.
+    fn create_ram_file(&self, id: &str) -> Result<PathBuf, VmmError> {
+        let ram = self.ram_file(id);
+        // A stale file of a crashed run; only hearthd can write to its directory.
+        let _ = std::fs::remove_file(&ram);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&ram)
+            .map_err(|source| VmmError::Files {
+                path: ram.display().to_string(),
+                source,
+            })?;
+        Ok(ram)
     }
 
     fn qmp_socket(spec: &LaunchSpec) -> PathBuf {
@@ -240,6 +318,10 @@ impl Vmm for Qemu {
         }
     }
 
+    fn ram_dir(&self) -> Option<&Path> {
+        Some(&self.ram_dir)
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             pause: true,
@@ -257,14 +339,16 @@ impl Vmm for Qemu {
         };
         std::fs::create_dir_all(&spec.run_dir).map_err(files_err(&spec.run_dir))?;
         let qmp_path = Self::qmp_socket(spec);
-        for stale in [&qmp_path, &spec.agent_socket(), &self.ram_file(&spec.id)] {
+        for stale in [&qmp_path, &spec.agent_socket()] {
             let _ = std::fs::remove_file(stale);
         }
         let log = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&spec.vmm_log)
             .map_err(files_err(&spec.vmm_log))?;
+        let ram = self.create_ram_file(&spec.id)?;
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log_err = log.try_clone().map_err(files_err(&spec.vmm_log))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
@@ -276,10 +360,16 @@ impl Vmm for Qemu {
             // which outlives hearthd and is re-adopted by the next one.
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            binary: self.binary.display().to_string(),
-            source,
-        })?;
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(source) => {
+                let _ = std::fs::remove_file(&ram);
+                return Err(VmmError::Spawn {
+                    binary: self.binary.display().to_string(),
+                    source,
+                });
+            }
+        };
         let pid = child.id().unwrap_or(0);
         // Opened while the child cannot have been reaped yet, so it names exactly this process.
         let pidfd = pidfd_open(pid);
@@ -289,12 +379,11 @@ impl Vmm for Qemu {
                 // Whatever went wrong, nothing of this launch stays behind.
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                let _ = std::fs::remove_file(self.ram_file(&spec.id));
+                let _ = std::fs::remove_file(&ram);
                 return Err(e);
             }
         };
         let (tx, exited) = watch::channel(false);
-        let ram = self.ram_file(&spec.id);
         tokio::spawn(async move {
             let _ = child.wait().await;
             let _ = std::fs::remove_file(ram);
@@ -334,10 +423,6 @@ impl Vmm for Qemu {
         }
     }
 
-    fn ram_dir(&self) -> PathBuf {
-        self.ram_dir.clone()
-    }
-
     fn find(&self, spec: &LaunchSpec) -> Option<u32> {
         super::process_with_arg(&format!("unix:{},", Self::qmp_socket(spec).display()))
     }
@@ -349,11 +434,19 @@ impl Vmm for Qemu {
     ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
         let qmp_path = Self::qmp_socket(spec);
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let ours = String::from_utf8_lossy(&cmdline).contains(&qmp_path.display().to_string());
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let ours = cmdline.contains(&qmp_path.display().to_string());
         if !ours {
             let _ = std::fs::remove_file(self.ram_file(&spec.id));
             return Ok(None);
         }
+        // A VMM started by a hearthd older than the RAM directory has its file in /dev/shm.
+        let legacy = Self::legacy_ram_file(&spec.id);
+        let ram = if cmdline.contains(&format!("mem-path={},", legacy.display())) {
+            legacy
+        } else {
+            self.ram_file(&spec.id)
+        };
         // A pidfd tells us when the process ends even though it is not our child.
         let Some(pidfd) = pidfd_open(pid) else {
             return Ok(None);
@@ -375,12 +468,11 @@ impl Vmm for Qemu {
                 if let Ok(fd) = register_pidfd(pidfd) {
                     let _ = tokio::time::timeout(Duration::from_secs(10), fd.readable()).await;
                 }
-                let _ = std::fs::remove_file(self.ram_file(&spec.id));
+                let _ = std::fs::remove_file(&ram);
                 return Ok(None);
             }
         };
         let (tx, exited) = watch::channel(false);
-        let ram = self.ram_file(&spec.id);
         let kill_fd = pidfd.try_clone().ok();
         tokio::spawn(async move {
             if let Ok(fd) = register_pidfd(pidfd) {
@@ -465,11 +557,21 @@ fn signal_pidfd(fd: &OwnedFd, signal: i32) {
     }
 }
 
-/// The end of what the VMM wrote to its log since `from`, for error messages.
+/// How much of the end of a log [`log_tail`] reads.
+const LOG_TAIL_BYTES: u64 = 16 * 1024;
+
+/// The end of what the VMM wrote to its log since `from`, for error messages. Reads at most the
+/// last [`LOG_TAIL_BYTES`], by seeking: the log may be large.
 fn log_tail(path: &Path, from: u64) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let start = usize::try_from(from).unwrap_or(0).min(text.len());
-    let text = String::from_utf8_lossy(&text[start..]);
+    let mut text = Vec::new();
+    if let Ok(mut file) = std::fs::File::open(path) {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let start = from.max(len.saturating_sub(LOG_TAIL_BYTES));
+        if start < len && file.seek(SeekFrom::Start(start)).is_ok() {
+            let _ = file.take(LOG_TAIL_BYTES).read_to_end(&mut text);
+        }
+    }
+    let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let tail = lines[lines.len().saturating_sub(3)..].join(" / ");
     if tail.is_empty() {
@@ -544,6 +646,94 @@ mod tests {
         assert!(err.to_string().contains("7.2.15 is too old"));
     }
 
+    fn qemu_with_ram_dir(ram_dir: PathBuf) -> Qemu {
+        Qemu {
+            binary: "qemu-system-x86_64".into(),
+            firmware: DEFAULT_FIRMWARE.into(),
+            accel: std::sync::RwLock::new(Accel::Tcg),
+            kvm_unconfirmed: false,
+            probe_dir: "/tmp".into(),
+            tsc_khz: None,
+            ram_dir,
+        }
+    }
+
+    #[test]
+    fn each_data_dir_has_its_own_ram_dir() {
+        let a = ram_dir_for(Path::new("/var/lib/hearth"));
+        assert_eq!(a, ram_dir_for(Path::new("/var/lib/hearth")));
+        assert_ne!(a, ram_dir_for(Path::new("/var/lib/hearth2")));
+        let name = a.file_name().unwrap().to_str().unwrap();
+        assert!(
+            a.starts_with(SHM) && name.len() == "hearth-".len() + 16,
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn the_ram_dir_is_private_and_ours() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ram");
+        prepare_ram_dir(&dir).unwrap();
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o700);
+        // One that was left open is closed again.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        prepare_ram_dir(&dir).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        // A symlink planted in its place is refused, not followed.
+        let elsewhere = tmp.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let planted = tmp.path().join("planted");
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        let err = prepare_ram_dir(&planted).unwrap_err().to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        if nix::unistd::geteuid().is_root() {
+            let theirs = tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), None).unwrap();
+            let err = prepare_ram_dir(&theirs).unwrap_err().to_string();
+            assert!(err.contains("belongs to uid 65534"), "{err}");
+        }
+    }
+
+    #[test]
+    fn ram_files_are_made_by_hearthd_private_and_fresh() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ram");
+        prepare_ram_dir(&dir).unwrap();
+        let q = qemu_with_ram_dir(dir.clone());
+        let ram = q.create_ram_file("abc").unwrap();
+        assert_eq!(ram, dir.join("abc.ram"));
+        let meta = std::fs::symlink_metadata(&ram).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.len()), (0o600, 0));
+        // A stale file, or a symlink in its place, is replaced, never written through.
+        let target = tmp.path().join("target");
+        std::fs::write(&target, b"keep").unwrap();
+        std::fs::remove_file(&ram).unwrap();
+        std::os::unix::fs::symlink(&target, &ram).unwrap();
+        let ram = q.create_ram_file("abc").unwrap();
+        assert!(std::fs::symlink_metadata(&ram).unwrap().is_file());
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn log_tails_seek_to_the_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let log = tmp.path().join("vmm.log");
+        std::fs::write(&log, b"old line\n").unwrap();
+        let from = std::fs::metadata(&log).unwrap().len();
+        assert_eq!(log_tail(&log, from), "(nothing)");
+        // 64 GiB of hole, then the last words: reading the whole file could not work.
+        let f = OpenOptions::new().write(true).open(&log).unwrap();
+        f.set_len(64 << 30).unwrap();
+        drop(f);
+        let mut f = OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"one\ntwo\nthree\nfour\n").unwrap();
+        assert_eq!(log_tail(&log, from), "two / three / four");
+        assert_eq!(log_tail(&tmp.path().join("missing"), 0), "(nothing)");
+    }
+
     #[test]
     fn args_carry_the_spec() {
         let q = Qemu {
@@ -553,7 +743,7 @@ mod tests {
             kvm_unconfirmed: false,
             probe_dir: "/tmp".into(),
             tsc_khz: Some(2_000_000),
-            ram_dir: "/dev/shm".into(),
+            ram_dir: "/dev/shm/hearth-0123456789abcdef".into(),
         };
         let spec = LaunchSpec {
             id: "abc".into(),
@@ -570,7 +760,9 @@ mod tests {
         };
         let args = q.args(&spec).join(" ");
         assert!(args.contains("-M microvm,accel=tcg,memory-backend=mem0 -cpu max -smp 2 -m 2048M"));
-        assert!(args.contains("size=2048M,mem-path=/dev/shm/hearth-abc.ram,share=on"));
+        assert!(
+            args.contains("size=2048M,mem-path=/dev/shm/hearth-0123456789abcdef/abc.ram,share=on")
+        );
         assert!(args.contains("-bios /usr/share/qemu/qboot.rom"));
         assert!(args.contains("tsc_early_khz=2000000 lpj=8000000"));
         assert!(args.contains("hearth.hostname=web"));

@@ -54,6 +54,20 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
+/// The directory of hearthd's guest RAM files for data directory `data` (the rule of
+/// `vmm::qemu::ram_dir_for`: the first 16 hex digits of the SHA-256 of the path).
+pub fn ram_dir(data: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(data.as_os_str().as_encoded_bytes());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    PathBuf::from(format!("/dev/shm/hearth-{hex}"))
+}
+
+/// The RAM file of VM `id` of the hearthd with data directory `data`.
+pub fn ram_file(data: &Path, id: &str) -> PathBuf {
+    ram_dir(data).join(format!("{id}.ram"))
+}
+
 /// The real CLI, pointed at the test's hearthd.
 pub fn hearth_cmd(args: &[&str]) -> Command {
     let mut cmd = Command::new(hearth_bin());
@@ -321,10 +335,7 @@ impl World {
             !data.join("run").join(id).exists(),
             "run dir (sockets) left"
         );
-        assert!(
-            !Path::new(&format!("/dev/shm/hearth-{id}.ram")).exists(),
-            "RAM file left"
-        );
+        assert!(!ram_file(&data, id).exists(), "RAM file left");
         let deadline = Instant::now() + Duration::from_secs(10);
         while !processes_mentioning(&data.join("run").join(id).display().to_string()).is_empty() {
             assert!(Instant::now() < deadline, "QEMU process left");
@@ -345,17 +356,8 @@ impl Drop for World {
                 );
             }
         }
-        if let Ok(entries) = std::fs::read_dir(self.data().join("vms")) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_file(format!(
-                    "/dev/shm/hearth-{}.ram",
-                    e.file_name().to_string_lossy()
-                ));
-            }
-        }
-        for id in &self.vm_ids {
-            let _ = std::fs::remove_file(format!("/dev/shm/hearth-{id}.ram"));
-        }
+        // The RAM directory is this test's alone (named after its data directory).
+        let _ = std::fs::remove_dir_all(ram_dir(&self.data()));
         reap_orphans();
     }
 }
