@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use hearth_guest_proto::{CHUNK_LEN, ErrorCode, Event};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
-use crate::server::{Ctx, describe, io_error_code};
+use crate::server::{Ctx, InflowRx, describe, io_error_code};
 
 /// Why a transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +61,10 @@ fn absolute(path: &str) -> Result<PathBuf, FileError> {
     }
 }
 
-/// Runs a `put_file` exchange: takes `data` payloads from `data` until an empty one.
-pub async fn put(ctx: Ctx, path: String, mode: u32, mut data: mpsc::UnboundedReceiver<Vec<u8>>) {
+/// Runs a `put_file` exchange: grants the host its window, then takes `data` payloads until an
+/// empty one, giving their bytes back as credit as they are written.
+pub async fn put(ctx: Ctx, path: String, mode: u32, mut data: InflowRx) {
+    data.open_window().await;
     match write_file(&path, mode, &mut data).await {
         Ok(Written::Done) => ctx.finish(&Event::Done { id: ctx.id }, &[]).await,
         Ok(Written::Cancelled) => {}
@@ -79,11 +81,7 @@ enum Written {
     Cancelled,
 }
 
-async fn write_file(
-    path: &str,
-    mode: u32,
-    data: &mut mpsc::UnboundedReceiver<Vec<u8>>,
-) -> Result<Written, FileError> {
+async fn write_file(path: &str, mode: u32, data: &mut InflowRx) -> Result<Written, FileError> {
     let target = absolute(path)?;
     let (Some(dir), Some(_)) = (target.parent(), target.file_name()) else {
         return Err(FileError::NoFileName(path.to_owned()));
@@ -110,6 +108,7 @@ async fn write_file(
         file.write_all(&chunk)
             .await
             .map_err(io_err("write", &temp_path))?;
+        data.consumed(chunk.len()).await;
     }
     file.flush().await.map_err(io_err("write", &temp_path))?;
     file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
@@ -208,6 +207,8 @@ async fn send_file(ctx: &Ctx, path: &str) -> Result<(), FileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::inflow;
+    use crate::transport::Outbox;
 
     #[test]
     fn relative_paths_are_refused() {
@@ -226,10 +227,10 @@ mod tests {
     async fn put_writes_atomically_and_cleans_up_when_cancelled() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("a/b/file");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        tx.send(b"hello ".to_vec()).unwrap();
-        tx.send(b"world".to_vec()).unwrap();
-        tx.send(Vec::new()).unwrap();
+        let (mut tx, mut rx) = inflow(1, Outbox::detached());
+        tx.push(b"hello ".to_vec(), true).unwrap();
+        tx.push(b"world".to_vec(), true).unwrap();
+        tx.push(Vec::new(), true).unwrap();
         let done = write_file(target.to_str().unwrap(), 0o640, &mut rx).await;
         assert!(matches!(done, Ok(Written::Done)));
         assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
@@ -237,8 +238,8 @@ mod tests {
         assert_eq!(mode & 0o7777, 0o640);
 
         // The sender goes away before the end: nothing is written, no temporary file is left.
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        tx.send(b"partial".to_vec()).unwrap();
+        let (mut tx, mut rx) = inflow(2, Outbox::detached());
+        tx.push(b"partial".to_vec(), true).unwrap();
         drop(tx);
         let other = dir.path().join("a/b/other");
         let cancelled = write_file(other.to_str().unwrap(), 0o600, &mut rx).await;
