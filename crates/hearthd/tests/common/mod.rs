@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Real-VM tests share two cores; run them one at a time.
 pub static SERIAL: Mutex<()> = Mutex::new(());
