@@ -406,9 +406,10 @@ impl GuestClient {
                 if !*connected.borrow() {
                     return Err(self.disconnected());
                 }
+                // A closed channel means the reader ended: say why (a protocol mismatch, say).
                 tokio::select! {
-                    r = hello.changed() => if r.is_err() { return Err(GuestError::Disconnected) },
-                    r = connected.changed() => if r.is_err() { return Err(GuestError::Disconnected) },
+                    r = hello.changed() => if r.is_err() { return Err(self.disconnected()) },
+                    r = connected.changed() => if r.is_err() { return Err(self.disconnected()) },
                 }
             }
         };
