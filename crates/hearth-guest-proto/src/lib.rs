@@ -20,9 +20,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The lowest version of this protocol this crate still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
-/// Feature: per-exchange credit windows for host-to-guest data (see [`Event::Credit`]). An agent
+/// Feature: per-exchange credit windows for data. Host to guest ([`Event::Credit`]): an agent
 /// that announces it grants a window for every exchange that takes `data`, and a host that
-/// announces it never sends beyond that window.
+/// announces it never sends beyond that window. Guest to host ([`Request::Credit`]): a host that
+/// sees it in the agent's `hello` may give a `get_file` a `window`, and the agent then sends no
+/// more file bytes than it was granted.
 pub const FEATURE_CREDIT: &str = "credit";
 
 /// Every optional feature this crate implements, announced in `hello` by both peers. A feature is
@@ -33,6 +35,10 @@ pub const FEATURES: &[&str] = &[FEATURE_CREDIT];
 /// credit (with [`FEATURE_CREDIT`]). The agent grants it when the exchange opens and gives bytes
 /// back as it writes them to the process or file.
 pub const DATA_WINDOW: u64 = 256 * 1024;
+
+/// The window a host gives a download ([`Request::GetFile`]'s `window`) with [`FEATURE_CREDIT`]:
+/// the agent sends that many file bytes, then more as the host's consumer takes them.
+pub const DOWNLOAD_WINDOW: u64 = 1024 * 1024;
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "org.hearth.agent.0";
@@ -129,7 +135,16 @@ pub enum Request {
     },
     /// Reads a file. Answered by [`Event::FileInfo`], [`Event::Data`] frames, then an empty
     /// [`Event::Data`]; or by [`Event::Error`].
-    GetFile { id: RequestId, path: String },
+    GetFile {
+        id: RequestId,
+        path: String,
+        /// With [`FEATURE_CREDIT`]: the agent sends at most this many file bytes, plus what
+        /// [`Request::Credit`] adds. Absent: no limit (a host without the feature).
+        #[serde(default)]
+        window: Option<u64>,
+    },
+    /// Lets the agent send `bytes` more file bytes of a windowed [`Request::GetFile`].
+    Credit { id: RequestId, bytes: u64 },
     /// Stops the guest cleanly: sync, then power off or reboot. Answered by [`Event::Done`] just
     /// before the agent acts.
     Shutdown {
@@ -251,8 +266,8 @@ pub trait Message: for<'de> Deserialize<'de> {
 
 impl Message for Request {
     const TYPES: &'static [&'static str] = &[
-        "hello", "exec", "data", "resize", "signal", "put_file", "get_file", "shutdown", "ping",
-        "cancel",
+        "hello", "exec", "data", "resize", "signal", "put_file", "get_file", "credit", "shutdown",
+        "ping", "cancel",
     ];
 }
 
@@ -354,6 +369,7 @@ impl Request {
             | Request::Signal { id, .. }
             | Request::PutFile { id, .. }
             | Request::GetFile { id, .. }
+            | Request::Credit { id, .. }
             | Request::Shutdown { id, .. }
             | Request::Ping { id }
             | Request::Cancel { id } => Some(*id),
@@ -618,7 +634,9 @@ mod tests {
             Request::GetFile {
                 id: 9,
                 path: "/a".into(),
+                window: Some(DOWNLOAD_WINDOW),
             },
+            Request::Credit { id: 9, bytes: 5 },
             Request::Shutdown {
                 id: 10,
                 action: ShutdownAction::Poweroff,

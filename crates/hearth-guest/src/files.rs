@@ -2,16 +2,18 @@
 //!
 //! A put writes into a temporary file beside the target, syncs it, sets its mode and renames it
 //! into place, so the target is never seen half written. A get sends `file_info`, the contents in
-//! chunks of at most [`CHUNK_LEN`], and an empty `data`.
+//! chunks of at most [`CHUNK_LEN`], and an empty `data`; a windowed get sends no more bytes than
+//! the host granted, so a slow reader on the host slows the transfer instead of overrunning it.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hearth_guest_proto::{CHUNK_LEN, ErrorCode, Event};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::server::{Ctx, InflowRx, describe, io_error_code};
 
@@ -155,10 +157,16 @@ impl Drop for TempFile {
     }
 }
 
-/// Runs a `get_file` exchange; stops quietly when `cancel`'s sender is dropped.
-pub async fn get(ctx: Ctx, path: String, cancel: oneshot::Receiver<()>) {
+/// Runs a `get_file` exchange; stops quietly when `cancel`'s sender is dropped. With `credit`
+/// (a windowed get) each chunk waits for the host's credit.
+pub async fn get(
+    ctx: Ctx,
+    path: String,
+    cancel: oneshot::Receiver<()>,
+    credit: Option<Arc<Semaphore>>,
+) {
     let result = tokio::select! {
-        result = send_file(&ctx, &path) => result,
+        result = send_file(&ctx, &path, credit.as_deref()) => result,
         _ = cancel => return,
     };
     // The last frame is sent outside the select: closing the exchange drops the cancel sender.
@@ -172,7 +180,7 @@ pub async fn get(ctx: Ctx, path: String, cancel: oneshot::Receiver<()>) {
 }
 
 /// Sends `file_info` and every chunk of the file, but not the final empty `data`.
-async fn send_file(ctx: &Ctx, path: &str) -> Result<(), FileError> {
+async fn send_file(ctx: &Ctx, path: &str, credit: Option<&Semaphore>) -> Result<(), FileError> {
     let path = absolute(path)?;
     let meta = tokio::fs::metadata(&path)
         .await
@@ -199,6 +207,14 @@ async fn send_file(ctx: &Ctx, path: &str) -> Result<(), FileError> {
         let n = file.read(&mut buf).await.map_err(io_err("read", &path))?;
         if n == 0 {
             return Ok(());
+        }
+        if let Some(credit) = credit {
+            // n is at most CHUNK_LEN (64 KiB). The semaphore is never closed; a cancel ends
+            // this wait through the caller's select.
+            let bytes = u32::try_from(n).unwrap_or(u32::MAX);
+            if let Ok(permit) = credit.acquire_many(bytes).await {
+                permit.forget();
+            }
         }
         ctx.send(&Event::Data { id }, &buf[..n]).await;
     }

@@ -22,7 +22,7 @@ use hearth_guest_proto::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Request, RequestId, ShutdownAction, VersionRange,
     negotiate,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::Role;
 use crate::exec;
@@ -252,11 +252,29 @@ impl Server {
                     tokio::spawn(files::put(ctx, path, mode, data_rx));
                 }
             }
-            Request::GetFile { id, path } => {
+            Request::GetFile { id, path, window } => {
                 debug!("get_file {id}: {path}");
                 let (cancel_tx, cancel_rx) = oneshot::channel();
-                if let Some(ctx) = self.open(id, Exchange::Get { _cancel: cancel_tx }).await {
-                    tokio::spawn(files::get(ctx, path, cancel_rx));
+                let credit = window.map(|bytes| {
+                    let credit = Arc::new(Semaphore::new(0));
+                    add_credit(&credit, bytes);
+                    credit
+                });
+                let get = Exchange::Get {
+                    _cancel: cancel_tx,
+                    credit: credit.clone(),
+                };
+                if let Some(ctx) = self.open(id, get).await {
+                    tokio::spawn(files::get(ctx, path, cancel_rx, credit));
+                }
+            }
+            Request::Credit { id, bytes } => {
+                match self.registry.lock().entries.get(&id).map(|e| &e.exchange) {
+                    Some(Exchange::Get {
+                        credit: Some(credit),
+                        ..
+                    }) => add_credit(credit, bytes),
+                    _ => debug!("credit for {id}, which is not a windowed download"),
                 }
             }
             Request::Data { id } => {
@@ -370,9 +388,11 @@ enum Exchange {
     Exec(exec::Handle),
     /// Feeds `data` payloads to the put task.
     Put(Inflow),
-    /// Never used to send: dropping it stops the get task.
+    /// `_cancel` is never used to send: dropping it stops the get task. `credit`: the bytes the
+    /// host still lets it send, for a windowed download.
     Get {
         _cancel: oneshot::Sender<()>,
+        credit: Option<Arc<Semaphore>>,
     },
 }
 
@@ -430,6 +450,15 @@ impl Registry {
             .map(|(_, entry)| entry)
             .collect()
     }
+}
+
+/// Most download credit an exchange may hold unused; a host granting more is not believed.
+const CREDIT_CAP: usize = 64 * 1024 * 1024;
+
+/// Adds credit the host granted to a download, up to [`CREDIT_CAP`] unused.
+fn add_credit(credit: &Semaphore, bytes: u64) {
+    let room = CREDIT_CAP.saturating_sub(credit.available_permits());
+    credit.add_permits(usize::try_from(bytes).unwrap_or(usize::MAX).min(room));
 }
 
 /// The host sent more `data` than the window it was granted.

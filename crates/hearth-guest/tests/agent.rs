@@ -676,6 +676,7 @@ fn put_then_get_ten_mebibytes() {
         &Request::GetFile {
             id: 2,
             path: path.to_str().unwrap().into(),
+            window: None,
         },
         &[],
     );
@@ -728,19 +729,28 @@ fn file_errors() {
         &Request::GetFile {
             id: 1,
             path: missing.to_str().unwrap().into(),
+            window: None,
         },
         &[],
     );
     assert_eq!(agent.expect_error(1).0, ErrorCode::NotFound);
 
     let dir = agent.dir().to_str().unwrap().to_owned();
-    agent.send(&Request::GetFile { id: 2, path: dir }, &[]);
+    agent.send(
+        &Request::GetFile {
+            id: 2,
+            path: dir,
+            window: None,
+        },
+        &[],
+    );
     assert_eq!(agent.expect_error(2).0, ErrorCode::InvalidRequest);
 
     agent.send(
         &Request::GetFile {
             id: 3,
             path: "relative/path".into(),
+            window: None,
         },
         &[],
     );
@@ -1057,4 +1067,56 @@ fn raw_frame(header: &str, payload: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(header.as_bytes());
     frame.extend_from_slice(payload);
     frame
+}
+
+/// A windowed download sends no more than the host granted, waits, and goes on as credit comes.
+#[test]
+fn a_windowed_download_keeps_to_its_credit() {
+    let mut agent = Agent::start();
+    let path = agent.dir().join("big.bin");
+    let data = pseudo_random(1024 * 1024 + 5, 0x5eed);
+    std::fs::write(&path, &data).unwrap();
+    let window = 2 * CHUNK_LEN;
+    agent.send(
+        &Request::GetFile {
+            id: 1,
+            path: path.to_str().unwrap().into(),
+            window: Some(window as u64),
+        },
+        &[],
+    );
+    assert!(matches!(
+        agent.recv(Some(1)).message,
+        Event::FileInfo { .. }
+    ));
+    let mut got = Vec::new();
+    while got.len() < window {
+        let frame = agent.recv(Some(1));
+        assert!(
+            matches!(frame.message, Event::Data { .. }) && !frame.payload.is_empty(),
+            "expected data, got {:?}",
+            frame.message
+        );
+        got.extend(frame.payload);
+    }
+    assert_eq!(got.len(), window);
+    // The window is used up: nothing more comes until the host grants more.
+    let more = agent.try_recv(Some(1), Duration::from_millis(300));
+    assert!(more.is_none(), "sent beyond the window: {more:?}");
+    agent.send(
+        &Request::Credit {
+            id: 1,
+            bytes: data.len() as u64,
+        },
+        &[],
+    );
+    loop {
+        let frame = agent.recv(Some(1));
+        match frame.message {
+            Event::Data { .. } if frame.payload.is_empty() => break,
+            Event::Data { .. } => got.extend(frame.payload),
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+    assert!(got == data, "got {} bytes, not the file", got.len());
 }

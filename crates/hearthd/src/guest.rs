@@ -593,15 +593,23 @@ impl GuestClient {
 
     /// Reads a file from the guest: its size and mode, then chunks (the receiver ends after the
     /// last one; an error mid-way arrives as `Err`). Dropping the receiver cancels the transfer.
+    ///
+    /// With an agent that has credit windows the download is windowed: the agent sends
+    /// [`proto::DOWNLOAD_WINDOW`] bytes ahead and more as the receiver takes chunks, so a slow
+    /// receiver slows the transfer instead of overrunning the backlog.
     pub async fn get_file(
         self: &Arc<Self>,
         path: &str,
     ) -> Result<(u64, u32, mpsc::Receiver<Result<Vec<u8>, GuestError>>), GuestError> {
         let (mut pending, mut events) = self.open(false);
+        let window = self
+            .uses(proto::FEATURE_CREDIT)
+            .then_some(proto::DOWNLOAD_WINDOW);
         self.send(
             &Request::GetFile {
                 id: pending.id,
                 path: path.to_owned(),
+                window,
             },
             &[],
         )
@@ -630,9 +638,18 @@ impl GuestClient {
                     other => Err(GuestError::Unexpected(format!("{other:?}"))),
                 };
                 let stop = item.is_err();
+                let taken = item.as_ref().map_or(0, Vec::len);
                 // A reader that went away drops `pending`, which cancels the transfer.
                 if tx.send(item).await.is_err() || stop {
                     return;
+                }
+                if window.is_some() {
+                    // The chunk left our backlog for the receiver: the agent may send another.
+                    let credit = Request::Credit {
+                        id: pending.id,
+                        bytes: taken as u64,
+                    };
+                    let _ = pending.client.send(&credit, &[]).await;
                 }
             }
             let _ = tx.send(Err(pending.client.ended(pending.id))).await;
@@ -974,6 +991,78 @@ mod tests {
             .unwrap()
             .unwrap();
         drop(session);
+    }
+
+    /// A download from an agent with windows is windowed: the agent may send one window ahead,
+    /// and the host gives credit back only as chunks leave its backlog for the receiver, so a
+    /// receiver that does not read stops the transfer without an overrun.
+    #[tokio::test]
+    async fn a_download_is_windowed_and_a_slow_reader_slows_it() {
+        let (client, mut agent, _dir) = pair(current()).await;
+        client.wait_ready(Duration::from_secs(5)).await.unwrap();
+        let get = tokio::spawn({
+            let client = client.clone();
+            async move { client.get_file("/big").await }
+        });
+        let frame = agent.request().await;
+        let Request::GetFile { id, window, .. } = frame.message else {
+            panic!("expected get_file, got {:?}", frame.message)
+        };
+        assert_eq!(window, Some(proto::DOWNLOAD_WINDOW));
+        let total: usize = 8 << 20;
+        agent
+            .send(
+                json!({"type": "file_info", "id": id, "size": total, "mode": 420}),
+                &[],
+            )
+            .await;
+        let (_, _, mut chunks) = get.await.unwrap().unwrap();
+        let chunk = vec![9u8; proto::CHUNK_LEN];
+        let mut credit = proto::DOWNLOAD_WINDOW;
+        let mut sent = 0usize;
+        // Send while there is credit, for as long as credit keeps coming: nobody reads.
+        loop {
+            while credit >= chunk.len() as u64 && sent < total {
+                agent.send(json!({"type": "data", "id": id}), &chunk).await;
+                credit -= chunk.len() as u64;
+                sent += chunk.len();
+            }
+            match tokio::time::timeout(Duration::from_millis(300), agent.request()).await {
+                Ok(frame) => match frame.message {
+                    Request::Credit { bytes, .. } => credit += bytes,
+                    other => panic!("unexpected {other:?}"),
+                },
+                Err(_) => break,
+            }
+        }
+        // One window plus the receiver's channel (16 chunks), no more.
+        let ahead = usize::try_from(proto::DOWNLOAD_WINDOW).unwrap() + 16 * proto::CHUNK_LEN;
+        assert!(
+            sent <= ahead,
+            "{sent} bytes sent to a receiver that reads nothing"
+        );
+        assert!(sent < total);
+        // The receiver reads: credit flows again and the whole file arrives.
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            while let Some(item) = chunks.recv().await {
+                got += item.unwrap().len();
+            }
+            got
+        });
+        while sent < total {
+            while credit == 0 {
+                match agent.request().await.message {
+                    Request::Credit { bytes, .. } => credit += bytes,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            agent.send(json!({"type": "data", "id": id}), &chunk).await;
+            credit = credit.saturating_sub(chunk.len() as u64);
+            sent += chunk.len();
+        }
+        agent.send(json!({"type": "data", "id": id}), &[]).await;
+        assert_eq!(reader.await.unwrap(), total);
     }
 
     /// A version-1 agent (no range, no features) is accepted, and data goes to it without waiting
