@@ -291,14 +291,7 @@ async fn bare_rounds(
     pings: &mut Vec<f64>,
 ) -> Result<f64> {
     let mut agent = Agent::connect(sock).await?;
-    agent
-        .send(
-            &Request::Hello {
-                protocol: proto::PROTOCOL_VERSION,
-            },
-            &[],
-        )
-        .await?;
+    agent.send(&Request::hello(), &[]).await?;
     while !matches!(agent.next().await?, Event::Hello { .. }) {}
     let boot = started.elapsed().as_secs_f64() * 1000.0;
     if first {

@@ -12,9 +12,33 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Version of this protocol. The host sends it in [`Request::Hello`]; the agent answers with its
-/// own in [`Event::Hello`]. A host refuses an agent whose major version differs.
+/// The highest version of this protocol this crate speaks. Each peer says in its `hello` the range
+/// of versions it speaks ([`MIN_PROTOCOL_VERSION`] to this one); the host uses the highest version
+/// both ranges hold and refuses an agent whose range does not meet its own ([`negotiate`]).
 pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The lowest version of this protocol this crate still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Feature: per-exchange credit windows for data. Host to guest ([`Event::Credit`]): an agent
+/// that announces it grants a window for every exchange that takes `data`, and a host that
+/// announces it never sends beyond that window. Guest to host ([`Request::Credit`]): a host that
+/// sees it in the agent's `hello` may give a `get_file` a `window`, and the agent then sends no
+/// more file bytes than it was granted.
+pub const FEATURE_CREDIT: &str = "credit";
+
+/// Every optional feature this crate implements, announced in `hello` by both peers. A feature is
+/// used when both announce it; names a peer does not know are ignored.
+pub const FEATURES: &[&str] = &[FEATURE_CREDIT];
+
+/// Bytes of `data` the agent lets the host send for one exchange before it must wait for more
+/// credit (with [`FEATURE_CREDIT`]). The agent grants it when the exchange opens and gives bytes
+/// back as it writes them to the process or file.
+pub const DATA_WINDOW: u64 = 256 * 1024;
+
+/// The window a host gives a download ([`Request::GetFile`]'s `window`) with [`FEATURE_CREDIT`]:
+/// the agent sends that many file bytes, then more as the host's consumer takes them.
+pub const DOWNLOAD_WINDOW: u64 = 1024 * 1024;
 
 /// Name of the virtio-serial port the agent listens on (`/sys/class/virtio-ports/*/name`).
 pub const PORT_NAME: &str = "org.hearth.agent.0";
@@ -59,7 +83,16 @@ pub enum ShutdownAction {
 pub enum Request {
     /// Opens (or re-opens, after a host restart) the conversation. The agent answers
     /// [`Event::Hello`]; hosts may send it repeatedly until it does.
-    Hello { protocol: u32 },
+    Hello {
+        /// The highest protocol version the host speaks (a version-1 host's only one).
+        protocol: u32,
+        /// The lowest version the host speaks; absent (a version-1 host) means `protocol`.
+        #[serde(default)]
+        protocol_min: Option<u32>,
+        /// Optional features the host implements ([`FEATURES`]).
+        #[serde(default)]
+        features: Vec<String>,
+    },
     /// Starts a process. Answered by [`Event::Started`] or [`Event::Error`], then
     /// [`Event::Output`] frames and finally exactly one [`Event::Exited`].
     Exec {
@@ -102,7 +135,16 @@ pub enum Request {
     },
     /// Reads a file. Answered by [`Event::FileInfo`], [`Event::Data`] frames, then an empty
     /// [`Event::Data`]; or by [`Event::Error`].
-    GetFile { id: RequestId, path: String },
+    GetFile {
+        id: RequestId,
+        path: String,
+        /// With [`FEATURE_CREDIT`]: the agent sends at most this many file bytes, plus what
+        /// [`Request::Credit`] adds. Absent: no limit (a host without the feature).
+        #[serde(default)]
+        window: Option<u64>,
+    },
+    /// Lets the agent send `bytes` more file bytes of a windowed [`Request::GetFile`].
+    Credit { id: RequestId, bytes: u64 },
     /// Stops the guest cleanly: sync, then power off or reboot. Answered by [`Event::Done`] just
     /// before the agent acts.
     Shutdown {
@@ -135,8 +177,13 @@ pub enum ErrorCode {
     InvalidRequest,
     /// The id is already in use by another exchange.
     DuplicateId,
+    /// The request's `type` is not one this agent knows (a newer host's request).
+    UnknownRequest,
     /// Anything else the OS reported.
     Io,
+    /// A code this side does not know (a newer peer's); read it as a generic failure.
+    #[serde(other)]
+    Other,
 }
 
 /// Messages from the agent to the host.
@@ -146,7 +193,14 @@ pub enum Event {
     /// Answer to [`Request::Hello`]: the agent is ready to serve. An agent inside a VM also
     /// sends it unprompted when it starts, so the host notices an agent that was restarted.
     Hello {
+        /// The highest protocol version the agent speaks (a version-1 agent's only one).
         protocol: u32,
+        /// The lowest version the agent speaks; absent (a version-1 agent) means `protocol`.
+        #[serde(default)]
+        protocol_min: Option<u32>,
+        /// Optional features the agent implements ([`FEATURES`]).
+        #[serde(default)]
+        features: Vec<String>,
         /// The agent's crate version.
         agent_version: String,
         /// Changes every boot; lets the host tell a reboot from a reconnect.
@@ -175,6 +229,9 @@ pub enum Event {
     Data { id: RequestId },
     /// The exchange finished successfully.
     Done { id: RequestId },
+    /// The host may send `bytes` more bytes of `data` for this exchange ([`FEATURE_CREDIT`]).
+    /// Credit adds up; the first grant ([`DATA_WINDOW`]) comes when the exchange opens.
+    Credit { id: RequestId, bytes: u64 },
     /// The exchange failed; the last message for this id.
     Error {
         id: RequestId,
@@ -194,7 +251,109 @@ impl Event {
             | Event::FileInfo { id, .. }
             | Event::Data { id }
             | Event::Done { id }
+            | Event::Credit { id, .. }
             | Event::Error { id, .. } => Some(*id),
+        }
+    }
+}
+
+/// A message type a [`Decoder`] produces: it knows the `type` names of its messages, so it can
+/// tell a frame of a type it does not know from a malformed one.
+pub trait Message: for<'de> Deserialize<'de> {
+    /// Every `type` name of this message enum.
+    const TYPES: &'static [&'static str];
+}
+
+impl Message for Request {
+    const TYPES: &'static [&'static str] = &[
+        "hello", "exec", "data", "resize", "signal", "put_file", "get_file", "credit", "shutdown",
+        "ping", "cancel",
+    ];
+}
+
+impl Message for Event {
+    const TYPES: &'static [&'static str] = &[
+        "hello",
+        "started",
+        "output",
+        "exited",
+        "file_info",
+        "data",
+        "done",
+        "credit",
+        "error",
+    ];
+}
+
+/// The versions a peer speaks, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VersionRange {
+    pub min: u32,
+    pub max: u32,
+}
+
+impl VersionRange {
+    /// The range of this crate.
+    pub const OURS: VersionRange = VersionRange {
+        min: MIN_PROTOCOL_VERSION,
+        max: PROTOCOL_VERSION,
+    };
+
+    /// The range a `hello` announces: `protocol` is the highest, `protocol_min` (absent from a
+    /// version-1 peer) the lowest.
+    pub fn announced(protocol: u32, protocol_min: Option<u32>) -> VersionRange {
+        VersionRange {
+            min: protocol_min.unwrap_or(protocol),
+            max: protocol,
+        }
+    }
+}
+
+impl std::fmt::Display for VersionRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.min == self.max {
+            write!(f, "{}", self.max)
+        } else {
+            write!(f, "{} to {}", self.min, self.max)
+        }
+    }
+}
+
+/// Two peers whose protocol versions have nothing in common.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the peer speaks protocol {theirs}, this side speaks {ours}: no version in common")]
+pub struct NoCommonVersion {
+    pub ours: VersionRange,
+    pub theirs: VersionRange,
+}
+
+/// The highest version both ranges hold. A range whose `min` is above its `max` holds nothing.
+pub fn negotiate(ours: VersionRange, theirs: VersionRange) -> Result<u32, NoCommonVersion> {
+    let low = ours.min.max(theirs.min);
+    let high = ours.max.min(theirs.max);
+    if low <= high && ours.min <= ours.max && theirs.min <= theirs.max {
+        Ok(high)
+    } else {
+        Err(NoCommonVersion { ours, theirs })
+    }
+}
+
+/// The features of [`FEATURES`] that a peer announced too.
+pub fn common_features(theirs: &[String]) -> Vec<&'static str> {
+    FEATURES
+        .iter()
+        .copied()
+        .filter(|ours| theirs.iter().any(|t| t == ours))
+        .collect()
+}
+
+impl Request {
+    /// This crate's `hello`: its version range and features.
+    pub fn hello() -> Request {
+        Request::Hello {
+            protocol: PROTOCOL_VERSION,
+            protocol_min: Some(MIN_PROTOCOL_VERSION),
+            features: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
         }
     }
 }
@@ -210,6 +369,7 @@ impl Request {
             | Request::Signal { id, .. }
             | Request::PutFile { id, .. }
             | Request::GetFile { id, .. }
+            | Request::Credit { id, .. }
             | Request::Shutdown { id, .. }
             | Request::Ping { id }
             | Request::Cancel { id } => Some(*id),
@@ -271,6 +431,27 @@ pub enum DecodeError {
     BadHeader(String),
     #[error("dropped a frame announcing a {header} byte header and {payload} byte payload")]
     Oversized { header: usize, payload: usize },
+    /// A whole, well-formed frame of a `type` this side does not know (a newer peer's). It was
+    /// skipped with its payload, so the frames after it decode normally.
+    #[error("skipped a frame of unknown type `{kind}`")]
+    UnknownType { kind: String, id: Option<RequestId> },
+    /// A whole frame of a known `type` whose fields are wrong; skipped with its payload.
+    #[error("skipped a `{kind}` frame with invalid fields: {reason}")]
+    InvalidFields {
+        kind: String,
+        id: Option<RequestId>,
+        reason: String,
+    },
+}
+
+/// What every frame header holds, whatever its type: read when the header is not a valid message,
+/// to tell a frame this side cannot take from bytes that are not a frame at all.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    id: Option<serde_json::Value>,
 }
 
 /// Incremental frame decoder with resynchronisation on the magic bytes.
@@ -289,7 +470,7 @@ impl<M> Default for Decoder<M> {
     }
 }
 
-impl<M: for<'de> Deserialize<'de>> Decoder<M> {
+impl<M: Message> Decoder<M> {
     pub fn new() -> Self {
         Self::default()
     }
@@ -344,7 +525,8 @@ impl<M: for<'de> Deserialize<'de>> Decoder<M> {
         // cut short by a host restart is usually spliced with the next frame's bytes, which makes
         // its header invalid, so the decoder resyncs at once instead of swallowing later frames.
         let total = header_end + payload_len;
-        match serde_json::from_slice::<M>(&self.buf[PREFIX_LEN..header_end]) {
+        let header = &self.buf[PREFIX_LEN..header_end];
+        match serde_json::from_slice::<M>(header) {
             Ok(_) if self.buf.len() < total => Ok(None),
             Ok(message) => {
                 let payload = self.buf[header_end..total].to_vec();
@@ -352,6 +534,26 @@ impl<M: for<'de> Deserialize<'de>> Decoder<M> {
                 Ok(Some(Frame { message, payload }))
             }
             Err(err) => {
+                // A complete JSON object naming a `type` is a real frame that this side cannot
+                // take (a newer peer's message, or wrong fields): skip it whole, payload included,
+                // so framing holds. Bytes spliced by a cut-short frame are not valid JSON.
+                if let Ok(envelope) = serde_json::from_slice::<Envelope>(header) {
+                    if self.buf.len() < total {
+                        return Ok(None);
+                    }
+                    self.buf.drain(..total);
+                    let id = envelope.id.and_then(|id| id.as_u64());
+                    let kind = envelope.kind;
+                    return Err(if M::TYPES.contains(&kind.as_str()) {
+                        DecodeError::InvalidFields {
+                            kind,
+                            id,
+                            reason: err.to_string(),
+                        }
+                    } else {
+                        DecodeError::UnknownType { kind, id }
+                    });
+                }
                 // The prefix may belong to a frame cut short; only skip its magic so a real frame
                 // inside the bogus one is still found.
                 self.buf.drain(..MAGIC.len());
@@ -375,7 +577,7 @@ fn find_magic(haystack: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
-    fn drain<M: for<'de> Deserialize<'de>>(d: &mut Decoder<M>) -> (Vec<Frame<M>>, usize) {
+    fn drain<M: Message>(d: &mut Decoder<M>) -> (Vec<Frame<M>>, usize) {
         let mut frames = Vec::new();
         let mut errors = 0;
         loop {
@@ -389,8 +591,26 @@ mod tests {
 
     #[test]
     fn round_trips_every_request() {
-        let requests = vec![
-            Request::Hello { protocol: 1 },
+        let requests = all_requests();
+        let mut d = Decoder::<Request>::new();
+        for r in &requests {
+            d.extend(&encode(r, b"xyz").unwrap());
+        }
+        let (frames, errors) = drain(&mut d);
+        assert_eq!(errors, 0);
+        let got: Vec<_> = frames.iter().map(|f| f.message.clone()).collect();
+        assert_eq!(got, requests);
+        assert!(frames.iter().all(|f| f.payload == b"xyz"));
+    }
+
+    fn all_requests() -> Vec<Request> {
+        vec![
+            Request::hello(),
+            Request::Hello {
+                protocol: 1,
+                protocol_min: None,
+                features: Vec::new(),
+            },
             Request::Exec {
                 id: 7,
                 argv: vec!["sh".into(), "-c".into(), "exit 3".into()],
@@ -414,23 +634,212 @@ mod tests {
             Request::GetFile {
                 id: 9,
                 path: "/a".into(),
+                window: Some(DOWNLOAD_WINDOW),
             },
+            Request::Credit { id: 9, bytes: 5 },
             Request::Shutdown {
                 id: 10,
                 action: ShutdownAction::Poweroff,
             },
             Request::Ping { id: 11 },
             Request::Cancel { id: 12 },
-        ];
-        let mut d = Decoder::<Request>::new();
-        for r in &requests {
-            d.extend(&encode(r, b"xyz").unwrap());
+        ]
+    }
+
+    fn all_events() -> Vec<Event> {
+        vec![
+            Event::Hello {
+                protocol: 1,
+                protocol_min: Some(1),
+                features: vec![FEATURE_CREDIT.into()],
+                agent_version: "0.1.0".into(),
+                boot_id: "b".into(),
+                instance: "i".into(),
+            },
+            Event::Started { id: 1, pid: 2 },
+            Event::Output {
+                id: 1,
+                stream: Stream::Stderr,
+            },
+            Event::Exited {
+                id: 1,
+                code: Some(0),
+                signal: None,
+                timed_out: false,
+            },
+            Event::FileInfo {
+                id: 2,
+                size: 3,
+                mode: 0o644,
+            },
+            Event::Data { id: 2 },
+            Event::Done { id: 2 },
+            Event::Credit {
+                id: 3,
+                bytes: DATA_WINDOW,
+            },
+            Event::Error {
+                id: 4,
+                code: ErrorCode::UnknownRequest,
+                message: "m".into(),
+            },
+        ]
+    }
+
+    fn type_of<M: Serialize>(message: &M) -> String {
+        let value = serde_json::to_value(message).unwrap();
+        value["type"].as_str().unwrap().to_owned()
+    }
+
+    /// `Message::TYPES` is what the decoder uses to tell unknown types from bad fields: it must
+    /// name every variant, and nothing else.
+    #[test]
+    fn message_types_name_every_variant() {
+        let mut requests: Vec<String> = all_requests().iter().map(type_of).collect();
+        requests.dedup();
+        assert_eq!(requests, Request::TYPES);
+        let events: Vec<String> = all_events().iter().map(type_of).collect();
+        assert_eq!(events, Event::TYPES);
+        let mut d = Decoder::<Event>::new();
+        for e in &all_events() {
+            d.extend(&encode(e, &[]).unwrap());
         }
         let (frames, errors) = drain(&mut d);
         assert_eq!(errors, 0);
-        let got: Vec<_> = frames.iter().map(|f| f.message.clone()).collect();
-        assert_eq!(got, requests);
-        assert!(frames.iter().all(|f| f.payload == b"xyz"));
+        assert_eq!(
+            frames.into_iter().map(|f| f.message).collect::<Vec<_>>(),
+            all_events()
+        );
+    }
+
+    #[test]
+    fn a_frame_of_unknown_type_is_skipped_whole() {
+        // Its payload holds the magic: a decoder that only skipped the header would find a
+        // bogus frame start inside it.
+        let mut payload = b"HRTH".to_vec();
+        payload.extend_from_slice(&[0xff; 64]);
+        let mut d = Decoder::<Request>::new();
+        d.extend(&encode(&serde_json::json!({"type": "teleport", "id": 41}), &payload).unwrap());
+        d.extend(&encode(&Request::Ping { id: 42 }, &[]).unwrap());
+        assert_eq!(
+            d.next_frame(),
+            Err(DecodeError::UnknownType {
+                kind: "teleport".into(),
+                id: Some(41)
+            })
+        );
+        assert_eq!(
+            d.next_frame().unwrap().unwrap().message,
+            Request::Ping { id: 42 }
+        );
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn an_unknown_frame_waits_for_its_payload_before_it_is_skipped() {
+        let unknown = encode(&serde_json::json!({"type": "later"}), &[7; 1000]).unwrap();
+        let mut d = Decoder::<Event>::new();
+        d.extend(&unknown[..500]);
+        assert_eq!(d.next_frame(), Ok(None));
+        d.extend(&unknown[500..]);
+        d.extend(&encode(&Event::Done { id: 1 }, &[]).unwrap());
+        assert!(matches!(
+            d.next_frame(),
+            Err(DecodeError::UnknownType { id: None, .. })
+        ));
+        assert_eq!(
+            d.next_frame().unwrap().unwrap().message,
+            Event::Done { id: 1 }
+        );
+    }
+
+    #[test]
+    fn a_known_type_with_bad_fields_is_skipped_whole() {
+        let mut d = Decoder::<Request>::new();
+        d.extend(&encode(&serde_json::json!({"type": "exec", "id": 5}), b"HRTHxx").unwrap());
+        d.extend(&encode(&Request::Ping { id: 6 }, &[]).unwrap());
+        match d.next_frame() {
+            Err(DecodeError::InvalidFields { kind, id, reason }) => {
+                assert_eq!((kind.as_str(), id), ("exec", Some(5)));
+                assert!(reason.contains("argv"), "{reason}");
+            }
+            other => panic!("expected invalid fields, got {other:?}"),
+        }
+        assert_eq!(
+            d.next_frame().unwrap().unwrap().message,
+            Request::Ping { id: 6 }
+        );
+    }
+
+    #[test]
+    fn a_version_one_hello_still_decodes() {
+        // What agents and hosts before version ranges and features send.
+        let old: Event = serde_json::from_str(
+            r#"{"type":"hello","protocol":1,"agent_version":"0.1.0","boot_id":"b"}"#,
+        )
+        .unwrap();
+        let Event::Hello {
+            protocol,
+            protocol_min,
+            features,
+            ..
+        } = old
+        else {
+            panic!("not a hello")
+        };
+        let range = VersionRange::announced(protocol, protocol_min);
+        assert_eq!(range, VersionRange { min: 1, max: 1 });
+        assert!(features.is_empty());
+        assert_eq!(negotiate(VersionRange::OURS, range), Ok(1));
+        let old: Request = serde_json::from_str(r#"{"type":"hello","protocol":1}"#).unwrap();
+        assert!(matches!(
+            old,
+            Request::Hello {
+                protocol_min: None,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn negotiation_takes_the_highest_common_version() {
+        let range = |min, max| VersionRange { min, max };
+        assert_eq!(negotiate(range(1, 3), range(2, 5)), Ok(3));
+        assert_eq!(negotiate(range(2, 5), range(1, 3)), Ok(3));
+        assert_eq!(negotiate(range(1, 1), range(1, 4)), Ok(1));
+        assert_eq!(negotiate(range(3, 3), range(3, 3)), Ok(3));
+        let err = negotiate(range(1, 2), range(4, 6)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the peer speaks protocol 4 to 6, this side speaks 1 to 2: no version in common"
+        );
+        assert!(negotiate(range(4, 6), range(1, 3)).is_err());
+        // A range that holds nothing meets nothing.
+        assert!(negotiate(range(1, 9), range(5, 4)).is_err());
+    }
+
+    #[test]
+    fn only_features_both_sides_know_are_used() {
+        assert_eq!(
+            common_features(&["teleport".into(), FEATURE_CREDIT.into()]),
+            vec![FEATURE_CREDIT]
+        );
+        assert!(common_features(&[]).is_empty());
+    }
+
+    #[test]
+    fn an_error_code_from_a_newer_peer_is_read_as_other() {
+        let e: Event = serde_json::from_str(
+            r#"{"type":"error","id":1,"code":"quota_exceeded","message":"m"}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            e,
+            Event::Error {
+                code: ErrorCode::Other,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -501,27 +910,20 @@ mod tests {
     #[test]
     fn protocol_document_lists_every_message() {
         let doc = include_str!("../PROTOCOL.md");
-        let requests = [
-            "hello", "exec", "data", "resize", "signal", "put_file", "get_file", "shutdown",
-            "ping", "cancel",
-        ];
-        let events = [
-            "hello",
-            "started",
-            "output",
-            "exited",
-            "file_info",
-            "data",
-            "done",
-            "error",
-        ];
-        for name in requests.iter().chain(events.iter()) {
+        for name in Request::TYPES
+            .iter()
+            .chain(Event::TYPES)
+            .chain(FEATURES)
+            .chain(&["unknown_request", "other"])
+        {
             assert!(
                 doc.contains(&format!("`{name}`")),
                 "PROTOCOL.md does not document `{name}`"
             );
         }
         assert!(doc.contains(&format!("Protocol version: {PROTOCOL_VERSION}")));
+        assert!(doc.contains(&format!("lowest version spoken: {MIN_PROTOCOL_VERSION}")));
+        assert!(doc.contains(&format!("{} KiB", DATA_WINDOW / 1024)));
         assert!(doc.contains(PORT_NAME));
     }
 }

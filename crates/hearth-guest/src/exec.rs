@@ -2,7 +2,8 @@
 //! PTY sessions) and streams what it writes.
 //!
 //! One task per exec owns the child. Beside it, one pump task per output stream (one for a PTY)
-//! sends `output` frames as bytes arrive, and a feeder task writes `data` payloads to its stdin.
+//! sends `output` frames as bytes arrive, and a feeder task writes `data` payloads to its stdin,
+//! giving each payload's bytes back to the host as credit once written (or dropped).
 //! The task waits for the child, applies signals, resizes and the timeout, and sends `exited`
 //! once the pumps have drained the output.
 //!
@@ -30,7 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::server::{Ctx, describe, io_error_code};
+use crate::server::{Ctx, Inflow, InflowRx, WindowError, describe, io_error_code};
 use crate::transport::Outbox;
 
 /// The base `PATH` of every exec (and of the agent itself in a VM).
@@ -109,22 +110,20 @@ impl ExecError {
 /// The dispatcher's side of a running exec.
 #[derive(Debug)]
 pub struct Handle {
-    /// `None` when the exec takes no stdin, or after it was closed.
-    stdin: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    /// `None` when the exec takes no stdin.
+    stdin: Option<Inflow>,
     control: mpsc::UnboundedSender<Control>,
     /// The process group, once the process runs and until it is reaped; 0 otherwise.
     pgid: Arc<AtomicI32>,
 }
 
 impl Handle {
-    /// Passes a `data` payload to stdin; an empty one closes it.
-    pub fn stdin(&mut self, payload: Vec<u8>) {
-        if let Some(stdin) = &self.stdin {
-            let end = payload.is_empty();
-            let _ = stdin.send(payload);
-            if end {
-                self.stdin = None;
-            }
+    /// Passes a `data` payload to stdin; an empty one closes it. With `enforce`, a payload
+    /// beyond the window is refused (the exchange must end).
+    pub fn stdin(&mut self, payload: Vec<u8>, enforce: bool) -> Result<(), WindowError> {
+        match &mut self.stdin {
+            Some(stdin) => stdin.push(payload, enforce),
+            None => Ok(()),
         }
     }
 
@@ -145,19 +144,14 @@ impl Handle {
 /// The task's side of the channels in a [`Handle`].
 #[derive(Debug)]
 pub struct Parts {
-    stdin: Option<mpsc::UnboundedReceiver<Vec<u8>>>,
+    stdin: Option<InflowRx>,
     control: mpsc::UnboundedReceiver<Control>,
     pgid: Arc<AtomicI32>,
 }
 
-/// Makes the channels between the dispatcher and an exec task.
-pub fn channels(stdin: bool) -> (Handle, Parts) {
-    let (stdin_tx, stdin_rx) = if stdin {
-        let (tx, rx) = mpsc::unbounded_channel();
-        (Some(tx), Some(rx))
-    } else {
-        (None, None)
-    };
+/// Makes the channels between the dispatcher and an exec task; `stdin` when it takes stdin.
+pub fn channels(stdin: Option<(Inflow, InflowRx)>) -> (Handle, Parts) {
+    let (stdin_tx, stdin_rx) = stdin.unzip();
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let pgid = Arc::new(AtomicI32::new(0));
     (
@@ -211,7 +205,13 @@ pub async fn run(ctx: Ctx, spec: Spec, parts: Parts) {
     for (output, stream) in outputs {
         pumps.spawn(pump(output, stream, id, ctx.outbox(), stop_rx.clone()));
     }
-    let feeder = stdin.map(|rx| tokio::spawn(feed(rx, input)));
+    let feeder = match stdin {
+        Some(rx) => {
+            rx.open_window().await;
+            Some(tokio::spawn(feed(rx, input)))
+        }
+        None => None,
+    };
 
     // A timeout too far away to represent is no timeout.
     let deadline = spec
@@ -520,8 +520,9 @@ enum Input {
 }
 
 /// Writes stdin payloads until the empty one, then closes stdin (a PTY gets its EOF character).
-/// When the process stops reading, the rest is dropped.
-async fn feed(mut rx: mpsc::UnboundedReceiver<Vec<u8>>, mut input: Input) {
+/// When the process stops reading, the rest is dropped. Each payload's bytes go back to the host
+/// as credit once written or dropped, so the host never has more than a window in flight.
+async fn feed(mut rx: InflowRx, mut input: Input) {
     while let Some(chunk) = rx.recv().await {
         if chunk.is_empty() {
             if let Input::Pty(master) = &input {
@@ -538,6 +539,7 @@ async fn feed(mut rx: mpsc::UnboundedReceiver<Vec<u8>>, mut input: Input) {
         if written.is_err() {
             input = Input::Closed;
         }
+        rx.consumed(chunk.len()).await;
     }
 }
 

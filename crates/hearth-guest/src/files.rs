@@ -2,18 +2,20 @@
 //!
 //! A put writes into a temporary file beside the target, syncs it, sets its mode and renames it
 //! into place, so the target is never seen half written. A get sends `file_info`, the contents in
-//! chunks of at most [`CHUNK_LEN`], and an empty `data`.
+//! chunks of at most [`CHUNK_LEN`], and an empty `data`; a windowed get sends no more bytes than
+//! the host granted, so a slow reader on the host slows the transfer instead of overrunning it.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hearth_guest_proto::{CHUNK_LEN, ErrorCode, Event};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 
-use crate::server::{Ctx, describe, io_error_code};
+use crate::server::{Ctx, InflowRx, describe, io_error_code};
 
 /// Why a transfer failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +63,10 @@ fn absolute(path: &str) -> Result<PathBuf, FileError> {
     }
 }
 
-/// Runs a `put_file` exchange: takes `data` payloads from `data` until an empty one.
-pub async fn put(ctx: Ctx, path: String, mode: u32, mut data: mpsc::UnboundedReceiver<Vec<u8>>) {
+/// Runs a `put_file` exchange: grants the host its window, then takes `data` payloads until an
+/// empty one, giving their bytes back as credit as they are written.
+pub async fn put(ctx: Ctx, path: String, mode: u32, mut data: InflowRx) {
+    data.open_window().await;
     match write_file(&path, mode, &mut data).await {
         Ok(Written::Done) => ctx.finish(&Event::Done { id: ctx.id }, &[]).await,
         Ok(Written::Cancelled) => {}
@@ -79,11 +83,7 @@ enum Written {
     Cancelled,
 }
 
-async fn write_file(
-    path: &str,
-    mode: u32,
-    data: &mut mpsc::UnboundedReceiver<Vec<u8>>,
-) -> Result<Written, FileError> {
+async fn write_file(path: &str, mode: u32, data: &mut InflowRx) -> Result<Written, FileError> {
     let target = absolute(path)?;
     let (Some(dir), Some(_)) = (target.parent(), target.file_name()) else {
         return Err(FileError::NoFileName(path.to_owned()));
@@ -110,6 +110,7 @@ async fn write_file(
         file.write_all(&chunk)
             .await
             .map_err(io_err("write", &temp_path))?;
+        data.consumed(chunk.len()).await;
     }
     file.flush().await.map_err(io_err("write", &temp_path))?;
     file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
@@ -156,10 +157,16 @@ impl Drop for TempFile {
     }
 }
 
-/// Runs a `get_file` exchange; stops quietly when `cancel`'s sender is dropped.
-pub async fn get(ctx: Ctx, path: String, cancel: oneshot::Receiver<()>) {
+/// Runs a `get_file` exchange; stops quietly when `cancel`'s sender is dropped. With `credit`
+/// (a windowed get) each chunk waits for the host's credit.
+pub async fn get(
+    ctx: Ctx,
+    path: String,
+    cancel: oneshot::Receiver<()>,
+    credit: Option<Arc<Semaphore>>,
+) {
     let result = tokio::select! {
-        result = send_file(&ctx, &path) => result,
+        result = send_file(&ctx, &path, credit.as_deref()) => result,
         _ = cancel => return,
     };
     // The last frame is sent outside the select: closing the exchange drops the cancel sender.
@@ -173,7 +180,7 @@ pub async fn get(ctx: Ctx, path: String, cancel: oneshot::Receiver<()>) {
 }
 
 /// Sends `file_info` and every chunk of the file, but not the final empty `data`.
-async fn send_file(ctx: &Ctx, path: &str) -> Result<(), FileError> {
+async fn send_file(ctx: &Ctx, path: &str, credit: Option<&Semaphore>) -> Result<(), FileError> {
     let path = absolute(path)?;
     let meta = tokio::fs::metadata(&path)
         .await
@@ -201,6 +208,14 @@ async fn send_file(ctx: &Ctx, path: &str) -> Result<(), FileError> {
         if n == 0 {
             return Ok(());
         }
+        if let Some(credit) = credit {
+            // n is at most CHUNK_LEN (64 KiB). The semaphore is never closed; a cancel ends
+            // this wait through the caller's select.
+            let bytes = u32::try_from(n).unwrap_or(u32::MAX);
+            if let Ok(permit) = credit.acquire_many(bytes).await {
+                permit.forget();
+            }
+        }
         ctx.send(&Event::Data { id }, &buf[..n]).await;
     }
 }
@@ -208,6 +223,8 @@ async fn send_file(ctx: &Ctx, path: &str) -> Result<(), FileError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::inflow;
+    use crate::transport::Outbox;
 
     #[test]
     fn relative_paths_are_refused() {
@@ -226,10 +243,10 @@ mod tests {
     async fn put_writes_atomically_and_cleans_up_when_cancelled() {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("a/b/file");
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        tx.send(b"hello ".to_vec()).unwrap();
-        tx.send(b"world".to_vec()).unwrap();
-        tx.send(Vec::new()).unwrap();
+        let (mut tx, mut rx) = inflow(1, Outbox::detached());
+        tx.push(b"hello ".to_vec(), true).unwrap();
+        tx.push(b"world".to_vec(), true).unwrap();
+        tx.push(Vec::new(), true).unwrap();
         let done = write_file(target.to_str().unwrap(), 0o640, &mut rx).await;
         assert!(matches!(done, Ok(Written::Done)));
         assert_eq!(std::fs::read(&target).unwrap(), b"hello world");
@@ -237,8 +254,8 @@ mod tests {
         assert_eq!(mode & 0o7777, 0o640);
 
         // The sender goes away before the end: nothing is written, no temporary file is left.
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        tx.send(b"partial".to_vec()).unwrap();
+        let (mut tx, mut rx) = inflow(2, Outbox::detached());
+        tx.push(b"partial".to_vec(), true).unwrap();
         drop(tx);
         let other = dir.path().join("a/b/other");
         let cancelled = write_file(other.to_str().unwrap(), 0o600, &mut rx).await;

@@ -359,6 +359,13 @@ pub struct Outbox {
 }
 
 impl Outbox {
+    /// An outbox whose frames go nowhere (its writer is gone), for unit tests.
+    #[cfg(test)]
+    pub fn detached() -> Outbox {
+        let (tx, _) = mpsc::channel(1);
+        Outbox { tx, generation: 0 }
+    }
+
     /// Queues one frame. Returns false when the writer is gone.
     pub async fn send(&self, event: &Event, payload: &[u8]) -> bool {
         self.queue(event, payload, None).await

@@ -1,7 +1,7 @@
 //! Runs the real agent binary with `--unix` against a socket this test listens on, and drives it
 //! through the wire protocol the way `hearthd` does.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use hearth_guest_proto::{
-    CHUNK_LEN, Decoder, ErrorCode, Event, Frame, PROTOCOL_VERSION, PtySize, Request, RequestId,
-    ShutdownAction, Stream, encode,
+    CHUNK_LEN, DATA_WINDOW, Decoder, ErrorCode, Event, FEATURE_CREDIT, Frame, MIN_PROTOCOL_VERSION,
+    PROTOCOL_VERSION, PtySize, Request, RequestId, ShutdownAction, Stream, encode,
 };
 
 /// Upper bound for any single answer; generous because the machine may be busy building.
@@ -27,6 +27,9 @@ struct Agent {
     events: mpsc::Receiver<Frame<Event>>,
     /// Events read while waiting for another exchange's.
     pending: VecDeque<Frame<Event>>,
+    /// Credit granted per exchange and not yet taken by [`Agent::credit`]; `credit` events never
+    /// reach `pending`.
+    credits: HashMap<RequestId, u64>,
     dir: tempfile::TempDir,
 }
 
@@ -121,6 +124,7 @@ impl Agent {
             stream: Some(stream),
             events,
             pending: VecDeque::new(),
+            credits: HashMap::new(),
             dir,
         }
     }
@@ -151,6 +155,10 @@ impl Agent {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
+                Ok(Frame {
+                    message: Event::Credit { id, bytes },
+                    ..
+                }) => *self.credits.entry(id).or_default() += bytes,
                 Ok(frame) if frame.message.id() == id => return Some(frame),
                 Ok(frame) => self.pending.push_back(frame),
                 Err(_) => return None,
@@ -190,6 +198,52 @@ impl Agent {
                 other => panic!("unexpected event in an exec: {other:?}"),
             }
         }
+    }
+
+    /// Says hello as a host with every feature (credit windows included) and waits for the answer.
+    fn hello(&mut self) {
+        self.send(&Request::hello(), &[]);
+        assert!(matches!(self.recv(None).message, Event::Hello { .. }));
+    }
+
+    /// Credit granted for exchange `id` since the last call, waiting up to `timeout` for some
+    /// (0 if none came). Other events wait in `pending`.
+    fn credit(&mut self, id: RequestId, timeout: Duration) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(granted) = self.credits.remove(&id) {
+                return granted;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.events.recv_timeout(left) {
+                Ok(Frame {
+                    message: Event::Credit { id, bytes },
+                    ..
+                }) => *self.credits.entry(id).or_default() += bytes,
+                Ok(frame) => self.pending.push_back(frame),
+                Err(_) => return 0,
+            }
+        }
+    }
+
+    /// Sends `data` for exchange `id` as a host that honours credit windows: never more than it
+    /// was granted. Returns the credit left over.
+    fn send_within_credit(&mut self, id: RequestId, data: &[u8], mut credit: u64) -> u64 {
+        let mut rest = data;
+        while !rest.is_empty() {
+            if credit == 0 {
+                credit += self.credit(id, ANSWER);
+                assert!(credit > 0, "no credit for {id} within {ANSWER:?}");
+            }
+            let n = rest
+                .len()
+                .min(CHUNK_LEN)
+                .min(usize::try_from(credit).unwrap());
+            self.send(&Request::Data { id }, &rest[..n]);
+            credit -= n as u64;
+            rest = &rest[n..];
+        }
+        credit
     }
 
     fn run(&mut self, request: Request) -> ExecResult {
@@ -288,18 +342,23 @@ fn pseudo_random(len: usize, mut seed: u64) -> Vec<u8> {
 #[test]
 fn hello_is_answered_every_time() {
     let mut agent = Agent::start();
-    agent.send(&Request::Hello { protocol: 1 }, &[]);
-    agent.send(&Request::Hello { protocol: 1 }, &[]);
+    agent.send(&Request::hello(), &[]);
+    // A version-1 host's hello: no range, no features.
+    agent.send_raw(&raw_frame(r#"{"type":"hello","protocol":1}"#, &[]));
     let mut boot_ids = Vec::new();
     for _ in 0..2 {
         match agent.recv(None).message {
             Event::Hello {
                 protocol,
+                protocol_min,
+                features,
                 agent_version,
                 boot_id,
                 instance,
             } => {
                 assert_eq!(protocol, PROTOCOL_VERSION);
+                assert_eq!(protocol_min, Some(MIN_PROTOCOL_VERSION));
+                assert_eq!(features, vec![FEATURE_CREDIT.to_owned()]);
                 assert_eq!(agent_version, env!("CARGO_PKG_VERSION"));
                 assert!(!boot_id.is_empty());
                 assert!(!instance.is_empty());
@@ -617,6 +676,7 @@ fn put_then_get_ten_mebibytes() {
         &Request::GetFile {
             id: 2,
             path: path.to_str().unwrap().into(),
+            window: None,
         },
         &[],
     );
@@ -669,19 +729,28 @@ fn file_errors() {
         &Request::GetFile {
             id: 1,
             path: missing.to_str().unwrap().into(),
+            window: None,
         },
         &[],
     );
     assert_eq!(agent.expect_error(1).0, ErrorCode::NotFound);
 
     let dir = agent.dir().to_str().unwrap().to_owned();
-    agent.send(&Request::GetFile { id: 2, path: dir }, &[]);
+    agent.send(
+        &Request::GetFile {
+            id: 2,
+            path: dir,
+            window: None,
+        },
+        &[],
+    );
     assert_eq!(agent.expect_error(2).0, ErrorCode::InvalidRequest);
 
     agent.send(
         &Request::GetFile {
             id: 3,
             path: "relative/path".into(),
+            window: None,
         },
         &[],
     );
@@ -832,4 +901,222 @@ fn an_unrepresentable_timeout_means_none() {
     }
     let result = agent.run(request);
     assert_eq!((result.code, result.timed_out), (Some(0), false));
+}
+
+/// An exec that never reads its stdin, fed from an endless source by a host that keeps to its
+/// windows: the agent lets in one window (plus what the pipe holds) and no more, however long the
+/// host keeps trying. A host that then sends beyond the window is refused at once.
+#[test]
+fn endless_stdin_into_a_process_that_does_not_read_stays_bounded() {
+    let mut agent = Agent::start();
+    agent.hello();
+    let mut request = exec(1, &["sleep", "30"]);
+    if let Request::Exec { stdin, .. } = &mut request {
+        *stdin = true;
+    }
+    agent.send(&request, &[]);
+    let pid = agent.started(1);
+    let rss_before = rss_kib(agent.child.id());
+    let zeros = vec![0u8; CHUNK_LEN];
+    let (mut granted, mut sent) = (0u64, 0u64);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        granted += agent.credit(1, Duration::from_millis(20));
+        while sent < granted {
+            let n = usize::try_from(granted - sent).unwrap().min(CHUNK_LEN);
+            agent.send(&Request::Data { id: 1 }, &zeros[..n]);
+            sent += n as u64;
+        }
+    }
+    assert!(
+        granted >= DATA_WINDOW,
+        "the first window was {granted} bytes"
+    );
+    // The window, plus what the pipe to `sleep` took (64 KiB by default, one chunk in flight).
+    let bound = DATA_WINDOW + 4 * CHUNK_LEN as u64;
+    assert!(
+        granted <= bound,
+        "{granted} bytes let in, more than {bound}"
+    );
+    let grown = rss_kib(agent.child.id()).saturating_sub(rss_before);
+    assert!(grown < 8 * 1024, "the agent grew by {grown} KiB");
+
+    // Beyond the window: the exchange ends with an error, and its process with it.
+    agent.send(&Request::Data { id: 1 }, &zeros);
+    let (code, message) = agent.expect_error(1);
+    assert_eq!(code, ErrorCode::InvalidRequest);
+    assert!(message.contains("credit"), "{message}");
+    assert!(
+        wait_gone(pid, Duration::from_secs(5)),
+        "exec {pid} survived"
+    );
+}
+
+/// Data keeps flowing through the windows: to a process that reads its stdin, and into a file.
+#[test]
+fn stdin_and_uploads_flow_through_credit_windows() {
+    let mut agent = Agent::start();
+    agent.hello();
+    let data = pseudo_random(4 * 1024 * 1024 + 7, 0x0bad_cafe);
+    let mut request = exec(1, &["wc", "-c"]);
+    if let Request::Exec { stdin, .. } = &mut request {
+        *stdin = true;
+    }
+    agent.send(&request, &[]);
+    agent.started(1);
+    agent.send_within_credit(1, &data, 0);
+    agent.send(&Request::Data { id: 1 }, &[]);
+    let result = agent.collect(1);
+    assert_eq!(result.stdout().trim(), data.len().to_string());
+    assert_eq!(result.code, Some(0));
+
+    let path = agent.dir().join("upload.bin");
+    let put = Request::PutFile {
+        id: 2,
+        path: path.to_str().unwrap().into(),
+        mode: 0o600,
+    };
+    agent.send(&put, &[]);
+    agent.send_within_credit(2, &data, 0);
+    agent.send(&Request::Data { id: 2 }, &[]);
+    match agent.recv(Some(2)).message {
+        Event::Done { .. } => {}
+        other => panic!("expected done, got {other:?}"),
+    }
+    assert!(
+        std::fs::read(&path).unwrap() == data,
+        "the uploaded file differs"
+    );
+}
+
+/// A host that did not announce credit windows (a version-1 host) is served as before: it may
+/// send without waiting for credit.
+#[test]
+fn a_host_without_credit_windows_is_not_held_to_them() {
+    let mut agent = Agent::start();
+    agent.send_raw(&raw_frame(r#"{"type":"hello","protocol":1}"#, &[]));
+    assert!(matches!(agent.recv(None).message, Event::Hello { .. }));
+    let mut request = exec(1, &["wc", "-c"]);
+    if let Request::Exec { stdin, .. } = &mut request {
+        *stdin = true;
+    }
+    agent.send(&request, &[]);
+    agent.started(1);
+    let data = vec![7u8; 3 * usize::try_from(DATA_WINDOW).unwrap()];
+    for chunk in data.chunks(CHUNK_LEN) {
+        agent.send(&Request::Data { id: 1 }, chunk);
+    }
+    agent.send(&Request::Data { id: 1 }, &[]);
+    let result = agent.collect(1);
+    assert_eq!(result.error, None);
+    assert_eq!(result.stdout().trim(), data.len().to_string());
+}
+
+/// A request of a type the agent does not know is answered at once with `unknown_request`, the
+/// frames after it are read normally, and an open exchange it names ends.
+#[test]
+fn unknown_requests_are_answered_with_a_typed_error() {
+    let mut agent = Agent::start();
+    let unknown = |id: u64| {
+        // The payload holds the magic: framing must not be lost inside it.
+        raw_frame(
+            &format!(r#"{{"type":"teleport","id":{id},"to":"mars"}}"#),
+            b"HRTH and more",
+        )
+    };
+    agent.send_raw(&unknown(7));
+    agent.send(&Request::Ping { id: 8 }, &[]);
+    let (code, message) = agent.expect_error(7);
+    assert_eq!(code, ErrorCode::UnknownRequest);
+    assert!(message.contains("teleport"), "{message}");
+    assert!(matches!(agent.recv(Some(8)).message, Event::Done { id: 8 }));
+
+    agent.send(&exec(9, &["sleep", "30"]), &[]);
+    let pid = agent.started(9);
+    agent.send_raw(&unknown(9));
+    assert_eq!(agent.expect_error(9).0, ErrorCode::UnknownRequest);
+    assert!(
+        wait_gone(pid, Duration::from_secs(5)),
+        "exec {pid} survived"
+    );
+
+    // A known type with wrong fields: `invalid_request`, at once.
+    agent.send_raw(&raw_frame(r#"{"type":"exec","id":10}"#, &[]));
+    assert_eq!(agent.expect_error(10).0, ErrorCode::InvalidRequest);
+    agent.send(&Request::Ping { id: 11 }, &[]);
+    assert!(matches!(agent.recv(Some(11)).message, Event::Done { .. }));
+    assert!(agent.pending.is_empty(), "{:?}", agent.pending);
+}
+
+/// Resident memory of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// A frame with a hand-written JSON header: messages this crate's enums cannot express.
+fn raw_frame(header: &str, payload: &[u8]) -> Vec<u8> {
+    let mut frame = b"HRTH".to_vec();
+    frame.extend_from_slice(&u32::try_from(header.len()).unwrap().to_le_bytes());
+    frame.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
+    frame.extend_from_slice(header.as_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// A windowed download sends no more than the host granted, waits, and goes on as credit comes.
+#[test]
+fn a_windowed_download_keeps_to_its_credit() {
+    let mut agent = Agent::start();
+    let path = agent.dir().join("big.bin");
+    let data = pseudo_random(1024 * 1024 + 5, 0x5eed);
+    std::fs::write(&path, &data).unwrap();
+    let window = 2 * CHUNK_LEN;
+    agent.send(
+        &Request::GetFile {
+            id: 1,
+            path: path.to_str().unwrap().into(),
+            window: Some(window as u64),
+        },
+        &[],
+    );
+    assert!(matches!(
+        agent.recv(Some(1)).message,
+        Event::FileInfo { .. }
+    ));
+    let mut got = Vec::new();
+    while got.len() < window {
+        let frame = agent.recv(Some(1));
+        assert!(
+            matches!(frame.message, Event::Data { .. }) && !frame.payload.is_empty(),
+            "expected data, got {:?}",
+            frame.message
+        );
+        got.extend(frame.payload);
+    }
+    assert_eq!(got.len(), window);
+    // The window is used up: nothing more comes until the host grants more.
+    let more = agent.try_recv(Some(1), Duration::from_millis(300));
+    assert!(more.is_none(), "sent beyond the window: {more:?}");
+    agent.send(
+        &Request::Credit {
+            id: 1,
+            bytes: data.len() as u64,
+        },
+        &[],
+    );
+    loop {
+        let frame = agent.recv(Some(1));
+        match frame.message {
+            Event::Data { .. } if frame.payload.is_empty() => break,
+            Event::Data { .. } => got.extend(frame.payload),
+            other => panic!("expected data, got {other:?}"),
+        }
+    }
+    assert!(got == data, "got {} bytes, not the file", got.len());
 }

@@ -15,8 +15,8 @@ use hearth_guest_proto::PtySize;
 
 use super::{ApiError, octal_header, unexpected};
 use crate::vm::{
-    Action, Caller, ExecEvent, ExecOpen, ExecStream, LogSource, LogWindow, Reply, Upload, VmError,
-    VmService,
+    Action, Caller, ExecEvent, ExecInput, ExecOpen, ExecOutput, ExecStream, LogSource, LogWindow,
+    Reply, Upload, VmError, VmService,
 };
 
 pub async fn logs(
@@ -85,7 +85,7 @@ pub async fn exec_ndjson(
         input.close().await?;
     }
     struct Ndjson {
-        output: crate::vm::ExecOutput,
+        output: ExecOutput,
         stdout: Utf8Carry,
         stderr: Utf8Carry,
     }
@@ -290,53 +290,96 @@ async fn ws_session(
             return send_text(&mut socket, &msg).await;
         }
     };
-    let mut stdin_open = open.stdin;
-    let ExecStream { mut output, input } = match open_exec(service, caller, name, open).await {
+    let stdin_open = open.stdin;
+    let ExecStream { output, input } = match open_exec(service, caller, name, open).await {
         Ok(s) => s,
         Err(e) => return send_error(&mut socket, &e).await,
     };
+    // Output and input run side by side: writing stdin waits for the guest's credit, and that
+    // must never hold up output, signals or noticing that the client went away.
+    let (sink, stream) = socket.split();
+    tokio::select! {
+        r = forward_output(output, sink) => r,
+        // The client went away: `output` is dropped, which ends the process in the guest.
+        () = forward_input(input, stream, stdin_open) => Ok(()),
+    }
+}
+
+type WsSink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+async fn forward_output(mut output: ExecOutput, mut sink: WsSink) -> Result<(), axum::Error> {
+    use futures_util::SinkExt;
+    let text = |msg: &WsServerMessage| {
+        Message::Text(serde_json::to_string(msg).unwrap_or_default().into())
+    };
     loop {
-        tokio::select! {
-            event = output.next() => {
-                let msg = match event {
-                    Ok(ExecEvent::Stdout(b)) => Message::Binary(prefixed(WS_STDOUT, &b)),
-                    Ok(ExecEvent::Stderr(b)) => Message::Binary(prefixed(WS_STDERR, &b)),
-                    Ok(ExecEvent::Exited { code, signal, timed_out }) => {
-                        send_text(&mut socket, &WsServerMessage::Exit { exit_code: code, signal, timed_out }).await?;
-                        let _ = socket.send(Message::Close(None)).await;
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        send_error(&mut socket, &e).await?;
-                        let _ = socket.send(Message::Close(None)).await;
-                        return Ok(());
-                    }
+        let msg = match output.next().await {
+            Ok(ExecEvent::Stdout(b)) => Message::Binary(prefixed(WS_STDOUT, &b)),
+            Ok(ExecEvent::Stderr(b)) => Message::Binary(prefixed(WS_STDERR, &b)),
+            Ok(ExecEvent::Exited {
+                code,
+                signal,
+                timed_out,
+            }) => {
+                let exit = WsServerMessage::Exit {
+                    exit_code: code,
+                    signal,
+                    timed_out,
                 };
-                socket.send(msg).await?;
+                sink.send(text(&exit)).await?;
+                let _ = sink.send(Message::Close(None)).await;
+                return Ok(());
             }
-            incoming = socket.recv() => {
-                // The client going away drops `output`, which ends the process in the guest.
-                let Some(Ok(msg)) = incoming else { return Ok(()) };
-                let sent = match msg {
-                    Message::Binary(data) if stdin_open => input.write(&data).await,
-                    Message::Text(t) => match serde_json::from_str::<WsClientMessage>(&t) {
-                        Ok(WsClientMessage::Eof) if stdin_open => {
-                            stdin_open = false;
-                            input.close().await
-                        }
-                        Ok(WsClientMessage::Resize { size }) => {
-                            input.resize(PtySize { rows: size.rows, cols: size.cols }).await
-                        }
-                        Ok(WsClientMessage::Signal { signal }) => input.signal(signal).await,
-                        _ => Ok(()),
-                    },
-                    Message::Close(_) => return Ok(()),
-                    _ => Ok(()),
+            Err(e) => {
+                let error = WsServerMessage::Error {
+                    error: e.code(),
+                    message: e.message(),
                 };
-                if let Err(e) = sent {
-                    tracing::debug!(error = %e.message(), "exec websocket: cannot forward to guest");
+                sink.send(text(&error)).await?;
+                let _ = sink.send(Message::Close(None)).await;
+                return Ok(());
+            }
+        };
+        sink.send(msg).await?;
+    }
+}
+
+/// Feeds the client's messages to the process until the client closes or goes away.
+async fn forward_input(
+    input: ExecInput,
+    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    mut stdin_open: bool,
+) {
+    while let Some(Ok(msg)) = stream.next().await {
+        let sent = match msg {
+            Message::Binary(data) if stdin_open => input.write(&data).await,
+            Message::Text(t) => match serde_json::from_str::<WsClientMessage>(&t) {
+                Ok(WsClientMessage::Eof) if stdin_open => {
+                    stdin_open = false;
+                    input.close().await
                 }
-            }
+                // Not queued behind stdin that waits for credit.
+                Ok(WsClientMessage::Resize { size }) => {
+                    let input = input.clone();
+                    let size = PtySize {
+                        rows: size.rows,
+                        cols: size.cols,
+                    };
+                    tokio::spawn(async move { input.resize(size).await });
+                    Ok(())
+                }
+                Ok(WsClientMessage::Signal { signal }) => {
+                    let input = input.clone();
+                    tokio::spawn(async move { input.signal(signal).await });
+                    Ok(())
+                }
+                _ => Ok(()),
+            },
+            Message::Close(_) => return,
+            _ => Ok(()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e.message(), "exec websocket: cannot forward to guest");
         }
     }
 }

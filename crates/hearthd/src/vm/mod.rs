@@ -38,7 +38,7 @@ use running::Runtime;
 use state::Input;
 
 pub use error::VmError;
-pub use exec::{ExecEvent, ExecOpen, ExecOutput, ExecStream};
+pub use exec::{ExecEvent, ExecInput, ExecOpen, ExecOutput, ExecStream};
 pub use files::{Download, Upload};
 pub use logs::{LogSource, LogStream, LogWindow};
 
