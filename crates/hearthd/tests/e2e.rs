@@ -388,11 +388,19 @@ async fn bad_inputs(w: &World) {
         (json!({"name": "tiny", "ram": "64M"}), 400, "invalid_ram"),
         (json!({"name": "taken"}), 409, "vm_name_taken"),
         // Admission control: refused at once, before anything is made.
-        (json!({"name": "huge", "ram": "1T"}), 409, "insufficient_capacity"),
+        (
+            json!({"name": "huge", "ram": "1T"}),
+            409,
+            "insufficient_capacity",
+        ),
     ] {
         let started = Instant::now();
         let (s, resp) = create(body.clone()).await;
-        assert!(started.elapsed() < Duration::from_secs(1), "{body} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{body} took {:?}",
+            started.elapsed()
+        );
         assert_eq!(
             (s, resp["error"].as_str()),
             (status, Some(code)),

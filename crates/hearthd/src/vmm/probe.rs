@@ -54,31 +54,49 @@ pub async fn run(qemu: &Path, accel: &str, work_dir: &Path) -> Result<(), String
         .args([
             "-device",
             &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=1"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        ]);
     let result = async {
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
-        let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
-            .await
-            .map_err(|_| "the probe guest did not finish within 20 s".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let timeout = Duration::from_secs(20);
+        let out = run_guest(&mut cmd, qemu, timeout, "the probe guest did not finish").await?;
         let want = (i32::from(PROBE_BYTE) << 1) | 1;
         if out.status.code() == Some(want) {
             Ok(())
         } else {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let first = stderr.lines().next().unwrap_or("").trim();
-            Err(format!("the probe guest failed ({}): {first}", out.status))
+            Err(format!(
+                "the probe guest failed ({}): {}",
+                out.status,
+                first_line(&out.stderr)
+            ))
         }
     }
     .await;
     let _ = std::fs::remove_file(&rom);
     result
+}
+
+/// Runs a probe guest (stdout dropped, stderr kept) for at most `timeout`.
+async fn run_guest(
+    cmd: &mut tokio::process::Command,
+    qemu: &Path,
+    timeout: Duration,
+    late: &str,
+) -> Result<std::process::Output, String> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+    tokio::time::timeout(timeout, child.wait_with_output())
+        .await
+        .map_err(|_| format!("{late} within {} s", timeout.as_secs()))?
+        .map_err(|e| e.to_string())
+}
+
+fn first_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines().next().unwrap_or("").trim().to_owned()
 }
 
 /// How long the kernel probe may take. A stock kernel reaches its root-mount panic in well
@@ -147,33 +165,23 @@ async fn kernel_probe(
         .arg(kernel)
         .args(["-append", "console=ttyS0 panic=-1"])
         .arg("-serial")
-        .arg(format!("file:{}", serial.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .arg(format!("file:{}", serial.display()));
     let result = async {
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
-        let out = tokio::time::timeout(KERNEL_PROBE_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| {
-                format!(
-                    "the guest kernel did not get to its root-mount panic within {} s under KVM",
-                    KERNEL_PROBE_TIMEOUT.as_secs()
-                )
-            })?
-            .map_err(|e| e.to_string())?;
+        let out = run_guest(
+            &mut cmd,
+            qemu,
+            KERNEL_PROBE_TIMEOUT,
+            "the guest kernel did not get to its root-mount panic under KVM",
+        )
+        .await?;
         let console = std::fs::read_to_string(&serial).unwrap_or_default();
         if console.contains(PANIC_MARK) {
             Ok(())
         } else {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            let first = stderr.lines().next().unwrap_or("").trim();
             Err(format!(
-                "the guest kernel stopped under KVM before its root-mount panic ({}): {first}",
-                out.status
+                "the guest kernel stopped under KVM before its root-mount panic ({}): {}",
+                out.status,
+                first_line(&out.stderr)
             ))
         }
     }
