@@ -1,0 +1,262 @@
+//! A bootable test double: a [`Vmm`] whose "VM" is the real `hearth-guest` agent running as an
+//! ordinary process, so tier-2 tests drive lifecycle, stop and restart, the monitor,
+//! re-adoption, exec, stdin, PTYs and files without root, KVM or QEMU.
+//!
+//! QEMU listens on the agent socket (`server=on`) and hearthd connects; the agent's `--unix` mode
+//! connects too. So the double plays QEMU's chardev: a bridge listens on
+//! [`LaunchSpec::agent_socket`] for hearthd and on `guest.sock` (beside it in the run directory)
+//! for the agent, and copies bytes between them. Like the virtio-serial port, the agent's side
+//! outlives hearthd's: when hearthd goes away the bridge waits for the next hearthd, and when the
+//! agent exits the bridge stops listening. Bridges and the tasks that watch the agents run on a
+//! runtime of their own, so a test can drop a "hearthd" (its whole tokio runtime) and start
+//! another that re-adopts the running agents.
+//!
+//! In `--unix` mode the agent is `Standalone`: a guest `shutdown` ends the agent process (the
+//! "VM powers off") and never calls reboot(2). Its stderr is the VM's serial log.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::LazyLock;
+
+use async_trait::async_trait;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use super::qemu::{pidfd_open, register_pidfd, signal_pidfd};
+use super::{Capabilities, LaunchSpec, VmHandle, Vmm, VmmError, socket_exists};
+
+/// Runs the bridges and exit watchers, independent of any hearthd's runtime.
+static BRIDGES: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vmm-double")
+        .enable_all()
+        .build()
+        .expect("the test double's runtime starts")
+});
+
+/// The agent's end of the "serial port".
+fn guest_socket(spec: &LaunchSpec) -> PathBuf {
+    spec.run_dir.join("guest.sock")
+}
+
+/// The agent binary of this workspace's build: `target/<profile>/hearth-guest`, next to the
+/// `deps` directory the test executable runs from.
+pub fn agent_binary() -> Result<PathBuf, VmmError> {
+    let exe = std::env::current_exe().map_err(|e| {
+        VmmError::Unavailable(format!("cannot find the test executable's path: {e}"))
+    })?;
+    let profile_dir = exe.parent().and_then(Path::parent).ok_or_else(|| {
+        VmmError::Unavailable(format!("{} has no profile directory", exe.display()))
+    })?;
+    let agent = profile_dir.join("hearth-guest");
+    if agent.is_file() {
+        Ok(agent)
+    } else {
+        Err(VmmError::Unavailable(format!(
+            "the test VMM double runs the agent binary {}, which is missing: build it with `cargo build -p hearth-guest` (`make test` does)",
+            agent.display()
+        )))
+    }
+}
+
+/// A [`Vmm`] whose guests are `hearth-guest` processes.
+#[derive(Debug)]
+pub struct DoubleVmm {
+    agent: PathBuf,
+}
+
+impl DoubleVmm {
+    pub fn new() -> Result<DoubleVmm, VmmError> {
+        Ok(DoubleVmm {
+            agent: agent_binary()?,
+        })
+    }
+}
+
+#[async_trait]
+impl Vmm for DoubleVmm {
+    fn kind(&self) -> &'static str {
+        "double"
+    }
+
+    fn accel(&self) -> &'static str {
+        "tcg"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+
+    async fn prepare(&self, _kernel: &Path, _cache: &Path) {}
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
+        let files_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| VmmError::Files { path, source }
+        };
+        std::fs::create_dir_all(&spec.run_dir).map_err(files_err(&spec.run_dir))?;
+        let (host_path, guest_path) = (spec.agent_socket(), guest_socket(spec));
+        for stale in [&host_path, &guest_path] {
+            let _ = std::fs::remove_file(stale);
+        }
+        let bind = |path: &Path| {
+            let listener = std::os::unix::net::UnixListener::bind(path).map_err(files_err(path))?;
+            listener.set_nonblocking(true).map_err(files_err(path))?;
+            Ok::<_, VmmError>(listener)
+        };
+        let (host, guest) = (bind(&host_path)?, bind(&guest_path)?);
+        let serial = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&spec.serial_log)
+            .map_err(files_err(&spec.serial_log))?;
+        let serial_err = serial.try_clone().map_err(files_err(&spec.serial_log))?;
+        let _runtime = BRIDGES.enter();
+        let mut child = tokio::process::Command::new(&self.agent)
+            .arg("--unix")
+            .arg(&guest_path)
+            .stdin(Stdio::null())
+            .stdout(serial)
+            .stderr(serial_err)
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| VmmError::Spawn {
+                binary: self.agent.display().to_string(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        // Opened before the child can be reaped, so it names exactly this process.
+        let pidfd = pidfd_open(pid);
+        let (tx, exited) = watch::channel(false);
+        BRIDGES.spawn(async move {
+            let _ = child.wait().await;
+            let _ = tx.send(true);
+        });
+        let (host, guest) = (
+            UnixListener::from_std(host).map_err(files_err(&host_path))?,
+            UnixListener::from_std(guest).map_err(files_err(&guest_path))?,
+        );
+        BRIDGES.spawn(bridge(host, guest, exited.clone()));
+        Ok(Box::new(DoubleHandle { pid, pidfd, exited }))
+    }
+
+    fn find(&self, spec: &LaunchSpec) -> Option<u32> {
+        super::process_with_arg(&guest_socket(spec).display().to_string())
+    }
+
+    async fn adopt(
+        &self,
+        spec: &LaunchSpec,
+        pid: u32,
+    ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let guest_path = guest_socket(spec).display().to_string();
+        let ours = cmdline
+            .split(|b| *b == 0)
+            .any(|arg| String::from_utf8_lossy(arg) == guest_path);
+        if !ours || !socket_exists(&spec.agent_socket()) {
+            return Ok(None);
+        }
+        let Some(pidfd) = pidfd_open(pid) else {
+            return Ok(None);
+        };
+        let watched = pidfd.try_clone().map_err(|source| VmmError::Files {
+            path: format!("pidfd of {pid}"),
+            source,
+        })?;
+        let (tx, exited) = watch::channel(false);
+        BRIDGES.spawn(async move {
+            if let Ok(fd) = register_pidfd(watched) {
+                let _ = fd.readable().await;
+            }
+            let _ = tx.send(true);
+        });
+        Ok(Some(Box::new(DoubleHandle {
+            pid,
+            pidfd: Some(pidfd),
+            exited,
+        })))
+    }
+}
+
+/// Plays QEMU's socket chardev: takes the agent's connection, then serves one hearthd
+/// connection at a time until the agent goes away.
+async fn bridge(host: UnixListener, guest: UnixListener, mut exited: watch::Receiver<bool>) {
+    let agent = tokio::select! {
+        accepted = guest.accept() => match accepted {
+            Ok((stream, _)) => stream,
+            Err(_) => return,
+        },
+        _ = exited.wait_for(|e| *e) => return,
+    };
+    drop(guest);
+    // Split halves stay alive across hearthd connections: dropping a write half would shut the
+    // agent's socket down.
+    let (mut from_agent, mut to_agent) = agent.into_split();
+    loop {
+        let hearthd: UnixStream = tokio::select! {
+            accepted = host.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => return,
+            },
+            _ = exited.wait_for(|e| *e) => return,
+        };
+        let (mut from_host, mut to_host) = hearthd.into_split();
+        tokio::select! {
+            // hearthd went away: wait for the next one, as the virtio port does.
+            _ = tokio::io::copy(&mut from_host, &mut to_agent) => {}
+            copied = tokio::io::copy(&mut from_agent, &mut to_host) => {
+                if copied.is_ok() {
+                    // The agent closed its end: the "VM" is gone.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DoubleHandle {
+    pid: u32,
+    /// Signals go through this, never through the bare pid, which could be recycled.
+    pidfd: Option<OwnedFd>,
+    exited: watch::Receiver<bool>,
+}
+
+impl DoubleHandle {
+    fn signal(&self, signal: i32) {
+        if let Some(fd) = &self.pidfd
+            && !*self.exited.borrow()
+        {
+            signal_pidfd(fd, signal);
+        }
+    }
+}
+
+#[async_trait]
+impl VmHandle for DoubleHandle {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    async fn wait_exit(&self) {
+        let mut rx = self.exited.clone();
+        let _ = rx.wait_for(|e| *e).await;
+    }
+
+    async fn request_poweroff(&self) -> Result<(), VmmError> {
+        self.signal(libc::SIGTERM);
+        Ok(())
+    }
+
+    async fn kill(&self) -> Result<(), VmmError> {
+        self.signal(libc::SIGKILL);
+        self.wait_exit().await;
+        Ok(())
+    }
+}
