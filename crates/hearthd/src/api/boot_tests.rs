@@ -215,31 +215,51 @@ impl Hearthd {
         }
     }
 
-    /// Runs `command` on a PTY through the exec WebSocket, typing `input`; returns the output
-    /// and the exit message.
-    fn pty_exec(&self, name: &str, command: &[&str], input: &[u8]) -> (String, Value) {
+    /// Runs `command` through the exec WebSocket (on a PTY when `pty`), sending `input` as
+    /// stdin and, without a PTY, an end of stdin after it; returns stdout, stderr and the exit
+    /// message.
+    fn ws_exec(
+        &self,
+        name: &str,
+        command: &[&str],
+        pty: bool,
+        input: &[u8],
+    ) -> (String, String, Value) {
         self.block_on(async {
             let url = format!("ws://{}/v1/vms/{name}/exec/ws", self.base);
             let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-            let start = json!({"type": "start", "command": command, "tty": {"rows": 30, "cols": 100}, "stdin": true});
-            ws.send(Message::Text(start.to_string().into())).await.unwrap();
-            ws.send(Message::Binary(input.to_vec().into())).await.unwrap();
-            let mut output = Vec::new();
+            let tty = pty.then(|| json!({"rows": 30, "cols": 100}));
+            let start = json!({"type": "start", "command": command, "tty": tty, "stdin": true});
+            ws.send(Message::Text(start.to_string().into()))
+                .await
+                .unwrap();
+            ws.send(Message::Binary(input.to_vec().into()))
+                .await
+                .unwrap();
+            if !pty {
+                let eof = json!({"type": "eof"}).to_string();
+                ws.send(Message::Text(eof.into())).await.unwrap();
+            }
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
             let read = async {
                 while let Some(msg) = ws.next().await {
                     match msg.unwrap() {
-                        Message::Binary(b) => {
-                            assert_eq!(b[0], hearth_api::WS_STDOUT, "a PTY has one stream");
-                            output.extend_from_slice(&b[1..]);
-                        }
+                        Message::Binary(b) => match b[0] {
+                            hearth_api::WS_STDOUT => stdout.extend_from_slice(&b[1..]),
+                            hearth_api::WS_STDERR => stderr.extend_from_slice(&b[1..]),
+                            other => panic!("unknown stream {other}"),
+                        },
                         Message::Text(t) => return serde_json::from_str::<Value>(&t).unwrap(),
                         _ => {}
                     }
                 }
                 panic!("the WebSocket closed without an exit message");
             };
-            let exit = tokio::time::timeout(Duration::from_secs(20), read).await.unwrap();
-            (String::from_utf8_lossy(&output).into_owned(), exit)
+            let exit = tokio::time::timeout(Duration::from_secs(20), read)
+                .await
+                .unwrap();
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (text(&stdout), text(&stderr), exit)
         })
     }
 }
@@ -288,20 +308,32 @@ fn a_vm_of_the_double_lives_a_whole_life() {
     assert_eq!(out["stdout"], "HELLO\nWORLD\ndone\n", "{out}");
 
     // A PTY over the WebSocket: a terminal, stdin typed into it, the exit status.
-    let (output, exit) = hearthd.pty_exec(
+    let (output, stderr, exit) = hearthd.ws_exec(
         "dbl",
         &[
             "sh",
             "-c",
-            "tty; stty size; read line; echo got:$line; exit 7",
+            "tty; stty size; read line; echo got:$line >&2; exit 7",
         ],
+        true,
         b"typed\n",
     );
+    assert_eq!(stderr, "", "a PTY has one stream");
     assert!(output.contains("/dev/pts/"), "{output:?}");
     assert!(output.contains("30 100"), "{output:?}");
     assert!(output.contains("got:typed"), "{output:?}");
     assert_eq!(exit["type"], "exit", "{exit}");
     assert_eq!(exit["exit_code"], 7, "{exit}");
+
+    // Streamed stdin without a PTY, ended by `eof`: the command sees its end of input.
+    let (stdout, stderr, exit) = hearthd.ws_exec(
+        "dbl",
+        &["sh", "-c", "wc -c; echo oops >&2"],
+        false,
+        &[b'x'; 100_000],
+    );
+    assert_eq!((stdout.trim(), stderr.as_str()), ("100000", "oops\n"));
+    assert_eq!(exit["exit_code"], 0, "{exit}");
 
     // Files: a round trip of bytes that are not text, through new parent directories.
     let file = world.guest_path("a/b/blob.bin");

@@ -102,11 +102,9 @@ impl Vmm for DoubleVmm {
         for stale in [&host_path, &guest_path] {
             let _ = std::fs::remove_file(stale);
         }
-        let bind = |path: &Path| {
-            let listener = std::os::unix::net::UnixListener::bind(path).map_err(files_err(path))?;
-            listener.set_nonblocking(true).map_err(files_err(path))?;
-            Ok::<_, VmmError>(listener)
-        };
+        // Sockets, the agent and its reaper belong to the double's runtime, not to hearthd's.
+        let _runtime = BRIDGES.enter();
+        let bind = |path: &Path| UnixListener::bind(path).map_err(files_err(path));
         let (host, guest) = (bind(&host_path)?, bind(&guest_path)?);
         let serial = std::fs::OpenOptions::new()
             .create(true)
@@ -115,7 +113,6 @@ impl Vmm for DoubleVmm {
             .open(&spec.serial_log)
             .map_err(files_err(&spec.serial_log))?;
         let serial_err = serial.try_clone().map_err(files_err(&spec.serial_log))?;
-        let _runtime = BRIDGES.enter();
         let mut child = tokio::process::Command::new(&self.agent)
             .arg("--unix")
             .arg(&guest_path)
@@ -131,16 +128,17 @@ impl Vmm for DoubleVmm {
             })?;
         let pid = child.id().unwrap_or(0);
         // Opened before the child can be reaped, so it names exactly this process.
-        let pidfd = pidfd_open(pid);
+        let Some(pidfd) = pidfd_open(pid) else {
+            let _ = child.start_kill();
+            return Err(VmmError::Unavailable(format!(
+                "pidfd_open of the agent (pid {pid}) failed: the double needs Linux 5.3 or newer"
+            )));
+        };
         let (tx, exited) = watch::channel(false);
         BRIDGES.spawn(async move {
             let _ = child.wait().await;
             let _ = tx.send(true);
         });
-        let (host, guest) = (
-            UnixListener::from_std(host).map_err(files_err(&host_path))?,
-            UnixListener::from_std(guest).map_err(files_err(&guest_path))?,
-        );
         BRIDGES.spawn(bridge(host, guest, exited.clone()));
         Ok(Box::new(DoubleHandle { pid, pidfd, exited }))
     }
@@ -176,11 +174,7 @@ impl Vmm for DoubleVmm {
             }
             let _ = tx.send(true);
         });
-        Ok(Some(Box::new(DoubleHandle {
-            pid,
-            pidfd: Some(pidfd),
-            exited,
-        })))
+        Ok(Some(Box::new(DoubleHandle { pid, pidfd, exited })))
     }
 }
 
@@ -207,6 +201,8 @@ async fn bridge(host: UnixListener, guest: UnixListener, mut exited: watch::Rece
             _ = exited.wait_for(|e| *e) => return,
         };
         let (mut from_host, mut to_host) = hearthd.into_split();
+        // Bytes read but not yet written when hearthd goes away are lost, as stale frames are on
+        // the virtio port; the next hearthd's decoder skips a partial frame.
         tokio::select! {
             // hearthd went away: wait for the next one, as the virtio port does.
             _ = tokio::io::copy(&mut from_host, &mut to_agent) => {}
@@ -224,16 +220,14 @@ async fn bridge(host: UnixListener, guest: UnixListener, mut exited: watch::Rece
 struct DoubleHandle {
     pid: u32,
     /// Signals go through this, never through the bare pid, which could be recycled.
-    pidfd: Option<OwnedFd>,
+    pidfd: OwnedFd,
     exited: watch::Receiver<bool>,
 }
 
 impl DoubleHandle {
     fn signal(&self, signal: i32) {
-        if let Some(fd) = &self.pidfd
-            && !*self.exited.borrow()
-        {
-            signal_pidfd(fd, signal);
+        if !*self.exited.borrow() {
+            signal_pidfd(&self.pidfd, signal);
         }
     }
 }
