@@ -254,3 +254,93 @@ impl VmHandle for DoubleHandle {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::guest::GuestClient;
+
+    fn spec(dir: &Path, name: &str) -> LaunchSpec {
+        LaunchSpec {
+            id: name.into(),
+            name: name.into(),
+            cpus: 1,
+            memory_mib: 128,
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            cmdline: String::new(),
+            rootfs: dir.join("rootfs.ext4"),
+            run_dir: dir.join("run").join(name),
+            serial_log: dir.join(format!("{name}.serial.log")),
+            vmm_log: dir.join(format!("{name}.vmm.log")),
+        }
+    }
+
+    /// Ends the agent `pid` when a failing test unwinds (a no-op once it has exited).
+    struct EndOnDrop(Option<OwnedFd>);
+
+    impl Drop for EndOnDrop {
+        fn drop(&mut self) {
+            if let Some(fd) = &self.0 {
+                signal_pidfd(fd, libc::SIGKILL);
+            }
+        }
+    }
+
+    async fn exits(handle: &dyn VmHandle) {
+        tokio::time::timeout(Duration::from_secs(10), handle.wait_exit())
+            .await
+            .expect("the agent exits");
+    }
+
+    #[tokio::test]
+    async fn agents_are_launched_found_adopted_and_ended() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vmm = DoubleVmm::new().unwrap_or_else(|e| panic!("{e}"));
+        let a = spec(tmp.path(), "a");
+        let launched = vmm.launch(&a).await.unwrap();
+        let pid = launched.pid();
+        let _end = EndOnDrop(pidfd_open(pid));
+        // hearthd's side of the bridge reaches the agent.
+        let guest = GuestClient::connect(&a.agent_socket(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        guest.wait_ready(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(vmm.find(&a), Some(pid));
+        assert_eq!(vmm.find(&spec(tmp.path(), "b")), None);
+        // Only the process serving this VM's run directory is adopted.
+        let me = std::process::id();
+        assert!(vmm.adopt(&a, me).await.unwrap().is_none());
+        assert!(
+            vmm.adopt(&spec(tmp.path(), "b"), pid)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let adopted = vmm.adopt(&a, pid).await.unwrap().expect("adopted");
+        assert_eq!(adopted.pid(), pid);
+        // Power-off (SIGTERM) ends it; both handles see the exit, and the socket closes.
+        adopted.request_poweroff().await.unwrap();
+        exits(adopted.as_ref()).await;
+        exits(launched.as_ref()).await;
+        assert_eq!(vmm.find(&a), None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::os::unix::net::UnixStream::connect(a.agent_socket()).is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bridge still listens"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A second run of the same VM, ended by force.
+        let again = vmm.launch(&a).await.unwrap();
+        let _end_again = EndOnDrop(pidfd_open(again.pid()));
+        assert_ne!(again.pid(), pid);
+        again.kill().await.unwrap();
+        assert_eq!(vmm.find(&a), None);
+        // Adopting a pid that is gone finds nothing.
+        assert!(vmm.adopt(&a, again.pid()).await.unwrap().is_none());
+    }
+}
