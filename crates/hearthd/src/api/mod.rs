@@ -545,4 +545,6 @@ pub(crate) fn octal_header(mode: u32) -> HeaderMap {
 }
 
 #[cfg(test)]
+mod boot_tests;
+#[cfg(test)]
 mod tests;

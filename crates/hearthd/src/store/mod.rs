@@ -537,7 +537,13 @@ impl Store {
 
     /// Records the pid of a VMM that was just launched, so a hearthd that stops before the guest
     /// is ready can still find the process.
-    pub async fn set_pid(&self, id: &str, pid: u32, message: &str) -> Result<(), StoreError> {
+    pub async fn set_pid(
+        &self,
+        id: &str,
+        pid: u32,
+        kind: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
         let mut tx = self.backend.begin_write(&self.pool).await?;
         sqlx::query("UPDATE vms SET pid = $1, updated_at = $2 WHERE id = $3")
             .bind(i64::from(pid))
@@ -545,20 +551,7 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        insert_event(&mut tx, id, "vmm_launched", None, None, Some(message)).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Records an event that does not change state.
-    pub async fn record_event(
-        &self,
-        id: &str,
-        kind: &str,
-        message: Option<&str>,
-    ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        insert_event(&mut tx, id, kind, None, None, message).await?;
+        insert_event(&mut tx, id, kind, None, None, Some(message)).await?;
         tx.commit().await?;
         Ok(())
     }

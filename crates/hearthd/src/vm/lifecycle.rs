@@ -290,7 +290,7 @@ impl VmService {
         if let Err(e) = self
             .inner
             .store
-            .set_pid(&vm.id, handle.pid(), &launched)
+            .set_pid(&vm.id, handle.pid(), "vmm_launched", &launched)
             .await
         {
             self.teardown(&vm.id, Some(&handle)).await;

@@ -111,15 +111,14 @@ impl VmService {
                 .await?;
             return Ok(());
         };
+        // The pid is recorded again: it may have been found by the run directory.
         self.inner
             .store
-            .record_event(
+            .set_pid(
                 &vm.id,
+                handle.pid(),
                 "readopted",
-                Some(&format!(
-                    "VMM pid {} re-attached after hearthd restart",
-                    handle.pid()
-                )),
+                &format!("VMM pid {} re-attached after hearthd restart", handle.pid()),
             )
             .await?;
         match vm.state {

@@ -1,6 +1,8 @@
 //! VMM backends behind one trait. Only this module knows which VMM runs a VM; everything above
 //! it speaks [`Vmm`] and [`VmHandle`].
 
+#[cfg(test)]
+pub mod double;
 pub mod probe;
 pub mod qemu;
 pub mod qmp;

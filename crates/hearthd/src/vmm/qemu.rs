@@ -523,7 +523,7 @@ async fn control(
     }
 }
 
-fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+pub(super) fn pidfd_open(pid: u32) -> Option<OwnedFd> {
     let pid = libc::pid_t::try_from(pid).ok()?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor or -1; no memory
     // is passed.
@@ -537,14 +537,14 @@ fn pidfd_open(pid: u32) -> Option<OwnedFd> {
 }
 
 /// A pidfd becomes readable when its process exits.
-fn register_pidfd(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
+pub(super) fn register_pidfd(pidfd: OwnedFd) -> std::io::Result<AsyncFd<OwnedFd>> {
     // SAFETY: `pidfd` is an open OwnedFd moved into the AsyncFd, which owns it until it is
     // dropped, so the descriptor stays valid and unchanged for the AsyncFd's lifetime.
     unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }.map_err(|e| e.into())
 }
 
 /// Sends `signal` to exactly the process `fd` refers to (never to a recycled pid).
-fn signal_pidfd(fd: &OwnedFd, signal: i32) {
+pub(super) fn signal_pidfd(fd: &OwnedFd, signal: i32) {
     // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo; no memory is shared.
     unsafe {
         libc::syscall(

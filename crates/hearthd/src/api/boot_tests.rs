@@ -1,0 +1,531 @@
+//! Tier-2 tests that boot: the real router, store and VM service over TCP on loopback, with the
+//! [`DoubleVmm`] whose guests are real `hearth-guest` processes. No root, KVM or QEMU; seconds.
+//!
+//! Each "hearthd" is a tokio runtime of its own, so a test can drop one (every task and
+//! connection of it goes, as when the process dies) and start another on the same data dir.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{AppState, router};
+use crate::config::Config;
+use crate::image::Image;
+use crate::store::Store;
+use crate::vm::{ImageState, VmService};
+use crate::vmm::double::DoubleVmm;
+use crate::vmm::process_with_arg;
+
+/// Ends, by pid, every process whose command line names the test's directory (the agents the
+/// double started), even when the test fails half-way.
+struct Reaper(PathBuf);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let marker = self.0.display().to_string();
+        for _ in 0..100 {
+            let Some(pid) = process_with_arg(&marker) else {
+                return;
+            };
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// One temp dir with a data dir and a tiny real image, shared by the hearthds of a test.
+struct World {
+    dir: tempfile::TempDir,
+    _reaper: Reaper,
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let image_dir = dir.path().join("data/images/testimage");
+        std::fs::create_dir_all(&image_dir).unwrap();
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(image_dir.join("rootfs.ext4"))
+            .arg("1024M")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let reaper = Reaper(dir.path().to_owned());
+        World {
+            dir,
+            _reaper: reaper,
+        }
+    }
+
+    /// True when `pid` is a live process (not a zombie) started for this world.
+    fn runs(&self, pid: u32) -> bool {
+        let marker = self.dir.path().display().to_string();
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Loses the recorded VMM pid of VM `name`, as a hearthd that died between launching a VMM
+    /// and recording its pid would have.
+    fn forget_pid(&self, name: &str) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let url = format!("sqlite://{}", self.data().join("hearth.db").display());
+        rt.block_on(async {
+            let store = Store::open(&url).await.unwrap();
+            store
+                .execute_for_test("UPDATE vms SET pid = NULL WHERE name = $1", name)
+                .await;
+            store.close().await;
+        });
+    }
+
+    /// Where the "guest" keeps files: the agent runs on this host.
+    fn guest_path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join("guest").join(rel)
+    }
+
+    /// Starts a hearthd on this world's data dir, recovering what the last one left.
+    fn hearthd(&self) -> Hearthd {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let data = self.data();
+        let (service, base) = rt.block_on(async move {
+            let env = [("HEARTH_DATA_DIR", data.display().to_string())];
+            let config = Config::load(None, |k| {
+                env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+            })
+            .unwrap();
+            let image = Image {
+                id: "testimage".into(),
+                kernel_version: "none".into(),
+                dir: data.join("images/testimage"),
+                rootfs_mib: 1024,
+            };
+            let store = Store::open(&config.database_url).await.unwrap();
+            let (tx, rx) = watch::channel(ImageState::Ready(image));
+            std::mem::forget(tx);
+            let vmm = DoubleVmm::new().unwrap_or_else(|e| panic!("{e}"));
+            let request_timeout = config.request_timeout;
+            let guard = Arc::new(super::guard::Guard::new(config.listen, &config.server));
+            let service = VmService::new(Arc::new(config), store, Arc::new(vmm), rx);
+            service.recover().await.unwrap();
+            let app = router(AppState {
+                service: service.clone(),
+                request_timeout,
+                guard,
+            });
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let base = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            (service, base)
+        });
+        Hearthd {
+            rt: Some(rt),
+            service: Some(service),
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
+/// One hearthd: its runtime, service and API address.
+struct Hearthd {
+    rt: Option<tokio::runtime::Runtime>,
+    service: Option<VmService>,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Drop for Hearthd {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            // As when hearthd dies: every task, and so every agent connection, ends.
+            let _enter = rt.enter();
+            drop(self.service.take());
+            drop(_enter);
+            rt.shutdown_timeout(Duration::from_secs(2));
+        }
+    }
+}
+
+impl Hearthd {
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.as_ref().unwrap().block_on(f)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.block_on(async {
+            let url = format!("http://{}{path}", self.base);
+            let mut req = self
+                .http
+                .request(method.parse().unwrap(), url)
+                .timeout(Duration::from_secs(30));
+            if let Some(body) = body {
+                req = req.json(&body);
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap();
+            (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+        })
+    }
+
+    fn vm(&self, name: &str) -> Value {
+        let (s, vm) = self.call("GET", &format!("/v1/vms/{name}"), None);
+        assert_eq!(s, 200, "{vm}");
+        vm
+    }
+
+    /// The VM's agent pid, checked to be a live process serving that VM's run dir.
+    fn agent_pid(&self, name: &str) -> u32 {
+        let vm = self.vm(name);
+        let pid =
+            u32::try_from(vm["pid"].as_u64().unwrap_or_else(|| panic!("no pid: {vm}"))).unwrap();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let id = vm["id"].as_str().unwrap();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains(&format!("run/{id}/guest.sock")),
+            "pid {pid} is not the agent of {name}"
+        );
+        pid
+    }
+
+    fn exec(&self, name: &str, body: Value) -> Value {
+        let (s, out) = self.call("POST", &format!("/v1/vms/{name}/exec"), Some(body));
+        assert_eq!(s, 200, "{out}");
+        out
+    }
+
+    fn wait_state(&self, name: &str, state: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let vm = self.vm(name);
+            if vm["state"] == state {
+                return vm;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never became {state}: {vm}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs `command` through the exec WebSocket (on a PTY when `pty`), sending `input` as
+    /// stdin and, without a PTY, an end of stdin after it; returns stdout, stderr and the exit
+    /// message.
+    fn ws_exec(
+        &self,
+        name: &str,
+        command: &[&str],
+        pty: bool,
+        input: &[u8],
+    ) -> (String, String, Value) {
+        self.block_on(async {
+            let url = format!("ws://{}/v1/vms/{name}/exec/ws", self.base);
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let tty = pty.then(|| json!({"rows": 30, "cols": 100}));
+            let start = json!({"type": "start", "command": command, "tty": tty, "stdin": true});
+            ws.send(Message::Text(start.to_string().into()))
+                .await
+                .unwrap();
+            ws.send(Message::Binary(input.to_vec().into()))
+                .await
+                .unwrap();
+            if !pty {
+                let eof = json!({"type": "eof"}).to_string();
+                ws.send(Message::Text(eof.into())).await.unwrap();
+            }
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            let read = async {
+                while let Some(msg) = ws.next().await {
+                    match msg.unwrap() {
+                        Message::Binary(b) => match b[0] {
+                            hearth_api::WS_STDOUT => stdout.extend_from_slice(&b[1..]),
+                            hearth_api::WS_STDERR => stderr.extend_from_slice(&b[1..]),
+                            other => panic!("unknown stream {other}"),
+                        },
+                        Message::Text(t) => return serde_json::from_str::<Value>(&t).unwrap(),
+                        _ => {}
+                    }
+                }
+                panic!("the WebSocket closed without an exit message");
+            };
+            let exit = tokio::time::timeout(Duration::from_secs(20), read)
+                .await
+                .unwrap();
+            let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+            (text(&stdout), text(&stderr), exit)
+        })
+    }
+}
+
+fn assert_gone(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // A zombie not reaped yet has an empty command line.
+    while std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()) {
+        assert!(Instant::now() < deadline, "agent {pid} still runs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn serial_log(world: &World, id: &str) -> String {
+    std::fs::read_to_string(world.data().join("vms").join(id).join("serial.log"))
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_vm_of_the_double_lives_a_whole_life() {
+    let world = World::new();
+    let hearthd = world.hearthd();
+
+    let (s, vm) = hearthd.call("POST", "/v1/vms", Some(json!({"name": "dbl"})));
+    assert_eq!(s, 201, "{vm}");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["vmm"], "double");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let run_dir = world.data().join("run").join(&id);
+    let first = hearthd.agent_pid("dbl");
+
+    // Exec: exit code and both streams.
+    let out = hearthd.exec(
+        "dbl",
+        json!({"command": ["sh", "-c", "echo out; echo err >&2; exit 3"]}),
+    );
+    assert_eq!(
+        (&out["exit_code"], &out["stdout"], &out["stderr"]),
+        (&json!(3), &json!("out\n"), &json!("err\n"))
+    );
+    // Exec with stdin.
+    let out = hearthd.exec(
+        "dbl",
+        json!({"command": ["sh", "-c", "tr a-z A-Z; echo done"], "stdin": "hello\nworld\n"}),
+    );
+    assert_eq!(out["stdout"], "HELLO\nWORLD\ndone\n", "{out}");
+
+    // A PTY over the WebSocket: a terminal, stdin typed into it, the exit status.
+    let (output, stderr, exit) = hearthd.ws_exec(
+        "dbl",
+        &[
+            "sh",
+            "-c",
+            "tty; stty size; read line; echo got:$line >&2; exit 7",
+        ],
+        true,
+        b"typed\n",
+    );
+    assert_eq!(stderr, "", "a PTY has one stream");
+    assert!(output.contains("/dev/pts/"), "{output:?}");
+    assert!(output.contains("30 100"), "{output:?}");
+    assert!(output.contains("got:typed"), "{output:?}");
+    assert_eq!(exit["type"], "exit", "{exit}");
+    assert_eq!(exit["exit_code"], 7, "{exit}");
+
+    // Streamed stdin without a PTY, ended by `eof`: the command sees its end of input.
+    let (stdout, stderr, exit) = hearthd.ws_exec(
+        "dbl",
+        &["sh", "-c", "wc -c; echo oops >&2"],
+        false,
+        &[b'x'; 100_000],
+    );
+    assert_eq!((stdout.trim(), stderr.as_str()), ("100000", "oops\n"));
+    assert_eq!(exit["exit_code"], 0, "{exit}");
+
+    // Files: a round trip of bytes that are not text, through new parent directories.
+    let file = world.guest_path("a/b/blob.bin");
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let url = format!("http://{}/v1/vms/dbl/files", hearthd.base);
+    let path = file.display().to_string();
+    let (put, got, mode) = hearthd.block_on(async {
+        let put = hearthd
+            .http
+            .put(&url)
+            .query(&[("path", path.as_str()), ("mode", "600")])
+            .body(data.clone())
+            .send()
+            .await
+            .unwrap()
+            .status();
+        let resp = hearthd
+            .http
+            .get(&url)
+            .query(&[("path", path.as_str())])
+            .send()
+            .await
+            .unwrap();
+        let mode = resp.headers()["x-hearth-file-mode"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        (put, resp.bytes().await.unwrap(), mode)
+    });
+    assert!(put.is_success(), "{put}");
+    assert_eq!(mode, "600");
+    assert!(got[..] == data[..], "the download differs from the upload");
+    assert!(std::fs::read(&file).unwrap() == data);
+
+    // A graceful stop: the agent is asked to shut down and exits (no reboot(2) on this host).
+    let (s, vm) = hearthd.call("POST", "/v1/vms/dbl/stop", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("stopped")), "{vm}");
+    assert_gone(first);
+    assert!(serial_log(&world, &id).contains("shutdown (Poweroff) requested"));
+    let vm = hearthd.vm("dbl");
+    let stop = vm["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["to_state"] == "stopped");
+    assert_eq!(stop.unwrap()["message"], "guest powered off", "{vm}");
+    assert!(!run_dir.exists());
+
+    // Start again, then restart: a new agent each time, and it answers.
+    let (s, vm) = hearthd.call("POST", "/v1/vms/dbl/start", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("running")), "{vm}");
+    let second = hearthd.agent_pid("dbl");
+    assert_ne!(second, first);
+    assert_eq!(
+        hearthd.exec("dbl", json!({"command": ["true"]}))["exit_code"],
+        0
+    );
+    let (s, vm) = hearthd.call("POST", "/v1/vms/dbl/restart", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("running")), "{vm}");
+    let third = hearthd.agent_pid("dbl");
+    assert_ne!(third, second);
+    assert_gone(second);
+    assert_eq!(
+        hearthd.exec("dbl", json!({"command": ["true"]}))["exit_code"],
+        0
+    );
+
+    // The "VM" dies on its own: the monitor notices and cleans up.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(third).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let vm = hearthd.wait_state("dbl", "stopped");
+    let exited = vm["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["to_state"] == "stopped");
+    assert!(
+        exited.unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .contains("VMM process exited"),
+        "{vm}"
+    );
+    assert!(vm["pid"].is_null(), "{vm}");
+    assert!(!run_dir.exists());
+
+    // Delete leaves nothing: no process, no run dir, no VM dir.
+    let (s, vm) = hearthd.call("POST", "/v1/vms/dbl/start", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("running")), "{vm}");
+    let fourth = hearthd.agent_pid("dbl");
+    let (s, body) = hearthd.call("DELETE", "/v1/vms/dbl", None);
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(hearthd.call("GET", "/v1/vms/dbl", None).0, 404);
+    assert_gone(fourth);
+    assert_eq!(process_with_arg(&world.data().display().to_string()), None);
+    assert!(!run_dir.exists());
+    assert!(!world.data().join("vms").join(&id).exists());
+}
+
+#[test]
+fn a_new_hearthd_readopts_running_vms_and_settles_gone_ones() {
+    let world = World::new();
+    let first = world.hearthd();
+    for name in ["keep", "gone"] {
+        let (s, vm) = first.call("POST", "/v1/vms", Some(json!({"name": name})));
+        assert_eq!((s, &vm["state"]), (201, &json!("running")), "{vm}");
+    }
+    let keep = first.agent_pid("keep");
+    let gone = first.agent_pid("gone");
+    let put = world.guest_path("state.txt");
+    let out = first.exec(
+        "keep",
+        json!({"command": ["sh", "-c", format!("mkdir -p {0} && echo before > {0}/state.txt", put.parent().unwrap().display())]}),
+    );
+    assert_eq!(out["exit_code"], 0, "{out}");
+    // hearthd dies; its VMs keep running. One of them dies too while no hearthd watches.
+    drop(first);
+    assert!(world.runs(keep), "the agent outlives hearthd");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(gone).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_gone(gone);
+    // And its record lost the pid of the one that still runs: it is found by its run directory,
+    // not started a second time on the same disk.
+    world.forget_pid("keep");
+
+    let second = world.hearthd();
+    let vm = second.vm("keep");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(
+        second.agent_pid("keep"),
+        keep,
+        "the same agent is re-adopted"
+    );
+    assert!(
+        vm["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "readopted"),
+        "{vm}"
+    );
+    // The re-attached agent answers on a new connection.
+    let out = second.exec(
+        "keep",
+        json!({"command": ["cat", put.display().to_string()]}),
+    );
+    assert_eq!(out["stdout"], "before\n", "{out}");
+    let vm = second.vm("gone");
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    assert!(vm["pid"].is_null(), "{vm}");
+
+    // The new hearthd's monitor watches the adopted agent.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(keep).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    second.wait_state("keep", "stopped");
+    for name in ["keep", "gone"] {
+        assert_eq!(
+            second.call("DELETE", &format!("/v1/vms/{name}"), None).0,
+            204
+        );
+    }
+    assert_eq!(process_with_arg(&world.data().display().to_string()), None);
+    let left: Vec<_> = std::fs::read_dir(world.data().join("run"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
