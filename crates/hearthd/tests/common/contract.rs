@@ -107,6 +107,31 @@ pub fn assert_conforms(
     }
 }
 
+/// Checks the answer to a request that breaks the document on purpose (only the answer counts).
+pub fn assert_answer_conforms(
+    label: &str,
+    method: &str,
+    url: &str,
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+) {
+    let ex = exchange(label, method, url, None, false, status, content_type, body);
+    if let Err(problems) = check_exchanges(&[ex]) {
+        panic!("the API broke its OpenAPI document:\n{problems}");
+    }
+}
+
+/// The status and `Content-Type` of a response, for [`assert_conforms`].
+pub fn status_and_type(r: &reqwest::Response) -> (u16, Option<String>) {
+    let ct = r
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (r.status().as_u16(), ct)
+}
+
 /// A request the contract tests send.
 #[derive(Debug, Clone)]
 pub struct Req {
