@@ -333,7 +333,7 @@ async fn pass(w: &World, c: &Contract) {
     .await;
     for (i, (req, status, code)) in [
         (
-            Req::get("/v1/vms/ct/logs?source=bogus"),
+            Req::get("/v1/vms/ct/logs?source=bogus").bad(),
             400,
             "invalid_request",
         ),

@@ -217,6 +217,19 @@ fn the_contract_checker_refuses_what_breaks_the_document() {
     );
     refused(
         exchange(
+            "unknown source",
+            "GET",
+            "/v1/vms/a/logs?source=journal",
+            None,
+            true,
+            400,
+            JSON,
+            &error("invalid_request"),
+        ),
+        "'journal' is not one of ['serial', 'vmm', 'qemu', 'firecracker']",
+    );
+    refused(
+        exchange(
             "bad code",
             "GET",
             "/v1/vms/a",

@@ -432,12 +432,24 @@ async fn restart_vm(
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogParams {
-    /// `serial` (the guest console, default) or `vmm` (the VMM's own output).
+    /// Which log (described in [`log_source_schema`]: a schema given so loses the doc comment).
+    #[param(schema_with = log_source_schema)]
     source: Option<String>,
     /// Keep the response open and send new output as it is written.
     follow: Option<bool>,
     /// Only the last N lines.
     tail: Option<usize>,
+}
+
+/// The values `vm_logs` takes for `source`, for the document.
+fn log_source_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some(
+            "`serial` (the guest console, default) or `vmm` (the VMM's own output; `qemu` and `firecracker` are taken for it too).",
+        ))
+        .enum_values(Some(["serial", "vmm", "qemu", "firecracker"]))
+        .build()
 }
 
 /// A VM's serial console or VMM log, as text; `follow=true` streams.
