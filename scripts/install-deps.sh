@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Hearth needs on a Debian 12 (bookworm) or 13 host.
+# Installs the Debian packages Hearth needs on a Debian 12 (bookworm) or 13 host, and the two Python
+# packages its API tests validate openapi.json with (PyPI).
 # Idempotent: does nothing when everything is already there. Needs root.
 #
 # QEMU must be >= 8.2 (file: migration URIs, microvm fixes). Debian 12 ships 7.2, so on bookworm
@@ -25,10 +26,28 @@ command -v cc >/dev/null || need+=(gcc)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 # The store's test suite also runs against a PostgreSQL server it starts itself.
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need+=(postgresql)
+# The API tests check openapi.json, and the real-VM tests their requests and responses against
+# it, with two Python packages from PyPI (installed below, after pip itself when it is missing).
+validators_ok=1
+python3 -c 'import openapi_spec_validator, openapi_schema_validator' 2>/dev/null || validators_ok=0
+if [ $validators_ok -eq 0 ]; then
+  command -v python3 >/dev/null || need+=(python3)
+  python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+fi
+install_validators() {
+  [ $validators_ok -eq 1 ] && return 0
+  echo "installing the OpenAPI validators: openapi-spec-validator openapi-schema-validator (PyPI)"
+  local pkgs=(openapi-spec-validator openapi-schema-validator)
+  # A distribution's own Python refuses pip outside a virtualenv (PEP 668); these two packages
+  # touch nothing the distribution ships, so they go in beside it there.
+  python3 -m pip install --quiet "${pkgs[@]}" \
+    || python3 -m pip install --quiet --break-system-packages "${pkgs[@]}"
+}
 # The guest image build fetches the cloud kernel package through apt, so apt's lists must know it.
 lists_ok=1
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || lists_ok=0
 if [ ${#need[@]} -eq 0 ] && [ $lists_ok -eq 1 ]; then
+  install_validators
   exit 0
 fi
 
@@ -60,10 +79,14 @@ SRC
 fi
 
 apt-get update -q
-[ ${#need[@]} -eq 0 ] && exit 0
+if [ ${#need[@]} -eq 0 ]; then
+  install_validators
+  exit 0
+fi
 echo "installing: ${need[*]}"
 if [ "${VERSION_CODENAME:-}" = bookworm ]; then
   apt-get install -y -q -t bookworm-backports "${need[@]}"
 else
   apt-get install -y -q "${need[@]}"
 fi
+install_validators

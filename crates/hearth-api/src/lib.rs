@@ -84,7 +84,7 @@ pub struct Vm {
     pub rootfs_mib: u64,
     /// Guest image the root disk was made from (content hash).
     pub image: String,
-    /// Backend that runs the VM (`qemu` or `firecracker`).
+    /// Backend that runs the VM (`qemu`, the only one today).
     pub vmm: String,
     /// Process id of the VMM while it runs.
     pub pid: Option<u32>,
@@ -130,8 +130,10 @@ pub enum Size {
 #[serde(deny_unknown_fields)]
 pub struct CreateVmRequest {
     /// 1-63 characters: lowercase letters, digits and hyphens, starting with a letter.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z][a-z0-9-]{0,62}$")]
     pub name: String,
     /// 1 or an even number up to 32. Default from the server configuration.
+    #[schema(minimum = 1, maximum = 32)]
     pub cpus: Option<u32>,
     /// Memory, at least 128 MiB. Default from the server configuration.
     pub ram: Option<Size>,
@@ -146,6 +148,7 @@ pub struct CreateVmRequest {
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments, e.g. `["uname", "-a"]`. Not run through a shell.
+    #[schema(min_items = 1)]
     pub command: Vec<String>,
     /// Extra environment variables.
     #[serde(default)]
@@ -154,7 +157,8 @@ pub struct ExecRequest {
     pub cwd: Option<String>,
     /// Text given to the command's stdin; stdin is empty otherwise.
     pub stdin: Option<String>,
-    /// Kill the command after this many seconds.
+    /// Kill the command after this many seconds (at least 1).
+    #[schema(minimum = 1)]
     pub timeout_secs: Option<u64>,
 }
 
@@ -203,7 +207,9 @@ pub enum ExecStreamEvent {
 /// Terminal size for interactive sessions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TtySize {
+    #[schema(maximum = 65535)]
     pub rows: u16,
+    #[schema(maximum = 65535)]
     pub cols: u16,
 }
 
@@ -213,6 +219,8 @@ pub struct TtySize {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum WsClientMessage {
     Start {
+        /// Program and arguments, as in `ExecRequest`.
+        #[schema(min_items = 1)]
         command: Vec<String>,
         #[serde(default)]
         env: BTreeMap<String, String>,
@@ -222,6 +230,8 @@ pub enum WsClientMessage {
         /// Forward stdin (binary messages); otherwise stdin is empty.
         #[serde(default)]
         stdin: bool,
+        /// Kill the command after this many seconds (at least 1).
+        #[schema(minimum = 1)]
         timeout_secs: Option<u64>,
     },
     /// End of stdin.

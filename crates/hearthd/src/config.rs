@@ -82,7 +82,7 @@ pub const KEYS: &[Key] = &[
         path: "vmm",
         kind: Kind::String,
         default: "\"auto\"",
-        doc: "VMM backend: auto, qemu or firecracker. auto picks firecracker when its binary and a working KVM exist, else qemu.",
+        doc: "VMM backend: auto, qemu or firecracker. auto runs QEMU (the only backend hearthd has today); firecracker is refused at start-up until its backend exists.",
     },
     Key {
         path: "log",

@@ -170,15 +170,24 @@ fn vm_lifecycle_exec_files_and_cleanup() {
 async fn streams(vm: &str) {
     let http = reqwest::Client::new();
     let body = json!({"command": ["sh", "-c", "echo a; echo b >&2; exit 5"]});
-    let text = http
-        .post(format!("{URL}/v1/vms/{vm}/exec/stream"))
+    let url = format!("/v1/vms/{vm}/exec/stream");
+    let r = http
+        .post(format!("{URL}{url}"))
         .json(&body)
         .send()
         .await
-        .unwrap()
-        .text()
-        .await
         .unwrap();
+    let (status, ct) = contract::status_and_type(&r);
+    let text = r.text().await.unwrap();
+    contract::assert_conforms(
+        "exec stream",
+        "POST",
+        &url,
+        Some(&body),
+        status,
+        ct.as_deref(),
+        text.as_bytes(),
+    );
     let lines: Vec<Value> = text.lines().map(json_of).collect();
     assert!(
         lines.contains(&json!({"type": "stdout", "data": "a\n"})),
@@ -194,11 +203,10 @@ async fn streams(vm: &str) {
     );
 
     // Follow the serial log, then write to the guest console: the line arrives on the stream.
-    let mut follow = http
-        .get(format!("{URL}/v1/vms/{vm}/logs?follow=true&tail=0"))
-        .send()
-        .await
-        .unwrap();
+    let url = format!("/v1/vms/{vm}/logs?follow=true&tail=0");
+    let mut follow = http.get(format!("{URL}{url}")).send().await.unwrap();
+    let (status, ct) = contract::status_and_type(&follow);
+    contract::assert_conforms("follow logs", "GET", &url, None, status, ct.as_deref(), b"");
     let marker = "hearth-e2e-marker-7391";
     let exec = json!({"command": ["sh", "-c", format!("echo {marker} > /dev/console")]});
     let r = http
@@ -208,6 +216,18 @@ async fn streams(vm: &str) {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 200);
+    let (status, ct) = contract::status_and_type(&r);
+    let answer = r.bytes().await.unwrap();
+    let url = format!("/v1/vms/{vm}/exec");
+    contract::assert_conforms(
+        "exec",
+        "POST",
+        &url,
+        Some(&exec),
+        status,
+        ct.as_deref(),
+        &answer,
+    );
     let mut seen = String::new();
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(chunk) = follow.chunk().await.unwrap() {
@@ -375,9 +395,33 @@ async fn bad_inputs(w: &World) {
                 .send()
                 .await
                 .unwrap();
+            let (status, ct) = contract::status_and_type(&r);
+            let answer = r.bytes().await.unwrap();
+            // Every body here keeps the schema but breaks a rule only the server knows
+            // (cpus 3, ram 64M, a taken name) except the bad name, which breaks its pattern.
+            if body["name"] == "Not_Valid" {
+                contract::assert_answer_conforms(
+                    "create",
+                    "POST",
+                    "/v1/vms",
+                    status,
+                    ct.as_deref(),
+                    &answer,
+                );
+            } else {
+                contract::assert_conforms(
+                    "create",
+                    "POST",
+                    "/v1/vms",
+                    Some(&body),
+                    status,
+                    ct.as_deref(),
+                    &answer,
+                );
+            }
             (
-                r.status().as_u16(),
-                r.json::<Value>().await.unwrap_or(Value::Null),
+                status,
+                serde_json::from_slice::<Value>(&answer).unwrap_or(Value::Null),
             )
         }
     };
@@ -414,7 +458,21 @@ async fn bad_inputs(w: &World) {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 404);
-    assert_eq!(r.json::<Value>().await.unwrap()["error"], "vm_not_found");
+    let (status, ct) = contract::status_and_type(&r);
+    let answer = r.bytes().await.unwrap();
+    contract::assert_conforms(
+        "start ghost",
+        "POST",
+        "/v1/vms/ghost/start",
+        None,
+        status,
+        ct.as_deref(),
+        &answer,
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&answer).unwrap()["error"],
+        "vm_not_found"
+    );
 
     let list: Value = http
         .get(format!("{URL}/v1/vms"))

@@ -254,7 +254,11 @@ async fn openapi() -> impl IntoResponse {
 
 /// Service health and configuration summary.
 #[utoipa::path(get, path = "/v1/health", tag = "system",
-    responses((status = 200, body = Health)))]
+    responses((status = 200, body = Health),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
 async fn health(
     State(state): State<AppState>,
     caller: Caller,
@@ -267,7 +271,11 @@ async fn health(
 
 /// List VMs.
 #[utoipa::path(get, path = "/v1/vms", tag = "vms",
-    responses((status = 200, body = [Vm])))]
+    responses((status = 200, body = [Vm]),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
 async fn list_vms(
     State(state): State<AppState>,
     caller: Caller,
@@ -282,10 +290,14 @@ async fn list_vms(
 #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVmRequest,
     responses(
         (status = 201, body = VmDetail),
-        (status = 400, description = "A field breaks a rule (invalid_name, invalid_cpus, invalid_ram, invalid_rootfs_size, invalid_request)", body = ErrorBody),
-        (status = 409, description = "The name is taken (vm_name_taken)", body = ErrorBody),
-        (status = 500, description = "The VM could not start (vmm_failed); nothing is left behind", body = ErrorBody),
-        (status = 503, description = "The guest image is still being built (image_unavailable)", body = ErrorBody),
+        (status = 400, description = "A field breaks a rule (invalid_name, invalid_cpus, invalid_ram, invalid_rootfs_size), or the body is malformed (invalid_request)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 409, description = "The name is taken (vm_name_taken), the host has not the vCPUs, memory or RAM-file space left (insufficient_capacity), or another operation on the name is in progress (vm_busy)", body = ErrorBody),
+        (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
+        (status = 500, description = "The VM could not start (vmm_failed; nothing is left behind), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "The guest image is not built yet or failed to build (image_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
+        (status = 507, description = "The new disk does not fit the data directory's filesystem (resource_exhausted)", body = ErrorBody),
     ))]
 async fn create_vm(
     State(state): State<AppState>,
@@ -301,7 +313,12 @@ async fn create_vm(
 /// Inspect a VM, with its event history.
 #[utoipa::path(get, path = "/v1/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name or id")),
-    responses((status = 200, body = VmDetail), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = VmDetail),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
 async fn get_vm(
     State(state): State<AppState>,
     caller: Caller,
@@ -316,7 +333,13 @@ async fn get_vm(
 /// Delete a VM and everything it has (stops it first when running).
 #[utoipa::path(delete, path = "/v1/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name or id")),
-    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204, description = "Deleted"),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "Its state does not allow it now (invalid_state) or another operation on it is in progress (vm_busy)", body = ErrorBody),
+        (status = 500, description = "The VMM could not be stopped (vmm_failed), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
 async fn delete_vm(
     State(state): State<AppState>,
     caller: Caller,
@@ -331,9 +354,14 @@ async fn delete_vm(
 /// Start a stopped VM; returns once its guest agent answers.
 #[utoipa::path(post, path = "/v1/vms/{name}/start", tag = "vms",
     params(("name" = String, Path, description = "VM name or id")),
-    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
-        (status = 409, description = "Not stopped (invalid_state)", body = ErrorBody),
-        (status = 500, description = "Boot failed (vmm_failed); see last_error", body = ErrorBody)))]
+    responses((status = 200, body = Vm),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "Not stopped (invalid_state), another operation on it is in progress (vm_busy), or the host has not the vCPUs, memory or RAM-file space left (insufficient_capacity)", body = ErrorBody),
+        (status = 500, description = "Boot failed (vmm_failed; see last_error), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "The guest image is not ready (image_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
+        (status = 507, description = "The host ran out of something the VM needs (resource_exhausted)", body = ErrorBody)))]
 async fn start_vm(
     State(state): State<AppState>,
     caller: Caller,
@@ -346,6 +374,7 @@ async fn start_vm(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct StopParams {
     /// Seconds to wait for a graceful power-off before forcing it (default: guest.stop_timeout_secs).
@@ -355,8 +384,14 @@ struct StopParams {
 /// Stop a running VM: the guest powers off cleanly, or is ended after the timeout.
 #[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms",
     params(("name" = String, Path, description = "VM name or id"), StopParams),
-    responses((status = 200, body = Vm), (status = 404, body = ErrorBody),
-        (status = 409, description = "Not running (invalid_state)", body = ErrorBody)))]
+    responses((status = 200, body = Vm),
+        (status = 400, description = "A query parameter is malformed or unknown (invalid_request)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "Not running (invalid_state) or another operation on it is in progress (vm_busy)", body = ErrorBody),
+        (status = 500, description = "The VMM could not be stopped (vmm_failed), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
 async fn stop_vm(
     State(state): State<AppState>,
     caller: Caller,
@@ -374,7 +409,14 @@ async fn stop_vm(
 /// Restart a VM (stop if running, then start).
 #[utoipa::path(post, path = "/v1/vms/{name}/restart", tag = "vms",
     params(("name" = String, Path, description = "VM name or id")),
-    responses((status = 200, body = Vm), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, body = Vm),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "Its state does not allow it (invalid_state), another operation on it is in progress (vm_busy), or the host has not the capacity left (insufficient_capacity)", body = ErrorBody),
+        (status = 500, description = "Boot failed (vmm_failed; see last_error), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "The guest image is not ready (image_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
+        (status = 507, description = "The host ran out of something the VM needs (resource_exhausted)", body = ErrorBody)))]
 async fn restart_vm(
     State(state): State<AppState>,
     caller: Caller,
@@ -387,9 +429,11 @@ async fn restart_vm(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogParams {
-    /// `serial` (the guest console, default) or `vmm` (the VMM's own output).
+    /// Which log (described in [`log_source_schema`]: a schema given so loses the doc comment).
+    #[param(schema_with = log_source_schema)]
     source: Option<String>,
     /// Keep the response open and send new output as it is written.
     follow: Option<bool>,
@@ -397,10 +441,26 @@ struct LogParams {
     tail: Option<usize>,
 }
 
+/// The values `vm_logs` takes for `source`, for the document.
+fn log_source_schema() -> utoipa::openapi::Object {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .description(Some(
+            "`serial` (the guest console, default) or `vmm` (the VMM's own output; `qemu` and `firecracker` are taken for it too).",
+        ))
+        .enum_values(Some(["serial", "vmm", "qemu", "firecracker"]))
+        .build()
+}
+
 /// A VM's serial console or VMM log, as text; `follow=true` streams.
 #[utoipa::path(get, path = "/v1/vms/{name}/logs", tag = "vms",
     params(("name" = String, Path, description = "VM name or id"), LogParams),
-    responses((status = 200, content_type = "text/plain", body = String), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "text/plain", body = String),
+        (status = 400, description = "A query parameter is malformed or unknown, or source is not serial or vmm (invalid_request)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 500, description = "The log cannot be read, or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many streams open as it takes, or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody)))]
 async fn vm_logs(
     State(state): State<AppState>,
     caller: Caller,
@@ -429,8 +489,15 @@ async fn vm_logs(
 #[utoipa::path(post, path = "/v1/vms/{name}/exec", tag = "exec", request_body = ExecRequest,
     params(("name" = String, Path, description = "VM name or id")),
     responses((status = 200, body = ExecResponse),
-        (status = 400, description = "Empty command, program not found (invalid_command), relative cwd (invalid_path)", body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 409, description = "VM not running", body = ErrorBody)))]
+        (status = 400, description = "The body is malformed (invalid_request), the command is empty or malformed (invalid_command), its program does not exist in the guest (command_not_found), or cwd is not absolute (invalid_path)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 502, description = "The guest agent refused or failed the request (guest_error)", body = ErrorBody),
+        (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many requests in hand as it takes (overloaded)", body = ErrorBody),
+        (status = 504, description = "The guest did not answer in time (guest_timeout), or the request took longer than server.request_timeout_secs (operation_timeout)", body = ErrorBody)))]
 async fn exec(
     State(state): State<AppState>,
     caller: Caller,
@@ -446,8 +513,16 @@ async fn exec(
 /// Run a command and stream its output as newline-delimited JSON (`ExecStreamEvent` per line).
 #[utoipa::path(post, path = "/v1/vms/{name}/exec/stream", tag = "exec", request_body = ExecRequest,
     params(("name" = String, Path, description = "VM name or id")),
-    responses((status = 200, content_type = "application/x-ndjson", body = ExecStreamEvent),
-        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 200, description = "One ExecStreamEvent per line; errors after the stream began are its last line", content_type = "application/x-ndjson", body = ExecStreamEvent),
+        (status = 400, description = "The body is malformed (invalid_request), the command is empty or malformed (invalid_command), its program does not exist in the guest (command_not_found), or cwd is not absolute (invalid_path)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 502, description = "The guest agent refused or failed the request (guest_error)", body = ErrorBody),
+        (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many requests in hand as it takes (overloaded)", body = ErrorBody),
+        (status = 504, description = "The guest did not answer in time (guest_timeout)", body = ErrorBody)))]
 async fn exec_stream(
     State(state): State<AppState>,
     caller: Caller,
@@ -462,7 +537,12 @@ async fn exec_stream(
 #[utoipa::path(get, path = "/v1/vms/{name}/exec/ws", tag = "exec",
     params(("name" = String, Path, description = "VM name or id")),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
-        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+        (status = 400, description = "The request is not a WebSocket upgrade (invalid_request)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody)))]
 async fn exec_ws(
     State(state): State<AppState>,
     caller: Caller,
@@ -482,6 +562,7 @@ async fn exec_ws(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct FileParams {
     /// Absolute path in the guest.
@@ -494,7 +575,15 @@ struct FileParams {
 #[utoipa::path(put, path = "/v1/vms/{name}/files", tag = "files",
     params(("name" = String, Path, description = "VM name or id"), FileParams),
     request_body(content_type = "application/octet-stream", content = Vec<u8>),
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+    responses((status = 204, description = "Written"),
+        (status = 400, description = "path is missing or the query is malformed, mode is not octal permission bits (invalid_request), or the path is not absolute or not valid in the guest (invalid_path)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found), or the guest has no such file (guest_file_not_found)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 502, description = "The guest agent refused or failed the transfer (guest_error)", body = ErrorBody),
+        (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many streams open as it takes (overloaded)", body = ErrorBody),
+        (status = 504, description = "The guest did not answer in time (guest_timeout)", body = ErrorBody)))]
 async fn put_file(
     State(state): State<AppState>,
     caller: Caller,
@@ -525,7 +614,14 @@ async fn put_file(
 #[utoipa::path(get, path = "/v1/vms/{name}/files", tag = "files",
     params(("name" = String, Path, description = "VM name or id"), FileParams),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>),
-        (status = 404, description = "No such VM or file (vm_not_found, guest_file_not_found)", body = ErrorBody)))]
+        (status = 400, description = "path is missing or the query is malformed (invalid_request), or the path is not absolute or not valid in the guest (invalid_path)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No such VM or file (vm_not_found, guest_file_not_found)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 502, description = "The guest agent refused or failed the transfer (guest_error)", body = ErrorBody),
+        (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many streams open as it takes (overloaded)", body = ErrorBody),
+        (status = 504, description = "The guest did not answer in time (guest_timeout)", body = ErrorBody)))]
 async fn get_file(
     State(state): State<AppState>,
     caller: Caller,

@@ -323,9 +323,11 @@ impl Vmm for Qemu {
     }
 
     fn capabilities(&self) -> Capabilities {
+        // Only what hearthd drives today: it has no pause/resume nor snapshot operation yet
+        // (QEMU could do both), so offering them would promise what no endpoint does.
         Capabilities {
-            pause: true,
-            snapshot: true,
+            pause: false,
+            snapshot: false,
             vsock: false,
             hotplug: false,
             hardware_accel: self.current_accel() == Accel::Kvm,
@@ -656,6 +658,21 @@ mod tests {
             tsc_khz: None,
             ram_dir,
         }
+    }
+
+    #[test]
+    fn capabilities_claim_only_what_hearthd_implements() {
+        let caps = qemu_with_ram_dir("/tmp/unused".into()).capabilities();
+        assert_eq!(
+            caps,
+            Capabilities {
+                pause: false,
+                snapshot: false,
+                vsock: false,
+                hotplug: false,
+                hardware_accel: false,
+            }
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! A small QMP client: one unix-socket connection, commands with ids, events broadcast.
+//! A small QMP client: one unix-socket connection, commands with ids and their answers.
 //!
 //! QMP (QEMU's machine protocol, `qapi/qmp-spec.rst` in qemu/qemu) sends one JSON object per line:
 //! a greeting, then `{"return": ..., "id": ...}` / `{"error": {...}, "id": ...}` for commands, and
-//! `{"event": ...}` at any time.
+//! `{"event": ...}` at any time. This client does not deliver events: it logs each one at debug
+//! level and drops it (hearthd learns that a VMM ended from its process, not from QMP). A caller
+//! that needs events must add a subscription here first.
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -8,6 +8,8 @@
 //! Each test binary uses part of it.
 #![allow(dead_code)]
 
+pub mod contract;
+
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1,0 +1,445 @@
+//! The API keeps its OpenAPI document: one real VM, every endpoint over raw HTTP with requests
+//! that work and requests that fail, each answer (status, media type, body) checked against the
+//! operation's documented responses and each request against its documented parameters and
+//! body (harness in `common`, checker in `common::contract`).
+
+mod common;
+
+use common::contract::{self, Contract, Req};
+use common::*;
+use serde_json::json;
+
+#[test]
+fn every_endpoint_answers_as_its_document_says() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The namespace is entered before the runtime makes any socket on this thread.
+    let w = World::new();
+    let contract = Contract::new();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(pass(&w, &contract));
+    contract.verify();
+}
+
+/// Sends `req`, asserts its status and error code (`""` for a success), and returns the answer.
+async fn expect(c: &Contract, label: &str, req: Req, status: u16, code: &str) -> contract::Answer {
+    let a = c.send(label, req).await;
+    assert_eq!(a.status, status, "[{label}] {}", a.text());
+    if !code.is_empty() {
+        assert_eq!(a.code(), code, "[{label}] {}", a.text());
+    }
+    a
+}
+
+async fn pass(w: &World, c: &Contract) {
+    expect(c, "health", Req::get("/v1/health"), 200, "").await;
+    expect(c, "list empty", Req::get("/v1/vms"), 200, "").await;
+
+    // Creation refused for each rule, before anything is made.
+    let create = |body: serde_json::Value| Req::post("/v1/vms").json(&body);
+    let bad_create = [
+        (
+            create(json!({"name": "Not_Valid"})).bad(),
+            400,
+            "invalid_name",
+        ),
+        (
+            create(json!({"name": "odd", "cpus": 3})),
+            400,
+            "invalid_cpus",
+        ),
+        (
+            create(json!({"name": "tiny", "ram": "64M"})),
+            400,
+            "invalid_ram",
+        ),
+        (
+            create(json!({"name": "flat", "rootfs_size": 1})),
+            400,
+            "invalid_rootfs_size",
+        ),
+        (
+            create(json!({"name": "x", "memory": 1})).bad(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Req::post("/v1/vms")
+                .bytes("application/json", b"{not json".to_vec())
+                .bad(),
+            400,
+            "invalid_request",
+        ),
+        (
+            // Not kept alive: hearthd answers before it has read the body and closes.
+            create(json!({"name": "big", "pad": "x".repeat(2 << 20)}))
+                .header("connection", "close")
+                .bad(),
+            413,
+            "request_too_large",
+        ),
+        (
+            create(json!({"name": "huge", "ram": "1T"})),
+            409,
+            "insufficient_capacity",
+        ),
+        (
+            create(json!({"name": "wide", "rootfs_size": "10T"})),
+            507,
+            "resource_exhausted",
+        ),
+    ];
+    for (i, (req, status, code)) in bad_create.into_iter().enumerate() {
+        expect(c, &format!("create refused {i}"), req, status, code).await;
+    }
+    assert_eq!(std::fs::read_dir(w.data().join("vms")).unwrap().count(), 0);
+
+    // A stopped VM, and a running one.
+    let cold = json!({"name": "ct-cold", "start": false});
+    expect(c, "create stopped", create(cold.clone()), 201, "").await;
+    expect(c, "create taken", create(cold), 409, "vm_name_taken").await;
+    let vm = expect(
+        c,
+        "create running",
+        create(json!({"name": "ct", "cpus": 1})),
+        201,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(vm["state"], "running", "{vm}");
+    expect(c, "inspect", Req::get("/v1/vms/ct"), 200, "").await;
+    expect(
+        c,
+        "inspect ghost",
+        Req::get("/v1/vms/ghost"),
+        404,
+        "vm_not_found",
+    )
+    .await;
+    expect(c, "list", Req::get("/v1/vms"), 200, "").await;
+
+    // Exec, collected and streamed.
+    let exec =
+        |vm: &str, body: serde_json::Value| Req::post(format!("/v1/vms/{vm}/exec")).json(&body);
+    let out = expect(
+        c,
+        "exec",
+        exec(
+            "ct",
+            json!({"command": ["sh", "-c", "echo out; echo err >&2; exit 3"], "env": {"A": "1"}, "cwd": "/tmp", "stdin": "in"}),
+        ),
+        200,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(
+        (&out["exit_code"], &out["stdout"], &out["stderr"]),
+        (&json!(3), &json!("out\n"), &json!("err\n"))
+    );
+    let slow = expect(
+        c,
+        "exec timed out",
+        exec("ct", json!({"command": ["sleep", "30"], "timeout_secs": 1})),
+        200,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(slow["timed_out"], true, "{slow}");
+    let bad_exec = [
+        (
+            exec("ct", json!({"command": []})).bad(),
+            400,
+            "invalid_command",
+        ),
+        (
+            exec("ct", json!({"command": ["no-such-program"]})),
+            400,
+            "command_not_found",
+        ),
+        (
+            exec("ct", json!({"command": ["true"], "cwd": "tmp"})),
+            400,
+            "invalid_path",
+        ),
+        (
+            exec("ct", json!({"command": ["true"], "timeout_secs": 0})).bad(),
+            400,
+            "invalid_request",
+        ),
+        (
+            exec("ct", json!({"cmd": ["true"]})).bad(),
+            400,
+            "invalid_request",
+        ),
+        (
+            exec("ct-cold", json!({"command": ["true"]})),
+            409,
+            "invalid_state",
+        ),
+        (
+            exec("ghost", json!({"command": ["true"]})),
+            404,
+            "vm_not_found",
+        ),
+    ];
+    for (i, (req, status, code)) in bad_exec.into_iter().enumerate() {
+        expect(c, &format!("exec refused {i}"), req, status, code).await;
+    }
+    let stream = |vm: &str, body: serde_json::Value| {
+        Req::post(format!("/v1/vms/{vm}/exec/stream")).json(&body)
+    };
+    let lines = expect(
+        c,
+        "exec stream",
+        stream(
+            "ct",
+            json!({"command": ["sh", "-c", "echo a; echo b >&2; exit 5"]}),
+        ),
+        200,
+        "",
+    )
+    .await
+    .text();
+    assert!(
+        lines
+            .ends_with("{\"type\":\"exit\",\"exit_code\":5,\"signal\":null,\"timed_out\":false}\n"),
+        "{lines}"
+    );
+    expect(
+        c,
+        "exec stream stopped",
+        stream("ct-cold", json!({"command": ["true"]})),
+        409,
+        "invalid_state",
+    )
+    .await;
+    expect(
+        c,
+        "exec stream empty",
+        stream("ct", json!({"command": []})).bad(),
+        400,
+        "invalid_command",
+    )
+    .await;
+
+    // The exec WebSocket: a plain GET is refused, an upgrade switches protocols.
+    expect(
+        c,
+        "ws without upgrade",
+        Req::get("/v1/vms/ct/exec/ws"),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect(c, "ws upgrade", ws_upgrade("ct"), 101, "").await;
+    expect(c, "ws stopped", ws_upgrade("ct-cold"), 409, "invalid_state").await;
+    expect(c, "ws ghost", ws_upgrade("ghost"), 404, "vm_not_found").await;
+
+    // Files.
+    let content = pseudo_random(100_000);
+    expect(
+        c,
+        "upload",
+        Req::new("PUT", "/v1/vms/ct/files?path=/tmp/contract/f.bin&mode=600")
+            .bytes("application/octet-stream", content.clone()),
+        204,
+        "",
+    )
+    .await;
+    let got = expect(
+        c,
+        "download",
+        Req::get("/v1/vms/ct/files?path=/tmp/contract/f.bin"),
+        200,
+        "",
+    )
+    .await;
+    assert!(got.body == content, "downloaded bytes differ");
+    assert_eq!(got.headers["x-hearth-file-mode"], "600");
+    let bad_files = [
+        (Req::get("/v1/vms/ct/files").bad(), 400, "invalid_request"),
+        (
+            Req::get("/v1/vms/ct/files?path=/etc/hostname&offset=1").bad(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Req::get("/v1/vms/ct/files?path=/no/such/file"),
+            404,
+            "guest_file_not_found",
+        ),
+        (
+            Req::get("/v1/vms/ct/files?path=etc/hostname"),
+            400,
+            "invalid_path",
+        ),
+        (
+            Req::get("/v1/vms/ct-cold/files?path=/etc/hostname"),
+            409,
+            "invalid_state",
+        ),
+        (
+            Req::get("/v1/vms/ghost/files?path=/etc/hostname"),
+            404,
+            "vm_not_found",
+        ),
+        (
+            Req::new("PUT", "/v1/vms/ct/files?path=/tmp/m&mode=999")
+                .bytes("application/octet-stream", b"x".to_vec()),
+            400,
+            "invalid_request",
+        ),
+        (
+            Req::new("PUT", "/v1/vms/ct/files")
+                .bytes("application/octet-stream", b"x".to_vec())
+                .bad(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Req::new("PUT", "/v1/vms/ct-cold/files?path=/tmp/m")
+                .bytes("application/octet-stream", b"x".to_vec()),
+            409,
+            "invalid_state",
+        ),
+    ];
+    for (i, (req, status, code)) in bad_files.into_iter().enumerate() {
+        expect(c, &format!("files refused {i}"), req, status, code).await;
+    }
+
+    // Logs.
+    let serial = expect(
+        c,
+        "serial log",
+        Req::get("/v1/vms/ct/logs?tail=20"),
+        200,
+        "",
+    )
+    .await
+    .text();
+    assert!(!serial.is_empty());
+    expect(
+        c,
+        "vmm log",
+        Req::get("/v1/vms/ct/logs?source=vmm&follow=false"),
+        200,
+        "",
+    )
+    .await;
+    for (i, (req, status, code)) in [
+        (
+            Req::get("/v1/vms/ct/logs?source=bogus").bad(),
+            400,
+            "invalid_request",
+        ),
+        (
+            Req::get("/v1/vms/ct/logs?tail=many").bad(),
+            400,
+            "invalid_request",
+        ),
+        (Req::get("/v1/vms/ghost/logs"), 404, "vm_not_found"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        expect(c, &format!("logs refused {i}"), req, status, code).await;
+    }
+
+    // The guard.
+    expect(
+        c,
+        "foreign host",
+        Req::get("/v1/vms").header("host", "evil.example:7070"),
+        403,
+        "forbidden_host",
+    )
+    .await;
+    expect(
+        c,
+        "foreign origin",
+        Req::post("/v1/vms/ct/stop").header("origin", "https://evil.example"),
+        403,
+        "forbidden_origin",
+    )
+    .await;
+
+    // Lifecycle.
+    expect(
+        c,
+        "stop bad timeout",
+        Req::post("/v1/vms/ct/stop?timeout_secs=-1").bad(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let stopped = expect(
+        c,
+        "stop",
+        Req::post("/v1/vms/ct/stop?timeout_secs=60"),
+        200,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    expect(
+        c,
+        "stop stopped",
+        Req::post("/v1/vms/ct/stop"),
+        409,
+        "invalid_state",
+    )
+    .await;
+    expect(c, "start", Req::post("/v1/vms/ct/start"), 200, "").await;
+    expect(
+        c,
+        "start running",
+        Req::post("/v1/vms/ct/start"),
+        409,
+        "invalid_state",
+    )
+    .await;
+    expect(c, "restart", Req::post("/v1/vms/ct/restart"), 200, "").await;
+    for op in ["start", "stop", "restart"] {
+        expect(
+            c,
+            &format!("{op} ghost"),
+            Req::post(format!("/v1/vms/ghost/{op}")),
+            404,
+            "vm_not_found",
+        )
+        .await;
+    }
+    expect(c, "delete", Req::new("DELETE", "/v1/vms/ct"), 204, "").await;
+    expect(
+        c,
+        "delete stopped",
+        Req::new("DELETE", "/v1/vms/ct-cold"),
+        204,
+        "",
+    )
+    .await;
+    expect(
+        c,
+        "delete ghost",
+        Req::new("DELETE", "/v1/vms/ct"),
+        404,
+        "vm_not_found",
+    )
+    .await;
+    assert!(c.pending() > 60, "only {} exchanges", c.pending());
+}
+
+/// A WebSocket upgrade request of the exec endpoint.
+fn ws_upgrade(vm: &str) -> Req {
+    Req::get(format!("/v1/vms/{vm}/exec/ws"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+}
