@@ -1,12 +1,18 @@
-//! Project automation. `cargo run -p xtask -- bench` (or `make bench`) measures, in one run on
-//! one guest image:
+//! Project automation. `cargo run -p xtask -- bench [ROUNDS]` (or `make bench`) measures, in one
+//! run on one guest image, with bare QEMU and hearthd boots interleaved over ROUNDS rounds
+//! (default 9):
 //!
 //! - bare QEMU boot to guest agent ready, with QEMU started by the bench itself;
-//! - hearthd create → first exec output, through the REST API;
-//! - their ratio (target: at most 1.10);
-//! - exec round trip through the API, p50/p99 over 200 calls (target p50: 2 ms), and, to show
-//!   where time goes, the same exec straight over the agent protocol, and the protocol round
-//!   trip alone (`ping`).
+//! - hearthd create → first exec output, through the REST API, with a breakdown (create
+//!   answered, of which VMM launch → agent hello as hearthd reports it; then the first exec);
+//! - per round the ratio hearthd / bare; min, median and max of every figure and of the ratio
+//!   (target: median ratio at most 1.05);
+//! - exec round trip through the API, p50/p99 over 200 calls (target p50: 2 ms), the same exec
+//!   straight over the agent protocol, the protocol round trip alone (`ping`), and a spawn of the
+//!   same program from a shell loop inside the guest; the ratios API / protocol (target at most
+//!   1.05) and protocol / in-guest spawn (target at most 1.3);
+//! - hearthd's resident memory (VmRSS) idle with 0 and with 10 running VMs (target at most
+//!   30 MB).
 //!
 //! Everything runs inside a network namespace the bench creates and removes.
 
@@ -22,14 +28,30 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const URL: &str = "http://127.0.0.1:7070";
-const BOOTS: usize = 5;
+const ROUNDS: usize = 9;
 const EXECS: usize = 200;
+/// VMs running while the second RSS figure is taken.
+const RSS_VMS: usize = 10;
+/// `/bin/true` spawns per in-guest loop, and loops run.
+const SPAWNS: u64 = 200;
+const SPAWN_LOOPS: usize = 5;
+const RSS_TARGET_MB: f64 = 30.0;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("bench") => bench(),
-        _ => bail!("usage: cargo run -p xtask -- bench"),
+        Some("bench") => {
+            let rounds = match args.get(1) {
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .with_context(|| format!("ROUNDS must be a whole number >= 1, not {n:?}"))?,
+                None => ROUNDS,
+            };
+            bench(rounds)
+        }
+        _ => bail!("usage: cargo run -p xtask -- bench [ROUNDS]"),
     }
 }
 
@@ -80,6 +102,53 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Min, median and max of a series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spread {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(v: &[f64]) -> Spread {
+        let mut v = v.to_vec();
+        let median = median(&mut v);
+        Spread {
+            min: v[0],
+            median,
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// hearthd_i / bare_i for each round i.
+fn ratios(hearthd: &[f64], bare: &[f64]) -> Vec<f64> {
+    hearthd.iter().zip(bare).map(|(h, b)| h / b).collect()
+}
+
+/// `VmRSS` of /proc/<pid>/status, in MB (10^6 bytes).
+fn rss_mb(status: &str) -> Option<f64> {
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0 / 1e6)
+}
+
+/// The agent-ready time hearthd records in the `running` event: "guest agent ready in N ms".
+fn agent_ready_ms(detail: &Value) -> Option<f64> {
+    detail["events"].as_array()?.iter().rev().find_map(|e| {
+        let m = e["message"].as_str()?;
+        let rest = m.split_once("guest agent ready in ")?.1;
+        rest.split_once(" ms")?.0.parse().ok()
+    })
+}
+
 /// Nearest-rank percentile, `p` in whole percent.
 fn percentile(v: &mut [f64], p: usize) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -87,7 +156,27 @@ fn percentile(v: &mut [f64], p: usize) -> f64 {
     v[rank.min(v.len()) - 1]
 }
 
-fn bench() -> Result<()> {
+/// Everything one run measures, in ms unless named otherwise.
+#[derive(Default)]
+struct Samples {
+    bare: Vec<f64>,
+    hearthd: Vec<f64>,
+    /// POST /v1/vms answered (the VM is running).
+    create: Vec<f64>,
+    /// VMM launch → agent hello, as hearthd records it.
+    ready: Vec<f64>,
+    /// Create answered → first exec output.
+    first_exec: Vec<f64>,
+    api_exec: Vec<f64>,
+    proto_exec: Vec<f64>,
+    ping: Vec<f64>,
+    /// One `/bin/true` spawned by a shell loop in the guest, per loop.
+    spawn: Vec<f64>,
+    rss_idle: f64,
+    rss_full: f64,
+}
+
+fn bench(rounds: usize) -> Result<()> {
     let root = root();
     let bin = root.join("target/release");
     let agent = std::env::var_os("HEARTH_IMAGE_AGENT_PATH")
@@ -112,51 +201,94 @@ fn bench() -> Result<()> {
     let result = rt.block_on(async {
         let work = root.join("target/bench-bare");
         let daemon = Hearthd::start(&bin, &data, &agent).await?;
-        let (mut bare, mut api) = (Vec::new(), Vec::new());
-        let (mut proto_exec, mut ping, mut exec) = (Vec::new(), Vec::new(), Vec::new());
+        let mut s = Samples::default();
         // Interleaved, with a pause between boots, so drift on the machine hits both alike.
-        for round in 0..BOOTS {
+        for round in 0..rounds {
             let first = round == 0;
-            bare.push(bare_qemu(&image, &work, first, &mut proto_exec, &mut ping).await?);
+            let bare = bare_qemu(&image, &work, first, &mut s).await?;
+            s.bare.push(bare);
             tokio::time::sleep(Duration::from_secs(2)).await;
-            api.push(daemon.round(round, first, &mut exec).await?);
+            daemon.round(round, first, &mut s).await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            eprintln!("bench: round {} of {BOOTS}", round + 1);
+            eprintln!(
+                "bench: round {} of {rounds}: bare {:.0} ms, hearthd {:.0} ms",
+                round + 1,
+                s.bare[round],
+                s.hearthd[round]
+            );
         }
         let _ = std::fs::remove_dir_all(&work);
-        Ok::<_, anyhow::Error>((bare, proto_exec, ping, api, exec))
+        eprintln!("bench: hearthd's memory, idle and with {RSS_VMS} running VMs");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        s.rss_idle = daemon.rss()?;
+        s.rss_full = daemon.fleet(RSS_VMS).await?;
+        Ok::<_, anyhow::Error>(s)
     });
     drop(ns);
-    let (mut bare, mut proto_exec, mut ping, mut api, mut exec) = result?;
-    let (b, a) = (median(&mut bare), median(&mut api));
-    println!("guest boot, median of {BOOTS} (QEMU/TCG, 256 MiB, same image):");
-    println!("  bare QEMU start -> agent ready        {:>8.1} ms", b);
-    println!("  hearthd create -> first exec output   {:>8.1} ms", a);
+    report(rounds, &mut result?);
+    Ok(())
+}
+
+fn spread_line(label: &str, v: &[f64]) {
+    let s = Spread::of(v);
     println!(
-        "  ratio hearthd / bare                  {:>8.3}   (target <= 1.10)",
-        a / b
+        "  {label:<38} min {:>8.1}  median {:>8.1}  max {:>8.1} ms",
+        s.min, s.median, s.max
     );
+}
+
+fn report(rounds: usize, s: &mut Samples) {
+    let ratio = Spread::of(&ratios(&s.hearthd, &s.bare));
+    println!("guest boot, {rounds} interleaved rounds (QEMU/TCG, 256 MiB, same image):");
+    spread_line("bare QEMU start -> agent ready", &s.bare);
+    spread_line("hearthd create -> first exec output", &s.hearthd);
+    spread_line("  of which: create answered (running)", &s.create);
+    spread_line("    of which: VMM launch -> agent hello", &s.ready);
+    spread_line("  then: first exec output", &s.first_exec);
+    println!(
+        "  ratio hearthd / bare, per round       min {:>8.3}  median {:>8.3}  max {:>8.3}   (target median <= 1.05)",
+        ratio.min, ratio.median, ratio.max
+    );
+    let api = percentile(&mut s.api_exec, 50);
+    let proto_exec = percentile(&mut s.proto_exec, 50);
+    let spawn = median(&mut s.spawn);
     println!("exec round trip, {EXECS} calls:");
     println!(
         "  API  POST /exec `true`   p50 {:>7.2} ms   p99 {:>7.2} ms   (target p50 <= 2 ms)",
-        percentile(&mut exec, 50),
-        percentile(&mut exec, 99)
+        api,
+        percentile(&mut s.api_exec, 99)
     );
     println!(
         "  agent protocol exec      p50 {:>7.2} ms   p99 {:>7.2} ms",
-        percentile(&mut proto_exec, 50),
-        percentile(&mut proto_exec, 99)
+        proto_exec,
+        percentile(&mut s.proto_exec, 99)
     );
     println!(
         "  agent protocol ping      p50 {:>7.2} ms   p99 {:>7.2} ms",
-        percentile(&mut ping, 50),
-        percentile(&mut ping, 99)
+        percentile(&mut s.ping, 50),
+        percentile(&mut s.ping, 99)
     );
     println!(
-        "  ratio API exec / protocol exec        {:>8.3}",
-        percentile(&mut exec, 50) / percentile(&mut proto_exec, 50)
+        "  in-guest shell loop      median {:>7.2} ms per `/bin/true` ({SPAWN_LOOPS} loops of {SPAWNS})",
+        spawn
     );
-    Ok(())
+    println!(
+        "  ratio API exec / protocol exec        {:>8.3}   (target <= 1.05)",
+        api / proto_exec
+    );
+    println!(
+        "  ratio protocol exec / in-guest spawn  {:>8.3}   (target <= 1.3)",
+        proto_exec / spawn
+    );
+    println!("hearthd resident memory (VmRSS):");
+    println!(
+        "  idle, 0 VMs (after the rounds)        {:>8.1} MB   (target <= {RSS_TARGET_MB} MB)",
+        s.rss_idle
+    );
+    println!(
+        "  idle, {RSS_VMS} running VMs                 {:>8.1} MB   (target <= {RSS_TARGET_MB} MB)",
+        s.rss_full
+    );
 }
 
 fn tsc_khz() -> Option<String> {
@@ -209,9 +341,13 @@ impl Agent {
     }
 
     async fn next(&mut self) -> Result<Event> {
+        Ok(self.frame().await?.message)
+    }
+
+    async fn frame(&mut self) -> Result<proto::Frame<Event>> {
         loop {
             if let Ok(Some(f)) = self.decoder.next_frame() {
-                return Ok(f.message);
+                return Ok(f);
             }
             let n = self.stream.read(&mut self.buf).await?;
             if n == 0 {
@@ -223,14 +359,8 @@ impl Agent {
 }
 
 /// Boots the image with a plain QEMU command line; returns ms from start to agent hello. On the
-/// first round also measures protocol round trips.
-async fn bare_qemu(
-    image: &Path,
-    work: &Path,
-    first: bool,
-    execs: &mut Vec<f64>,
-    pings: &mut Vec<f64>,
-) -> Result<f64> {
+/// first round also measures protocol round trips and the in-guest spawn loop.
+async fn bare_qemu(image: &Path, work: &Path, first: bool, s: &mut Samples) -> Result<f64> {
     std::fs::create_dir_all(work)?;
     let disk = work.join("rootfs.ext4");
     let sock = work.join("agent.sock");
@@ -277,19 +407,34 @@ async fn bare_qemu(
         .stdout(Stdio::null())
         .spawn()?;
     let qemu = Proc(child);
-    let result = bare_rounds(&sock, started, first, execs, pings).await;
+    let result = bare_rounds(&sock, started, first, s).await;
     drop(qemu);
     let _ = std::fs::remove_file(&ram);
     result
 }
 
-async fn bare_rounds(
-    sock: &Path,
-    started: Instant,
-    first: bool,
-    execs: &mut Vec<f64>,
-    pings: &mut Vec<f64>,
-) -> Result<f64> {
+fn exec_request(id: u64, argv: &[&str]) -> Request {
+    Request::Exec {
+        id,
+        argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        pty: None,
+        timeout_ms: None,
+    }
+}
+
+/// A shell loop in the guest spawning `/bin/true` `SPAWNS` times; prints µs per spawn.
+fn spawn_loop() -> String {
+    format!(
+        "a=$(date +%s%N); i=0; while [ $i -lt {SPAWNS} ]; do /bin/true; i=$((i+1)); done; \
+         b=$(date +%s%N); echo $(( (b-a)/{} ))",
+        SPAWNS * 1000
+    )
+}
+
+async fn bare_rounds(sock: &Path, started: Instant, first: bool, s: &mut Samples) -> Result<f64> {
     let mut agent = Agent::connect(sock).await?;
     agent.send(&Request::hello(), &[]).await?;
     while !matches!(agent.next().await?, Event::Hello { .. }) {}
@@ -299,22 +444,38 @@ async fn bare_rounds(
             let t = Instant::now();
             agent.send(&Request::Ping { id: i }, &[]).await?;
             while !matches!(agent.next().await?, Event::Done { .. }) {}
-            pings.push(t.elapsed().as_secs_f64() * 1000.0);
+            s.ping.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         for i in 0..EXECS as u64 {
             let t = Instant::now();
-            let exec = Request::Exec {
-                id: 10_000 + i,
-                argv: vec!["true".into()],
-                env: vec![],
-                cwd: None,
-                stdin: false,
-                pty: None,
-                timeout_ms: None,
-            };
-            agent.send(&exec, &[]).await?;
+            agent
+                .send(&exec_request(10_000 + i, &["true"]), &[])
+                .await?;
             while !matches!(agent.next().await?, Event::Exited { .. }) {}
-            execs.push(t.elapsed().as_secs_f64() * 1000.0);
+            s.proto_exec.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let script = spawn_loop();
+        for i in 0..SPAWN_LOOPS as u64 {
+            let req = exec_request(20_000 + i, &["/bin/sh", "-c", &script]);
+            agent.send(&req, &[]).await?;
+            let mut out = Vec::new();
+            loop {
+                let f = agent.frame().await?;
+                match f.message {
+                    Event::Output { .. } => out.extend_from_slice(&f.payload),
+                    Event::Exited { code: Some(0), .. } => break,
+                    Event::Exited { code, signal, .. } => {
+                        bail!("the in-guest spawn loop failed: code {code:?}, signal {signal:?}")
+                    }
+                    Event::Error { message, .. } => bail!("the in-guest spawn loop: {message}"),
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&out);
+            let us: f64 = text.trim().parse().with_context(|| {
+                format!("the in-guest spawn loop printed {text:?}, not microseconds")
+            })?;
+            s.spawn.push(us / 1000.0);
         }
     }
     Ok(boot)
@@ -322,7 +483,7 @@ async fn bare_rounds(
 
 /// A hearthd of the bench's own.
 struct Hearthd {
-    _proc: Proc,
+    proc: Proc,
     http: reqwest::Client,
 }
 
@@ -334,11 +495,13 @@ impl Hearthd {
             .env("HEARTH_LISTEN", "127.0.0.1:7070")
             .env("HEARTH_IMAGE_AGENT_PATH", agent)
             .env("HEARTH_GUEST_MEMORY", "256M")
+            // 10 VMs of 1 vCPU on a 2-core host exceed the default 400 %.
+            .env("HEARTH_CAPACITY_CPU_OVERCOMMIT_PERCENT", "1000")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
         let daemon = Hearthd {
-            _proc: Proc(child),
+            proc: Proc(child),
             http: reqwest::Client::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -373,24 +536,37 @@ impl Hearthd {
         Ok(r.json().await?)
     }
 
-    /// Create → first exec output, in ms; on the first round also exec round trips.
-    async fn round(&self, round: usize, first: bool, execs: &mut Vec<f64>) -> Result<f64> {
+    fn rss(&self) -> Result<f64> {
+        let pid = self.proc.0.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        rss_mb(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+    }
+
+    async fn create(&self, name: &str) -> Result<Value> {
+        create(&self.http, name).await
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        delete(&self.http, name).await
+    }
+
+    /// Create → first exec output, with its breakdown; on the first round also exec round trips.
+    async fn round(&self, round: usize, first: bool, s: &mut Samples) -> Result<()> {
         let name = format!("bench-{round}");
         let started = Instant::now();
-        let r = self
-            .http
-            .post(format!("{URL}/v1/vms"))
-            .json(&json!({ "name": name }))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("create failed: {}", r.text().await?);
-        }
+        let detail = self.create(&name).await?;
+        let created = started.elapsed().as_secs_f64() * 1000.0;
         let out = self.exec(&name, json!(["echo", "ready"])).await?;
         if out["stdout"] != "ready\n" {
             bail!("unexpected exec answer {out}");
         }
         let boot = started.elapsed().as_secs_f64() * 1000.0;
+        s.hearthd.push(boot);
+        s.create.push(created);
+        s.first_exec.push(boot - created);
+        s.ready.push(agent_ready_ms(&detail).with_context(|| {
+            format!("no \"guest agent ready in N ms\" event in the create answer {detail}")
+        })?);
         if first {
             for _ in 0..EXECS {
                 let t = Instant::now();
@@ -398,19 +574,73 @@ impl Hearthd {
                 if out["exit_code"] != 0 {
                     bail!("exec failed: {out}");
                 }
-                execs.push(t.elapsed().as_secs_f64() * 1000.0);
+                s.api_exec.push(t.elapsed().as_secs_f64() * 1000.0);
             }
         }
-        let r = self
-            .http
-            .delete(format!("{URL}/v1/vms/{name}"))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("delete failed: {}", r.text().await?);
-        }
-        Ok(boot)
+        self.delete(&name).await
     }
+
+    /// Starts `n` VMs at once, lets hearthd idle with them running, and returns its RSS in MB;
+    /// the VMs are deleted before it returns.
+    async fn fleet(&self, n: usize) -> Result<f64> {
+        let names: Vec<String> = (0..n).map(|i| format!("rss-{i}")).collect();
+        let created = self.each(&names, true).await;
+        let rss = match created {
+            Ok(()) => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                self.rss()
+            }
+            Err(e) => Err(e),
+        };
+        let deleted = self.each(&names, false).await;
+        let rss = rss?;
+        deleted?;
+        Ok(rss)
+    }
+
+    /// Creates (or deletes) every VM of `names` concurrently; the first failure, after all ended.
+    async fn each(&self, names: &[String], create_them: bool) -> Result<()> {
+        let mut set = tokio::task::JoinSet::new();
+        for name in names {
+            let (http, name) = (self.http.clone(), name.clone());
+            set.spawn(async move {
+                if create_them {
+                    create(&http, &name).await.map(|_| ())
+                } else {
+                    delete(&http, &name).await
+                }
+            });
+        }
+        let mut result = Ok(());
+        while let Some(r) = set.join_next().await {
+            let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
+}
+
+async fn create(http: &reqwest::Client, name: &str) -> Result<Value> {
+    let r = http
+        .post(format!("{URL}/v1/vms"))
+        .json(&json!({ "name": name }))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("create of {name} failed: {}", r.text().await?);
+    }
+    Ok(r.json().await?)
+}
+
+/// Deletes VM `name`; one that does not exist (its create failed) is fine.
+async fn delete(http: &reqwest::Client, name: &str) -> Result<()> {
+    let r = http.delete(format!("{URL}/v1/vms/{name}")).send().await?;
+    if !r.status().is_success() && r.status() != reqwest::StatusCode::NOT_FOUND {
+        bail!("delete of {name} failed: {}", r.text().await?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -427,5 +657,48 @@ mod tests {
         let mut one = vec![7.0];
         assert_eq!(percentile(&mut one, 99), 7.0);
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn spreads_and_ratios_are_per_round() {
+        let s = Spread::of(&[5.0, 1.0, 9.0, 3.0, 7.0]);
+        assert_eq!(
+            s,
+            Spread {
+                min: 1.0,
+                median: 5.0,
+                max: 9.0
+            }
+        );
+        // Round by round, not a ratio of medians: 1.0 and 3.0 pair with 2.0 and 1.0.
+        assert_eq!(ratios(&[2.0, 3.0], &[2.0, 1.0]), vec![1.0, 3.0]);
+    }
+
+    #[test]
+    fn rss_is_read_from_proc_status() {
+        let status = "Name:\thearthd\nVmPeak:\t  99999 kB\nVmRSS:\t   20000 kB\nRssAnon:\t 1 kB\n";
+        assert_eq!(rss_mb(status), Some(20.48));
+        assert_eq!(rss_mb("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn the_agent_ready_time_comes_from_the_running_event() {
+        let detail = json!({ "events": [
+            { "kind": "created", "message": null },
+            { "kind": "pid", "message": "VMM pid 7 launched" },
+            { "kind": "running", "message": "guest agent ready in 2875 ms (pid 7, boot ab)" },
+        ]});
+        assert_eq!(agent_ready_ms(&detail), Some(2875.0));
+        assert_eq!(agent_ready_ms(&json!({ "events": [] })), None);
+    }
+
+    #[test]
+    fn the_spawn_loop_prints_microseconds_per_spawn() {
+        let script = spawn_loop();
+        assert!(script.contains(&format!("-lt {SPAWNS} ]")), "{script}");
+        assert!(
+            script.contains(&format!("/{} ))", SPAWNS * 1000)),
+            "{script}"
+        );
     }
 }
