@@ -209,6 +209,7 @@ fn bench(rounds: usize) -> Result<()> {
             s.bare.push(bare);
             tokio::time::sleep(Duration::from_secs(2)).await;
             daemon.round(round, first, &mut s).await?;
+            daemon.spare_ready().await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             eprintln!(
                 "bench: round {} of {rounds}: bare {:.0} ms, hearthd {:.0} ms",
@@ -484,6 +485,7 @@ async fn bare_rounds(sock: &Path, started: Instant, first: bool, s: &mut Samples
 /// A hearthd of the bench's own.
 struct Hearthd {
     proc: Proc,
+    data: PathBuf,
     http: reqwest::Client,
 }
 
@@ -502,6 +504,7 @@ impl Hearthd {
             .spawn()?;
         let daemon = Hearthd {
             proc: Proc(child),
+            data: data.to_owned(),
             http: reqwest::Client::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -514,6 +517,7 @@ impl Hearthd {
                 Err(_) => false,
             };
             if healthy {
+                daemon.spare_ready().await?;
                 return Ok(daemon);
             }
             if Instant::now() > deadline {
@@ -534,6 +538,30 @@ impl Hearthd {
             .send()
             .await?;
         Ok(r.json().await?)
+    }
+
+    /// Waits until hearthd's spare root disk is ready, so its making competes with no boot
+    /// (bare or hearthd's) and every create takes it, as on a machine that was idle.
+    async fn spare_ready(&self) -> Result<()> {
+        let dir = self.data.join("spare");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ready = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "ext4"));
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "hearthd made no spare disk in {} within 120 s",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     fn rss(&self) -> Result<f64> {
