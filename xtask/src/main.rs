@@ -167,6 +167,8 @@ struct Samples {
     ready: Vec<f64>,
     /// Create answered → first exec output.
     first_exec: Vec<f64>,
+    /// Bare: agent hello → first exec output (over the protocol).
+    bare_first_exec: Vec<f64>,
     api_exec: Vec<f64>,
     proto_exec: Vec<f64>,
     ping: Vec<f64>,
@@ -204,11 +206,14 @@ fn bench(rounds: usize) -> Result<()> {
         let mut s = Samples::default();
         // Interleaved, with a pause between boots, so drift on the machine hits both alike.
         for round in 0..rounds {
-            let first = round == 0;
-            let bare = bare_qemu(&image, &work, first, &mut s).await?;
-            s.bare.push(bare);
+            let (mut vm, boot) = boot_bare(&image, &work).await?;
+            s.bare.push(boot);
+            let t = Instant::now();
+            vm.exec(&["echo", "ready"]).await?;
+            s.bare_first_exec.push(ms_since(t));
+            drop(vm);
             tokio::time::sleep(Duration::from_secs(2)).await;
-            daemon.round(round, first, &mut s).await?;
+            daemon.round(round, &mut s).await?;
             daemon.spare_ready().await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
             eprintln!(
@@ -218,6 +223,8 @@ fn bench(rounds: usize) -> Result<()> {
                 s.hearthd[round]
             );
         }
+        eprintln!("bench: exec round trips");
+        exec_phase(&daemon, &image, &work, &mut s).await?;
         let _ = std::fs::remove_dir_all(&work);
         eprintln!("bench: hearthd's memory, idle and with {RSS_VMS} running VMs");
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -246,6 +253,10 @@ fn report(rounds: usize, s: &mut Samples) {
     spread_line("  of which: create answered (running)", &s.create);
     spread_line("    of which: VMM launch -> agent hello", &s.ready);
     spread_line("  then: first exec output", &s.first_exec);
+    spread_line(
+        "bare, for comparison: hello -> 1st exec",
+        &s.bare_first_exec,
+    );
     println!(
         "  ratio hearthd / bare, per round       min {:>8.3}  median {:>8.3}  max {:>8.3}   (target median <= 1.05)",
         ratio.min, ratio.median, ratio.max
@@ -253,7 +264,7 @@ fn report(rounds: usize, s: &mut Samples) {
     let api = percentile(&mut s.api_exec, 50);
     let proto_exec = percentile(&mut s.proto_exec, 50);
     let spawn = median(&mut s.spawn);
-    println!("exec round trip, {EXECS} calls:");
+    println!("exec round trip, {EXECS} calls alternating between a bare and a hearthd VM:");
     println!(
         "  API  POST /exec `true`   p50 {:>7.2} ms   p99 {:>7.2} ms   (target p50 <= 2 ms)",
         api,
@@ -359,9 +370,25 @@ impl Agent {
     }
 }
 
-/// Boots the image with a plain QEMU command line; returns ms from start to agent hello. On the
-/// first round also measures protocol round trips and the in-guest spawn loop.
-async fn bare_qemu(image: &Path, work: &Path, first: bool, s: &mut Samples) -> Result<f64> {
+/// A guest booted by the bench's own QEMU command line, with its agent connection; its QEMU is
+/// ended and its RAM file removed when dropped.
+struct BareVm {
+    agent: Agent,
+    _qemu: Proc,
+    ram: PathBuf,
+    next_id: u64,
+}
+
+impl Drop for BareVm {
+    fn drop(&mut self) {
+        // `_qemu` is dropped (ended) after this; QEMU holds the file open, removal is fine.
+        let _ = std::fs::remove_file(&self.ram);
+    }
+}
+
+/// Boots the image with a plain QEMU command line; returns the VM and the ms from start to agent
+/// hello.
+async fn boot_bare(image: &Path, work: &Path) -> Result<(BareVm, f64)> {
     std::fs::create_dir_all(work)?;
     let disk = work.join("rootfs.ext4");
     let sock = work.join("agent.sock");
@@ -408,10 +435,29 @@ async fn bare_qemu(image: &Path, work: &Path, first: bool, s: &mut Samples) -> R
         .stdout(Stdio::null())
         .spawn()?;
     let qemu = Proc(child);
-    let result = bare_rounds(&sock, started, first, s).await;
-    drop(qemu);
-    let _ = std::fs::remove_file(&ram);
-    result
+    let ram_file = ram.clone();
+    let ready = async {
+        let mut agent = Agent::connect(&sock).await?;
+        agent.send(&Request::hello(), &[]).await?;
+        while !matches!(agent.next().await?, Event::Hello { .. }) {}
+        Ok::<_, anyhow::Error>(agent)
+    };
+    let agent = match ready.await {
+        Ok(agent) => agent,
+        Err(e) => {
+            drop(qemu);
+            let _ = std::fs::remove_file(&ram_file);
+            return Err(e);
+        }
+    };
+    let boot = started.elapsed().as_secs_f64() * 1000.0;
+    let vm = BareVm {
+        agent,
+        _qemu: qemu,
+        ram,
+        next_id: 1,
+    };
+    Ok((vm, boot))
 }
 
 fn exec_request(id: u64, argv: &[&str]) -> Request {
@@ -435,51 +481,83 @@ fn spawn_loop() -> String {
     )
 }
 
-async fn bare_rounds(sock: &Path, started: Instant, first: bool, s: &mut Samples) -> Result<f64> {
-    let mut agent = Agent::connect(sock).await?;
-    agent.send(&Request::hello(), &[]).await?;
-    while !matches!(agent.next().await?, Event::Hello { .. }) {}
-    let boot = started.elapsed().as_secs_f64() * 1000.0;
-    if first {
-        for i in 0..EXECS as u64 {
-            let t = Instant::now();
-            agent.send(&Request::Ping { id: i }, &[]).await?;
-            while !matches!(agent.next().await?, Event::Done { .. }) {}
-            s.ping.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        for i in 0..EXECS as u64 {
-            let t = Instant::now();
-            agent
-                .send(&exec_request(10_000 + i, &["true"]), &[])
-                .await?;
-            while !matches!(agent.next().await?, Event::Exited { .. }) {}
-            s.proto_exec.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        let script = spawn_loop();
-        for i in 0..SPAWN_LOOPS as u64 {
-            let req = exec_request(20_000 + i, &["/bin/sh", "-c", &script]);
-            agent.send(&req, &[]).await?;
-            let mut out = Vec::new();
-            loop {
-                let f = agent.frame().await?;
-                match f.message {
-                    Event::Output { .. } => out.extend_from_slice(&f.payload),
-                    Event::Exited { code: Some(0), .. } => break,
-                    Event::Exited { code, signal, .. } => {
-                        bail!("the in-guest spawn loop failed: code {code:?}, signal {signal:?}")
-                    }
-                    Event::Error { message, .. } => bail!("the in-guest spawn loop: {message}"),
-                    _ => {}
+impl BareVm {
+    /// Runs `argv` over the agent protocol; its stdout, after a clean exit.
+    async fn exec(&mut self, argv: &[&str]) -> Result<Vec<u8>> {
+        self.next_id += 1;
+        self.agent
+            .send(&exec_request(self.next_id, argv), &[])
+            .await?;
+        let mut out = Vec::new();
+        loop {
+            let f = self.agent.frame().await?;
+            match f.message {
+                Event::Output { .. } => out.extend_from_slice(&f.payload),
+                Event::Exited { code: Some(0), .. } => return Ok(out),
+                Event::Exited { code, signal, .. } => {
+                    bail!("{argv:?} failed in the guest: code {code:?}, signal {signal:?}")
                 }
+                Event::Error { message, .. } => bail!("{argv:?} in the guest: {message}"),
+                _ => {}
             }
-            let text = String::from_utf8_lossy(&out);
-            let us: f64 = text.trim().parse().with_context(|| {
-                format!("the in-guest spawn loop printed {text:?}, not microseconds")
-            })?;
-            s.spawn.push(us / 1000.0);
         }
     }
-    Ok(boot)
+
+    async fn ping(&mut self) -> Result<()> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.agent.send(&Request::Ping { id }, &[]).await?;
+        while !matches!(self.agent.next().await?, Event::Done { .. }) {}
+        Ok(())
+    }
+
+    /// ms per `/bin/true` spawned by a shell loop in the guest.
+    async fn spawn_loop(&mut self) -> Result<f64> {
+        let out = self.exec(&["/bin/sh", "-c", &spawn_loop()]).await?;
+        let text = String::from_utf8_lossy(&out);
+        let us: f64 = text.trim().parse().with_context(|| {
+            format!("the in-guest spawn loop printed {text:?}, not microseconds")
+        })?;
+        Ok(us / 1000.0)
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Exec round trips with a bare VM and a hearthd VM both booted and idle, calls alternating
+/// between them so load on the machine hits both alike; then the in-guest spawn loops.
+async fn exec_phase(daemon: &Hearthd, image: &Path, work: &Path, s: &mut Samples) -> Result<()> {
+    let (mut bare, _) = boot_bare(image, work).await?;
+    let name = "bench-exec";
+    daemon.create(name).await?;
+    let result = async {
+        // Warm both guests' caches first.
+        for _ in 0..20 {
+            bare.exec(&["true"]).await?;
+            daemon.exec_true(name).await?;
+        }
+        for _ in 0..EXECS {
+            let t = Instant::now();
+            daemon.exec_true(name).await?;
+            s.api_exec.push(ms_since(t));
+            let t = Instant::now();
+            bare.exec(&["true"]).await?;
+            s.proto_exec.push(ms_since(t));
+            let t = Instant::now();
+            bare.ping().await?;
+            s.ping.push(ms_since(t));
+        }
+        for _ in 0..SPAWN_LOOPS {
+            s.spawn.push(bare.spawn_loop().await?);
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let deleted = daemon.delete(name).await;
+    result?;
+    deleted
 }
 
 /// A hearthd of the bench's own.
@@ -578,33 +656,31 @@ impl Hearthd {
         delete(&self.http, name).await
     }
 
-    /// Create → first exec output, with its breakdown; on the first round also exec round trips.
-    async fn round(&self, round: usize, first: bool, s: &mut Samples) -> Result<()> {
+    async fn exec_true(&self, name: &str) -> Result<()> {
+        let out = self.exec(name, json!(["true"])).await?;
+        if out["exit_code"] != 0 {
+            bail!("exec failed: {out}");
+        }
+        Ok(())
+    }
+
+    /// Create → first exec output, with its breakdown.
+    async fn round(&self, round: usize, s: &mut Samples) -> Result<()> {
         let name = format!("bench-{round}");
         let started = Instant::now();
         let detail = self.create(&name).await?;
-        let created = started.elapsed().as_secs_f64() * 1000.0;
+        let created = ms_since(started);
         let out = self.exec(&name, json!(["echo", "ready"])).await?;
         if out["stdout"] != "ready\n" {
             bail!("unexpected exec answer {out}");
         }
-        let boot = started.elapsed().as_secs_f64() * 1000.0;
+        let boot = ms_since(started);
         s.hearthd.push(boot);
         s.create.push(created);
         s.first_exec.push(boot - created);
         s.ready.push(agent_ready_ms(&detail).with_context(|| {
             format!("no \"guest agent ready in N ms\" event in the create answer {detail}")
         })?);
-        if first {
-            for _ in 0..EXECS {
-                let t = Instant::now();
-                let out = self.exec(&name, json!(["true"])).await?;
-                if out["exit_code"] != 0 {
-                    bail!("exec failed: {out}");
-                }
-                s.api_exec.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
         self.delete(&name).await
     }
 
