@@ -19,6 +19,11 @@ use crate::rules;
 use crate::store::{StoreError, VmRecord};
 use crate::vmm::{LaunchSpec, VmHandle};
 
+/// How long after a create the spare it took is made again: the copy takes a core for a moment,
+/// and a new VM's first seconds (its first exec, what the guest does after boot) should not
+/// share the machine with it.
+const SPARE_REFILL_DELAY: Duration = Duration::from_secs(2);
+
 impl VmService {
     pub(super) async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, VmError> {
         let defaults = &self.inner.config.guest;
@@ -84,7 +89,7 @@ impl VmService {
             }
             Err(e) => Err(e),
         };
-        // The spare is made again only once this create is over: copying the image while the
+        // The spare is made again only after this create is over: copying the image while the
         // guest boots would take CPU and disk from the boot (a third of it, on two cores).
         let record = match prepared {
             Ok(r) => r,
@@ -105,9 +110,14 @@ impl VmService {
         self.detail(&record.id).await
     }
 
+    /// Makes a new spare, `SPARE_REFILL_DELAY` after a create that took one.
     fn refill_if(&self, took_spare: bool) {
         if took_spare {
-            self.refill_spare();
+            let service = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SPARE_REFILL_DELAY).await;
+                service.refill_spare();
+            });
         }
     }
 
@@ -539,7 +549,14 @@ mod tests {
             seen.is_empty(),
             "the create took the spare and nothing refilled it during the boot: {seen:?}"
         );
-        // Once the create is over (here: failed), the spare comes back.
+        // Not right after the create either: its first moments are the VM's.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let early = entries(&spare_dir);
+        assert!(
+            early.is_empty(),
+            "refilled right after the create: {early:?}"
+        );
+        // Then the spare comes back.
         wait_for("the spare to be refilled", || spare.exists()).await;
     }
 }
