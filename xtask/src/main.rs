@@ -37,6 +37,8 @@ const RSS_VMS: usize = 10;
 const SPAWNS: u64 = 200;
 const SPAWN_LOOPS: usize = 5;
 const RSS_TARGET_MB: f64 = 30.0;
+/// Root disk size of every VM, bare or hearthd's (hearthd's default).
+const ROOTFS_SIZE: &str = "10G";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -427,6 +429,17 @@ async fn boot_bare(image: &Path, work: &Path) -> Result<(BareVm, f64)> {
         .arg("--sparse=always")
         .arg(image.join("rootfs.ext4"))
         .arg(&disk))?;
+    // The disk hearthd gives a VM: the image grown to the same size, written out before the
+    // boot as hearthd's spare is.
+    run(Command::new("truncate")
+        .args(["-s", ROOTFS_SIZE])
+        .arg(&disk))?;
+    run(Command::new("resize2fs")
+        .arg("-f")
+        .arg(&disk)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null()))?;
+    run(Command::new("sync").arg(&disk))?;
     let lpj = khz.parse::<u64>().unwrap_or(0) * 4;
     let started = Instant::now();
     let child = Command::new("qemu-system-x86_64")
@@ -602,6 +615,7 @@ impl Hearthd {
             .env("HEARTH_LISTEN", "127.0.0.1:7070")
             .env("HEARTH_IMAGE_AGENT_PATH", agent)
             .env("HEARTH_GUEST_MEMORY", "256M")
+            .env("HEARTH_GUEST_ROOTFS_SIZE", ROOTFS_SIZE)
             // 10 VMs of 1 vCPU on a 2-core host exceed the default 400 %.
             .env("HEARTH_CAPACITY_CPU_OVERCOMMIT_PERCENT", "1000")
             .stdout(log.try_clone()?)
