@@ -1,12 +1,19 @@
-//! Project automation. `cargo run -p xtask -- bench` (or `make bench`) measures, in one run on
-//! one guest image:
+//! Project automation. `cargo run -p xtask -- bench [ROUNDS]` (or `make bench`) measures, in one
+//! run on one guest image, with bare QEMU and hearthd boots interleaved over ROUNDS rounds
+//! (default 9) after one warm-up round that is not counted:
 //!
-//! - bare QEMU boot to guest agent ready, with QEMU started by the bench itself;
-//! - hearthd create → first exec output, through the REST API;
-//! - their ratio (target: at most 1.10);
-//! - exec round trip through the API, p50/p99 over 200 calls (target p50: 2 ms), and, to show
-//!   where time goes, the same exec straight over the agent protocol, and the protocol round
-//!   trip alone (`ping`).
+//! - bare QEMU boot to guest agent hello and to its first exec output over the agent protocol,
+//!   with QEMU started by the bench itself;
+//! - hearthd create → first exec output, through the REST API, with a breakdown (create
+//!   answered, of which VMM launch → agent hello as hearthd reports it; then the first exec);
+//! - per round the ratio hearthd / bare, both to the first exec output (target: median at most
+//!   1.05) and, beside it, to the bare agent hello; min, median and max of every figure and ratio;
+//! - exec round trip through the API, p50/p99 over 200 calls (target p50: 2 ms), the same exec
+//!   straight over the agent protocol, the protocol round trip alone (`ping`), and a spawn of the
+//!   same program from a shell loop inside the guest; the ratios API / protocol (target at most
+//!   1.05) and protocol / in-guest spawn (target at most 1.3);
+//! - hearthd's resident memory (VmRSS) idle with 0 and with 10 running VMs (target at most
+//!   30 MB).
 //!
 //! Everything runs inside a network namespace the bench creates and removes.
 
@@ -22,14 +29,32 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const URL: &str = "http://127.0.0.1:7070";
-const BOOTS: usize = 5;
+const ROUNDS: usize = 9;
 const EXECS: usize = 200;
+/// VMs running while the second RSS figure is taken.
+const RSS_VMS: usize = 10;
+/// `/bin/true` spawns per in-guest loop, and loops run.
+const SPAWNS: u64 = 200;
+const SPAWN_LOOPS: usize = 5;
+const RSS_TARGET_MB: f64 = 30.0;
+/// Root disk size of every VM, bare or hearthd's (hearthd's default).
+const ROOTFS_SIZE: &str = "10G";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
-        Some("bench") => bench(),
-        _ => bail!("usage: cargo run -p xtask -- bench"),
+        Some("bench") => {
+            let rounds = match args.get(1) {
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .with_context(|| format!("ROUNDS must be a whole number >= 1, not {n:?}"))?,
+                None => ROUNDS,
+            };
+            bench(rounds)
+        }
+        _ => bail!("usage: cargo run -p xtask -- bench [ROUNDS]"),
     }
 }
 
@@ -80,6 +105,53 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Min, median and max of a series.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Spread {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(v: &[f64]) -> Spread {
+        let mut v = v.to_vec();
+        let median = median(&mut v);
+        Spread {
+            min: v[0],
+            median,
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// hearthd_i / bare_i for each round i.
+fn ratios(hearthd: &[f64], bare: &[f64]) -> Vec<f64> {
+    hearthd.iter().zip(bare).map(|(h, b)| h / b).collect()
+}
+
+/// `VmRSS` of /proc/<pid>/status, in MB (10^6 bytes).
+fn rss_mb(status: &str) -> Option<f64> {
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kb * 1024.0 / 1e6)
+}
+
+/// The agent-ready time hearthd records in the `running` event: "guest agent ready in N ms".
+fn agent_ready_ms(detail: &Value) -> Option<f64> {
+    detail["events"].as_array()?.iter().rev().find_map(|e| {
+        let m = e["message"].as_str()?;
+        let rest = m.split_once("guest agent ready in ")?.1;
+        rest.split_once(" ms")?.0.parse().ok()
+    })
+}
+
 /// Nearest-rank percentile, `p` in whole percent.
 fn percentile(v: &mut [f64], p: usize) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -87,7 +159,29 @@ fn percentile(v: &mut [f64], p: usize) -> f64 {
     v[rank.min(v.len()) - 1]
 }
 
-fn bench() -> Result<()> {
+/// Everything one run measures, in ms unless named otherwise.
+#[derive(Default)]
+struct Samples {
+    bare: Vec<f64>,
+    hearthd: Vec<f64>,
+    /// POST /v1/vms answered (the VM is running).
+    create: Vec<f64>,
+    /// VMM launch → agent hello, as hearthd records it.
+    ready: Vec<f64>,
+    /// Create answered → first exec output.
+    first_exec: Vec<f64>,
+    /// Bare: agent hello → first exec output (over the protocol).
+    bare_first_exec: Vec<f64>,
+    api_exec: Vec<f64>,
+    proto_exec: Vec<f64>,
+    ping: Vec<f64>,
+    /// One `/bin/true` spawned by a shell loop in the guest, per loop.
+    spawn: Vec<f64>,
+    rss_idle: f64,
+    rss_full: f64,
+}
+
+fn bench(rounds: usize) -> Result<()> {
     let root = root();
     let bin = root.join("target/release");
     let agent = std::env::var_os("HEARTH_IMAGE_AGENT_PATH")
@@ -112,51 +206,130 @@ fn bench() -> Result<()> {
     let result = rt.block_on(async {
         let work = root.join("target/bench-bare");
         let daemon = Hearthd::start(&bin, &data, &agent).await?;
-        let (mut bare, mut api) = (Vec::new(), Vec::new());
-        let (mut proto_exec, mut ping, mut exec) = (Vec::new(), Vec::new(), Vec::new());
+        // A round not counted first: the first boot after the image was built pays for cold
+        // caches (a third slower here), and would count for bare QEMU only.
+        eprintln!("bench: warm-up round (not counted)");
+        let mut warm = Samples::default();
+        let (vm, _) = boot_bare(&image, &work).await?;
+        drop(vm);
+        daemon.round("bench-warm-up", &mut warm).await?;
+        daemon.spare_ready().await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut s = Samples::default();
         // Interleaved, with a pause between boots, so drift on the machine hits both alike.
-        for round in 0..BOOTS {
-            let first = round == 0;
-            bare.push(bare_qemu(&image, &work, first, &mut proto_exec, &mut ping).await?);
+        for round in 0..rounds {
+            let (mut vm, boot) = boot_bare(&image, &work).await?;
+            s.bare.push(boot);
+            let t = Instant::now();
+            vm.exec(&["echo", "ready"]).await?;
+            s.bare_first_exec.push(ms_since(t));
+            drop(vm);
             tokio::time::sleep(Duration::from_secs(2)).await;
-            api.push(daemon.round(round, first, &mut exec).await?);
+            daemon.round(&format!("bench-{round}"), &mut s).await?;
+            daemon.spare_ready().await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            eprintln!("bench: round {} of {BOOTS}", round + 1);
+            eprintln!(
+                "bench: round {} of {rounds}: bare {:.0} ms, hearthd {:.0} ms",
+                round + 1,
+                s.bare[round],
+                s.hearthd[round]
+            );
         }
+        eprintln!("bench: exec round trips");
+        exec_phase(&daemon, &image, &work, &mut s).await?;
         let _ = std::fs::remove_dir_all(&work);
-        Ok::<_, anyhow::Error>((bare, proto_exec, ping, api, exec))
+        eprintln!("bench: hearthd's memory, idle and with {RSS_VMS} running VMs");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        s.rss_idle = daemon.rss()?;
+        s.rss_full = daemon.fleet(RSS_VMS).await?;
+        Ok::<_, anyhow::Error>(s)
     });
     drop(ns);
-    let (mut bare, mut proto_exec, mut ping, mut api, mut exec) = result?;
-    let (b, a) = (median(&mut bare), median(&mut api));
-    println!("guest boot, median of {BOOTS} (QEMU/TCG, 256 MiB, same image):");
-    println!("  bare QEMU start -> agent ready        {:>8.1} ms", b);
-    println!("  hearthd create -> first exec output   {:>8.1} ms", a);
+    report(rounds, &mut result?);
+    Ok(())
+}
+
+fn spread_line(label: &str, v: &[f64]) {
+    let s = Spread::of(v);
     println!(
-        "  ratio hearthd / bare                  {:>8.3}   (target <= 1.10)",
-        a / b
+        "  {label:<38} min {:>8.1}  median {:>8.1}  max {:>8.1} ms",
+        s.min, s.median, s.max
     );
-    println!("exec round trip, {EXECS} calls:");
+}
+
+fn ratio_line(label: &str, r: Spread, target: &str) {
+    println!(
+        "  {label:<38} min {:>8.3}  median {:>8.3}  max {:>8.3}   {target}",
+        r.min, r.median, r.max
+    );
+}
+
+fn report(rounds: usize, s: &mut Samples) {
+    // Like for like: both end at the first exec's output.
+    let bare_exec: Vec<f64> = s
+        .bare
+        .iter()
+        .zip(&s.bare_first_exec)
+        .map(|(b, e)| b + e)
+        .collect();
+    println!("guest boot, {rounds} interleaved rounds (QEMU/TCG, 256 MiB, same image):");
+    spread_line("bare QEMU start -> agent hello", &s.bare);
+    spread_line("  then: first exec output (protocol)", &s.bare_first_exec);
+    spread_line("bare QEMU start -> first exec output", &bare_exec);
+    spread_line("hearthd create -> first exec output", &s.hearthd);
+    spread_line("  of which: create answered (running)", &s.create);
+    spread_line("    of which: VMM launch -> agent hello", &s.ready);
+    spread_line("  then: first exec output (API)", &s.first_exec);
+    ratio_line(
+        "ratio hearthd / bare to 1st exec output",
+        Spread::of(&ratios(&s.hearthd, &bare_exec)),
+        "(per round; target median <= 1.05)",
+    );
+    ratio_line(
+        "ratio hearthd / bare to agent hello",
+        Spread::of(&ratios(&s.hearthd, &s.bare)),
+        "(per round; bare without its first exec)",
+    );
+    let api = percentile(&mut s.api_exec, 50);
+    let proto_exec = percentile(&mut s.proto_exec, 50);
+    let spawn = median(&mut s.spawn);
+    println!("exec round trip, {EXECS} calls alternating between a bare and a hearthd VM:");
     println!(
         "  API  POST /exec `true`   p50 {:>7.2} ms   p99 {:>7.2} ms   (target p50 <= 2 ms)",
-        percentile(&mut exec, 50),
-        percentile(&mut exec, 99)
+        api,
+        percentile(&mut s.api_exec, 99)
     );
     println!(
         "  agent protocol exec      p50 {:>7.2} ms   p99 {:>7.2} ms",
-        percentile(&mut proto_exec, 50),
-        percentile(&mut proto_exec, 99)
+        proto_exec,
+        percentile(&mut s.proto_exec, 99)
     );
     println!(
         "  agent protocol ping      p50 {:>7.2} ms   p99 {:>7.2} ms",
-        percentile(&mut ping, 50),
-        percentile(&mut ping, 99)
+        percentile(&mut s.ping, 50),
+        percentile(&mut s.ping, 99)
     );
     println!(
-        "  ratio API exec / protocol exec        {:>8.3}",
-        percentile(&mut exec, 50) / percentile(&mut proto_exec, 50)
+        "  in-guest shell loop      median {:>7.2} ms per `/bin/true` ({SPAWN_LOOPS} loops of {SPAWNS})",
+        spawn
     );
-    Ok(())
+    println!(
+        "  ratio API exec / protocol exec        {:>8.3}   (target <= 1.05)",
+        api / proto_exec
+    );
+    println!(
+        "  ratio protocol exec / in-guest spawn  {:>8.3}   (target <= 1.3)",
+        proto_exec / spawn
+    );
+    println!("hearthd resident memory (VmRSS):");
+    println!(
+        "  idle, 0 VMs (after the rounds)        {:>8.1} MB   (target <= {RSS_TARGET_MB} MB)",
+        s.rss_idle
+    );
+    println!(
+        "  idle, {RSS_VMS} running VMs                 {:>8.1} MB   (target <= {RSS_TARGET_MB} MB)",
+        s.rss_full
+    );
 }
 
 fn tsc_khz() -> Option<String> {
@@ -209,9 +382,13 @@ impl Agent {
     }
 
     async fn next(&mut self) -> Result<Event> {
+        Ok(self.frame().await?.message)
+    }
+
+    async fn frame(&mut self) -> Result<proto::Frame<Event>> {
         loop {
             if let Ok(Some(f)) = self.decoder.next_frame() {
-                return Ok(f.message);
+                return Ok(f);
             }
             let n = self.stream.read(&mut self.buf).await?;
             if n == 0 {
@@ -222,15 +399,25 @@ impl Agent {
     }
 }
 
-/// Boots the image with a plain QEMU command line; returns ms from start to agent hello. On the
-/// first round also measures protocol round trips.
-async fn bare_qemu(
-    image: &Path,
-    work: &Path,
-    first: bool,
-    execs: &mut Vec<f64>,
-    pings: &mut Vec<f64>,
-) -> Result<f64> {
+/// A guest booted by the bench's own QEMU command line, with its agent connection; its QEMU is
+/// ended and its RAM file removed when dropped.
+struct BareVm {
+    agent: Agent,
+    _qemu: Proc,
+    ram: PathBuf,
+    next_id: u64,
+}
+
+impl Drop for BareVm {
+    fn drop(&mut self) {
+        // `_qemu` is dropped (ended) after this; QEMU holds the file open, removal is fine.
+        let _ = std::fs::remove_file(&self.ram);
+    }
+}
+
+/// Boots the image with a plain QEMU command line; returns the VM and the ms from start to agent
+/// hello.
+async fn boot_bare(image: &Path, work: &Path) -> Result<(BareVm, f64)> {
     std::fs::create_dir_all(work)?;
     let disk = work.join("rootfs.ext4");
     let sock = work.join("agent.sock");
@@ -242,6 +429,17 @@ async fn bare_qemu(
         .arg("--sparse=always")
         .arg(image.join("rootfs.ext4"))
         .arg(&disk))?;
+    // The disk hearthd gives a VM: the image grown to the same size, written out before the
+    // boot as hearthd's spare is.
+    run(Command::new("truncate")
+        .args(["-s", ROOTFS_SIZE])
+        .arg(&disk))?;
+    run(Command::new("resize2fs")
+        .arg("-f")
+        .arg(&disk)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null()))?;
+    run(Command::new("sync").arg(&disk))?;
     let lpj = khz.parse::<u64>().unwrap_or(0) * 4;
     let started = Instant::now();
     let child = Command::new("qemu-system-x86_64")
@@ -277,52 +475,135 @@ async fn bare_qemu(
         .stdout(Stdio::null())
         .spawn()?;
     let qemu = Proc(child);
-    let result = bare_rounds(&sock, started, first, execs, pings).await;
-    drop(qemu);
-    let _ = std::fs::remove_file(&ram);
-    result
+    let ram_file = ram.clone();
+    let ready = async {
+        let mut agent = Agent::connect(&sock).await?;
+        agent.send(&Request::hello(), &[]).await?;
+        while !matches!(agent.next().await?, Event::Hello { .. }) {}
+        Ok::<_, anyhow::Error>(agent)
+    };
+    let agent = match ready.await {
+        Ok(agent) => agent,
+        Err(e) => {
+            drop(qemu);
+            let _ = std::fs::remove_file(&ram_file);
+            return Err(e);
+        }
+    };
+    let boot = started.elapsed().as_secs_f64() * 1000.0;
+    let vm = BareVm {
+        agent,
+        _qemu: qemu,
+        ram,
+        next_id: 1,
+    };
+    Ok((vm, boot))
 }
 
-async fn bare_rounds(
-    sock: &Path,
-    started: Instant,
-    first: bool,
-    execs: &mut Vec<f64>,
-    pings: &mut Vec<f64>,
-) -> Result<f64> {
-    let mut agent = Agent::connect(sock).await?;
-    agent.send(&Request::hello(), &[]).await?;
-    while !matches!(agent.next().await?, Event::Hello { .. }) {}
-    let boot = started.elapsed().as_secs_f64() * 1000.0;
-    if first {
-        for i in 0..EXECS as u64 {
-            let t = Instant::now();
-            agent.send(&Request::Ping { id: i }, &[]).await?;
-            while !matches!(agent.next().await?, Event::Done { .. }) {}
-            pings.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        for i in 0..EXECS as u64 {
-            let t = Instant::now();
-            let exec = Request::Exec {
-                id: 10_000 + i,
-                argv: vec!["true".into()],
-                env: vec![],
-                cwd: None,
-                stdin: false,
-                pty: None,
-                timeout_ms: None,
-            };
-            agent.send(&exec, &[]).await?;
-            while !matches!(agent.next().await?, Event::Exited { .. }) {}
-            execs.push(t.elapsed().as_secs_f64() * 1000.0);
+fn exec_request(id: u64, argv: &[&str]) -> Request {
+    Request::Exec {
+        id,
+        argv: argv.iter().map(|a| (*a).to_owned()).collect(),
+        env: vec![],
+        cwd: None,
+        stdin: false,
+        pty: None,
+        timeout_ms: None,
+    }
+}
+
+/// A shell loop in the guest spawning `/bin/true` `SPAWNS` times; prints µs per spawn.
+fn spawn_loop() -> String {
+    format!(
+        "a=$(date +%s%N); i=0; while [ $i -lt {SPAWNS} ]; do /bin/true; i=$((i+1)); done; \
+         b=$(date +%s%N); echo $(( (b-a)/{} ))",
+        SPAWNS * 1000
+    )
+}
+
+impl BareVm {
+    /// Runs `argv` over the agent protocol; its stdout, after a clean exit.
+    async fn exec(&mut self, argv: &[&str]) -> Result<Vec<u8>> {
+        self.next_id += 1;
+        self.agent
+            .send(&exec_request(self.next_id, argv), &[])
+            .await?;
+        let mut out = Vec::new();
+        loop {
+            let f = self.agent.frame().await?;
+            match f.message {
+                Event::Output { .. } => out.extend_from_slice(&f.payload),
+                Event::Exited { code: Some(0), .. } => return Ok(out),
+                Event::Exited { code, signal, .. } => {
+                    bail!("{argv:?} failed in the guest: code {code:?}, signal {signal:?}")
+                }
+                Event::Error { message, .. } => bail!("{argv:?} in the guest: {message}"),
+                _ => {}
+            }
         }
     }
-    Ok(boot)
+
+    async fn ping(&mut self) -> Result<()> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.agent.send(&Request::Ping { id }, &[]).await?;
+        while !matches!(self.agent.next().await?, Event::Done { .. }) {}
+        Ok(())
+    }
+
+    /// ms per `/bin/true` spawned by a shell loop in the guest.
+    async fn spawn_loop(&mut self) -> Result<f64> {
+        let out = self.exec(&["/bin/sh", "-c", &spawn_loop()]).await?;
+        let text = String::from_utf8_lossy(&out);
+        let us: f64 = text.trim().parse().with_context(|| {
+            format!("the in-guest spawn loop printed {text:?}, not microseconds")
+        })?;
+        Ok(us / 1000.0)
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Exec round trips with a bare VM and a hearthd VM both booted and idle, calls alternating
+/// between them so load on the machine hits both alike; then the in-guest spawn loops.
+async fn exec_phase(daemon: &Hearthd, image: &Path, work: &Path, s: &mut Samples) -> Result<()> {
+    let (mut bare, _) = boot_bare(image, work).await?;
+    let name = "bench-exec";
+    daemon.create(name).await?;
+    let result = async {
+        // Warm both guests' caches first.
+        for _ in 0..20 {
+            bare.exec(&["true"]).await?;
+            daemon.exec_true(name).await?;
+        }
+        for _ in 0..EXECS {
+            let t = Instant::now();
+            daemon.exec_true(name).await?;
+            s.api_exec.push(ms_since(t));
+            let t = Instant::now();
+            bare.exec(&["true"]).await?;
+            s.proto_exec.push(ms_since(t));
+            let t = Instant::now();
+            bare.ping().await?;
+            s.ping.push(ms_since(t));
+        }
+        for _ in 0..SPAWN_LOOPS {
+            s.spawn.push(bare.spawn_loop().await?);
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let deleted = daemon.delete(name).await;
+    result?;
+    deleted
 }
 
 /// A hearthd of the bench's own.
 struct Hearthd {
-    _proc: Proc,
+    proc: Proc,
+    data: PathBuf,
     http: reqwest::Client,
 }
 
@@ -334,11 +615,15 @@ impl Hearthd {
             .env("HEARTH_LISTEN", "127.0.0.1:7070")
             .env("HEARTH_IMAGE_AGENT_PATH", agent)
             .env("HEARTH_GUEST_MEMORY", "256M")
+            .env("HEARTH_GUEST_ROOTFS_SIZE", ROOTFS_SIZE)
+            // 10 VMs of 1 vCPU on a 2-core host exceed the default 400 %.
+            .env("HEARTH_CAPACITY_CPU_OVERCOMMIT_PERCENT", "1000")
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
         let daemon = Hearthd {
-            _proc: Proc(child),
+            proc: Proc(child),
+            data: data.to_owned(),
             http: reqwest::Client::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -351,6 +636,7 @@ impl Hearthd {
                 Err(_) => false,
             };
             if healthy {
+                daemon.spare_ready().await?;
                 return Ok(daemon);
             }
             if Instant::now() > deadline {
@@ -373,44 +659,132 @@ impl Hearthd {
         Ok(r.json().await?)
     }
 
-    /// Create → first exec output, in ms; on the first round also exec round trips.
-    async fn round(&self, round: usize, first: bool, execs: &mut Vec<f64>) -> Result<f64> {
-        let name = format!("bench-{round}");
-        let started = Instant::now();
-        let r = self
-            .http
-            .post(format!("{URL}/v1/vms"))
-            .json(&json!({ "name": name }))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("create failed: {}", r.text().await?);
+    /// Waits until hearthd's spare root disk is ready, so its making competes with no boot
+    /// (bare or hearthd's) and every create takes it, as on a machine that was idle.
+    async fn spare_ready(&self) -> Result<()> {
+        let dir = self.data.join("spare");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ready = std::fs::read_dir(&dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "ext4"));
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "hearthd made no spare disk in {} within 120 s",
+                    dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let out = self.exec(&name, json!(["echo", "ready"])).await?;
+    }
+
+    fn rss(&self) -> Result<f64> {
+        let pid = self.proc.0.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        rss_mb(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status"))
+    }
+
+    async fn create(&self, name: &str) -> Result<Value> {
+        create(&self.http, name).await
+    }
+
+    async fn delete(&self, name: &str) -> Result<()> {
+        delete(&self.http, name).await
+    }
+
+    async fn exec_true(&self, name: &str) -> Result<()> {
+        let out = self.exec(name, json!(["true"])).await?;
+        if out["exit_code"] != 0 {
+            bail!("exec failed: {out}");
+        }
+        Ok(())
+    }
+
+    /// Create → first exec output, with its breakdown.
+    async fn round(&self, name: &str, s: &mut Samples) -> Result<()> {
+        let started = Instant::now();
+        let detail = self.create(name).await?;
+        let created = ms_since(started);
+        let out = self.exec(name, json!(["echo", "ready"])).await?;
         if out["stdout"] != "ready\n" {
             bail!("unexpected exec answer {out}");
         }
-        let boot = started.elapsed().as_secs_f64() * 1000.0;
-        if first {
-            for _ in 0..EXECS {
-                let t = Instant::now();
-                let out = self.exec(&name, json!(["true"])).await?;
-                if out["exit_code"] != 0 {
-                    bail!("exec failed: {out}");
+        let boot = ms_since(started);
+        s.hearthd.push(boot);
+        s.create.push(created);
+        s.first_exec.push(boot - created);
+        s.ready.push(agent_ready_ms(&detail).with_context(|| {
+            format!("no \"guest agent ready in N ms\" event in the create answer {detail}")
+        })?);
+        self.delete(name).await
+    }
+
+    /// Starts `n` VMs at once, lets hearthd idle with them running, and returns its RSS in MB;
+    /// the VMs are deleted before it returns.
+    async fn fleet(&self, n: usize) -> Result<f64> {
+        let names: Vec<String> = (0..n).map(|i| format!("rss-{i}")).collect();
+        let created = self.each(&names, true).await;
+        let rss = match created {
+            Ok(()) => {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                self.rss()
+            }
+            Err(e) => Err(e),
+        };
+        let deleted = self.each(&names, false).await;
+        let rss = rss?;
+        deleted?;
+        Ok(rss)
+    }
+
+    /// Creates (or deletes) every VM of `names` concurrently; the first failure, after all ended.
+    async fn each(&self, names: &[String], create_them: bool) -> Result<()> {
+        let mut set = tokio::task::JoinSet::new();
+        for name in names {
+            let (http, name) = (self.http.clone(), name.clone());
+            set.spawn(async move {
+                if create_them {
+                    create(&http, &name).await.map(|_| ())
+                } else {
+                    delete(&http, &name).await
                 }
-                execs.push(t.elapsed().as_secs_f64() * 1000.0);
+            });
+        }
+        let mut result = Ok(());
+        while let Some(r) = set.join_next().await {
+            let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+            if result.is_ok() {
+                result = r;
             }
         }
-        let r = self
-            .http
-            .delete(format!("{URL}/v1/vms/{name}"))
-            .send()
-            .await?;
-        if !r.status().is_success() {
-            bail!("delete failed: {}", r.text().await?);
-        }
-        Ok(boot)
+        result
     }
+}
+
+async fn create(http: &reqwest::Client, name: &str) -> Result<Value> {
+    let r = http
+        .post(format!("{URL}/v1/vms"))
+        .json(&json!({ "name": name }))
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("create of {name} failed: {}", r.text().await?);
+    }
+    Ok(r.json().await?)
+}
+
+/// Deletes VM `name`; one that does not exist (its create failed) is fine.
+async fn delete(http: &reqwest::Client, name: &str) -> Result<()> {
+    let r = http.delete(format!("{URL}/v1/vms/{name}")).send().await?;
+    if !r.status().is_success() && r.status() != reqwest::StatusCode::NOT_FOUND {
+        bail!("delete of {name} failed: {}", r.text().await?);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -427,5 +801,48 @@ mod tests {
         let mut one = vec![7.0];
         assert_eq!(percentile(&mut one, 99), 7.0);
         assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+    }
+
+    #[test]
+    fn spreads_and_ratios_are_per_round() {
+        let s = Spread::of(&[5.0, 1.0, 9.0, 3.0, 7.0]);
+        assert_eq!(
+            s,
+            Spread {
+                min: 1.0,
+                median: 5.0,
+                max: 9.0
+            }
+        );
+        // Round by round, not a ratio of medians: 1.0 and 3.0 pair with 2.0 and 1.0.
+        assert_eq!(ratios(&[2.0, 3.0], &[2.0, 1.0]), vec![1.0, 3.0]);
+    }
+
+    #[test]
+    fn rss_is_read_from_proc_status() {
+        let status = "Name:\thearthd\nVmPeak:\t  99999 kB\nVmRSS:\t   20000 kB\nRssAnon:\t 1 kB\n";
+        assert_eq!(rss_mb(status), Some(20.48));
+        assert_eq!(rss_mb("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn the_agent_ready_time_comes_from_the_running_event() {
+        let detail = json!({ "events": [
+            { "kind": "created", "message": null },
+            { "kind": "pid", "message": "VMM pid 7 launched" },
+            { "kind": "running", "message": "guest agent ready in 2875 ms (pid 7, boot ab)" },
+        ]});
+        assert_eq!(agent_ready_ms(&detail), Some(2875.0));
+        assert_eq!(agent_ready_ms(&json!({ "events": [] })), None);
+    }
+
+    #[test]
+    fn the_spawn_loop_prints_microseconds_per_spawn() {
+        let script = spawn_loop();
+        assert!(script.contains(&format!("-lt {SPAWNS} ]")), "{script}");
+        assert!(
+            script.contains(&format!("/{} ))", SPAWNS * 1000)),
+            "{script}"
+        );
     }
 }

@@ -19,6 +19,11 @@ use crate::rules;
 use crate::store::{StoreError, VmRecord};
 use crate::vmm::{LaunchSpec, VmHandle};
 
+/// How long after a create the spare it took is made again: the copy takes a core for a moment,
+/// and a new VM's first seconds (its first exec, what the guest does after boot) should not
+/// share the machine with it.
+const SPARE_REFILL_DELAY: Duration = Duration::from_secs(2);
+
 impl VmService {
     pub(super) async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, VmError> {
         let defaults = &self.inner.config.guest;
@@ -75,30 +80,49 @@ impl VmService {
         }
         let lock = self.vm_lock(&record.id);
         let _guard = lock.lock().await;
+        let mut took_spare = false;
         let prepared = match self.prepare_disk(&record, &image).await {
-            Ok(()) => {
+            Ok(took) => {
+                took_spare = took;
                 self.transition(&record, Input::Created, None, None, None)
                     .await
             }
             Err(e) => Err(e),
         };
+        // The spare is made again only after this create is over: copying the image while the
+        // guest boots would take CPU and disk from the boot (a third of it, on two cores).
         let record = match prepared {
             Ok(r) => r,
             Err(e) => {
                 self.purge(&record).await;
+                self.refill_if(took_spare);
                 return Err(e);
             }
         };
         if start && let Err(e) = self.start_locked(record.clone()).await {
             // A create that fails leaves nothing behind.
             self.purge(&record).await;
+            self.refill_if(took_spare);
             return Err(e);
         }
         drop(_guard);
+        self.refill_if(took_spare);
         self.detail(&record.id).await
     }
 
-    pub(super) async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<(), VmError> {
+    /// Makes a new spare, `SPARE_REFILL_DELAY` after a create that took one.
+    fn refill_if(&self, took_spare: bool) {
+        if took_spare {
+            let service = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(SPARE_REFILL_DELAY).await;
+                service.refill_spare();
+            });
+        }
+    }
+
+    /// Gives `vm` its root disk: the spare when it fits (true), else a copy of the image.
+    pub(super) async fn prepare_disk(&self, vm: &VmRecord, image: &Image) -> Result<bool, VmError> {
         let dir = self.vm_dir(&vm.id);
         let taken = tokio::fs::create_dir_all(&dir).await.is_ok()
             && self
@@ -106,8 +130,7 @@ impl VmService {
                 .spares
                 .take(&image.id, vm.rootfs_mib, &dir.join("rootfs.ext4"));
         if taken {
-            self.refill_spare();
-            return Ok(());
+            return Ok(true);
         }
         let (src, mib) = (image.rootfs(), vm.rootfs_mib);
         let disk_err = |source| VmError::Disk {
@@ -126,7 +149,8 @@ impl VmService {
         })
         .await
         .map_err(|e| VmError::Task(format!("disk preparation: {e}")))?
-        .map_err(disk_err)
+        .map_err(disk_err)?;
+        Ok(false)
     }
 
     /// Removes everything of a VM: its run, files and record.
@@ -401,4 +425,138 @@ pub(super) async fn detached<T: Send + 'static>(
     tokio::spawn(work)
         .await
         .map_err(|e| VmError::Task(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::vm::ImageState;
+    use crate::vmm::{Capabilities, Vmm, VmmError};
+
+    /// A VMM whose launch takes a while and then fails, noting what the spare directory held
+    /// meanwhile.
+    #[derive(Debug)]
+    struct SlowFailingVmm {
+        spare_dir: PathBuf,
+        seen: Mutex<Option<Vec<PathBuf>>>,
+    }
+
+    fn entries(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
+    #[async_trait]
+    impl Vmm for SlowFailingVmm {
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+        fn accel(&self) -> &'static str {
+            "tcg"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::default()
+        }
+        async fn launch(&self, _spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
+            // Long enough for a refill started with the create to have made its file.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            *self.seen.lock().unwrap() = Some(entries(&self.spare_dir));
+            Err(VmmError::Unavailable(
+                "this test VMM cannot boot guests".into(),
+            ))
+        }
+        async fn prepare(&self, _kernel: &Path, _cache: &Path) {}
+        fn find(&self, _spec: &LaunchSpec) -> Option<u32> {
+            None
+        }
+        async fn adopt(
+            &self,
+            _spec: &LaunchSpec,
+            _pid: u32,
+        ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
+            Ok(None)
+        }
+    }
+
+    async fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_spare_is_refilled_after_the_boot_not_during_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let env = [("HEARTH_DATA_DIR", data.display().to_string())];
+        let config = Config::load(None, |k| {
+            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+        })
+        .unwrap();
+        let image_dir = data.join("images").join("testimage");
+        std::fs::create_dir_all(&image_dir).unwrap();
+        let mib = config.guest.rootfs_mib;
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(image_dir.join("rootfs.ext4"))
+            .arg(format!("{mib}M"))
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let image = Image {
+            id: "testimage".into(),
+            kernel_version: "none".into(),
+            dir: image_dir,
+            rootfs_mib: mib,
+        };
+        let spare_dir = data.join("spare");
+        let spare = spare_dir.join(format!("testimage-{mib}.ext4"));
+        let vmm = Arc::new(SlowFailingVmm {
+            spare_dir: spare_dir.clone(),
+            seen: Mutex::default(),
+        });
+        let store = crate::store::Store::open(&config.database_url)
+            .await
+            .unwrap();
+        let (_tx, rx) = watch::channel(ImageState::Ready(image));
+        let service = VmService::new(Arc::new(config), store, vmm.clone(), rx);
+        service.refill_spare();
+        wait_for("the first spare", || spare.exists()).await;
+
+        let req = CreateVmRequest {
+            name: "a".into(),
+            ..Default::default()
+        };
+        let err = service.create(req).await.unwrap_err();
+        assert!(matches!(err, VmError::StartFailed { .. }), "{err:?}");
+        let seen = vmm
+            .seen
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("the VMM was launched");
+        assert!(
+            seen.is_empty(),
+            "the create took the spare and nothing refilled it during the boot: {seen:?}"
+        );
+        // Not right after the create either: its first moments are the VM's.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let early = entries(&spare_dir);
+        assert!(
+            early.is_empty(),
+            "refilled right after the create: {early:?}"
+        );
+        // Then the spare comes back.
+        wait_for("the spare to be refilled", || spare.exists()).await;
+    }
 }
