@@ -103,31 +103,28 @@ impl VmService {
         open: ExecOpen,
     ) -> Result<ExecStream, VmError> {
         // An unknown or stopped VM is reported before anything about the command.
-        let (vm, guest) = self.guest(name, "exec").await?;
+        let (vm_name, guest) = self.guest(name, "exec").await?;
         let spec = exec_spec(open.request, open.stdin, open.pty)?;
         let program = spec.argv.first().cloned().unwrap_or_default();
         let session = guest.exec(spec).await.map_err(|source| match source {
             GuestError::Agent { code, message } => VmError::BadCommand {
-                name: vm.name.clone(),
+                name: vm_name.clone(),
                 program,
                 code,
                 message,
             },
             source => VmError::Guest {
-                name: vm.name.clone(),
+                name: vm_name.clone(),
                 source,
             },
         })?;
         Ok(ExecStream {
             input: ExecInput {
-                vm_name: vm.name.clone(),
+                vm_name: vm_name.clone(),
                 client: guest,
                 id: session.id,
             },
-            output: ExecOutput {
-                vm_name: vm.name,
-                session,
-            },
+            output: ExecOutput { vm_name, session },
         })
     }
 

@@ -73,7 +73,7 @@ impl VmService {
                 "invalid mode {mode:o}: must be permission bits, at most 7777 in octal"
             )));
         }
-        let (vm, guest) = self.guest(name, "copying files").await?;
+        let (vm_name, guest) = self.guest(name, "copying files").await?;
         let (tx, rx) = mpsc::channel::<Result<Vec<u8>, String>>(8);
         let feed = async move {
             while let Some(chunk) = data.next().await {
@@ -87,7 +87,7 @@ impl VmService {
         };
         let ((), put) = tokio::join!(feed, guest.put_file(path, mode, rx));
         put.map_err(|source| VmError::GuestFile {
-            name: vm.name.clone(),
+            name: vm_name.clone(),
             path: path.to_owned(),
             source,
         })
@@ -95,13 +95,13 @@ impl VmService {
 
     pub(super) async fn get_file(&self, name: &str, path: &str) -> Result<Download, VmError> {
         check_guest_path(path)?;
-        let (vm, guest) = self.guest(name, "copying files").await?;
+        let (vm_name, guest) = self.guest(name, "copying files").await?;
         let (size, mode, chunks) =
             guest
                 .get_file(path)
                 .await
                 .map_err(|source| VmError::GuestFile {
-                    name: vm.name.clone(),
+                    name: vm_name.clone(),
                     path: path.to_owned(),
                     source,
                 })?;
@@ -109,7 +109,7 @@ impl VmService {
             size,
             mode,
             chunks,
-            vm_name: vm.name,
+            vm_name,
             path: path.to_owned(),
         })
     }

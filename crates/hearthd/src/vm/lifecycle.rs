@@ -340,7 +340,17 @@ impl VmService {
             () = handle.wait_exit() => Err("the VMM exited while the guest was booting".to_owned()),
         };
         match result {
-            Ok((guest, boot_id)) => Ok((Arc::new(Runtime { handle, guest }), boot_id)),
+            Ok((guest, boot_id)) => {
+                let name = spec.name.clone();
+                Ok((
+                    Arc::new(Runtime {
+                        handle,
+                        guest,
+                        name,
+                    }),
+                    boot_id,
+                ))
+            }
             Err(e) => {
                 self.teardown(&spec.id, Some(&handle)).await;
                 Err(e)

@@ -169,7 +169,11 @@ impl VmService {
                     }
                 };
                 self.cap_logs_while_running(&vm, handle.clone());
-                let runtime = Arc::new(Runtime { handle, guest });
+                let runtime = Arc::new(Runtime {
+                    handle,
+                    guest,
+                    name: vm.name.clone(),
+                });
                 lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
                 self.monitor(vm, runtime);
             }

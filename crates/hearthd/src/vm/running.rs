@@ -9,7 +9,7 @@ use hearth_api::VmState;
 use super::logs::{LogSource, cap_log};
 use super::state::Input;
 use super::{VmError, VmService, lock};
-use crate::guest::GuestClient;
+use crate::guest::{GuestClient, GuestError};
 use crate::store::VmRecord;
 use crate::vmm::VmHandle;
 
@@ -20,6 +20,8 @@ const LOG_CAP_INTERVAL: Duration = Duration::from_secs(1);
 pub(super) struct Runtime {
     pub(super) handle: Arc<dyn VmHandle>,
     pub(super) guest: Arc<GuestClient>,
+    /// The VM's name, so commands find their VM's agent without a store lookup.
+    pub(super) name: String,
 }
 
 impl VmService {
@@ -83,31 +85,51 @@ impl VmService {
         });
     }
 
-    /// The agent connection of a running VM.
-    pub async fn guest(
+    /// The agent connection of a running VM, and the VM's name. A running VM is found among the
+    /// runtimes (by name, then id: a name wins over an id that looks the same) without asking
+    /// the store, which is only asked to explain why a VM is not running.
+    pub(super) async fn guest(
         &self,
         name: &str,
         what: &'static str,
-    ) -> Result<(VmRecord, Arc<GuestClient>), VmError> {
-        let vm = self.record(name).await?;
-        let runtime = lock(&self.inner.runtimes).get(&vm.id).cloned();
-        match (vm.state, runtime) {
-            (VmState::Running, Some(rt)) => {
-                // After a hearthd restart the agent may not have answered hello yet.
-                rt.guest
-                    .wait_ready(Duration::from_secs(10))
-                    .await
-                    .map_err(|source| VmError::Guest {
-                        name: vm.name.clone(),
-                        source,
-                    })?;
-                Ok((vm, rt.guest.clone()))
+    ) -> Result<(String, Arc<GuestClient>), VmError> {
+        let by_name = lock(&self.inner.runtimes)
+            .values()
+            .find(|rt| rt.name == name)
+            .cloned();
+        let rt = match by_name {
+            Some(rt) => rt,
+            None => {
+                // An id, or a VM that does not run: the store says which, and why.
+                let vm = self.record(name).await?;
+                let runtime = lock(&self.inner.runtimes).get(&vm.id).cloned();
+                match (vm.state, runtime) {
+                    (VmState::Running, Some(rt)) => rt,
+                    // Running, but its agent connection is not (or no longer) there.
+                    (VmState::Running, None) => {
+                        return Err(VmError::Guest {
+                            name: vm.name,
+                            source: GuestError::Disconnected,
+                        });
+                    }
+                    (state, _) => {
+                        return Err(VmError::NotRunning {
+                            name: vm.name,
+                            state,
+                            what,
+                        });
+                    }
+                }
             }
-            (state, _) => Err(VmError::NotRunning {
-                name: vm.name.clone(),
-                state,
-                what,
-            }),
-        }
+        };
+        // After a hearthd restart the agent may not have answered hello yet.
+        rt.guest
+            .wait_ready(Duration::from_secs(10))
+            .await
+            .map_err(|source| VmError::Guest {
+                name: rt.name.clone(),
+                source,
+            })?;
+        Ok((rt.name.clone(), rt.guest.clone()))
     }
 }
