@@ -225,6 +225,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     if let Some(kernel) = kernel {
         vmm.prepare(&kernel, &probe_cache).await;
     }
+    // Kept to tidy up at shutdown: the watcher below takes `vmm`.
+    let ram_dir = vmm.ram_dir().map(std::path::Path::to_path_buf);
     let service = VmService::new(config.clone(), store.clone(), vmm.clone(), image_rx.clone());
     {
         // A spare disk for fast creates, whenever a (new) image is ready.
@@ -320,6 +322,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::warn!("requests still in flight after server.shutdown_timeout_secs; leaving them");
             }
         }
+    }
+    // The RAM directory goes when no VM left a RAM file in it (VMs keep running across a stop).
+    if let Some(dir) = ram_dir {
+        let _ = std::fs::remove_dir(dir);
     }
     store.close().await;
     if let Some(path) = &config.server.unix_socket {

@@ -123,7 +123,10 @@ pub async fn run_kernel(
             .unwrap_or_default()
             .trim(),
         qemu.display(),
-        kernel.display()
+        // Resolved, so data directories that share an image cache share the verdict.
+        std::fs::canonicalize(kernel)
+            .unwrap_or_else(|_| kernel.to_owned())
+            .display()
     );
     if let Ok(text) = std::fs::read_to_string(cache)
         && let Some((cached_key, verdict)) = text.split_once('\n')
