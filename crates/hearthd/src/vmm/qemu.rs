@@ -89,6 +89,8 @@ pub struct Qemu {
     /// `qemu.accel = auto` and the firmware probe passed: KVM is used once the kernel probe
     /// ([`Vmm::prepare`]) confirms that it runs a real guest kernel; until then, TCG.
     kvm_unconfirmed: bool,
+    /// The kernel [`Vmm::prepare`] last settled the accelerator with.
+    prepared_for: std::sync::Mutex<Option<PathBuf>>,
     probe_dir: PathBuf,
     tsc_khz: Option<u64>,
     ram_dir: PathBuf,
@@ -142,6 +144,7 @@ impl Qemu {
             firmware,
             accel: std::sync::RwLock::new(accel),
             kvm_unconfirmed,
+            prepared_for: std::sync::Mutex::default(),
             probe_dir: probe_dir.to_owned(),
             tsc_khz: host_tsc_khz(),
             ram_dir,
@@ -400,24 +403,39 @@ impl Vmm for Qemu {
     }
 
     async fn prepare(&self, kernel: &Path, cache: &Path) {
-        let forced = self.current_accel() == Accel::Kvm;
+        // `qemu.accel = kvm` was forced (and passed the firmware probe); auto keeps deciding.
+        let forced = !self.kvm_unconfirmed && self.current_accel() == Accel::Kvm;
         if !self.kvm_unconfirmed && !forced {
-            return;
+            return; // tcg
+        }
+        {
+            let mut last = self
+                .prepared_for
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.as_deref() == Some(kernel) {
+                return; // settled for this kernel already
+            }
+            *last = Some(kernel.to_owned());
         }
         let verdict =
             probe::run_kernel(&self.binary, &self.firmware, kernel, &self.probe_dir, cache).await;
+        let set = |accel| {
+            *self
+                .accel
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = accel;
+        };
         match (verdict, forced) {
             (Ok(()), _) => {
                 if !forced {
                     tracing::info!("KVM runs the guest kernel; guests from now on use KVM");
                 }
-                *self
-                    .accel
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Accel::Kvm;
+                set(Accel::Kvm);
             }
             (Err(why), false) => {
                 tracing::info!(%why, "KVM is not usable; guests run under TCG emulation");
+                set(Accel::Tcg);
             }
             (Err(why), true) => {
                 tracing::error!(%why, "qemu.accel is kvm but KVM does not run the guest kernel; VMs will not boot");
@@ -654,10 +672,33 @@ mod tests {
             firmware: DEFAULT_FIRMWARE.into(),
             accel: std::sync::RwLock::new(Accel::Tcg),
             kvm_unconfirmed: false,
+            prepared_for: std::sync::Mutex::default(),
             probe_dir: "/tmp".into(),
             tsc_khz: None,
             ram_dir,
         }
+    }
+
+    #[tokio::test]
+    async fn auto_keeps_tcg_until_a_kernel_boots_under_kvm_and_probes_each_kernel_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Qemu {
+            binary: "/no/such/qemu".into(),
+            kvm_unconfirmed: true,
+            probe_dir: dir.path().to_owned(),
+            ..qemu_with_ram_dir(dir.path().join("ram"))
+        };
+        let cache = dir.path().join("kvm-probe");
+        let kernel = dir.path().join("vmlinuz");
+        assert_eq!(q.accel(), "tcg", "not before the kernel probe");
+        q.prepare(&kernel, &cache).await;
+        assert_eq!(q.accel(), "tcg", "a kernel that cannot run keeps TCG");
+        assert!(cache.exists(), "the verdict is cached");
+        std::fs::remove_file(&cache).unwrap();
+        q.prepare(&kernel, &cache).await;
+        assert!(!cache.exists(), "the same kernel is not probed again");
+        q.prepare(&dir.path().join("vmlinuz-2"), &cache).await;
+        assert!(cache.exists(), "a new kernel is");
     }
 
     #[test]
@@ -758,6 +799,7 @@ mod tests {
             firmware: DEFAULT_FIRMWARE.into(),
             accel: std::sync::RwLock::new(Accel::Tcg),
             kvm_unconfirmed: false,
+            prepared_for: std::sync::Mutex::default(),
             probe_dir: "/tmp".into(),
             tsc_khz: Some(2_000_000),
             ram_dir: "/dev/shm/hearth-0123456789abcdef".into(),
