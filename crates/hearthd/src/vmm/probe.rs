@@ -81,11 +81,20 @@ async fn run_guest(
     timeout: Duration,
     late: &str,
 ) -> Result<std::process::Output, String> {
-    let child = cmd
-        .stdin(Stdio::null())
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .kill_on_drop(true);
+    // A probe guest that hangs must not outlive a hearthd stopped while it waits for it.
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl(2),
+    // which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
     tokio::time::timeout(timeout, child.wait_with_output())
