@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
@@ -16,40 +15,7 @@ use crate::config::Config;
 use crate::image::Image;
 use crate::store::Store;
 use crate::vm::{ImageState, VmService};
-use crate::vmm::{Capabilities, LaunchSpec, VmHandle, Vmm, VmmError};
-
-/// A VMM whose guests never start: lets the tests reach every path up to the boot.
-#[derive(Debug)]
-struct NoBootVmm;
-
-#[async_trait]
-impl Vmm for NoBootVmm {
-    fn kind(&self) -> &'static str {
-        "fake"
-    }
-    fn accel(&self) -> &'static str {
-        "tcg"
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-    }
-    async fn launch(&self, _spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
-        Err(VmmError::Unavailable(
-            "this test VMM cannot boot guests".into(),
-        ))
-    }
-    async fn prepare(&self, _kernel: &std::path::Path, _cache: &std::path::Path) {}
-    fn find(&self, _spec: &LaunchSpec) -> Option<u32> {
-        None
-    }
-    async fn adopt(
-        &self,
-        _spec: &LaunchSpec,
-        _pid: u32,
-    ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
-        Ok(None)
-    }
-}
+use crate::vmm::double::NoBootVmm;
 
 struct Ctx {
     dir: tempfile::TempDir,
@@ -87,7 +53,7 @@ impl Ctx {
         std::mem::forget(_tx);
         let request_timeout = config.request_timeout;
         let guard = Arc::new(super::guard::Guard::new(config.listen, &config.server));
-        let service = VmService::new(Arc::new(config), store, Arc::new(NoBootVmm), rx);
+        let service = VmService::new(Arc::new(config), store, Arc::new(NoBootVmm::default()), rx);
         let app = router(AppState {
             service,
             request_timeout,
@@ -476,7 +442,12 @@ async fn an_unreadable_vm_row_does_not_stop_recovery() {
         .execute_for_test("UPDATE vms SET memory_mib = -5 WHERE id = $1", "id-bad")
         .await;
     let (_tx, rx) = watch::channel(ImageState::Building("test".into()));
-    let service = VmService::new(Arc::new(config), store.clone(), Arc::new(NoBootVmm), rx);
+    let service = VmService::new(
+        Arc::new(config),
+        store.clone(),
+        Arc::new(NoBootVmm::default()),
+        rx,
+    );
     service.recover().await.unwrap();
     // The good VM's VMM is gone: it is stopped.
     assert_eq!(store.get_vm("good").await.unwrap().state, VmState::Stopped);

@@ -442,58 +442,19 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::Mutex;
 
-    use async_trait::async_trait;
     use tokio::sync::watch;
 
     use super::*;
     use crate::config::Config;
     use crate::vm::ImageState;
-    use crate::vmm::{Capabilities, Vmm, VmmError};
+    use crate::vmm::double::NoBootVmm;
 
     /// A VMM whose launch takes a while and then fails, noting what the spare directory held
     /// meanwhile.
-    #[derive(Debug)]
-    struct SlowFailingVmm {
-        spare_dir: PathBuf,
-        seen: Mutex<Option<Vec<PathBuf>>>,
-    }
-
     fn entries(dir: &Path) -> Vec<PathBuf> {
         std::fs::read_dir(dir)
             .map(|d| d.flatten().map(|e| e.path()).collect())
             .unwrap_or_default()
-    }
-
-    #[async_trait]
-    impl Vmm for SlowFailingVmm {
-        fn kind(&self) -> &'static str {
-            "fake"
-        }
-        fn accel(&self) -> &'static str {
-            "tcg"
-        }
-        fn capabilities(&self) -> Capabilities {
-            Capabilities::default()
-        }
-        async fn launch(&self, _spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
-            // Long enough for a refill started with the create to have made its file.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            *self.seen.lock().unwrap() = Some(entries(&self.spare_dir));
-            Err(VmmError::Unavailable(
-                "this test VMM cannot boot guests".into(),
-            ))
-        }
-        async fn prepare(&self, _kernel: &Path, _cache: &Path) {}
-        fn find(&self, _spec: &LaunchSpec) -> Option<u32> {
-            None
-        }
-        async fn adopt(
-            &self,
-            _spec: &LaunchSpec,
-            _pid: u32,
-        ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
-            Ok(None)
-        }
     }
 
     async fn wait_for(what: &str, done: impl Fn() -> bool) {
@@ -531,15 +492,23 @@ mod tests {
         };
         let spare_dir = data.join("spare");
         let spare = spare_dir.join(format!("testimage-{mib}.ext4"));
-        let vmm = Arc::new(SlowFailingVmm {
-            spare_dir: spare_dir.clone(),
-            seen: Mutex::default(),
-        });
+        // What the spare directory holds while the guest would boot.
+        let seen: Arc<Mutex<Option<Vec<PathBuf>>>> = Arc::default();
+        let vmm = {
+            let (seen, spare_dir) = (seen.clone(), spare_dir.clone());
+            Arc::new(NoBootVmm {
+                // Long enough for a refill started with the create to have made its file.
+                delay: Duration::from_millis(500),
+                on_launch: Some(Box::new(move || {
+                    *seen.lock().unwrap() = Some(entries(&spare_dir));
+                })),
+            })
+        };
         let store = crate::store::Store::open(&config.database_url)
             .await
             .unwrap();
         let (_tx, rx) = watch::channel(ImageState::Ready(image));
-        let service = VmService::new(Arc::new(config), store, vmm.clone(), rx);
+        let service = VmService::new(Arc::new(config), store, vmm, rx);
         service.refill_spare();
         wait_for("the first spare", || spare.exists()).await;
 
@@ -549,12 +518,7 @@ mod tests {
         };
         let err = service.create(req).await.unwrap_err();
         assert!(matches!(err, VmError::StartFailed { .. }), "{err:?}");
-        let seen = vmm
-            .seen
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("the VMM was launched");
+        let seen = seen.lock().unwrap().clone().expect("the VMM was launched");
         assert!(
             seen.is_empty(),
             "the create took the spare and nothing refilled it during the boot: {seen:?}"

@@ -255,6 +255,55 @@ impl VmHandle for DoubleHandle {
     }
 }
 
+/// A VMM whose guests never start: lets tests reach every path up to the boot. `launch` waits
+/// `delay`, calls `on_launch` (to look at the world as the boot would see it), then fails.
+#[derive(Default)]
+pub struct NoBootVmm {
+    pub delay: std::time::Duration,
+    pub on_launch: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for NoBootVmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NoBootVmm")
+            .field("delay", &self.delay)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Vmm for NoBootVmm {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+    fn accel(&self) -> &'static str {
+        "tcg"
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    async fn launch(&self, _spec: &LaunchSpec) -> Result<Box<dyn VmHandle>, VmmError> {
+        tokio::time::sleep(self.delay).await;
+        if let Some(look) = &self.on_launch {
+            look();
+        }
+        Err(VmmError::Unavailable(
+            "this test VMM cannot boot guests".into(),
+        ))
+    }
+    async fn prepare(&self, _kernel: &Path, _cache: &Path) {}
+    fn find(&self, _spec: &LaunchSpec) -> Option<u32> {
+        None
+    }
+    async fn adopt(
+        &self,
+        _spec: &LaunchSpec,
+        _pid: u32,
+    ) -> Result<Option<Box<dyn VmHandle>>, VmmError> {
+        Ok(None)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
