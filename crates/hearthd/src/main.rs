@@ -8,6 +8,8 @@ mod guest;
 mod image;
 mod rules;
 mod store;
+#[cfg(test)]
+mod testing;
 mod vm;
 mod vmm;
 

@@ -14,9 +14,9 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{AppState, router};
-use crate::config::Config;
 use crate::image::Image;
 use crate::store::Store;
+use crate::testing;
 use crate::vm::{ImageState, VmService};
 use crate::vmm::double::DoubleVmm;
 use crate::vmm::process_with_arg;
@@ -46,25 +46,18 @@ impl Drop for Reaper {
 /// One temp dir with a data dir and a tiny real image, shared by the hearthds of a test.
 struct World {
     dir: tempfile::TempDir,
+    image: Image,
     _reaper: Reaper,
 }
 
 impl World {
     fn new() -> World {
         let dir = tempfile::tempdir().unwrap();
-        let image_dir = dir.path().join("data/images/testimage");
-        std::fs::create_dir_all(&image_dir).unwrap();
-        let ok = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(image_dir.join("rootfs.ext4"))
-            .arg("1024M")
-            .stdout(std::process::Stdio::null())
-            .status()
-            .unwrap();
-        assert!(ok.success());
+        let image = testing::image(&dir.path().join("data"), 1024);
         let reaper = Reaper(dir.path().to_owned());
         World {
             dir,
+            image,
             _reaper: reaper,
         }
     }
@@ -109,19 +102,9 @@ impl World {
             .enable_all()
             .build()
             .unwrap();
-        let data = self.data();
+        let (data, image) = (self.data(), self.image.clone());
         let (service, base) = rt.block_on(async move {
-            let env = [("HEARTH_DATA_DIR", data.display().to_string())];
-            let config = Config::load(None, |k| {
-                env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
-            })
-            .unwrap();
-            let image = Image {
-                id: "testimage".into(),
-                kernel_version: "none".into(),
-                dir: data.join("images/testimage"),
-                rootfs_mib: 1024,
-            };
+            let config = testing::config(&data);
             let store = Store::open(&config.database_url).await.unwrap();
             let (tx, rx) = watch::channel(ImageState::Ready(image));
             std::mem::forget(tx);

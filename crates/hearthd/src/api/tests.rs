@@ -11,9 +11,8 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 
 use super::{AppState, openapi_json, router};
-use crate::config::Config;
-use crate::image::Image;
 use crate::store::Store;
+use crate::testing;
 use crate::vm::{ImageState, VmService};
 use crate::vmm::double::NoBootVmm;
 
@@ -26,28 +25,8 @@ impl Ctx {
     async fn new() -> Ctx {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let env = [("HEARTH_DATA_DIR", data.display().to_string())];
-        let config = Config::load(None, |k| {
-            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
-        })
-        .unwrap();
-        // A real (tiny, sparse) ext4 image so disk preparation runs for real.
-        let image_dir = data.join("images").join("testimage");
-        std::fs::create_dir_all(&image_dir).unwrap();
-        let rootfs = image_dir.join("rootfs.ext4");
-        let ok = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&rootfs)
-            .arg("1024M")
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let image = Image {
-            id: "testimage".into(),
-            kernel_version: "none".into(),
-            dir: image_dir,
-            rootfs_mib: 1024,
-        };
+        let config = testing::config(&data);
+        let image = testing::image(&data, 1024);
         let store = Store::open(&config.database_url).await.unwrap();
         let (_tx, rx) = watch::channel(ImageState::Ready(image));
         std::mem::forget(_tx);
@@ -414,11 +393,7 @@ async fn an_unreadable_vm_row_does_not_stop_recovery() {
     use crate::store::VmRecord;
     use hearth_api::VmState;
     let dir = tempfile::tempdir().unwrap();
-    let env = [("HEARTH_DATA_DIR", dir.path().display().to_string())];
-    let config = Config::load(None, |k| {
-        env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
-    })
-    .unwrap();
+    let config = testing::config(dir.path());
     let store = Store::open(&config.database_url).await.unwrap();
     for name in ["good", "bad"] {
         let now = crate::store::now();

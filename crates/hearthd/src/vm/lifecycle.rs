@@ -445,7 +445,7 @@ mod tests {
     use tokio::sync::watch;
 
     use super::*;
-    use crate::config::Config;
+    use crate::testing;
     use crate::vm::ImageState;
     use crate::vmm::double::NoBootVmm;
 
@@ -469,27 +469,9 @@ mod tests {
     async fn the_spare_is_refilled_after_the_boot_not_during_it() {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let env = [("HEARTH_DATA_DIR", data.display().to_string())];
-        let config = Config::load(None, |k| {
-            env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
-        })
-        .unwrap();
-        let image_dir = data.join("images").join("testimage");
-        std::fs::create_dir_all(&image_dir).unwrap();
+        let config = testing::config(&data);
         let mib = config.guest.rootfs_mib;
-        let ok = std::process::Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(image_dir.join("rootfs.ext4"))
-            .arg(format!("{mib}M"))
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let image = Image {
-            id: "testimage".into(),
-            kernel_version: "none".into(),
-            dir: image_dir,
-            rootfs_mib: mib,
-        };
+        let image = testing::image(&data, mib);
         let spare_dir = data.join("spare");
         let spare = spare_dir.join(format!("testimage-{mib}.ext4"));
         // What the spare directory holds while the guest would boot.
