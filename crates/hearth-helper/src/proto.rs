@@ -225,6 +225,9 @@ pub struct SlotSpec {
     /// The VM's routable address (the /30's second usable address), on the slot's veth; the
     /// slot translates it to and from `GUEST_ADDR`.
     pub vm_addr: Ipv4Addr,
+    /// `network.cidr`: traffic to other VMs is let through the slot (the host's isolation rules
+    /// decide it), not treated as egress.
+    pub peers: Cidr,
     pub ports: ServicePorts,
     pub egress: EgressRules,
 }
