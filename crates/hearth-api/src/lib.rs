@@ -114,7 +114,97 @@ pub struct VmEvent {
 pub struct VmDetail {
     #[serde(flatten)]
     pub vm: Vm,
+    /// The VM's network; absent for a VM made while networking was off.
+    pub network: Option<VmNetwork>,
     pub events: Vec<VmEvent>,
+}
+
+/// A VM's network, as `GET /v1/vms/{name}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmNetwork {
+    /// The VM's routable address (its /30's second address): how other VMs and the host reach it.
+    pub address: String,
+    /// The host's end of the VM's /30 (its first address).
+    pub host_address: String,
+    /// The VM's /30, e.g. `172.28.0.4/30`.
+    pub subnet: String,
+    /// The address the guest itself sees on its NIC (the same in every VM).
+    pub guest_address: String,
+    /// The guest's gateway and DNS server.
+    pub guest_gateway: String,
+    /// The guest NIC's MAC address (the same in every VM).
+    pub mac: String,
+    /// Private networks the VM is a member of.
+    pub networks: Vec<String>,
+    pub egress: EgressPolicy,
+}
+
+/// `allow_all`: everything not denied goes out; `deny_all`: only what is allowed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EgressMode {
+    #[default]
+    AllowAll,
+    DenyAll,
+}
+
+/// A VM's egress policy: what it may reach outside `network.cidr` (other VMs are a matter of
+/// private networks).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct EgressPolicy {
+    pub mode: EgressMode,
+    /// Destinations allowed under `deny_all` (IPv4 CIDRs).
+    pub allow_cidrs: Vec<String>,
+    /// Destinations always denied (IPv4 CIDRs).
+    pub deny_cidrs: Vec<String>,
+    /// TCP ports `allow_cidrs` and `allow_domains` are limited to; empty: every port.
+    pub allow_ports: Vec<u16>,
+    /// Names (`api.example.com`, `*.example.com`) the VM may resolve and reach under `deny_all`;
+    /// any other name does not resolve.
+    pub allow_domains: Vec<String>,
+}
+
+/// An egress policy to set (on create, or `PUT /v1/vms/{name}/egress`). Allow lists without a
+/// mode mean `deny_all`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EgressRequest {
+    /// Default `deny_all` when an allow list is given, else `allow_all`.
+    pub mode: Option<EgressMode>,
+    /// IPv4 CIDRs such as `10.1.0.0/16` (a bare address means /32); at most 256.
+    #[serde(default)]
+    #[schema(max_items = 256)]
+    pub allow_cidrs: Vec<String>,
+    /// IPv4 CIDRs; at most 256.
+    #[serde(default)]
+    #[schema(max_items = 256)]
+    pub deny_cidrs: Vec<String>,
+    /// TCP ports 1-65535; needs `allow_cidrs` or `allow_domains`; at most 64.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    pub allow_ports: Vec<u16>,
+    /// `api.example.com` or `*.example.com`; at most 64.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    pub allow_domains: Vec<String>,
+}
+
+/// A private network: its members reach each other, nothing else reaches them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Network {
+    pub name: String,
+    pub created_at: String,
+    /// Names of the member VMs.
+    pub members: Vec<String>,
+}
+
+/// Body of `POST /v1/networks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetworkRequest {
+    /// 1-63 characters: lowercase letters, digits and hyphens, starting with a letter.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z][a-z0-9-]{0,62}$")]
+    pub name: String,
 }
 
 /// A size: an integer number of MiB, or a string with a unit such as `512M`, `2G` or `10G`.
@@ -141,6 +231,18 @@ pub struct CreateVmRequest {
     pub rootfs_size: Option<Size>,
     /// Start the VM after creating it (default true).
     pub start: Option<bool>,
+    /// Private networks to join (they must exist); at most 16.
+    #[serde(default)]
+    #[schema(max_items = 16)]
+    pub networks: Vec<String>,
+    /// Egress policy; default `allow_all`.
+    pub egress: Option<EgressRequest>,
+    /// Given to the guest by the metadata service (`/v1/user-data`); at most 64 KiB.
+    pub user_data: Option<String>,
+    /// OpenSSH public keys the metadata service gives the guest; at most 64.
+    #[serde(default)]
+    #[schema(max_items = 64)]
+    pub ssh_authorized_keys: Vec<String>,
 }
 
 /// Body of `POST /v1/vms/{name}/exec`.
@@ -282,6 +384,24 @@ pub struct Health {
     pub image_status: String,
     /// What VMs may commit on this host and what they have committed.
     pub capacity: Capacity,
+    /// VM networking; absent when `network.mode = "off"`.
+    pub network: Option<NetworkHealth>,
+}
+
+/// The state of VM networking.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkHealth {
+    /// `ok`, or why the privileged helper cannot be used.
+    pub helper: String,
+    /// The helper's pid and version when it answers.
+    pub helper_detail: Option<String>,
+    /// `network.cidr`.
+    pub cidr: String,
+    /// /30s in `network.cidr`, and how many VMs hold one.
+    pub subnets_total: u64,
+    pub subnets_used: u64,
+    /// Running VMs with a network slot.
+    pub slots: u64,
 }
 
 /// Host capacity for VMs, after overcommit ratios and reserves (`capacity.*` in the config).
@@ -371,6 +491,8 @@ error_codes! {
     VmNotFound = "vm_not_found", 404, 3;
     /// No such endpoint.
     NotFound = "not_found", 404, 3;
+    /// No private network has that name.
+    NetworkNotFound = "network_not_found", 404, 3;
     /// The endpoint exists but not with this HTTP method.
     MethodNotAllowed = "method_not_allowed", 405, 2;
     /// The request's `Host` header names neither hearthd's listen address, a loopback name nor
@@ -385,6 +507,10 @@ error_codes! {
     GuestFileNotFound = "guest_file_not_found", 404, 3;
     /// Another VM already has the name.
     VmNameTaken = "vm_name_taken", 409, 4;
+    /// Another private network already has the name.
+    NetworkNameTaken = "network_name_taken", 409, 4;
+    /// The private network still has members.
+    NetworkInUse = "network_in_use", 409, 4;
     /// The VM's state does not allow the operation (e.g. start a running VM).
     InvalidState = "invalid_state", 409, 4;
     /// Another lifecycle operation on this VM is in progress.
@@ -404,6 +530,8 @@ error_codes! {
     ImageUnavailable = "image_unavailable", 503, 5;
     /// The VMM failed to start or control the VM.
     VmmFailed = "vmm_failed", 500, 1;
+    /// VM networking failed: the privileged helper is not reachable or refused the work.
+    NetworkFailed = "network_failed", 503, 5;
     /// hearthd has as many requests (or streams) in hand and waiting as it takes; try again.
     Overloaded = "overloaded", 503, 5;
     /// The host ran out of something (disk space, memory), or a new disk would not fit.

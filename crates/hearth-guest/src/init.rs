@@ -5,7 +5,7 @@
 //! may panic: PID 1 exiting panics the kernel.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd};
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -124,6 +124,7 @@ pub fn boot() {
     if let Err(err) = loopback_up() {
         log!("cannot bring up lo: {err}");
     }
+    crate::net::configure_from_cmdline(&cmdline);
     debug!("init done in {:?}", started.elapsed());
     supervise();
 }
@@ -306,34 +307,7 @@ pub fn valid_hostname(name: &str) -> bool {
 
 /// Sets `IFF_UP` on `lo` with the classic ioctl pair.
 fn loopback_up() -> io::Result<()> {
-    // SAFETY: socket(2) takes no pointers; the result is checked before use.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a descriptor socket(2) just returned; nothing else owns it.
-    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
-    // SAFETY: `ifreq` is plain old data for which all-zero bytes are a valid value.
-    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
-        *slot = libc::c_char::from_ne_bytes([*byte]);
-    }
-    // SAFETY: SIOCGIFFLAGS fills the `ifreq` the pointer refers to, which lives across the call.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &raw mut request) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: SIOCGIFFLAGS just set the `ifru_flags` member of the union.
-    let flags = unsafe { request.ifr_ifru.ifru_flags };
-    let up = libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
-    if flags & up != 0 {
-        return Ok(());
-    }
-    request.ifr_ifru.ifru_flags = flags | up;
-    // SAFETY: SIOCSIFFLAGS reads the `ifreq` the pointer refers to, which lives across the call.
-    if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &raw const request) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    crate::net::set_up(&crate::net::inet_socket()?, "lo")
 }
 
 /// Forks the agent and, in PID 1, reaps every child for ever, restarting the agent when it

@@ -6,8 +6,9 @@
 //! the initramfs mounts the root disk, copies the agent onto a tmpfs at the disk's `/run` and
 //! `switch_root`s into `/run/hearth/hearth-guest`, so in a VM this binary starts as PID 1
 //! ([`init`]), whatever the disk holds: it mounts the API filesystems, remounts `/`
-//! read-write, sets the hostname from `hearth.hostname=` on the kernel command line and brings up
-//! loopback, all with plain syscalls (every fork+exec costs tens of milliseconds under TCG). It
+//! read-write, sets the hostname from `hearth.hostname=` on the kernel command line, brings up
+//! loopback and configures the NIC from `hearth.ip=`, `hearth.gw=` and `hearth.dns=` ([`net`]),
+//! all with plain syscalls (every fork+exec costs tens of milliseconds under TCG). It
 //! then forks: the child serves the host, and PID 1 stays a small loop that reaps orphans and
 //! restarts the agent if it dies.
 //!
@@ -42,6 +43,7 @@ mod log;
 mod exec;
 mod files;
 mod init;
+mod net;
 mod server;
 mod transport;
 

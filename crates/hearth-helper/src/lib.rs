@@ -1,5 +1,21 @@
 //! Hearth's privileged helper. `hearthd` asks it, over a unix socket, for the few things that
 //! need root: per-VM network slots and the nftables rule sets around them. The protocol
-//! ([`proto`]) is shared by both sides; the helper validates every field of every request.
+//! ([`proto`]) is shared by both sides; the helper validates every field of every request
+//! ([`validate`]) before it does anything.
+//!
+//! - [`client`]: the blocking client `hearthd` uses.
+//! - [`server`]: framing, the dispatch of each request ([`server::Helper`]), the connection loop.
+//! - [`net`]: namespaces, links, addresses, routes, sysctls and the TAP, behind the [`net::Net`]
+//!   trait (`ip` for real, a recording double for tests).
+//! - [`nft`]: the host and slot rule sets as text, applied through the [`nft::Nft`] trait.
 
+mod cmd;
+
+pub mod client;
+pub mod net;
+pub mod nft;
 pub mod proto;
+pub mod server;
+pub mod validate;
+
+pub use cmd::CommandError;

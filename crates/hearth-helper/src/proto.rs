@@ -287,7 +287,8 @@ pub enum Request {
     DeleteSlot { slot: SlotId },
     /// Creates the slot's TAP (`TAP_NAME`, with `GATEWAY_ADDR`/30) and hands its descriptor
     /// over ([`Response::Tap`]). The TAP lives as long as a descriptor of it is open, so it goes
-    /// when the VMM exits; a second open replaces the first.
+    /// when the VMM exits; while it is open (an earlier VMM still runs) a second OpenTap fails
+    /// (`Failed`, "still open") rather than take the TAP from under that VMM.
     OpenTap { slot: SlotId },
     /// Replaces the slot's egress policy.
     SetEgress { slot: SlotId, egress: EgressRules },

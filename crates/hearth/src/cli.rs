@@ -1,7 +1,13 @@
-//! The command line: clap types only, no behaviour.
+//! The command line: clap types, their value parsers and the usage rules clap cannot express
+//! ([`Cli::parse_checked`]); no behaviour.
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use hearth_api::Size;
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
+use hearth_api::{EgressMode, Size};
 
 use crate::error::{Action, HintContext};
 
@@ -26,6 +32,57 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses the command line, with the usage rules clap cannot say ([`Cli::check`]).
+    pub fn parse_checked<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let cli = Cli::try_parse_from(args)?;
+        cli.check()?;
+        Ok(cli)
+    }
+
+    /// Usage errors (exit 2) a flag's own parser cannot see: `vm egress` with no flag, and
+    /// ports that limit nothing.
+    fn check(&self) -> Result<(), clap::Error> {
+        let (path, flags) = match &self.command {
+            Command::Vm(VmCommand::New(a)) => (["vm", "new"], &a.egress),
+            Command::Vm(VmCommand::Egress(a)) => (["vm", "egress"], &a.egress),
+            _ => return Ok(()),
+        };
+        let usage_error = |message: &str| {
+            let mut command = Cli::command();
+            command.build();
+            let sub = command
+                .find_subcommand_mut(path[0])
+                .and_then(|vm| vm.find_subcommand_mut(path[1]));
+            match sub {
+                Some(sub) => sub.error(ErrorKind::MissingRequiredArgument, message),
+                None => Cli::command().error(ErrorKind::MissingRequiredArgument, message),
+            }
+        };
+        if path[1] == "egress" && flags.is_empty() {
+            return Err(usage_error(
+                "`hearth vm egress` needs at least one of --egress-mode, --egress-allow-cidr, \
+                 --egress-deny-cidr, --egress-allow-port and --egress-allow-domain \
+                 (`--egress-mode allow_all` alone resets the policy to the default)",
+            ));
+        }
+        if !flags.egress_allow_port.is_empty()
+            && flags.egress_allow_cidr.is_empty()
+            && flags.egress_allow_domain.is_empty()
+        {
+            return Err(usage_error(
+                "--egress-allow-port limits what --egress-allow-cidr and --egress-allow-domain \
+                 allow; give one of them too",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create, list and control VMs.
@@ -35,7 +92,10 @@ pub enum Command {
     Exec(ExecArgs),
     /// Copy a file into or out of a VM (same as `hearth vm cp`).
     Cp(CpArgs),
-    /// Show hearthd's status, version, VMM, acceleration and guest image.
+    /// Create private networks and connect VMs to them.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Show hearthd's status, version, VMM, acceleration, guest image, capacity and networking.
     Health,
 }
 
@@ -63,6 +123,46 @@ pub enum VmCommand {
     Exec(ExecArgs),
     /// Copy a file into or out of a VM.
     Cp(CpArgs),
+    /// Set a VM's egress policy: what it may reach outside hearthd's network.
+    #[command(after_help = EGRESS_AFTER_HELP)]
+    Egress(EgressArgs),
+}
+
+const EGRESS_AFTER_HELP: &str = "\
+The flags replace the VM's whole policy; at least one is needed. `--egress-mode allow_all` alone
+resets it to the default (everything goes out). Other VMs are reached through private networks
+(`hearth network connect`), not through egress.";
+
+/// Private networks: their members reach each other; nothing else reaches them.
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Create a private network.
+    Create(NetworkNameArg),
+    /// List private networks and their members.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete a private network (it must have no members left).
+    #[command(visible_alias = "rm")]
+    Delete(NetworkNameArg),
+    /// Make a VM a member of a private network.
+    Connect(MemberArgs),
+    /// Take a VM out of a private network.
+    Disconnect(MemberArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetworkNameArg {
+    /// The network's name: lowercase letters, digits and hyphens, starting with a letter.
+    #[arg(value_name = "NETWORK")]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct MemberArgs {
+    /// The network's name.
+    pub network: String,
+    /// The VM's name.
+    pub vm: String,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +187,81 @@ pub struct NewArgs {
     /// Create the VM without starting it.
     #[arg(long)]
     pub no_start: bool,
+    /// Join this private network (repeatable; it must exist, see `hearth network create`).
+    #[arg(long = "network", value_name = "NETWORK")]
+    pub networks: Vec<String>,
+    /// Give the guest this file as its user data (served by the metadata service at
+    /// /v1/user-data); `-` reads stdin. UTF-8 text.
+    #[arg(long, value_name = "FILE")]
+    pub user_data: Option<PathBuf>,
+    /// Give the guest the OpenSSH public keys in this file (repeatable; `authorized_keys`
+    /// format: a key a line, blank lines and `#` comments skipped).
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    pub ssh_keys: Vec<PathBuf>,
+    #[command(flatten)]
+    pub egress: EgressFlags,
+}
+
+/// `hearth vm egress NAME FLAGS…`: at least one flag ([`Cli::check`]).
+#[derive(Debug, Args)]
+pub struct EgressArgs {
+    /// The VM's name.
+    pub name: String,
+    #[command(flatten)]
+    pub egress: EgressFlags,
+}
+
+/// The egress flags of `vm new` and `vm egress`. Allow lists without `--egress-mode` mean
+/// `deny_all` (hearthd decides that; the request says only what was given).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Args)]
+#[command(next_help_heading = "Egress policy")]
+pub struct EgressFlags {
+    /// allow_all: everything not denied goes out (the default); deny_all: only what is
+    /// allowed.
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub egress_mode: Option<EgressModeArg>,
+    /// Let the VM reach this IPv4 CIDR; a bare address is a /32 (repeatable; implies
+    /// deny_all).
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    pub egress_allow_cidr: Vec<String>,
+    /// Never let the VM reach this IPv4 CIDR (repeatable).
+    #[arg(long, value_name = "CIDR", value_parser = parse_cidr)]
+    pub egress_deny_cidr: Vec<String>,
+    /// Limit the allowed CIDRs and domains to this TCP port, 1-65535 (repeatable; default:
+    /// every port).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub egress_allow_port: Vec<u16>,
+    /// Let the VM resolve and reach this name: `api.example.com`, or `*.example.com` for the
+    /// names under it (repeatable; implies deny_all).
+    #[arg(long, value_name = "NAME", value_parser = parse_domain)]
+    pub egress_allow_domain: Vec<String>,
+}
+
+impl EgressFlags {
+    /// True when no egress flag was given.
+    pub fn is_empty(&self) -> bool {
+        self == &EgressFlags::default()
+    }
+}
+
+/// `--egress-mode`, spelled as in the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EgressModeArg {
+    /// Everything not denied goes out.
+    #[value(name = "allow_all", alias = "allow-all")]
+    AllowAll,
+    /// Only what is allowed goes out.
+    #[value(name = "deny_all", alias = "deny-all")]
+    DenyAll,
+}
+
+impl From<EgressModeArg> for EgressMode {
+    fn from(mode: EgressModeArg) -> EgressMode {
+        match mode {
+            EgressModeArg::AllowAll => EgressMode::AllowAll,
+            EgressModeArg::DenyAll => EgressMode::DenyAll,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -184,6 +359,49 @@ pub fn parse_size(s: &str) -> Result<Size, String> {
     Ok(Size::Text(s.to_owned()))
 }
 
+/// An IPv4 address with an optional `/0`-`/32` prefix, kept as written (hearthd checks the
+/// rest, such as host bits).
+pub fn parse_cidr(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let (addr, prefix) = match s.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (s, None),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u8>().is_ok_and(|n| n <= 32)
+    });
+    if addr.parse::<Ipv4Addr>().is_err() || !prefix_ok {
+        return Err(format!(
+            "`{s}` is not an IPv4 CIDR; use e.g. 10.0.0.0/8, or 192.0.2.7 for one address"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// A DNS name, or `*.` and one, kept as written: labels of letters, digits, `-` and `_`, an
+/// optional trailing dot. A loose check that catches URLs and typos; hearthd applies the exact
+/// rule (and says it), so this never refuses a name hearthd would take.
+pub fn parse_domain(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let name = s.strip_prefix("*.").unwrap_or(s);
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.is_empty() || s.len() > 254 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "`{s}` is not a domain name; use e.g. api.example.com, or *.example.com for the names \
+             under it"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
@@ -192,27 +410,50 @@ pub fn parse_env(s: &str) -> Result<(String, String), String> {
 }
 
 impl Command {
-    /// The command and VM an error hint should talk about.
+    /// The command, VM and network an error hint should talk about.
     pub fn hint_context(&self) -> HintContext {
         let name = |n: &String| Some(n.clone());
-        let (action, vm) = match self {
-            Command::Health => (Action::Health, None),
-            Command::Exec(a) => (Action::Exec, name(&a.name)),
-            Command::Cp(a) => (Action::Cp, cp_vm_name(a)),
+        let (action, vm, network) = match self {
+            Command::Health => (Action::Health, None, None),
+            Command::Exec(a) => (Action::Exec, name(&a.name), None),
+            Command::Cp(a) => (Action::Cp, cp_vm_name(a), None),
+            Command::Network(command) => match command {
+                NetworkCommand::Create(a) => (Action::NetworkCreate, None, name(&a.name)),
+                NetworkCommand::List => (Action::NetworkList, None, None),
+                NetworkCommand::Delete(a) => (Action::NetworkDelete, None, name(&a.name)),
+                NetworkCommand::Connect(a) => {
+                    (Action::NetworkConnect, name(&a.vm), name(&a.network))
+                }
+                NetworkCommand::Disconnect(a) => {
+                    (Action::NetworkDisconnect, name(&a.vm), name(&a.network))
+                }
+            },
             Command::Vm(vm) => match vm {
-                VmCommand::New(a) => (Action::New, name(&a.name)),
-                VmCommand::List => (Action::List, None),
-                VmCommand::Inspect(a) => (Action::Inspect, name(&a.name)),
-                VmCommand::Start(a) => (Action::Start, name(&a.name)),
-                VmCommand::Stop(a) => (Action::Stop, name(&a.name)),
-                VmCommand::Restart(a) => (Action::Restart, name(&a.name)),
-                VmCommand::Delete(a) => (Action::Delete, name(&a.name)),
-                VmCommand::Logs(a) => (Action::Logs, name(&a.name)),
-                VmCommand::Exec(a) => (Action::Exec, name(&a.name)),
-                VmCommand::Cp(a) => (Action::Cp, cp_vm_name(a)),
+                // Of several networks, which one is missing only hearthd's message says.
+                VmCommand::New(a) => {
+                    let network = match a.networks.as_slice() {
+                        [one] => Some(one.clone()),
+                        _ => None,
+                    };
+                    (Action::New, name(&a.name), network)
+                }
+                VmCommand::List => (Action::List, None, None),
+                VmCommand::Inspect(a) => (Action::Inspect, name(&a.name), None),
+                VmCommand::Start(a) => (Action::Start, name(&a.name), None),
+                VmCommand::Stop(a) => (Action::Stop, name(&a.name), None),
+                VmCommand::Restart(a) => (Action::Restart, name(&a.name), None),
+                VmCommand::Delete(a) => (Action::Delete, name(&a.name), None),
+                VmCommand::Logs(a) => (Action::Logs, name(&a.name), None),
+                VmCommand::Exec(a) => (Action::Exec, name(&a.name), None),
+                VmCommand::Cp(a) => (Action::Cp, cp_vm_name(a), None),
+                VmCommand::Egress(a) => (Action::Egress, name(&a.name), None),
             },
         };
-        HintContext { action, vm }
+        HintContext {
+            action,
+            vm,
+            network,
+        }
     }
 
     pub fn is_exec(&self) -> bool {
@@ -234,7 +475,306 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
-        Cli::try_parse_from(std::iter::once("hearth").chain(args.iter().copied()))
+        Cli::parse_checked(std::iter::once("hearth").chain(args.iter().copied()))
+    }
+
+    fn new_args(args: &[&str]) -> NewArgs {
+        let argv: Vec<&str> = ["vm", "new"].iter().chain(args).copied().collect();
+        match parse(&argv).unwrap().command {
+            Command::Vm(VmCommand::New(a)) => a,
+            other => panic!("not vm new: {other:?}"),
+        }
+    }
+
+    fn egress_args(args: &[&str]) -> Result<EgressArgs, clap::Error> {
+        let argv: Vec<&str> = ["vm", "egress"].iter().chain(args).copied().collect();
+        match parse(&argv)?.command {
+            Command::Vm(VmCommand::Egress(a)) => Ok(a),
+            other => panic!("not vm egress: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn new_takes_networks_user_data_keys_and_egress() {
+        let a = new_args(&[
+            "web",
+            "--network",
+            "backend",
+            "--network=db",
+            "--user-data",
+            "-",
+            "--ssh-key",
+            "a.pub",
+            "--ssh-key",
+            "/keys/b.pub",
+            "--egress-mode",
+            "deny_all",
+            "--egress-allow-cidr",
+            "10.0.0.0/8",
+            "--egress-allow-cidr",
+            "192.0.2.7",
+            "--egress-deny-cidr",
+            "10.9.0.0/16",
+            "--egress-deny-cidr",
+            "10.8.0.0/16",
+            "--egress-allow-port",
+            "443",
+            "--egress-allow-port",
+            "8080",
+            "--egress-allow-domain",
+            "api.example.com",
+            "--egress-allow-domain",
+            "*.example.org",
+        ]);
+        assert_eq!(a.networks, ["backend", "db"]);
+        assert_eq!(a.user_data, Some(PathBuf::from("-")));
+        assert_eq!(
+            a.ssh_keys,
+            [PathBuf::from("a.pub"), PathBuf::from("/keys/b.pub")]
+        );
+        assert_eq!(
+            a.egress,
+            EgressFlags {
+                egress_mode: Some(EgressModeArg::DenyAll),
+                egress_allow_cidr: vec!["10.0.0.0/8".into(), "192.0.2.7".into()],
+                egress_deny_cidr: vec!["10.9.0.0/16".into(), "10.8.0.0/16".into()],
+                egress_allow_port: vec![443, 8080],
+                egress_allow_domain: vec!["api.example.com".into(), "*.example.org".into()],
+            }
+        );
+        let plain = new_args(&["web"]);
+        assert!(plain.networks.is_empty() && plain.ssh_keys.is_empty());
+        assert!(plain.user_data.is_none() && plain.egress.is_empty());
+        // The mode as the API spells it, or with a hyphen.
+        for (value, mode) in [
+            ("allow_all", EgressMode::AllowAll),
+            ("allow-all", EgressMode::AllowAll),
+            ("deny_all", EgressMode::DenyAll),
+            ("deny-all", EgressMode::DenyAll),
+        ] {
+            let a = new_args(&["web", "--egress-mode", value]);
+            assert_eq!(
+                a.egress.egress_mode.map(EgressMode::from),
+                Some(mode),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_egress_values_exit_2() {
+        for args in [
+            &[
+                "--egress-allow-port",
+                "0",
+                "--egress-allow-cidr",
+                "10.0.0.0/8",
+            ][..],
+            &[
+                "--egress-allow-port",
+                "65536",
+                "--egress-allow-cidr",
+                "10.0.0.0/8",
+            ],
+            &[
+                "--egress-allow-port",
+                "https",
+                "--egress-allow-cidr",
+                "10.0.0.0/8",
+            ],
+            &[
+                "--egress-allow-port",
+                "-1",
+                "--egress-allow-cidr",
+                "10.0.0.0/8",
+            ],
+            &["--egress-allow-cidr", "10.0.0/8"],
+            &["--egress-allow-cidr", "10.0.0.0/33"],
+            &["--egress-deny-cidr", "example.com"],
+            &["--egress-deny-cidr", "fd00::/8"],
+            &["--egress-allow-domain", "https://api.example.com"],
+            &["--egress-allow-domain", "a..b"],
+            &["--egress-mode", "deny"],
+            &["--egress-mode"],
+            &["--network"],
+            &["--ssh-key"],
+        ] {
+            let argv: Vec<&str> = ["vm", "new", "web"].iter().chain(args).copied().collect();
+            let err = parse(&argv).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}: {err}");
+        }
+        let err = parse(&["vm", "new", "web", "--egress-allow-port", "0"]).unwrap_err();
+        assert!(err.to_string().contains("0 is not in 1..=65535"), "{err}");
+        let err = parse(&["vm", "new", "web", "--egress-allow-cidr", "1.2.3/8"]).unwrap_err();
+        assert!(
+            err.to_string().contains("`1.2.3/8` is not an IPv4 CIDR"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn ports_need_something_they_limit() {
+        let err = parse(&["vm", "new", "web", "--egress-allow-port", "443"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string()
+                .contains("--egress-allow-port limits what --egress-allow-cidr"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Usage: hearth vm new"), "{err}");
+        let err = egress_args(&["demo", "--egress-allow-port", "443"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        for with in [
+            &["--egress-allow-cidr", "10.0.0.0/8"][..],
+            &["--egress-allow-domain", "*.example.com"],
+        ] {
+            let argv: Vec<&str> = ["demo", "--egress-allow-port", "443"]
+                .iter()
+                .chain(with)
+                .copied()
+                .collect();
+            assert_eq!(egress_args(&argv).unwrap().egress.egress_allow_port, [443]);
+        }
+    }
+
+    #[test]
+    fn egress_takes_the_five_flags_and_needs_one() {
+        let a = egress_args(&[
+            "demo",
+            "--egress-allow-domain",
+            "*.example.com",
+            "--egress-allow-domain",
+            "pypi.org",
+            "--egress-allow-port",
+            "443",
+        ])
+        .unwrap();
+        assert_eq!(a.name, "demo");
+        assert_eq!(a.egress.egress_allow_domain, ["*.example.com", "pypi.org"]);
+        assert_eq!(a.egress.egress_allow_port, [443]);
+        assert_eq!(a.egress.egress_mode, None);
+        let a = egress_args(&["demo", "--egress-mode", "allow_all"]).unwrap();
+        assert_eq!(a.egress.egress_mode, Some(EgressModeArg::AllowAll));
+        let a = egress_args(&["demo", "--egress-deny-cidr", "0.0.0.0/0"]).unwrap();
+        assert_eq!(a.egress.egress_deny_cidr, ["0.0.0.0/0"]);
+
+        let err = egress_args(&["demo"]).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let message = err.to_string();
+        for flag in [
+            "--egress-mode",
+            "--egress-allow-cidr",
+            "--egress-deny-cidr",
+            "--egress-allow-port",
+            "--egress-allow-domain",
+            "`--egress-mode allow_all` alone resets",
+        ] {
+            assert!(message.contains(flag), "{flag}: {message}");
+        }
+        assert!(message.contains("Usage: hearth vm egress"), "{message}");
+        assert_eq!(egress_args(&[]).unwrap_err().exit_code(), 2);
+        // The help says how to reset.
+        let mut command = Cli::command();
+        let help = command
+            .find_subcommand_mut("vm")
+            .and_then(|vm| vm.find_subcommand_mut("egress"))
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("`--egress-mode allow_all` alone"), "{help}");
+        assert!(help.contains("--egress-allow-domain <NAME>"), "{help}");
+    }
+
+    #[test]
+    fn network_commands_and_aliases() {
+        let network = |args: &[&str]| {
+            let argv: Vec<&str> = ["network"].iter().chain(args).copied().collect();
+            match parse(&argv).unwrap().command {
+                Command::Network(n) => n,
+                other => panic!("not network: {other:?}"),
+            }
+        };
+        assert!(matches!(
+            network(&["create", "backend"]),
+            NetworkCommand::Create(NetworkNameArg { name }) if name == "backend"
+        ));
+        assert!(matches!(network(&["list"]), NetworkCommand::List));
+        assert!(matches!(network(&["ls"]), NetworkCommand::List));
+        for verb in ["delete", "rm"] {
+            assert!(matches!(
+                network(&[verb, "backend"]),
+                NetworkCommand::Delete(NetworkNameArg { name }) if name == "backend"
+            ));
+        }
+        assert!(matches!(
+            network(&["connect", "backend", "web"]),
+            NetworkCommand::Connect(MemberArgs { network, vm }) if network == "backend" && vm == "web"
+        ));
+        assert!(matches!(
+            network(&["disconnect", "backend", "web"]),
+            NetworkCommand::Disconnect(MemberArgs { network, vm }) if network == "backend" && vm == "web"
+        ));
+        let cli = parse(&["--json", "network", "ls"]).unwrap();
+        assert!(cli.json);
+        for args in [
+            &["network"][..],
+            &["network", "create"],
+            &["network", "connect", "backend"],
+            &["network", "disconnect"],
+            &["network", "delete"],
+            &["network", "list", "extra"],
+            &["network", "attach", "a", "b"],
+        ] {
+            assert_eq!(parse(args).unwrap_err().exit_code(), 2, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn cidrs_and_domains_are_checked_and_kept_as_written() {
+        for good in [
+            "10.0.0.0/8",
+            "192.0.2.7",
+            "0.0.0.0/0",
+            "10.1.2.3/32",
+            " 10.0.0.0/8 ",
+        ] {
+            assert_eq!(parse_cidr(good).as_deref(), Ok(good.trim()), "{good}");
+        }
+        for bad in [
+            "",
+            "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/-1",
+            "10.0.0.0/8/8",
+            "::1",
+            "a.b.c.d",
+        ] {
+            assert!(parse_cidr(bad).is_err(), "{bad:?}");
+        }
+        for good in [
+            "api.example.com",
+            "*.example.com",
+            "localhost",
+            "API.Example.com.",
+            "_srv.x-y.example",
+        ] {
+            assert_eq!(parse_domain(good).as_deref(), Ok(good), "{good}");
+        }
+        let long = format!("{}.com", "a".repeat(64));
+        for bad in [
+            "",
+            "*.",
+            "*",
+            "a.*.com",
+            "example.com/path",
+            "a b.com",
+            "x..",
+            ".x",
+            "*..",
+            &long,
+        ] {
+            assert!(parse_domain(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
@@ -401,5 +941,39 @@ mod tests {
             (Action::Start, Some("web"))
         );
         assert!(parse(&["exec", "a", "true"]).unwrap().command.is_exec());
+        let ctx = parse(&["network", "connect", "backend", "web"])
+            .unwrap()
+            .command
+            .hint_context();
+        assert_eq!(
+            (ctx.action, ctx.vm.as_deref(), ctx.network.as_deref()),
+            (Action::NetworkConnect, Some("web"), Some("backend"))
+        );
+        let ctx = parse(&["network", "rm", "backend"])
+            .unwrap()
+            .command
+            .hint_context();
+        assert_eq!(
+            (ctx.action, ctx.vm, ctx.network.as_deref()),
+            (Action::NetworkDelete, None, Some("backend"))
+        );
+        let ctx = parse(&["vm", "new", "web", "--network", "db"])
+            .unwrap()
+            .command
+            .hint_context();
+        assert_eq!(ctx.network.as_deref(), Some("db"));
+        let ctx = parse(&["vm", "new", "web", "--network", "a", "--network", "b"])
+            .unwrap()
+            .command
+            .hint_context();
+        assert_eq!(ctx.network, None);
+        let ctx = parse(&["vm", "egress", "web", "--egress-mode", "allow_all"])
+            .unwrap()
+            .command
+            .hint_context();
+        assert_eq!(
+            (ctx.action, ctx.vm.as_deref()),
+            (Action::Egress, Some("web"))
+        );
     }
 }

@@ -7,7 +7,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hearth_api::{API_PREFIX, CreateVmRequest, ErrorBody, ErrorCode, Health, Vm, VmDetail};
+use hearth_api::{
+    API_PREFIX, CreateNetworkRequest, CreateVmRequest, EgressRequest, ErrorBody, ErrorCode, Health,
+    Network, Vm, VmDetail,
+};
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -223,6 +226,48 @@ impl Client {
         let timeout = LIFECYCLE_TIMEOUT + Duration::from_secs(extra);
         let req = self.http.post(self.url(&["vms", name, verb], &query));
         json(self.send(req.timeout(timeout)).await?).await
+    }
+
+    /// Replaces the VM's egress policy; answers with the VM, its new policy in `network`.
+    pub async fn set_egress(&self, name: &str, body: &EgressRequest) -> Result<Json<VmDetail>> {
+        let req = self
+            .http
+            .put(self.url(&["vms", name, "egress"], &[]))
+            .json(body);
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    pub async fn list_networks(&self) -> Result<Json<Vec<Network>>> {
+        let req = self.http.get(self.url(&["networks"], &[]));
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    pub async fn create_network(&self, body: &CreateNetworkRequest) -> Result<Json<Network>> {
+        let req = self.http.post(self.url(&["networks"], &[])).json(body);
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    pub async fn delete_network(&self, network: &str) -> Result<()> {
+        let req = self.http.delete(self.url(&["networks", network], &[]));
+        self.send(req.timeout(QUICK_TIMEOUT)).await?;
+        Ok(())
+    }
+
+    /// Makes `vm` a member of `network` (`connect: true`) or takes it out; answers with the
+    /// network.
+    pub async fn network_member(
+        &self,
+        network: &str,
+        vm: &str,
+        connect: bool,
+    ) -> Result<Json<Network>> {
+        let url = self.url(&["networks", network, "members", vm], &[]);
+        let req = if connect {
+            self.http.put(url)
+        } else {
+            self.http.delete(url)
+        };
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
     }
 
     /// The log as a streamed response body.

@@ -142,26 +142,41 @@ pub enum Action {
     Logs,
     Exec,
     Cp,
+    Egress,
+    NetworkCreate,
+    NetworkList,
+    NetworkDelete,
+    NetworkConnect,
+    NetworkDisconnect,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HintContext {
     pub action: Action,
     pub vm: Option<String>,
+    /// The private network the command names, when it names one.
+    pub network: Option<String>,
 }
 
+#[cfg(test)]
 impl HintContext {
-    #[cfg(test)]
     pub fn new(action: Action, vm: Option<&str>) -> Self {
         HintContext {
             action,
             vm: vm.map(str::to_owned),
+            network: None,
         }
+    }
+
+    pub fn with_network(mut self, network: &str) -> Self {
+        self.network = Some(network.to_owned());
+        self
     }
 }
 
 fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
     let vm = ctx.vm.as_deref().unwrap_or("NAME");
+    let network = ctx.network.as_deref().unwrap_or("NETWORK");
     let hint = match code {
         ErrorCode::VmNotFound => "`hearth vm list` shows the VMs".to_owned(),
         ErrorCode::InvalidState => match ctx.action {
@@ -171,7 +186,11 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             Action::Stop => {
                 format!("it may already be stopped; `hearth vm inspect {vm}` shows its state")
             }
-            Action::Delete | Action::Restart => {
+            Action::Delete
+            | Action::Restart
+            | Action::Egress
+            | Action::NetworkConnect
+            | Action::NetworkDisconnect => {
                 format!("`hearth vm inspect {vm}` shows its state and recent events")
             }
             _ => format!("start it with `hearth vm start {vm}`"),
@@ -189,6 +208,20 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
         ErrorCode::VmNameTaken => {
             format!("choose another name, or remove the existing VM with `hearth vm delete {vm}`")
         }
+        ErrorCode::NetworkNotFound => format!(
+            "list networks with `hearth network list`; create it with \
+             `hearth network create {network}`"
+        ),
+        ErrorCode::NetworkNameTaken => "choose another name, or use the existing network \
+             (`hearth network list` shows its members)"
+            .to_owned(),
+        ErrorCode::NetworkInUse => format!(
+            "disconnect its members first (`hearth network disconnect {network} VM`); \
+             `hearth network list` shows them"
+        ),
+        ErrorCode::NetworkFailed => "`hearth health` shows the networking helper's state; \
+             hearthd's log has the details"
+            .to_owned(),
         ErrorCode::InvalidCpus => "use 1 or an even number of vCPUs up to 32".to_owned(),
         ErrorCode::InvalidRam | ErrorCode::InvalidRootfsSize => {
             "give sizes as MiB (e.g. 512) or with a unit (e.g. 512M, 2G)".to_owned()
@@ -379,6 +412,124 @@ mod tests {
         );
         // --json keeps the message as it came (JSON escapes it).
         assert!(err.json()["message"].as_str().unwrap().contains('\x1b'));
+    }
+
+    #[test]
+    fn network_errors_name_the_next_command() {
+        let ctx = HintContext::new(Action::NetworkConnect, Some("web")).with_network("backend");
+        let err = api(ErrorCode::NetworkNotFound, "no network is named `backend`");
+        assert_eq!(
+            render(&err, &ctx, false),
+            "error: no network is named `backend`\n\
+             hint: list networks with `hearth network list`; create it with \
+             `hearth network create backend`\n"
+        );
+        assert_eq!(err.exit_code(), 3);
+        // `vm new --network a --network b`: which one is missing, the message says.
+        let text = render(&err, &HintContext::new(Action::New, Some("web")), false);
+        assert!(text.contains("`hearth network create NETWORK`"), "{text}");
+
+        let ctx = HintContext::new(Action::NetworkDelete, None).with_network("backend");
+        let err = api(ErrorCode::NetworkInUse, "network `backend` has 2 members");
+        assert_eq!(
+            render(&err, &ctx, false),
+            "error: network `backend` has 2 members\n\
+             hint: disconnect its members first (`hearth network disconnect backend VM`); \
+             `hearth network list` shows them\n"
+        );
+        assert_eq!(err.exit_code(), 4);
+
+        let err = api(
+            ErrorCode::NetworkNameTaken,
+            "a network named `backend` exists",
+        );
+        let text = render(&err, &ctx, false);
+        assert!(text.contains("hint: choose another name"), "{text}");
+        assert_eq!(err.exit_code(), 4);
+
+        let err = api(
+            ErrorCode::NetworkFailed,
+            "the networking helper is not reachable",
+        );
+        let text = render(&err, &HintContext::new(Action::New, Some("web")), false);
+        assert!(
+            text.ends_with(
+                "hint: `hearth health` shows the networking helper's state; hearthd's log has \
+                 the details\n"
+            ),
+            "{text}"
+        );
+        assert_eq!(err.exit_code(), 5);
+
+        let err = api(ErrorCode::InvalidState, "vm web is deleting");
+        let text = render(&err, &HintContext::new(Action::Egress, Some("web")), false);
+        assert!(
+            text.contains("hint: `hearth vm inspect web` shows its state"),
+            "{text}"
+        );
+    }
+
+    /// Every code, in every command: the hints print on `hint:` lines, and each `hearth …`
+    /// command a hint names is one this CLI has.
+    #[test]
+    fn every_hint_names_real_commands() {
+        use clap::Parser;
+        use clap::error::ErrorKind;
+
+        let actions = [
+            Action::Health,
+            Action::New,
+            Action::List,
+            Action::Inspect,
+            Action::Start,
+            Action::Stop,
+            Action::Restart,
+            Action::Delete,
+            Action::Logs,
+            Action::Exec,
+            Action::Cp,
+            Action::Egress,
+            Action::NetworkCreate,
+            Action::NetworkList,
+            Action::NetworkDelete,
+            Action::NetworkConnect,
+            Action::NetworkDisconnect,
+        ];
+        let mut commands_seen = 0;
+        for &code in ErrorCode::ALL {
+            for action in actions {
+                for ctx in [
+                    HintContext::new(action, None),
+                    HintContext::new(action, Some("demo")).with_network("backend"),
+                ] {
+                    let err = api(code, "it failed");
+                    assert_ne!(err.exit_code(), 0, "{code}");
+                    let text = render(&err, &ctx, false);
+                    assert!(text.starts_with("error: it failed\n"), "{code}: {text}");
+                    for line in text.lines().skip(1) {
+                        assert!(line.starts_with("hint: "), "{code}: {text}");
+                    }
+                    for hint in err.hints(&ctx) {
+                        for quoted in hint.split('`').skip(1).step_by(2) {
+                            let Some(args) = quoted.strip_prefix("hearth ") else {
+                                continue;
+                            };
+                            commands_seen += 1;
+                            let argv = std::iter::once("hearth").chain(args.split_whitespace());
+                            if let Err(e) = crate::cli::Cli::try_parse_from(argv) {
+                                // A hint may leave out what the reader fills in, nothing more.
+                                assert_eq!(
+                                    e.kind(),
+                                    ErrorKind::MissingRequiredArgument,
+                                    "{code} names `{quoted}`: {e}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(commands_seen > 100, "{commands_seen}");
     }
 
     #[test]

@@ -11,7 +11,6 @@ mod tty;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use hearth_api::{EXIT_EXEC_FAILED, ErrorCode};
 
 use crate::cli::Cli;
@@ -20,7 +19,7 @@ use crate::error::CliError;
 use crate::printer::Printer;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit());
     let printer = Printer::new(cli.json);
     let context = cli.command.hint_context();
     let is_exec = cli.command.is_exec();

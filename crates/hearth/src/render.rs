@@ -91,6 +91,15 @@ impl TerminalStream {
     }
 }
 
+/// Items from hearthd as `a, b, c`, made safe for a terminal; `-` for none.
+pub fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        terminal_safe(&items.join(", "))
+    }
+}
+
 /// A size in MiB as people write it: `512M`, `1G`, `1.5G`, `2T`.
 pub fn size_mib(mib: u64) -> String {
     const GIB: u64 = 1024;
@@ -285,6 +294,15 @@ mod tests {
         let mut t = TerminalStream::default();
         let out = t.push(b"bad \xff\xfe bytes\r") + &t.finish();
         assert_eq!(out, "bad \\xff\\xfe bytes\\x0d");
+    }
+
+    #[test]
+    fn lists_join_escaped_or_dash() {
+        assert_eq!(list_or_dash(&[]), "-");
+        assert_eq!(
+            list_or_dash(&["a".into(), "b\x1b[2J".into()]),
+            "a, b\\x1b[2J"
+        );
     }
 
     #[test]

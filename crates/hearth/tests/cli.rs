@@ -15,12 +15,13 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use hearth_api::{
-    Capacity, CreateVmRequest, ErrorBody, ErrorCode, Health, Resource, Size, TtySize, Vm, VmDetail,
-    VmEvent, VmState, WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
+    Capacity, CreateNetworkRequest, CreateVmRequest, EgressMode, EgressPolicy, EgressRequest,
+    ErrorBody, ErrorCode, Health, Network, NetworkHealth, Resource, Size, TtySize, Vm, VmDetail,
+    VmEvent, VmNetwork, VmState, WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
 };
 
 /// Longest any one run of the binary may take.
@@ -84,6 +85,8 @@ async fn inspect(Path(name): Path<String>) -> Response {
     }
     match canned_vms().into_iter().find(|vm| vm.name == name) {
         Some(vm) => Json(VmDetail {
+            // The running VM has a network; the other was made while networking was off.
+            network: (vm.name == "demo").then(|| canned_network(&["backend"], policy_of(None))),
             vm,
             events: vec![VmEvent {
                 at: "2024-05-01T12:00:00.000Z".into(),
@@ -98,11 +101,82 @@ async fn inspect(Path(name): Path<String>) -> Response {
     }
 }
 
-/// Echoes the request back as the VM it would make (sizes: a number is MiB, `NG` is GiB).
+fn canned_network(networks: &[&str], egress: EgressPolicy) -> VmNetwork {
+    VmNetwork {
+        address: "172.28.0.6".into(),
+        host_address: "172.28.0.5".into(),
+        subnet: "172.28.0.4/30".into(),
+        guest_address: "10.0.2.2".into(),
+        guest_gateway: "10.0.2.1".into(),
+        mac: "02:00:0a:00:02:02".into(),
+        networks: networks.iter().map(|&n| n.to_owned()).collect(),
+        egress,
+    }
+}
+
+/// The policy hearthd makes of a request: allow lists without a mode mean `deny_all`.
+fn policy_of(request: Option<EgressRequest>) -> EgressPolicy {
+    let request = request.unwrap_or_default();
+    let allows = !request.allow_cidrs.is_empty() || !request.allow_domains.is_empty();
+    let default = if allows {
+        EgressMode::DenyAll
+    } else {
+        EgressMode::AllowAll
+    };
+    EgressPolicy {
+        mode: request.mode.unwrap_or(default),
+        allow_cidrs: request.allow_cidrs,
+        deny_cidrs: request.deny_cidrs,
+        allow_ports: request.allow_ports,
+        allow_domains: request.allow_domains,
+    }
+}
+
+/// `backend` (with `demo` in it) and `empty`.
+fn canned_networks() -> Vec<Network> {
+    vec![
+        Network {
+            name: "backend".into(),
+            created_at: "2024-05-01T12:00:00Z".into(),
+            members: vec!["demo".into()],
+        },
+        Network {
+            name: "empty".into(),
+            created_at: "2024-05-01T12:00:00Z".into(),
+            members: vec![],
+        },
+    ]
+}
+
+fn network_not_found(name: &str) -> Response {
+    error(
+        ErrorCode::NetworkNotFound,
+        &format!("no network is named `{name}`"),
+    )
+}
+
+/// Echoes the request back as the VM it would make (sizes: a number is MiB, `NG` is GiB), with
+/// the request's JSON as its one event's message, so tests see the body the CLI sent. The VM
+/// has a network when the request names networks or egress (as if networking were off
+/// otherwise).
 async fn create(Json(request): Json<CreateVmRequest>) -> Response {
     if request.name == "demo" {
         return error(ErrorCode::VmNameTaken, "a VM named `demo` already exists");
     }
+    let known: Vec<String> = canned_networks().into_iter().map(|n| n.name).collect();
+    if let Some(missing) = request.networks.iter().find(|n| !known.contains(n)) {
+        return network_not_found(missing);
+    }
+    let event = VmEvent {
+        at: "2024-05-01T12:00:00.000Z".into(),
+        kind: "request".into(),
+        from_state: None,
+        to_state: None,
+        message: Some(serde_json::to_string(&request).unwrap()),
+    };
+    let networks: Vec<&str> = request.networks.iter().map(String::as_str).collect();
+    let network = (!networks.is_empty() || request.egress.is_some())
+        .then(|| canned_network(&networks, policy_of(request.egress.clone())));
     let mib = |size: Option<Size>, default: u64| match size {
         None => default,
         Some(Size::Mib(n)) => n,
@@ -116,8 +190,75 @@ async fn create(Json(request): Json<CreateVmRequest>) -> Response {
     let mut vm = canned_vm(&request.name, state, mib(request.ram, 512));
     vm.rootfs_mib = mib(request.rootfs_size, 2048);
     vm.cpus = request.cpus.unwrap_or(1);
-    let detail = VmDetail { vm, events: vec![] };
+    let detail = VmDetail {
+        vm,
+        network,
+        events: vec![event],
+    };
     (StatusCode::CREATED, Json(detail)).into_response()
+}
+
+/// `demo` gets the policy asked for (an unknown field in the body fails the extractor).
+async fn set_egress(Path(name): Path<String>, Json(request): Json<EgressRequest>) -> Response {
+    if name != "demo" {
+        return vm_not_found(&name);
+    }
+    Json(VmDetail {
+        vm: canned_vm("demo", VmState::Running, 1024),
+        network: Some(canned_network(&["backend"], policy_of(Some(request)))),
+        events: vec![],
+    })
+    .into_response()
+}
+
+async fn list_networks() -> Json<Vec<Network>> {
+    Json(canned_networks())
+}
+
+async fn create_network(Json(request): Json<CreateNetworkRequest>) -> Response {
+    if canned_networks().iter().any(|n| n.name == request.name) {
+        let message = format!("a network named `{}` already exists", request.name);
+        return error(ErrorCode::NetworkNameTaken, &message);
+    }
+    let network = Network {
+        name: request.name,
+        created_at: "2024-05-01T12:00:00Z".into(),
+        members: vec![],
+    };
+    (StatusCode::CREATED, Json(network)).into_response()
+}
+
+async fn delete_network(Path(name): Path<String>) -> Response {
+    match canned_networks().into_iter().find(|n| n.name == name) {
+        Some(n) if n.members.is_empty() => StatusCode::NO_CONTENT.into_response(),
+        Some(n) => error(
+            ErrorCode::NetworkInUse,
+            &format!(
+                "network `{name}` still has members: {}",
+                n.members.join(", ")
+            ),
+        ),
+        None => network_not_found(&name),
+    }
+}
+
+/// PUT adds the VM to the network's members, DELETE takes it out.
+async fn network_member(
+    method: axum::http::Method,
+    Path((network, vm)): Path<(String, String)>,
+) -> Response {
+    let Some(mut found) = canned_networks().into_iter().find(|n| n.name == network) else {
+        return network_not_found(&network);
+    };
+    if !canned_vms().iter().any(|v| v.name == vm) {
+        return vm_not_found(&vm);
+    }
+    found.members.retain(|m| *m != vm);
+    if method == axum::http::Method::PUT {
+        found.members.push(vm);
+        found.members.sort();
+    }
+    Json(found).into_response()
 }
 
 async fn start(Path(name): Path<String>) -> Response {
@@ -188,6 +329,14 @@ async fn health() -> Json<Health> {
             },
             disk_free_mib: 4096,
         },
+        network: Some(NetworkHealth {
+            helper: "ok".into(),
+            helper_detail: Some("pid 812, hearth-helper 0.1.0".into()),
+            cidr: "172.28.0.0/16".into(),
+            subnets_total: 16384,
+            subnets_used: 1,
+            slots: 1,
+        }),
     })
 }
 
@@ -347,6 +496,16 @@ fn fake_app() -> Router {
         .route("/v1/vms/{name}/logs", get(logs))
         .route("/v1/vms/{name}/files", get(get_file).put(put_file))
         .route("/v1/vms/{name}/exec/ws", get(exec_ws))
+        .route("/v1/vms/{name}/egress", put(set_egress))
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route(
+            "/v1/networks/{network}",
+            axum::routing::delete(delete_network),
+        )
+        .route(
+            "/v1/networks/{network}/members/{name}",
+            put(network_member).delete(network_member),
+        )
         .with_state(files)
 }
 
@@ -864,12 +1023,21 @@ fn health_prints_its_fields() {
     assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "status:    ok\nversion:   0.1.0\nvmm:       qemu\naccel:     tcg\nimage:     sha256-0123\n\
-         vcpus:     0 of 8 committed, 8 available\n\
-         memory:    0M of 1G committed, 1G available\n\
-         ram files: 0M of 1G committed, 1G available\n\
-         disks:     0M of 4G committed, 4G available\n\
-         disk free: 4G\n"
+        "status:       ok\n\
+         version:      0.1.0\n\
+         vmm:          qemu\n\
+         accel:        tcg\n\
+         image:        sha256-0123\n\
+         vcpus:        0 of 8 committed, 8 available\n\
+         memory:       0M of 1G committed, 1G available\n\
+         ram files:    0M of 1G committed, 1G available\n\
+         disks:        0M of 4G committed, 4G available\n\
+         disk free:    4G\n\
+         networking:   ok\n\
+         helper:       pid 812, hearth-helper 0.1.0\n\
+         network cidr: 172.28.0.0/16\n\
+         subnets:      1 of 16384 used\n\
+         slots:        1\n"
     );
 }
 
@@ -970,5 +1138,357 @@ fn guest_text_is_escaped_on_a_terminal_and_raw_in_a_pipe() {
         text(&seen).contains("\\x1b]0;owned\\x07\\x1b[2Jgone"),
         "{:?}",
         text(&seen)
+    );
+}
+
+#[test]
+fn inspect_shows_the_network_section_when_there_is_one() {
+    let out = hearth(&["vm", "inspect", "demo"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "\nNETWORK\n\
+             address:       172.28.0.6\n\
+             host address:  172.28.0.5\n\
+             subnet:        172.28.0.4/30\n\
+             guest address: 10.0.2.2\n\
+             guest gateway: 10.0.2.1\n\
+             mac:           02:00:0a:00:02:02\n\
+             networks:      backend\n\
+             egress:        allow_all\n\nEVENTS\n"
+        ),
+        "{stdout}"
+    );
+    let out = hearth(&["vm", "inspect", "build-server"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("NETWORK"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = hearth(&["--json", "vm", "inspect", "build-server"], b"");
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(body["network"].is_null(), "{body}");
+}
+
+/// The body `vm new` sent, which the fake returns as its event's message.
+fn sent_request(stdout: &[u8]) -> (VmDetail, CreateVmRequest) {
+    let detail: VmDetail = serde_json::from_slice(stdout).expect("stdout is a VmDetail");
+    let message = detail.events[0].message.clone().expect("the request");
+    let request = serde_json::from_str(&message).unwrap();
+    (detail, request)
+}
+
+#[test]
+fn new_sends_networks_egress_user_data_and_keys() {
+    let dir = scratch("new-inputs");
+    let user_data = dir.join("user-data.yaml");
+    std::fs::write(&user_data, "#cloud-config\npackages: [curl]\n").unwrap();
+    let laptop = dir.join("laptop.pub");
+    std::fs::write(&laptop, "ssh-ed25519 AAAAC3one me@laptop\n").unwrap();
+    let team = dir.join("team_keys");
+    std::fs::write(
+        &team,
+        "# the team\n\nssh-ed25519 AAAAC3two a@x\n  # gone: ssh-rsa AAAAold\nssh-rsa AAAAB3three b@y\n",
+    )
+    .unwrap();
+    let out = hearth(
+        &[
+            "--json",
+            "vm",
+            "new",
+            "web",
+            "--network",
+            "backend",
+            "--network",
+            "empty",
+            "--user-data",
+            user_data.to_str().unwrap(),
+            "--ssh-key",
+            laptop.to_str().unwrap(),
+            "--ssh-key",
+            team.to_str().unwrap(),
+            "--egress-allow-cidr",
+            "10.1.0.0/16",
+            "--egress-deny-cidr",
+            "10.1.9.0/24",
+            "--egress-allow-port",
+            "443",
+            "--egress-allow-domain",
+            "*.example.com",
+        ],
+        b"",
+    );
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let (detail, request) = sent_request(&out.stdout);
+    assert_eq!(
+        request,
+        CreateVmRequest {
+            name: "web".into(),
+            networks: vec!["backend".into(), "empty".into()],
+            egress: Some(EgressRequest {
+                mode: None,
+                allow_cidrs: vec!["10.1.0.0/16".into()],
+                deny_cidrs: vec!["10.1.9.0/24".into()],
+                allow_ports: vec![443],
+                allow_domains: vec!["*.example.com".into()],
+            }),
+            user_data: Some("#cloud-config\npackages: [curl]\n".into()),
+            ssh_authorized_keys: vec![
+                "ssh-ed25519 AAAAC3one me@laptop".into(),
+                "ssh-ed25519 AAAAC3two a@x".into(),
+                "ssh-rsa AAAAB3three b@y".into(),
+            ],
+            ..CreateVmRequest::default()
+        }
+    );
+    assert_eq!(
+        detail.network.unwrap().egress.mode,
+        EgressMode::DenyAll,
+        "allow lists alone mean deny_all"
+    );
+
+    // User data from stdin; no egress flag, no policy sent.
+    let out = hearth(
+        &["--json", "vm", "new", "web", "--user-data", "-"],
+        b"#!/bin/sh\necho hello\n",
+    );
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let (_, request) = sent_request(&out.stdout);
+    assert_eq!(
+        request.user_data.as_deref(),
+        Some("#!/bin/sh\necho hello\n")
+    );
+    assert_eq!((request.egress, request.networks.len()), (None, 0));
+    let raw: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        raw["network"].is_null(),
+        "--json prints the API's JSON: {raw}"
+    );
+
+    // The human line gives the address.
+    let out = hearth(&["vm", "new", "web", "--network", "backend"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "created vm web (running; 1 cpu, 512M RAM, 2G rootfs; address 172.28.0.6)\n"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn new_refuses_bad_local_inputs_before_asking_hearthd() {
+    let dir = scratch("new-bad-inputs");
+    let binary = dir.join("blob");
+    std::fs::write(&binary, b"\x7fELF\x02\x01\xff\xfe").unwrap();
+    let out = hearth(
+        &["vm", "new", "web", "--user-data", binary.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).starts_with(&format!(
+            "error: --user-data {} is not UTF-8 text (byte 6 is not)",
+            binary.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hearth(&["--json", "vm", "new", "web", "--user-data", "-"], b"\xff");
+    assert_eq!(code(&out), 2);
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["error"], "invalid_request");
+
+    let private = dir.join("id_ed25519");
+    std::fs::write(
+        &private,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbg==\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = hearth(
+        &["vm", "new", "web", "--ssh-key", private.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(code(&out), 2);
+    assert!(
+        text(&out.stderr).contains("holds a private key"),
+        "{}",
+        text(&out.stderr)
+    );
+    let missing = dir.join("nope.pub");
+    let out = hearth(
+        &["vm", "new", "web", "--ssh-key", missing.to_str().unwrap()],
+        b"",
+    );
+    assert_eq!(code(&out), 1);
+    assert!(
+        text(&out.stderr).starts_with(&format!(
+            "error: cannot read --ssh-key {}: ",
+            missing.display()
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+    // A network hearthd does not know: the hint says how to make it.
+    let out = hearth(&["vm", "new", "web", "--network", "nope"], b"");
+    assert_eq!(code(&out), 3);
+    assert_eq!(
+        text(&out.stderr),
+        "error: no network is named `nope`\n\
+         hint: list networks with `hearth network list`; create it with \
+         `hearth network create nope`\n"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn egress_sets_the_policy_and_prints_it() {
+    let out = hearth(
+        &[
+            "vm",
+            "egress",
+            "demo",
+            "--egress-allow-domain",
+            "pypi.org",
+            "--egress-allow-domain",
+            "*.pythonhosted.org",
+            "--egress-allow-port",
+            "443",
+        ],
+        b"",
+    );
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "vm:            demo\n\
+         egress:        deny_all\n\
+         allow domains: pypi.org, *.pythonhosted.org\n\
+         allow ports:   443\n"
+    );
+    let out = hearth(
+        &[
+            "--json",
+            "vm",
+            "egress",
+            "demo",
+            "--egress-mode",
+            "allow_all",
+        ],
+        b"",
+    );
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let detail: VmDetail = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(detail.network.unwrap().egress, EgressPolicy::default());
+
+    let out = hearth(&["vm", "egress", "demo"], b"");
+    assert_eq!(code(&out), 2);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("needs at least one of --egress-mode, --egress-allow-cidr"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`--egress-mode allow_all` alone resets"),
+        "{stderr}"
+    );
+    let out = hearth(
+        &["vm", "egress", "demo", "--egress-allow-port", "70000"],
+        b"",
+    );
+    assert_eq!(code(&out), 2);
+    let out = hearth(&["vm", "egress", "nope", "--egress-mode", "deny_all"], b"");
+    assert_eq!(code(&out), 3);
+    assert_eq!(
+        text(&out.stderr),
+        "error: no VM is named `nope`\nhint: `hearth vm list` shows the VMs\n"
+    );
+}
+
+#[test]
+fn network_list_create_and_delete() {
+    let out = hearth(&["network", "list"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    assert_eq!(lines[0], "NAME      MEMBERS   CREATED");
+    assert!(lines[1].starts_with("backend   demo      "), "{stdout}");
+    assert!(lines[2].starts_with("empty     -         "), "{stdout}");
+    assert!(lines[2].ends_with(" ago"), "{stdout}");
+    let out = hearth(&["--json", "network", "ls"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let networks: Vec<Network> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(networks, canned_networks());
+
+    let out = hearth(&["network", "create", "frontend"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "created network frontend\n");
+    let out = hearth(&["--json", "network", "create", "frontend"], b"");
+    let network: Network = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (network.name.as_str(), network.members.len()),
+        ("frontend", 0)
+    );
+    let out = hearth(&["network", "create", "backend"], b"");
+    assert_eq!(code(&out), 4);
+    assert!(
+        text(&out.stderr).starts_with(
+            "error: a network named `backend` already exists\nhint: choose another name"
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = hearth(&["network", "delete", "empty"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "deleted network empty\n");
+    let out = hearth(&["--json", "network", "rm", "empty"], b"");
+    assert_eq!((code(&out), out.stdout.len()), (0, 0));
+    let out = hearth(&["network", "rm", "backend"], b"");
+    assert_eq!(code(&out), 4);
+    assert_eq!(
+        text(&out.stderr),
+        "error: network `backend` still has members: demo\n\
+         hint: disconnect its members first (`hearth network disconnect backend VM`); \
+         `hearth network list` shows them\n"
+    );
+    let out = hearth(&["--json", "network", "delete", "nope"], b"");
+    assert_eq!(code(&out), 3);
+    let body: ErrorBody = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body.error, ErrorCode::NetworkNotFound);
+}
+
+#[test]
+fn network_connect_and_disconnect() {
+    let out = hearth(&["network", "connect", "backend", "build-server"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "connected vm build-server to network backend (members: build-server, demo)\n"
+    );
+    let out = hearth(&["network", "disconnect", "backend", "demo"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "disconnected vm demo from network backend (no members)\n"
+    );
+    let out = hearth(&["--json", "network", "connect", "empty", "demo"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let network: Network = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(network.members, ["demo"]);
+
+    let out = hearth(&["network", "connect", "nope", "demo"], b"");
+    assert_eq!(code(&out), 3);
+    assert!(
+        text(&out.stderr).ends_with("create it with `hearth network create nope`\n"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = hearth(&["network", "disconnect", "backend", "ghost"], b"");
+    assert_eq!(code(&out), 3);
+    assert_eq!(
+        text(&out.stderr),
+        "error: no VM is named `ghost`\nhint: `hearth vm list` shows the VMs\n"
     );
 }

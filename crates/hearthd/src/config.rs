@@ -246,6 +246,48 @@ pub const KEYS: &[Key] = &[
         default: "\"2G\"",
         doc: "Free space kept on the data directory's filesystem: a create that would leave less is refused.",
     },
+    Key {
+        path: "network.mode",
+        kind: Kind::String,
+        default: "\"on\"",
+        doc: "on: every VM gets its own network slot (needs hearth-helper: hearthd starts one itself when it runs as root and network.helper_socket is empty); off: VMs have no network at all.",
+    },
+    Key {
+        path: "network.cidr",
+        kind: Kind::String,
+        default: "\"172.28.0.0/16\"",
+        doc: "IPv4 network the VMs' /30s come from (host side .1, VM side .2). Must not overlap a route of the host; a prefix from /8 to /29.",
+    },
+    Key {
+        path: "network.helper_socket",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "Unix socket of a hearth-helper started separately (as root, e.g. by systemd), so hearthd can run unprivileged. Empty: hearthd, as root, starts its own helper on <data_dir>/helper.sock.",
+    },
+    Key {
+        path: "network.outbound_interface",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "Host interface VM traffic is masqueraded on. Empty: any interface that is not a VM's.",
+    },
+    Key {
+        path: "network.dns_upstream",
+        kind: Kind::List,
+        default: "[]",
+        doc: "Resolvers (IPv4, port 53 unless given as ADDR:PORT) the per-VM DNS forwarder asks. Empty: the nameservers of the host's /etc/resolv.conf.",
+    },
+    Key {
+        path: "network.metadata_port",
+        kind: Kind::Integer,
+        default: "16925",
+        doc: "Port hearthd serves each VM's metadata on, at the host side of the VM's /30 (the guest reaches it as 169.254.169.254:80).",
+    },
+    Key {
+        path: "network.dns_port",
+        kind: Kind::Integer,
+        default: "16953",
+        doc: "Port of each VM's DNS forwarder, at the host side of the VM's /30 (the guest reaches it as its gateway's port 53).",
+    },
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -261,6 +303,19 @@ struct RawConfig {
     image: RawImage,
     qemu: RawQemu,
     capacity: RawCapacity,
+    network: RawNetwork,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    mode: String,
+    cidr: String,
+    helper_socket: String,
+    outbound_interface: String,
+    dns_upstream: Vec<String>,
+    metadata_port: i64,
+    dns_port: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -344,6 +399,20 @@ pub struct Config {
     pub qemu_binary: PathBuf,
     pub accel: AccelChoice,
     pub capacity: CapacityConfig,
+    /// `None` when `network.mode = "off"`.
+    pub network: Option<NetworkConfig>,
+}
+
+/// VM networking (`network.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkConfig {
+    pub cidr: hearth_helper::proto::Cidr,
+    /// `None`: hearthd starts its own helper on `<data_dir>/helper.sock`.
+    pub helper_socket: Option<PathBuf>,
+    pub outbound_interface: Option<String>,
+    /// Empty: the host's resolvers, read at start.
+    pub dns_upstream: Vec<std::net::SocketAddr>,
+    pub ports: hearth_helper::proto::ServicePorts,
 }
 
 /// How much of the host VMs may commit (admission control, `crate::capacity`).
@@ -540,6 +609,7 @@ impl Config {
             }
         };
         let server = validate_server(&raw.server, &data_dir)?;
+        let network = validate_network(&raw.network)?;
         let agent_path = if raw.image.agent_path.is_empty() {
             std::env::current_exe()
                 .ok()
@@ -600,8 +670,113 @@ impl Config {
                 )?,
                 disk_reserve_mib: size_mib("capacity.disk_reserve", &raw.capacity.disk_reserve)?,
             },
+            network,
         })
     }
+}
+
+fn validate_network(raw: &RawNetwork) -> Result<Option<NetworkConfig>, ConfigError> {
+    match raw.mode.as_str() {
+        "on" => {}
+        "off" => return Ok(None),
+        other => {
+            return Err(invalid(
+                "network.mode",
+                format!("{other:?} is not one of on, off"),
+            ));
+        }
+    }
+    let cidr: hearth_helper::proto::Cidr = raw
+        .cidr
+        .parse()
+        .map_err(|e: hearth_helper::proto::CidrError| invalid("network.cidr", e.to_string()))?;
+    if !(8..=29).contains(&cidr.prefix()) {
+        return Err(invalid(
+            "network.cidr",
+            format!(
+                "{cidr} has a /{} prefix: it must be from /8 (16 million addresses) to /29 (two VMs)",
+                cidr.prefix()
+            ),
+        ));
+    }
+    let helper_socket = match raw.helper_socket.as_str() {
+        "" => None,
+        p if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+        p => {
+            return Err(invalid(
+                "network.helper_socket",
+                format!("{p:?} must be an absolute path, or empty"),
+            ));
+        }
+    };
+    let outbound_interface = match raw.outbound_interface.as_str() {
+        "" => None,
+        name if valid_interface_name(name) => Some(name.to_owned()),
+        name => {
+            return Err(invalid(
+                "network.outbound_interface",
+                format!(
+                    "{name:?} is not an interface name (1 to 15 bytes, no '/' or spaces, not a VM's hv… interface)"
+                ),
+            ));
+        }
+    };
+    let mut dns_upstream = Vec::new();
+    for entry in &raw.dns_upstream {
+        let addr = entry
+            .parse::<std::net::SocketAddr>()
+            .ok()
+            .or_else(|| {
+                entry
+                    .parse::<std::net::Ipv4Addr>()
+                    .ok()
+                    .map(|ip| std::net::SocketAddr::from((ip, 53)))
+            })
+            .filter(std::net::SocketAddr::is_ipv4)
+            .ok_or_else(|| {
+                invalid(
+                    "network.dns_upstream",
+                    format!("{entry:?} is not an IPv4 address or ADDR:PORT"),
+                )
+            })?;
+        dns_upstream.push(addr);
+    }
+    let port = |path: &str, value: i64| {
+        u16::try_from(value)
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| invalid(path, format!("{value} is not a port (1 to 65535)")))
+    };
+    let ports = hearth_helper::proto::ServicePorts {
+        metadata: port("network.metadata_port", raw.metadata_port)?,
+        dns: port("network.dns_port", raw.dns_port)?,
+    };
+    if ports.metadata == ports.dns {
+        return Err(invalid(
+            "network.dns_port",
+            format!(
+                "{} is network.metadata_port too: the two must differ",
+                ports.dns
+            ),
+        ));
+    }
+    Ok(Some(NetworkConfig {
+        cidr,
+        helper_socket,
+        outbound_interface,
+        dns_upstream,
+        ports,
+    }))
+}
+
+/// What the kernel takes as an interface name, less the names Hearth gives VMs' interfaces.
+fn valid_interface_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && !matches!(name, "." | "..")
+        && !name.starts_with(hearth_helper::proto::HOST_VETH_PREFIX)
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
 fn validate_server(raw: &RawServer, data_dir: &Path) -> Result<ServerConfig, ConfigError> {

@@ -6,6 +6,7 @@ mod config;
 mod disk;
 mod guest;
 mod image;
+mod net;
 mod rules;
 mod store;
 #[cfg(test)]
@@ -229,7 +230,24 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     // Kept to tidy up at shutdown: the watcher below takes `vmm`.
     let ram_dir = vmm.ram_dir().map(std::path::Path::to_path_buf);
-    let service = VmService::new(config.clone(), store.clone(), vmm.clone(), image_rx.clone());
+    let network = match &config.network {
+        Some(net) => Some(
+            net::Network::start(net.clone(), &config.data_dir, store.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!(chain(&e).replace("\n  Caused by: ", ": ")))
+                .context(
+                    "cannot set up VM networking (key network.mode, env HEARTH_NETWORK_MODE)",
+                )?,
+        ),
+        None => None,
+    };
+    let service = VmService::with_network(
+        config.clone(),
+        store.clone(),
+        vmm.clone(),
+        image_rx.clone(),
+        network.clone(),
+    );
     {
         // A spare disk for fast creates, whenever a (new) image is ready.
         let service = service.clone();
@@ -324,6 +342,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::warn!("requests still in flight after server.shutdown_timeout_secs; leaving them");
             }
         }
+    }
+    if let Some(net) = &network {
+        net.shutdown().await;
     }
     // The RAM directory goes when no VM left a RAM file in it (VMs keep running across a stop).
     if let Some(dir) = ram_dir {

@@ -2,7 +2,9 @@
 
 pub mod cp;
 pub mod exec;
+pub mod inputs;
 pub mod logs;
+pub mod network;
 pub mod vm;
 
 use crate::cli::{Command, VmCommand};
@@ -15,6 +17,7 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Vm(command) => run_vm(command, client, printer).await,
         Command::Exec(args) => exec::run(client, args).await,
         Command::Cp(args) => cp::run(client, &args).await.map(success),
+        Command::Network(command) => network::run(command, client, printer).await.map(success),
         Command::Health => vm::health(client, printer).await.map(success),
     }
 }
@@ -40,6 +43,7 @@ async fn run_vm(command: VmCommand, client: &Client, printer: &Printer) -> Resul
         }
         VmCommand::Delete(args) => vm::delete(client, printer, &args.name).await,
         VmCommand::Logs(args) => logs::run(client, &args).await,
+        VmCommand::Egress(args) => vm::egress(client, printer, args).await,
     };
     done.map(success)
 }

@@ -14,12 +14,16 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{AppState, router};
+use crate::config::NetworkConfig;
 use crate::image::Image;
+use crate::net::Network;
+use crate::net::helper::RecordingHelper;
 use crate::store::Store;
 use crate::testing;
 use crate::vm::{ImageState, VmService};
 use crate::vmm::double::DoubleVmm;
 use crate::vmm::process_with_arg;
+use hearth_helper::proto::{Request, ServicePorts};
 
 /// Ends, by pid, every process whose command line names the test's directory (the agents the
 /// double started), even when the test fails half-way.
@@ -97,6 +101,14 @@ impl World {
 
     /// Starts a hearthd on this world's data dir, recovering what the last one left.
     fn hearthd(&self) -> Hearthd {
+        self.hearthd_with(None)
+    }
+
+    /// [`World::hearthd`] with networking through `helper` (shared by the hearthds of a test,
+    /// as the host's kernel state is), on `network`, a loopback /16 (every address in 127/8 is
+    /// local, so the DNS and metadata listeners bind for real), and `port` for metadata (and
+    /// `port + 1` for DNS).
+    fn hearthd_with(&self, net: Option<(Arc<RecordingHelper>, &str, u16)>) -> Hearthd {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -111,7 +123,28 @@ impl World {
             let vmm = DoubleVmm::new().unwrap_or_else(|e| panic!("{e}"));
             let request_timeout = config.request_timeout;
             let guard = Arc::new(super::guard::Guard::new(config.listen, &config.server));
-            let service = VmService::new(Arc::new(config), store, Arc::new(vmm), rx);
+            let network = match net {
+                Some((helper, cidr, port)) => {
+                    let net_config = NetworkConfig {
+                        cidr: cidr.parse().unwrap(),
+                        helper_socket: None,
+                        outbound_interface: None,
+                        dns_upstream: vec!["127.0.0.1:9".parse().unwrap()],
+                        ports: ServicePorts {
+                            metadata: port,
+                            dns: port + 1,
+                        },
+                    };
+                    Some(
+                        Network::with_helper(net_config, &data, store.clone(), helper, None)
+                            .await
+                            .unwrap(),
+                    )
+                }
+                None => None,
+            };
+            let service =
+                VmService::with_network(Arc::new(config), store, Arc::new(vmm), rx, network);
             service.recover().await.unwrap();
             let app = router(AppState {
                 service: service.clone(),
@@ -511,4 +544,195 @@ fn a_new_hearthd_readopts_running_vms_and_settles_gone_ones() {
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// An HTTP GET to `to` from source address `from` (both loopback): the status line and body.
+async fn http_from(from: &str, to: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut stream = socket.connect(to).await.unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    let read = stream.read_to_string(&mut text);
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[test]
+fn a_networked_vm_gets_a_slot_its_own_metadata_and_gives_everything_back() {
+    let world = World::new();
+    let helper = Arc::new(RecordingHelper::default());
+    let (cidr, port) = ("127.77.0.0/16", 38_925);
+    let d = world.hearthd_with(Some((helper.clone(), cidr, port)));
+
+    // A create naming a network that does not exist makes nothing.
+    let (s, body) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "x", "networks": ["nope"]})),
+    );
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (404, Some("network_not_found")),
+        "{body}"
+    );
+    let (_, list) = d.call("GET", "/v1/vms", None);
+    assert_eq!(list, json!([]));
+    // Nor does a bad egress policy, and the message names the field.
+    let (s, body) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "x", "egress": {"allow_cidrs": ["10.0.0.1/8"]}})),
+    );
+    assert_eq!(s, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("egress.allow_cidrs"),
+        "{body}"
+    );
+
+    let (s, a) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "a", "user_data": "#cloud-config\n", "ssh_authorized_keys": ["ssh-ed25519 AAAA a@x"]})),
+    );
+    assert_eq!(s, 201, "{a}");
+    assert_eq!(a["network"]["address"], "127.77.0.2");
+    assert_eq!(a["network"]["host_address"], "127.77.0.1");
+    assert_eq!(a["network"]["subnet"], "127.77.0.0/30");
+    let (s, b) = d.call("POST", "/v1/vms", Some(json!({"name": "b"})));
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["network"]["address"], "127.77.0.6");
+    assert_eq!(helper.slots.lock().unwrap().len(), 2);
+    let ops = helper.ops();
+    for op in [
+        "hello",
+        "setup",
+        "create_slot",
+        "apply_host_rules",
+        "open_tap",
+    ] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+    }
+
+    // Each VM reads its own metadata, from its own address only.
+    let a_md: std::net::SocketAddr = format!("127.77.0.1:{port}").parse().unwrap();
+    let (status, name) = d.block_on(http_from("127.77.0.2", a_md, "/v1/instance/name"));
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(name.trim(), "a");
+    let (_, keys) = d.block_on(http_from("127.77.0.2", a_md, "/v1/ssh-keys"));
+    assert_eq!(keys.trim(), "ssh-ed25519 AAAA a@x");
+    let (_, user_data) = d.block_on(http_from("127.77.0.2", a_md, "/v1/user-data"));
+    assert_eq!(user_data, "#cloud-config\n");
+    let (status, _) = d.block_on(http_from("127.77.0.6", a_md, "/v1/instance/name"));
+    assert!(status.contains("403"), "b read a's metadata: {status}");
+
+    // An egress change on a running VM reaches its slot, and is an event.
+    let (s, detail) = d.call(
+        "PUT",
+        "/v1/vms/a/egress",
+        Some(json!({"allow_cidrs": ["192.0.2.0/24"], "allow_ports": [443]})),
+    );
+    assert_eq!(s, 200, "{detail}");
+    assert_eq!(detail["network"]["egress"]["mode"], "deny_all");
+    assert!(
+        detail["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "egress_changed"),
+        "{detail}"
+    );
+    let sent = helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| matches!(r, Request::SetEgress { egress, .. } if egress.allow_ports == [443]));
+    assert!(sent, "no set_egress reached the helper");
+
+    // Private networks: membership is an event, and reaches the host rules.
+    let (s, _) = d.call("POST", "/v1/networks", Some(json!({"name": "backend"})));
+    assert_eq!(s, 201);
+    let (s, net) = d.call("PUT", "/v1/networks/backend/members/a", None);
+    assert_eq!((s, net["members"].clone()), (200, json!(["a"])), "{net}");
+    let last_rules = helper
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find_map(|r| match r {
+            Request::ApplyHostRules { rules } => Some(rules.clone()),
+            _ => None,
+        });
+    let rules = last_rules.expect("host rules were applied");
+    assert_eq!(rules.networks.len(), 1);
+    assert_eq!(
+        rules.networks[0].members,
+        ["127.77.0.2".parse::<std::net::Ipv4Addr>().unwrap()]
+    );
+    let (s, body) = d.call("DELETE", "/v1/networks/backend", None);
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (409, Some("network_in_use")),
+        "{body}"
+    );
+
+    // A stop gives the slot back but keeps the address; a start gets the same one.
+    let (s, _) = d.call("POST", "/v1/vms/b/stop", None);
+    assert_eq!(s, 200);
+    assert_eq!(helper.slots.lock().unwrap().len(), 1);
+    assert_eq!(d.vm("b")["network"]["address"], "127.77.0.6");
+
+    // A slot the store knows no running VM for (a crash left it) goes at the next start.
+    helper
+        .slots
+        .lock()
+        .unwrap()
+        .insert(hearth_helper::proto::SlotId {
+            instance: crate::net::instance_of(&world.data()),
+            vm: "00000000deadbeef".into(),
+        });
+    drop(d);
+    let d = world.hearthd_with(Some((helper.clone(), cidr, port)));
+    let slots: Vec<String> = helper
+        .slots
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.vm.clone())
+        .collect();
+    assert_eq!(
+        slots,
+        [a["id"].as_str().unwrap()],
+        "only the running VM keeps a slot"
+    );
+    // The re-adopted VM serves its metadata again.
+    let (_, name) = d.block_on(http_from("127.77.0.2", a_md, "/v1/instance/name"));
+    assert_eq!(name.trim(), "a");
+
+    // Deleting gives everything back: the slot, the address (the next VM gets it).
+    for vm in ["a", "b"] {
+        let (s, _) = d.call("DELETE", &format!("/v1/vms/{vm}"), None);
+        assert_eq!(s, 204);
+    }
+    assert!(helper.slots.lock().unwrap().is_empty());
+    let (s, c) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "c", "start": false})),
+    );
+    assert_eq!(s, 201, "{c}");
+    assert_eq!(c["network"]["address"], "127.77.0.2");
+    let (s, _) = d.call("DELETE", "/v1/vms/c", None);
+    assert_eq!(s, 204);
 }

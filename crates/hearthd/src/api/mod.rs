@@ -5,6 +5,7 @@
 
 mod docs;
 pub mod guard;
+mod network;
 mod stream;
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use hearth_api::{
     CreateVmRequest, ErrorBody, ErrorCode, ExecRequest, ExecResponse, ExecStreamEvent, Health, Vm,
     VmDetail, WsClientMessage, WsServerMessage,
@@ -182,7 +183,13 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         exec_stream,
         exec_ws,
         put_file,
-        get_file
+        get_file,
+        network::set_egress,
+        network::list_networks,
+        network::create_network,
+        network::delete_network,
+        network::connect,
+        network::disconnect
     ),
     components(schemas(
         ErrorBody,
@@ -190,6 +197,12 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         Health,
         Vm,
         VmDetail,
+        hearth_api::VmNetwork,
+        hearth_api::EgressPolicy,
+        hearth_api::EgressRequest,
+        hearth_api::Network,
+        hearth_api::CreateNetworkRequest,
+        hearth_api::NetworkHealth,
         CreateVmRequest,
         ExecRequest,
         ExecResponse,
@@ -220,7 +233,17 @@ pub fn router(state: AppState) -> Router {
         .route("/vms/{name}/exec", post(exec))
         .route("/vms/{name}/exec/stream", post(exec_stream))
         .route("/vms/{name}/exec/ws", get(exec_ws))
-        .route("/vms/{name}/files", get(get_file).put(put_file));
+        .route("/vms/{name}/files", get(get_file).put(put_file))
+        .route("/vms/{name}/egress", put(network::set_egress))
+        .route(
+            "/networks",
+            get(network::list_networks).post(network::create_network),
+        )
+        .route("/networks/{network}", delete(network::delete_network))
+        .route(
+            "/networks/{network}/members/{name}",
+            put(network::connect).delete(network::disconnect),
+        );
     Router::new()
         .nest(hearth_api::API_PREFIX, v1)
         .route("/openapi.json", get(openapi))

@@ -410,6 +410,9 @@ async fn an_unreadable_vm_row_does_not_stop_recovery() {
             created_at: now.clone(),
             updated_at: now,
             last_error: None,
+            net_index: None,
+            egress: Default::default(),
+            metadata: Default::default(),
         };
         store.insert_vm(&vm).await.unwrap();
     }

@@ -18,8 +18,11 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Any, AnyPool, Connection, Row, Transaction};
 
+mod network;
 #[cfg(test)]
 mod tests;
+
+pub use network::{EgressRecord, MetadataRecord, NetworkRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -72,6 +75,18 @@ pub enum StoreError {
         column: &'static str,
         reason: String,
     },
+    #[error(
+        "all {slots} /30 networks of network.cidr are taken: delete a VM, or give network.cidr a shorter prefix"
+    )]
+    NoAddresses { slots: u32 },
+    #[error("no network {0:?}")]
+    NoNetwork(String),
+    #[error("a network named {0:?} already exists")]
+    NetworkTaken(String),
+    #[error(
+        "network {name:?} still has members ({members}): disconnect them or delete those VMs first"
+    )]
+    NetworkInUse { name: String, members: String },
     #[error("database query failed")]
     Query(#[from] sqlx::Error),
 }
@@ -85,10 +100,17 @@ pub enum Backend {
 
 /// Migrations in order; all pending ones run in one transaction. Additive only. Both backends
 /// have the same versions (a test checks it).
-const SQLITE_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/sqlite/0001_vms.sql"))];
-const POSTGRES_MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../../migrations/postgres/0001_vms.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/sqlite/0001_vms.sql")),
+    (2, include_str!("../../migrations/sqlite/0002_network.sql")),
+];
+const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/postgres/0001_vms.sql")),
+    (
+        2,
+        include_str!("../../migrations/postgres/0002_network.sql"),
+    ),
+];
 
 /// Set on every SQLite connection. (sqlx's defaults already match the last two; they are
 /// stated so the store does not depend on them.)
@@ -171,6 +193,10 @@ pub struct VmRecord {
     pub created_at: String,
     pub updated_at: String,
     pub last_error: Option<String>,
+    /// The index of the VM's /30 in `network.cidr`; `None` for a VM made without networking.
+    pub net_index: Option<u32>,
+    pub egress: EgressRecord,
+    pub metadata: MetadataRecord,
 }
 
 impl From<VmRecord> for hearth_api::Vm {
@@ -364,12 +390,30 @@ impl Store {
         Ok(())
     }
 
-    /// Inserts a new VM and its `created` event atomically.
+    /// Inserts a new VM, without networking, and its `created` event atomically.
+    #[cfg(test)]
     pub async fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        self.insert_vm_with(vm, None, &[]).await.map(drop)
+    }
+
+    /// Inserts a new VM and its `created` event atomically. With `slots` (how many /30s
+    /// `network.cidr` holds) the VM gets the lowest free one in the same transaction, and joins
+    /// `networks` (which must exist). Returns the record as stored.
+    pub async fn insert_vm_with(
+        &self,
+        vm: &VmRecord,
+        slots: Option<u32>,
+        networks: &[String],
+    ) -> Result<VmRecord, StoreError> {
+        let mut tx = self.backend.begin_write(&self.pool).await?;
+        let mut vm = vm.clone();
+        vm.net_index = match slots {
+            Some(slots) => Some(network::free_index(self.backend, &mut tx, slots).await?),
+            None => None,
+        };
         let inserted = sqlx::query(
-            "INSERT INTO vms (id, name, state, cpus, memory_mib, rootfs_mib, image, vmm, pid, created_at, updated_at, last_error)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            "INSERT INTO vms (id, name, state, cpus, memory_mib, rootfs_mib, image, vmm, pid, created_at, updated_at, last_error, net_index, egress, metadata)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(&vm.id)
         .bind(&vm.name)
@@ -383,6 +427,9 @@ impl Store {
         .bind(&vm.created_at)
         .bind(&vm.updated_at)
         .bind(vm.last_error.as_deref())
+        .bind(vm.net_index.map(i64::from))
+        .bind(network::to_json(&vm.egress))
+        .bind(network::to_json(&vm.metadata))
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -394,8 +441,11 @@ impl Store {
             }
         }
         insert_event(&mut tx, &vm.id, "created", None, Some(vm.state), None).await?;
+        for net in networks {
+            network::add_member(&mut tx, net, &vm.id).await?;
+        }
         tx.commit().await?;
-        Ok(())
+        Ok(vm)
     }
 
     /// Every VM, oldest first. A row that cannot be decoded does not hide the others: it is
@@ -785,6 +835,13 @@ fn vm_from_row(r: &AnyRow) -> Result<VmRecord, StoreError> {
         last_error: r
             .try_get("last_error")
             .map_err(|e| bad("last_error", decode_reason(e)))?,
+        net_index: r
+            .try_get::<Option<i64>, _>("net_index")
+            .map_err(|e| bad("net_index", decode_reason(e)))?
+            .map(|i| fit::<u32>(i, "net_index", &bad))
+            .transpose()?,
+        egress: network::from_json(r, "egress").map_err(|reason| bad("egress", reason))?,
+        metadata: network::from_json(r, "metadata").map_err(|reason| bad("metadata", reason))?,
         id,
     })
 }

@@ -25,6 +25,9 @@ fn record(name: &str) -> VmRecord {
         created_at: now(),
         updated_at: now(),
         last_error: None,
+        net_index: None,
+        egress: EgressRecord::default(),
+        metadata: MetadataRecord::default(),
     }
 }
 
@@ -63,6 +66,157 @@ async fn run_suite(fresh: impl AsyncFn() -> String) {
     pids_events_and_cascading_delete(&fresh().await).await;
     reopening_keeps_data_and_skips_migrations(&fresh().await).await;
     a_newer_schema_is_refused(&fresh().await).await;
+    addresses_are_unique_lowest_first_and_released(&fresh().await).await;
+    concurrent_creates_never_share_an_address(&fresh().await).await;
+    networks_members_and_egress(&fresh().await).await;
+}
+
+async fn addresses_are_unique_lowest_first_and_released(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let mut taken = Vec::new();
+    for name in ["a", "b", "c"] {
+        let vm = store
+            .insert_vm_with(&record(name), Some(3), &[])
+            .await
+            .unwrap();
+        taken.push(vm.net_index);
+        assert_eq!(store.get_vm(name).await.unwrap().net_index, vm.net_index);
+    }
+    assert_eq!(taken, [Some(0), Some(1), Some(2)]);
+    let err = store
+        .insert_vm_with(&record("d"), Some(3), &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NoAddresses { slots: 3 }), "{err}");
+    // Nothing of the refused VM was kept.
+    assert!(matches!(
+        store.get_vm("d").await,
+        Err(StoreError::NotFound(_))
+    ));
+    // A deleted VM's address is free again, and the lowest free one is handed out first.
+    store.delete_vm("id-b").await.unwrap();
+    let vm = store
+        .insert_vm_with(&record("e"), Some(3), &[])
+        .await
+        .unwrap();
+    assert_eq!(vm.net_index, Some(1));
+    store.delete_vm("id-a").await.unwrap();
+    let vm = store
+        .insert_vm_with(&record("f"), Some(3), &[])
+        .await
+        .unwrap();
+    assert_eq!(vm.net_index, Some(0));
+    // A VM without networking holds no address.
+    store.insert_vm(&record("g")).await.unwrap();
+    assert_eq!(store.get_vm("g").await.unwrap().net_index, None);
+    store.close().await;
+}
+
+async fn concurrent_creates_never_share_an_address(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let tasks: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .insert_vm_with(&record(&format!("vm{i}")), Some(64), &[])
+                    .await
+                    .unwrap()
+                    .net_index
+            })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap().unwrap());
+    }
+    got.sort_unstable();
+    assert_eq!(got, (0..8).collect::<Vec<u32>>());
+    store.close().await;
+}
+
+async fn networks_members_and_egress(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    store.create_network("backend").await.unwrap();
+    assert!(matches!(
+        store.create_network("backend").await,
+        Err(StoreError::NetworkTaken(_))
+    ));
+    // Joining a network that does not exist leaves no VM behind.
+    let err = store
+        .insert_vm_with(&record("a"), Some(4), &["nope".into()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::NoNetwork(ref n) if n == "nope"),
+        "{err}"
+    );
+    assert!(matches!(
+        store.get_vm("a").await,
+        Err(StoreError::NotFound(_))
+    ));
+    let a = store
+        .insert_vm_with(&record("a"), Some(4), &["backend".into()])
+        .await
+        .unwrap();
+    store
+        .insert_vm_with(&record("b"), Some(4), &[])
+        .await
+        .unwrap();
+    assert_eq!(store.vm_networks(&a.id).await.unwrap(), ["backend"]);
+    assert!(store.join_network("backend", "id-b").await.unwrap());
+    assert!(!store.join_network("backend", "id-b").await.unwrap());
+    let nets = store.list_networks().await.unwrap();
+    assert_eq!(nets.len(), 1);
+    assert_eq!(nets[0].members, ["id-a", "id-b"]);
+    let err = store.delete_network("backend").await.unwrap_err();
+    assert!(err.to_string().contains("a, b"), "{err}");
+    assert!(store.leave_network("backend", "id-b").await.unwrap());
+    assert!(!store.leave_network("backend", "id-b").await.unwrap());
+    let kinds: Vec<_> = store
+        .events("id-b")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        kinds.contains(&"network_joined".to_owned()) && kinds.contains(&"network_left".to_owned()),
+        "{kinds:?}"
+    );
+    // A deleted VM leaves its networks.
+    store.delete_vm("id-a").await.unwrap();
+    assert!(
+        store
+            .get_network("backend")
+            .await
+            .unwrap()
+            .members
+            .is_empty()
+    );
+    store.delete_network("backend").await.unwrap();
+    assert!(matches!(
+        store.delete_network("backend").await,
+        Err(StoreError::NoNetwork(_))
+    ));
+
+    let egress = EgressRecord {
+        deny_all: true,
+        allow_cidrs: vec!["10.1.0.0/16".into()],
+        allow_ports: vec![443],
+        allow_domains: vec!["*.example.com".into()],
+        ..EgressRecord::default()
+    };
+    store
+        .set_egress("id-b", &egress, "egress: deny_all")
+        .await
+        .unwrap();
+    assert_eq!(store.get_vm("b").await.unwrap().egress, egress);
+    assert!(matches!(
+        store.set_egress("id-gone", &egress, "x").await,
+        Err(StoreError::NotFound(_))
+    ));
+    store.close().await;
 }
 
 async fn insert_get_list_delete(url: &str) {

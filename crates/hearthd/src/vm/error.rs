@@ -6,6 +6,7 @@ use super::state::NotAllowed;
 use crate::capacity::CapacityError;
 use crate::disk::DiskError;
 use crate::guest::GuestError;
+use crate::net::NetError;
 use crate::rules::RuleError;
 use crate::store::StoreError;
 use crate::vmm::VmmError;
@@ -71,6 +72,8 @@ pub enum VmError {
     Capacity(#[from] CapacityError),
     #[error("cannot measure the host's capacity")]
     HostProbe(#[source] std::io::Error),
+    #[error("VM networking failed")]
+    Net(#[from] NetError),
     #[error("state store failure")]
     Store(#[from] StoreError),
     #[error("an internal task failed: {0}")]
@@ -118,6 +121,12 @@ impl VmError {
                 code: G::NotFound, ..
             } => ErrorCode::CommandNotFound,
             VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
+            VmError::Store(StoreError::NoNetwork(_)) => ErrorCode::NetworkNotFound,
+            VmError::Store(StoreError::NetworkTaken(_)) => ErrorCode::NetworkNameTaken,
+            VmError::Store(StoreError::NetworkInUse { .. }) => ErrorCode::NetworkInUse,
+            VmError::Store(StoreError::NoAddresses { .. }) => ErrorCode::InsufficientCapacity,
+            VmError::Net(NetError::Store(_)) => ErrorCode::Internal,
+            VmError::Net(_) => ErrorCode::NetworkFailed,
             VmError::Capacity(e) if e.disk => ErrorCode::ResourceExhausted,
             VmError::Capacity(_) => ErrorCode::InsufficientCapacity,
             VmError::Log { .. } | VmError::HostProbe(_) | VmError::Store(_) | VmError::Task(_) => {

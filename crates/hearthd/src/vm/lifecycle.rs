@@ -15,9 +15,11 @@ use crate::capacity::Demand;
 use crate::disk::{self, DiskError};
 use crate::guest::{GuestClient, GuestError};
 use crate::image::Image;
+use crate::net::Network;
 use crate::rules;
 use crate::store::{StoreError, VmRecord};
 use crate::vmm::{LaunchSpec, VmHandle};
+use hearth_helper::proto;
 
 /// How long after a create the spare it took is made again: the copy takes a core for a moment,
 /// and a new VM's first seconds (its first exec, what the guest does after boot) should not
@@ -41,6 +43,7 @@ impl VmService {
                 .unwrap_or(&Size::Mib(defaults.rootfs_mib)),
             image.rootfs_mib,
         )?;
+        let (egress, metadata) = self.validate_net_request(&req)?;
         let now = crate::store::now();
         let record = VmRecord {
             id: random_id(),
@@ -55,9 +58,12 @@ impl VmService {
             created_at: now.clone(),
             updated_at: now,
             last_error: None,
+            net_index: None,
+            egress,
+            metadata,
         };
         let start = req.start.unwrap_or(true);
-        {
+        let record = {
             // Refused before anything is made; the disk counts from the insert on.
             let _admission = self.inner.admission.lock().await;
             let demand = Demand {
@@ -73,11 +79,17 @@ impl VmService {
                 }
                 return Err(e);
             }
-            match self.inner.store.insert_vm(&record).await {
+            let slots = self.inner.network.as_ref().map(Network::subnets);
+            match self
+                .inner
+                .store
+                .insert_vm_with(&record, slots, &req.networks)
+                .await
+            {
                 Err(StoreError::NameTaken(n)) => return Err(VmError::NameTaken(n)),
                 other => other?,
             }
-        }
+        };
         let lock = self.vm_lock(&record.id);
         let _guard = lock.lock().await;
         let mut took_spare = false;
@@ -177,6 +189,9 @@ impl VmService {
             tracing::error!(vm = id, pid = handle.pid(), error = %VmError::Vmm(e).message(), "cannot end the VMM");
         }
         let _ = tokio::fs::remove_dir_all(self.run_dir(id)).await;
+        if let Some(net) = &self.inner.network {
+            net.release(id).await;
+        }
     }
 
     /// What the VMM needs to run `vm`. Without an image (re-adopting a running VM whose image is
@@ -190,12 +205,29 @@ impl VmService {
             memory_mib: vm.memory_mib,
             kernel: image.map(Image::kernel).unwrap_or_default(),
             initrd: image.map(Image::initrd).unwrap_or_default(),
-            cmdline: format!("hearth.hostname={}", vm.name),
+            cmdline: if self.networked(vm) {
+                format!(
+                    "hearth.hostname={} hearth.ip={}/{} hearth.gw={} hearth.dns={}",
+                    vm.name,
+                    proto::GUEST_ADDR,
+                    proto::INNER_PREFIX,
+                    proto::GATEWAY_ADDR,
+                    proto::GATEWAY_ADDR
+                )
+            } else {
+                format!("hearth.hostname={}", vm.name)
+            },
             rootfs: dir.join("rootfs.ext4"),
             run_dir: self.run_dir(&vm.id),
             serial_log: dir.join("serial.log"),
             vmm_log: dir.join("vmm.log"),
+            tap: None,
         }
+    }
+
+    /// True when `vm` gets a network slot when it runs.
+    fn networked(&self, vm: &VmRecord) -> bool {
+        self.inner.network.is_some() && vm.net_index.is_some()
     }
 
     pub(super) async fn start(&self, name: &str) -> Result<Vm, VmError> {
@@ -297,16 +329,25 @@ impl VmService {
         // the initramfs, so this is how every VM runs the current agent (and the kernel matches
         // the modules in that initramfs; nothing at boot uses the disk's).
         let image = self.image().map_err(|e| e.message())?;
-        let spec = self.launch_spec(vm, Some(&image));
+        let mut spec = self.launch_spec(vm, Some(&image));
+        if let Some(net) = self.inner.network.as_ref().filter(|_| self.networked(vm)) {
+            let tap = net
+                .attach(vm)
+                .await
+                .map_err(|e| VmError::Net(e).message())?;
+            spec.tap = Some(Arc::new(tap));
+        }
         rotate_log(&spec.serial_log, self.inner.config.guest.log_max_bytes);
         rotate_log(&spec.vmm_log, self.inner.config.guest.log_max_bytes);
-        let handle: Arc<dyn VmHandle> = Arc::from(
-            self.inner
-                .vmm
-                .launch(&spec)
-                .await
-                .map_err(|e| VmError::Vmm(e).message())?,
-        );
+        let launched = self.inner.vmm.launch(&spec).await;
+        // The VMM holds the TAP now (or failed): hearthd's descriptor goes, so the TAP lives
+        // exactly as long as the VMM.
+        spec.tap = None;
+        let handle: Arc<dyn VmHandle> = match launched {
+            Ok(h) => Arc::from(h),
+            // `finish_boot` tears the run down, the slot with it.
+            Err(e) => return Err(VmError::Vmm(e).message()),
+        };
         self.cap_logs_while_running(vm, handle.clone());
         // The pid is part of the boot: a VMM hearthd could not record is ended (a restarted
         // hearthd also finds VMMs by their run directory, for a crash in between).

@@ -16,6 +16,7 @@ mod exec;
 mod files;
 mod lifecycle;
 mod logs;
+mod network;
 mod recovery;
 mod running;
 pub mod state;
@@ -26,12 +27,16 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hearth_api::{CreateVmRequest, ExecRequest, ExecResponse, Health, Vm, VmDetail};
+use hearth_api::{
+    CreateNetworkRequest, CreateVmRequest, EgressRequest, ExecRequest, ExecResponse, Health,
+    Network as NetworkInfo, Vm, VmDetail,
+};
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::disk::Spares;
 use crate::image::Image;
+use crate::net::Network;
 use crate::store::{Store, StoreError, Transition, VmRecord};
 use crate::vmm::Vmm;
 use running::Runtime;
@@ -142,6 +147,20 @@ pub enum Action {
         source: LogSource,
         window: LogWindow,
     },
+    /// Replace a VM's egress policy (applied at once when it runs).
+    SetEgress {
+        name: String,
+        request: EgressRequest,
+    },
+    ListNetworks,
+    CreateNetwork(CreateNetworkRequest),
+    DeleteNetwork(String),
+    /// Put a VM in a private network (`member`), or take it out.
+    SetMembership {
+        network: String,
+        vm: String,
+        member: bool,
+    },
 }
 
 impl Action {
@@ -161,6 +180,12 @@ impl Action {
             Action::PutFile { .. } => "put_file",
             Action::GetFile { .. } => "get_file",
             Action::Logs { .. } => "logs",
+            Action::SetEgress { .. } => "set_egress",
+            Action::ListNetworks => "list_networks",
+            Action::CreateNetwork(_) => "create_network",
+            Action::DeleteNetwork(_) => "delete_network",
+            Action::SetMembership { member: true, .. } => "connect_network",
+            Action::SetMembership { member: false, .. } => "disconnect_network",
         }
     }
 }
@@ -179,6 +204,8 @@ pub enum Reply {
     Written,
     Download(Download),
     Log(LogStream),
+    Networks(Vec<NetworkInfo>),
+    Network(NetworkInfo),
 }
 
 /// State of the guest image, shared with the background build.
@@ -209,6 +236,8 @@ struct Inner {
     /// Held from an admission check until what it admitted is recorded, so two requests
     /// cannot both take the last of a resource.
     admission: tokio::sync::Mutex<()>,
+    /// VM networking; `None` when `network.mode = "off"`.
+    network: Option<Network>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -233,11 +262,23 @@ fn random_id() -> String {
 }
 
 impl VmService {
+    #[cfg(test)]
     pub fn new(
         config: Arc<Config>,
         store: Store,
         vmm: Arc<dyn Vmm>,
         image: watch::Receiver<ImageState>,
+    ) -> VmService {
+        Self::with_network(config, store, vmm, image, None)
+    }
+
+    /// [`VmService::new`] with VM networking.
+    pub fn with_network(
+        config: Arc<Config>,
+        store: Store,
+        vmm: Arc<dyn Vmm>,
+        image: watch::Receiver<ImageState>,
+        network: Option<Network>,
     ) -> VmService {
         VmService {
             inner: Arc::new(Inner {
@@ -250,6 +291,7 @@ impl VmService {
                 locks: Mutex::default(),
                 gone: Mutex::default(),
                 admission: tokio::sync::Mutex::new(()),
+                network,
             }),
         }
     }
@@ -351,6 +393,31 @@ impl VmService {
                 source,
                 window,
             } => Ok(Reply::Log(self.log_stream(&name, source, window).await?)),
+            Action::SetEgress { name, request } => {
+                let s = self.clone();
+                Ok(Reply::VmDetail(
+                    lifecycle::detached(async move { s.set_egress(&name, request).await }).await?,
+                ))
+            }
+            Action::ListNetworks => Ok(Reply::Networks(self.list_networks().await?)),
+            Action::CreateNetwork(req) => Ok(Reply::Network(self.create_network(req).await?)),
+            Action::DeleteNetwork(name) => {
+                self.delete_network(&name).await?;
+                Ok(Reply::Deleted)
+            }
+            Action::SetMembership {
+                network,
+                vm,
+                member,
+            } => {
+                let s = self.clone();
+                Ok(Reply::Network(
+                    lifecycle::detached(
+                        async move { s.set_membership(&network, &vm, member).await },
+                    )
+                    .await?,
+                ))
+            }
         }
     }
 
@@ -368,13 +435,19 @@ impl VmService {
             image,
             image_status,
             capacity: self.capacity().await?,
+            network: match &self.inner.network {
+                Some(net) => Some(net.health().await),
+                None => None,
+            },
         })
     }
 
     async fn detail(&self, name: &str) -> Result<VmDetail, VmError> {
         let vm = self.record(name).await?;
         let events = self.inner.store.events(&vm.id).await?;
+        let network = self.vm_network(&vm).await?;
         Ok(VmDetail {
+            network,
             vm: vm.into(),
             events: events.into_iter().map(Into::into).collect(),
         })

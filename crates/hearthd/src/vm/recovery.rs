@@ -42,7 +42,30 @@ impl VmService {
                 self.mark_failed(&id, &why).await;
             }
         }
+        self.reconcile_network().await;
         Ok(())
+    }
+
+    /// Network slots and rules follow the VMs as recovery left them: slots of VMs that do not
+    /// run go, running VMs get theirs (and their DNS and metadata services) back.
+    async fn reconcile_network(&self) {
+        let Some(net) = &self.inner.network else {
+            return;
+        };
+        let running: Vec<VmRecord> = match self.inner.store.list_vms().await {
+            Ok(list) => list
+                .vms
+                .into_iter()
+                .filter(|vm| lock(&self.inner.runtimes).contains_key(&vm.id))
+                .collect(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list VMs to reconcile the network");
+                return;
+            }
+        };
+        if let Err(e) = net.reconcile(&running).await {
+            tracing::error!(error = %VmError::Net(e).message(), "cannot reconcile the VMs' network");
+        }
     }
 
     pub(super) async fn recover_one(&self, vm: VmRecord) -> Result<(), VmError> {

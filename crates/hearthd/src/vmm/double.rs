@@ -324,6 +324,7 @@ mod tests {
             run_dir: dir.join("run").join(name),
             serial_log: dir.join(format!("{name}.serial.log")),
             vmm_log: dir.join(format!("{name}.vmm.log")),
+            tap: None,
         }
     }
 

@@ -67,6 +67,9 @@ pub struct LaunchSpec {
     pub serial_log: PathBuf,
     /// The VMM's own stdout/stderr.
     pub vmm_log: PathBuf,
+    /// The TAP of the VM's network slot, when it has one: the guest's NIC (MAC
+    /// `hearth_helper::proto::GUEST_MAC`) is attached to it.
+    pub tap: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 impl LaunchSpec {

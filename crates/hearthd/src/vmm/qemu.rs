@@ -207,7 +207,7 @@ impl Qemu {
             cmdline = format!("{cmdline} tsc_early_khz={khz} lpj={}", khz * 4);
         }
         let path = |p: &Path| p.display().to_string();
-        vec![
+        let mut args: Vec<String> = vec![
             "-name".into(),
             format!("hearth-{},debug-threads=on", spec.name),
             "-M".into(),
@@ -261,9 +261,26 @@ impl Qemu {
             ),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(&Self::qmp_socket(spec))),
-        ]
+        ];
+        if spec.tap.is_some() {
+            // The TAP is the child's descriptor TAP_FD (see `launch`). vhost needs
+            // /dev/vhost-net, which an unprivileged hearthd may not open; TCG gains nothing.
+            args.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,fd={TAP_FD},vhost=off"),
+                "-device".into(),
+                format!(
+                    "virtio-net-device,netdev=net0,mac={}",
+                    hearth_helper::proto::GUEST_MAC
+                ),
+            ]);
+        }
+        args
     }
 }
+
+/// The descriptor number QEMU finds the VM's TAP at.
+const TAP_FD: i32 = 3;
 
 fn check_version(text: &str) -> Result<(), VmmError> {
     // "QEMU emulator version 10.0.2 (Debian ...)"
@@ -357,6 +374,25 @@ impl Vmm for Qemu {
         let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
         let log_err = log.try_clone().map_err(files_err(&spec.vmm_log))?;
         let mut cmd = tokio::process::Command::new(&self.binary);
+        if let Some(tap) = &spec.tap {
+            let raw = tap.as_raw_fd();
+            // SAFETY: the closure runs in the child between fork and exec and calls only
+            // dup2(2) and fcntl(2), which are async-signal-safe; `raw` stays open in the parent
+            // (the spec holds it) until the spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if raw == TAP_FD {
+                        // Already in place: only the close-on-exec flag must go.
+                        if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    } else if libc::dup2(raw, TAP_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         cmd.args(self.args(spec))
             .stdin(Stdio::null())
             .stdout(log)
@@ -816,8 +852,22 @@ mod tests {
             run_dir: "/run/x".into(),
             serial_log: "/l/serial.log".into(),
             vmm_log: "/l/vmm.log".into(),
+            tap: None,
         };
         let args = q.args(&spec).join(" ");
+        assert!(!args.contains("-netdev"), "no network without a TAP");
+        let with_tap = LaunchSpec {
+            tap: Some(Arc::new(OwnedFd::from(
+                std::fs::File::open("/dev/null").unwrap(),
+            ))),
+            ..spec.clone()
+        };
+        let net = q.args(&with_tap).join(" ");
+        assert!(net.contains("-netdev tap,id=net0,fd=3,vhost=off"), "{net}");
+        assert!(
+            net.contains("virtio-net-device,netdev=net0,mac=06:00:0a:fe:fe:02"),
+            "{net}"
+        );
         assert!(args.contains("-M microvm,accel=tcg,memory-backend=mem0 -cpu max -smp 2 -m 2048M"));
         assert!(
             args.contains("size=2048M,mem-path=/dev/shm/hearth-0123456789abcdef/abc.ram,share=on")

@@ -65,6 +65,36 @@ pub fn ram_dir(data: &Path) -> PathBuf {
     PathBuf::from(format!("/dev/shm/hearth-{hex}"))
 }
 
+/// Which hearthd a network slot belongs to (the rule of `net::instance_of`: the first 8 hex
+/// digits of the SHA-256 of the data directory).
+pub fn instance(data: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(data.as_os_str().as_encoded_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The network namespaces (slots) of the hearthd with data directory `data`.
+pub fn slots(data: &Path) -> Vec<String> {
+    let prefix = format!("hearth-{}-", instance(data));
+    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Removes the slots of the hearthd with data directory `data`.
+pub fn remove_slots(data: &Path) {
+    for ns in slots(data) {
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+    }
+}
+
 /// The RAM file of VM `id` of the hearthd with data directory `data`.
 pub fn ram_file(data: &Path, id: &str) -> PathBuf {
     ram_dir(data).join(format!("{id}.ram"))
@@ -273,14 +303,25 @@ pub struct World {
 
 impl World {
     pub fn new() -> World {
+        World::with_env(&[])
+    }
+
+    /// [`World::new`] with extra environment for its hearthd; `setup` runs inside the test's
+    /// namespace before hearthd starts (to build the rest of the test's network).
+    pub fn with_env(env: &[(&str, &str)]) -> World {
+        World::with_setup(env, || {})
+    }
+
+    pub fn with_setup(env: &[(&str, &str)], setup: impl FnOnce()) -> World {
         // QEMUs outlive a killed hearthd; as subreaper this test inherits and reaps them, as
         // systemd does on a real host.
         nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
         // Built before entering the namespace: the build downloads Debian packages.
         image_cache();
         let netns = Netns::create_and_enter();
+        setup();
         let dir = tempfile::tempdir().unwrap();
-        let daemon = Daemon::start(&dir.path().join("data"));
+        let daemon = Daemon::start_with_env(&dir.path().join("data"), env);
         World {
             dir,
             daemon: Some(daemon),
@@ -298,8 +339,12 @@ impl World {
     }
 
     pub fn restart_after_kill9(&mut self) {
+        self.restart_after_kill9_with_env(&[]);
+    }
+
+    pub fn restart_after_kill9_with_env(&mut self, env: &[(&str, &str)]) {
         self.daemon.as_mut().unwrap().kill9();
-        self.daemon = Some(Daemon::start(&self.data()));
+        self.daemon = Some(Daemon::start_with_env(&self.data(), env));
     }
 
     /// Downloads `guest_path` (`VM:/path`) with the CLI and compares it with `want`.
@@ -358,9 +403,11 @@ impl Drop for World {
                 );
             }
         }
-        // The RAM directory is this test's alone (named after its data directory).
+        // The RAM directory is this test's alone (named after its data directory), and so are
+        // the network slots named after it.
         let _ = std::fs::remove_dir_all(ram_dir(&self.data()));
         reap_orphans();
+        remove_slots(&self.data());
     }
 }
 
