@@ -114,7 +114,7 @@ pub struct VmEvent {
 pub struct VmDetail {
     #[serde(flatten)]
     pub vm: Vm,
-    /// The VM's network; absent for a VM made while networking was off.
+    /// The VM's network; null for a VM made while networking was off.
     pub network: Option<VmNetwork>,
     pub events: Vec<VmEvent>,
 }
@@ -179,7 +179,8 @@ pub struct EgressRequest {
     #[serde(default)]
     #[schema(max_items = 256)]
     pub deny_cidrs: Vec<String>,
-    /// TCP ports 1-65535; needs `allow_cidrs` or `allow_domains`; at most 64.
+    /// TCP ports 1-65535 (0 is refused); needs `allow_cidrs` or `allow_domains`; at most 64.
+    /// The policy set replaces the VM's whole policy.
     #[serde(default)]
     #[schema(max_items = 64)]
     pub allow_ports: Vec<u16>,
@@ -193,6 +194,7 @@ pub struct EgressRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Network {
     pub name: String,
+    /// RFC 3339, UTC.
     pub created_at: String,
     /// Names of the member VMs.
     pub members: Vec<String>,
@@ -237,7 +239,7 @@ pub struct CreateVmRequest {
     pub networks: Vec<String>,
     /// Egress policy; default `allow_all`.
     pub egress: Option<EgressRequest>,
-    /// Given to the guest by the metadata service (`/v1/user-data`); at most 64 KiB.
+    /// Given to the guest by the metadata service (`/v1/user-data`); at most 64 KiB of UTF-8.
     pub user_data: Option<String>,
     /// OpenSSH public keys the metadata service gives the guest; at most 64.
     #[serde(default)]
@@ -384,7 +386,7 @@ pub struct Health {
     pub image_status: String,
     /// What VMs may commit on this host and what they have committed.
     pub capacity: Capacity,
-    /// VM networking; absent when `network.mode = "off"`.
+    /// VM networking; null when `network.mode = "off"`.
     pub network: Option<NetworkHealth>,
 }
 
@@ -397,8 +399,9 @@ pub struct NetworkHealth {
     pub helper_detail: Option<String>,
     /// `network.cidr`.
     pub cidr: String,
-    /// /30s in `network.cidr`, and how many VMs hold one.
+    /// /30s in `network.cidr`.
     pub subnets_total: u64,
+    /// VMs holding a /30 (running or not).
     pub subnets_used: u64,
     /// Running VMs with a network slot.
     pub slots: u64,

@@ -415,6 +415,152 @@ async fn pass(w: &World, c: &Contract) {
         )
         .await;
     }
+    // Networking: egress policies and private networks, working and failing.
+    let egress = |vm: &str, body: serde_json::Value| {
+        Req::new("PUT", format!("/v1/vms/{vm}/egress")).json(&body)
+    };
+    let policy = json!({"allow_cidrs": ["192.0.2.0/24"], "allow_ports": [443], "allow_domains": ["*.example.com"]});
+    let set = expect(c, "egress", egress("ct", policy.clone()), 200, "")
+        .await
+        .json();
+    assert_eq!(set["network"]["egress"]["mode"], "deny_all", "{set}");
+    expect(
+        c,
+        "egress bad cidr",
+        egress("ct", json!({"deny_cidrs": ["10.0.0.1/8"]})),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect(
+        c,
+        "egress ports alone",
+        egress("ct", json!({"allow_ports": [22]})),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect(
+        c,
+        "egress unknown field",
+        egress("ct", json!({"allow": []})).bad(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect(
+        c,
+        "egress ghost",
+        egress("ghost", policy),
+        404,
+        "vm_not_found",
+    )
+    .await;
+    expect(
+        c,
+        "egress reset",
+        egress("ct", json!({"mode": "allow_all"})),
+        200,
+        "",
+    )
+    .await;
+    let network = |body: serde_json::Value| Req::post("/v1/networks").json(&body);
+    expect(c, "networks empty", Req::get("/v1/networks"), 200, "").await;
+    expect(
+        c,
+        "network create",
+        network(json!({"name": "ctnet"})),
+        201,
+        "",
+    )
+    .await;
+    expect(
+        c,
+        "network taken",
+        network(json!({"name": "ctnet"})),
+        409,
+        "network_name_taken",
+    )
+    .await;
+    expect(
+        c,
+        "network bad name",
+        network(json!({"name": "Bad_Net"})).bad(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let joined = expect(
+        c,
+        "network connect",
+        Req::new("PUT", "/v1/networks/ctnet/members/ct"),
+        200,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(joined["members"], json!(["ct"]), "{joined}");
+    expect(
+        c,
+        "network connect ghost vm",
+        Req::new("PUT", "/v1/networks/ctnet/members/ghost"),
+        404,
+        "vm_not_found",
+    )
+    .await;
+    expect(
+        c,
+        "network connect ghost net",
+        Req::new("PUT", "/v1/networks/nonet/members/ct"),
+        404,
+        "network_not_found",
+    )
+    .await;
+    let listed = expect(c, "networks", Req::get("/v1/networks"), 200, "")
+        .await
+        .json();
+    assert_eq!(listed[0]["members"], json!(["ct"]), "{listed}");
+    expect(
+        c,
+        "network delete in use",
+        Req::new("DELETE", "/v1/networks/ctnet"),
+        409,
+        "network_in_use",
+    )
+    .await;
+    expect(
+        c,
+        "network disconnect",
+        Req::new("DELETE", "/v1/networks/ctnet/members/ct"),
+        200,
+        "",
+    )
+    .await;
+    expect(
+        c,
+        "network delete",
+        Req::new("DELETE", "/v1/networks/ctnet"),
+        204,
+        "",
+    )
+    .await;
+    expect(
+        c,
+        "network delete ghost",
+        Req::new("DELETE", "/v1/networks/ctnet"),
+        404,
+        "network_not_found",
+    )
+    .await;
+    expect(
+        c,
+        "create in ghost network",
+        create(json!({"name": "ct-x", "networks": ["nonet"]})),
+        404,
+        "network_not_found",
+    )
+    .await;
+
     expect(c, "delete", Req::new("DELETE", "/v1/vms/ct"), 204, "").await;
     expect(
         c,

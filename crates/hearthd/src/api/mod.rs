@@ -313,11 +313,12 @@ async fn list_vms(
 #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVmRequest,
     responses(
         (status = 201, body = VmDetail),
-        (status = 400, description = "A field breaks a rule (invalid_name, invalid_cpus, invalid_ram, invalid_rootfs_size), or the body is malformed (invalid_request)", body = ErrorBody),
+        (status = 400, description = "A field breaks a rule (invalid_name, invalid_cpus, invalid_ram, invalid_rootfs_size; invalid_request naming networks, egress, user_data or ssh_authorized_keys), or the body is malformed (invalid_request)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
-        (status = 409, description = "The name is taken (vm_name_taken), the host has not the vCPUs, memory or RAM-file space left (insufficient_capacity), or another operation on the name is in progress (vm_busy)", body = ErrorBody),
+        (status = 404, description = "A network in `networks` does not exist (network_not_found); nothing is made", body = ErrorBody),
+        (status = 409, description = "The name is taken (vm_name_taken), the host has not the vCPUs, memory, RAM-file space or addresses left (insufficient_capacity), or another operation on the name is in progress (vm_busy)", body = ErrorBody),
         (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
-        (status = 500, description = "The VM could not start (vmm_failed; nothing is left behind), or internal; the server log has details", body = ErrorBody),
+        (status = 500, description = "The VM could not start, its network slot included (vmm_failed; nothing is left behind), or internal; the server log has details", body = ErrorBody),
         (status = 503, description = "The guest image is not built yet or failed to build (image_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
         (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
         (status = 507, description = "The new disk does not fit the data directory's filesystem (resource_exhausted)", body = ErrorBody),
@@ -381,7 +382,7 @@ async fn delete_vm(
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
         (status = 409, description = "Not stopped (invalid_state), another operation on it is in progress (vm_busy), or the host has not the vCPUs, memory or RAM-file space left (insufficient_capacity)", body = ErrorBody),
-        (status = 500, description = "Boot failed (vmm_failed; see last_error), or internal; the server log has details", body = ErrorBody),
+        (status = 500, description = "Boot failed, its network slot included (vmm_failed; see last_error), or internal; the server log has details", body = ErrorBody),
         (status = 503, description = "The guest image is not ready (image_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
         (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
         (status = 507, description = "The host ran out of something the VM needs (resource_exhausted)", body = ErrorBody)))]
@@ -436,7 +437,7 @@ async fn stop_vm(
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
         (status = 409, description = "Its state does not allow it (invalid_state), another operation on it is in progress (vm_busy), or the host has not the capacity left (insufficient_capacity)", body = ErrorBody),
-        (status = 500, description = "Boot failed (vmm_failed; see last_error), or internal; the server log has details", body = ErrorBody),
+        (status = 500, description = "Boot failed, its network slot included (vmm_failed; see last_error), or internal; the server log has details", body = ErrorBody),
         (status = 503, description = "The guest image is not ready (image_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
         (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
         (status = 507, description = "The host ran out of something the VM needs (resource_exhausted)", body = ErrorBody)))]

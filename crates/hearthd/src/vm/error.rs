@@ -74,10 +74,31 @@ pub enum VmError {
     HostProbe(#[source] std::io::Error),
     #[error("VM networking failed")]
     Net(#[from] NetError),
+    #[error("no network named {0:?}")]
+    NoNetwork(String),
+    #[error("a network named {0:?} already exists")]
+    NetworkTaken(String),
+    #[error("network {name:?} still has members ({members}): disconnect them or delete those VMs first")]
+    NetworkInUse { name: String, members: String },
+    #[error("no address left for a new VM: all {slots} /30 networks of network.cidr are taken; delete a VM, or give network.cidr a shorter prefix")]
+    NoAddresses { slots: u32 },
     #[error("state store failure")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("an internal task failed: {0}")]
     Task(String),
+}
+
+impl From<StoreError> for VmError {
+    /// What the store refuses about networks is the caller's to fix, and says so itself.
+    fn from(e: StoreError) -> VmError {
+        match e {
+            StoreError::NoNetwork(n) => VmError::NoNetwork(n),
+            StoreError::NetworkTaken(n) => VmError::NetworkTaken(n),
+            StoreError::NetworkInUse { name, members } => VmError::NetworkInUse { name, members },
+            StoreError::NoAddresses { slots } => VmError::NoAddresses { slots },
+            other => VmError::Store(other),
+        }
+    }
 }
 
 impl VmError {
@@ -121,10 +142,10 @@ impl VmError {
                 code: G::NotFound, ..
             } => ErrorCode::CommandNotFound,
             VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
-            VmError::Store(StoreError::NoNetwork(_)) => ErrorCode::NetworkNotFound,
-            VmError::Store(StoreError::NetworkTaken(_)) => ErrorCode::NetworkNameTaken,
-            VmError::Store(StoreError::NetworkInUse { .. }) => ErrorCode::NetworkInUse,
-            VmError::Store(StoreError::NoAddresses { .. }) => ErrorCode::InsufficientCapacity,
+            VmError::NoNetwork(_) => ErrorCode::NetworkNotFound,
+            VmError::NetworkTaken(_) => ErrorCode::NetworkNameTaken,
+            VmError::NetworkInUse { .. } => ErrorCode::NetworkInUse,
+            VmError::NoAddresses { .. } => ErrorCode::InsufficientCapacity,
             VmError::Net(NetError::Store(_)) => ErrorCode::Internal,
             VmError::Net(_) => ErrorCode::NetworkFailed,
             VmError::Capacity(e) if e.disk => ErrorCode::ResourceExhausted,
