@@ -53,19 +53,23 @@ pub fn check(op: &'static str, reply: Reply) -> Result<Reply, HelperError> {
     }
 }
 
-/// The helper at a unix socket. One connection, reopened after a failure; requests go one at a
-/// time (the helper's work on one host is serial anyway).
+/// The helper at a unix socket. Connections are pooled: a request takes an idle one (or opens a
+/// new one), so independent requests (a VM's TAP and the host rules) run at once; a connection
+/// that failed is dropped and the request tried once more on a new one.
 #[derive(Debug)]
 pub struct SocketHelper {
     socket: PathBuf,
-    conn: Arc<Mutex<Option<hearth_helper::client::Client>>>,
+    idle: Arc<Mutex<Vec<hearth_helper::client::Client>>>,
 }
+
+/// Idle connections kept open.
+const POOL: usize = 4;
 
 impl SocketHelper {
     pub fn new(socket: &Path) -> SocketHelper {
         SocketHelper {
             socket: socket.to_owned(),
-            conn: Arc::default(),
+            idle: Arc::default(),
         }
     }
 }
@@ -73,7 +77,7 @@ impl SocketHelper {
 #[async_trait]
 impl Helper for SocketHelper {
     async fn call(&self, request: Request) -> Result<Reply, HelperError> {
-        let (socket, conn) = (self.socket.clone(), self.conn.clone());
+        let (socket, idle) = (self.socket.clone(), self.idle.clone());
         let op = request.op();
         let unreachable = |reason: String| HelperError::Unreachable {
             socket: socket.display().to_string(),
@@ -82,26 +86,28 @@ impl Helper for SocketHelper {
         let result = tokio::task::spawn_blocking({
             let socket = socket.clone();
             move || {
-                let mut guard = conn
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                // A broken connection is dropped and the request tried once more on a new one.
+                let take = || {
+                    idle.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .pop()
+                };
                 for attempt in 0..2 {
-                    if guard.is_none() {
-                        *guard = Some(
-                            hearth_helper::client::Client::connect(&socket)
-                                .map_err(|e| e.to_string())?,
-                        );
-                    }
-                    let client = guard.as_mut().expect("connected just above");
+                    let mut client = match take() {
+                        Some(c) if attempt == 0 => c,
+                        _ => hearth_helper::client::Client::connect(&socket)
+                            .map_err(|e| e.to_string())?,
+                    };
                     match client.call(&request) {
-                        Ok((response, fd)) => return Ok(Reply { response, fd }),
-                        Err(e) => {
-                            *guard = None;
-                            if attempt == 1 {
-                                return Err(e.to_string());
+                        Ok((response, fd)) => {
+                            let mut pool =
+                                idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            if pool.len() < POOL {
+                                pool.push(client);
                             }
+                            return Ok(Reply { response, fd });
                         }
+                        Err(e) if attempt == 1 => return Err(e.to_string()),
+                        Err(_) => {}
                     }
                 }
                 Err("no answer".to_owned())

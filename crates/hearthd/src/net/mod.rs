@@ -249,11 +249,18 @@ impl Network {
                 services,
             },
         );
-        self.apply_host_rules().await?;
         if !tap {
+            self.apply_host_rules().await?;
             return Ok(None);
         }
-        let reply = self.inner.helper.call(Request::OpenTap { slot }).await?;
+        // The TAP and the host rules are independent: both at once. (Until the host rules
+        // name the VM, its traffic is dropped there, so the order does not matter.)
+        let (rules, reply) = tokio::join!(
+            self.apply_host_rules(),
+            self.inner.helper.call(Request::OpenTap { slot })
+        );
+        rules?;
+        let reply = reply?;
         match (reply.response, reply.fd) {
             (Response::Tap { .. }, Some(fd)) => Ok(Some(fd)),
             (other, _) => Err(HelperError::Unexpected {
