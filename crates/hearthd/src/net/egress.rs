@@ -185,10 +185,11 @@ pub fn to_rules(r: &EgressRecord) -> proto::EgressRules {
     }
 }
 
-/// What the VM's DNS forwarder answers: every name, or (with allowed domains under
-/// `deny_all`) only those.
+/// What the VM's DNS forwarder answers: every name under `allow_all`; under `deny_all` only
+/// the allowed domains — none when there are none, or the forwarder would be a way out (a DNS
+/// tunnel through the host's resolvers) for a VM that may reach nothing.
 pub fn dns_policy(r: &EgressRecord) -> DnsPolicy {
-    if !r.deny_all || r.allow_domains.is_empty() {
+    if !r.deny_all {
         return DnsPolicy { allowed: None };
     }
     DnsPolicy {
@@ -290,6 +291,15 @@ mod tests {
         assert!(dns_policy(&r).allows("a.example.com"));
         assert!(!dns_policy(&r).allows("example.org"));
         assert!(dns_policy(&EgressRecord::default()).allows("anything.test"));
+        let locked = EgressRecord {
+            deny_all: true,
+            allow_cidrs: vec!["10.1.0.0/16".into()],
+            ..EgressRecord::default()
+        };
+        assert!(
+            !dns_policy(&locked).allows("anything.test"),
+            "deny_all resolves nothing"
+        );
         assert_eq!(
             describe(&r),
             "egress: deny_all, allow 10.1.0.0/16, allow domains *.example.com ports 443 80, deny 10.1.2.0/24"

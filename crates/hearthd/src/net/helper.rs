@@ -99,8 +99,9 @@ impl Helper for SocketHelper {
                     };
                     match client.call(&request) {
                         Ok((response, fd)) => {
-                            let mut pool =
-                                idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                            let mut pool = idle
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
                             if pool.len() < POOL {
                                 pool.push(client);
                             }

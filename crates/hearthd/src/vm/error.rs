@@ -78,9 +78,13 @@ pub enum VmError {
     NoNetwork(String),
     #[error("a network named {0:?} already exists")]
     NetworkTaken(String),
-    #[error("network {name:?} still has members ({members}): disconnect them or delete those VMs first")]
+    #[error(
+        "network {name:?} still has members ({members}): disconnect them or delete those VMs first"
+    )]
     NetworkInUse { name: String, members: String },
-    #[error("no address left for a new VM: all {slots} /30 networks of network.cidr are taken; delete a VM, or give network.cidr a shorter prefix")]
+    #[error(
+        "no address left for a new VM: all {slots} /30 networks of network.cidr are taken; delete a VM, or give network.cidr a shorter prefix"
+    )]
     NoAddresses { slots: u32 },
     #[error("state store failure")]
     Store(StoreError),
