@@ -330,11 +330,14 @@ impl VmService {
         // the modules in that initramfs; nothing at boot uses the disk's).
         let image = self.image().map_err(|e| e.message())?;
         let mut spec = self.launch_spec(vm, Some(&image));
+        let mut network_ms = None;
         if let Some(net) = self.inner.network.as_ref().filter(|_| self.networked(vm)) {
+            let started = Instant::now();
             let tap = net
                 .attach(vm)
                 .await
                 .map_err(|e| VmError::Net(e).message())?;
+            network_ms = Some(started.elapsed().as_millis());
             spec.tap = Some(Arc::new(tap));
         }
         rotate_log(&spec.serial_log, self.inner.config.guest.log_max_bytes);
@@ -351,7 +354,13 @@ impl VmService {
         self.cap_logs_while_running(vm, handle.clone());
         // The pid is part of the boot: a VMM hearthd could not record is ended (a restarted
         // hearthd also finds VMMs by their run directory, for a crash in between).
-        let launched = format!("VMM pid {} launched", handle.pid());
+        let launched = match network_ms {
+            Some(ms) => format!(
+                "network slot ready in {ms} ms; VMM pid {} launched",
+                handle.pid()
+            ),
+            None => format!("VMM pid {} launched", handle.pid()),
+        };
         if let Err(e) = self
             .inner
             .store
