@@ -28,8 +28,10 @@ use hearth_helper::proto::{
 
 use crate::{Proc, ms_since, run};
 
-/// Measured slot setups with each number of slots already there (after one not counted).
+/// Measured slot setups with each number of slots already there, in [`BLOCKS`] blocks that
+/// alternate between the two (each after one not counted), so drift hits both alike.
 pub const SETUPS: usize = 10;
+const BLOCKS: usize = 2;
 /// Slots already there for the second series.
 pub const LOADED: u32 = 50;
 /// hearthd's defaults: the VMs' network and the service ports.
@@ -213,29 +215,40 @@ impl SlotBench {
             cidr: cidr(),
         })?;
         let mut next = 0;
-        let mut there = Vec::new();
+        let mut there: Vec<HostSlot> = Vec::new();
         let mut figures = SetupFigures::default();
-        for (count, series) in [(1, &mut figures.one), (LOADED, &mut figures.loaded)] {
-            while there.len() < count as usize {
-                let slot = bench_slot(&self.instance, next);
-                next += 1;
-                self.create(&slot)?;
-                there.push(slot);
-                self.apply(&there)?;
-            }
-            eprintln!("bench: slot setup through hearth-helper with {count} slot(s) there");
-            // One not counted first.
-            for i in 0..=SETUPS {
-                let slot = bench_slot(&self.instance, next);
-                next += 1;
-                let ms = self.setup_one(&there, &slot)?;
-                if i > 0 {
-                    series.push(ms);
+        for block in 0..BLOCKS {
+            for (count, series) in [(1, &mut figures.one), (LOADED, &mut figures.loaded)] {
+                // Slots are added (or removed) one at a time, as VMs start and stop.
+                while there.len() < count as usize {
+                    let slot = bench_slot(&self.instance, next);
+                    next += 1;
+                    self.create(&slot)?;
+                    there.push(slot);
+                    self.apply(&there)?;
                 }
-                self.delete(&slot.slot)?;
-                self.apply(&there)?;
-                // Let the kernel finish with the deleted namespace before the next setup.
-                std::thread::sleep(Duration::from_millis(300));
+                while there.len() > count as usize {
+                    let slot = there.pop().expect("more than count slots");
+                    self.delete(&slot.slot)?;
+                    self.apply(&there)?;
+                }
+                eprintln!(
+                    "bench: slot setup through hearth-helper with {count} slot(s) there (block {} of {BLOCKS})",
+                    block + 1
+                );
+                // One not counted first.
+                for i in 0..=SETUPS / BLOCKS {
+                    let slot = bench_slot(&self.instance, next);
+                    next += 1;
+                    let ms = self.setup_one(&there, &slot)?;
+                    if i > 0 {
+                        series.push(ms);
+                    }
+                    self.delete(&slot.slot)?;
+                    self.apply(&there)?;
+                    // Let the kernel finish with the deleted namespace before the next setup.
+                    std::thread::sleep(Duration::from_millis(300));
+                }
             }
         }
         Ok(figures)
