@@ -13,9 +13,19 @@
 //!   same program from a shell loop inside the guest; the ratios API / protocol (target at most
 //!   1.05) and protocol / in-guest spawn (target at most 1.3);
 //! - hearthd's resident memory (VmRSS) idle with 0 and with 10 running VMs (target at most
-//!   30 MB).
+//!   30 MB);
+//! - networking: the network slot's setup inside each counted create, as hearthd records it in
+//!   the `vmm_launched` event (target at most 50 ms); the same create against a second hearthd
+//!   with `HEARTH_NETWORK_MODE=off`, interleaved with the networked one in every round, and the
+//!   per-round ratio networked / off (target: median at most 1.05); one slot's setup straight
+//!   through a `hearth-helper` of the bench's own with 1 and with 50 slots there (target: ratio
+//!   of medians at most 1.2); TCP throughput from a guest through its slot to a sink in an
+//!   "outside" namespace, beside the same transfer between two plain namespaces (report only).
 //!
-//! Everything runs inside a network namespace the bench creates and removes.
+//! Everything runs inside a network namespace the bench creates and removes (the outside one
+//! and the helper's slots too).
+
+mod net;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -28,7 +38,11 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-const URL: &str = "http://127.0.0.1:7070";
+/// Where the networked hearthd and the one with networking off listen.
+const LISTEN: &str = "127.0.0.1:7070";
+const LISTEN_OFF: &str = "127.0.0.1:7071";
+/// Target of the network setup inside a create, in ms.
+const NET_SETUP_TARGET_MS: f64 = 50.0;
 const ROUNDS: usize = 9;
 const EXECS: usize = 200;
 /// VMs running while the second RSS figure is taken.
@@ -164,6 +178,19 @@ fn agent_ready_ms(detail: &Value) -> Option<f64> {
     })
 }
 
+/// The network setup hearthd records in the `vmm_launched` event: "network slot ready in N ms;
+/// VMM pid P launched".
+fn network_setup_ms(detail: &Value) -> Option<f64> {
+    detail["events"].as_array()?.iter().rev().find_map(|e| {
+        if e["kind"] != "vmm_launched" {
+            return None;
+        }
+        let m = e["message"].as_str()?;
+        let rest = m.split_once("network slot ready in ")?.1;
+        rest.split_once(" ms")?.0.parse().ok()
+    })
+}
+
 /// Nearest-rank percentile, `p` in whole percent.
 fn percentile(v: &mut [f64], p: usize) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -180,6 +207,12 @@ struct Samples {
     create: Vec<f64>,
     /// VMM launch → agent hello, as hearthd records it.
     ready: Vec<f64>,
+    /// The network slot's setup inside the create (slot, host rules, TAP), as hearthd records it.
+    net_setup: Vec<f64>,
+    /// The hearthd with networking off: create → first exec output, and create answered.
+    off: Vec<f64>,
+    off_create: Vec<f64>,
+    off_ready: Vec<f64>,
     /// Create answered → first exec output.
     first_exec: Vec<f64>,
     /// Bare: agent hello → first exec output (over the protocol).
@@ -191,6 +224,45 @@ struct Samples {
     spawn: Vec<f64>,
     rss_idle: f64,
     rss_full: f64,
+    /// MB/s of each transfer: guest → outside through the slot, and namespace → namespace.
+    guest_mbps: Vec<f64>,
+    plain_mbps: Vec<f64>,
+    /// Slot setup straight through a helper of the bench's own.
+    setup: net::SetupFigures,
+}
+
+/// One create → first exec output through hearthd's API, in ms.
+#[derive(Debug, Clone, Copy)]
+struct Boot {
+    total: f64,
+    create: f64,
+    ready: f64,
+    /// "network slot ready in N ms", when the VM has a network.
+    network: Option<f64>,
+}
+
+impl Samples {
+    fn record(&mut self, networked: bool, b: Boot) -> Result<()> {
+        match (networked, b.network) {
+            (true, Some(n)) => {
+                self.hearthd.push(b.total);
+                self.create.push(b.create);
+                self.first_exec.push(b.total - b.create);
+                self.ready.push(b.ready);
+                self.net_setup.push(n);
+            }
+            (false, None) => {
+                self.off.push(b.total);
+                self.off_create.push(b.create);
+                self.off_ready.push(b.ready);
+            }
+            (true, None) => bail!(
+                "the networked hearthd's VM has no \"network slot ready in N ms\" event: is VM networking on?"
+            ),
+            (false, Some(_)) => bail!("the hearthd with networking off gave its VM a network slot"),
+        }
+        Ok(())
+    }
 }
 
 fn bench(rounds: usize) -> Result<()> {
@@ -199,10 +271,26 @@ fn bench(rounds: usize) -> Result<()> {
     let agent = std::env::var_os("HEARTH_IMAGE_AGENT_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target/x86_64-unknown-linux-gnu/release/hearth-guest"));
+    let helper = bin.join("hearth-helper");
+    if !helper.exists() {
+        bail!(
+            "{} is missing: cargo build --release -p hearth-helper (hearthd, as root, starts it for VM networking; the bench drives one too)",
+            helper.display()
+        );
+    }
     let data = root.join("target/bench-data");
-    let _ = std::fs::remove_dir_all(data.join("vms"));
-    let _ = std::fs::remove_dir_all(data.join("run"));
-    let _ = std::fs::remove_file(data.join("hearth.db"));
+    // The hearthd with networking off: its own data directory, the same image cache.
+    let data_off = root.join("target/bench-data-off");
+    for d in [&data, &data_off] {
+        let _ = std::fs::remove_dir_all(d.join("vms"));
+        let _ = std::fs::remove_dir_all(d.join("run"));
+        let _ = std::fs::remove_file(d.join("hearth.db"));
+    }
+    std::fs::create_dir_all(&data)?;
+    std::fs::create_dir_all(&data_off)?;
+    if std::fs::symlink_metadata(data_off.join("images")).is_err() {
+        std::os::unix::fs::symlink(data.join("images"), data_off.join("images"))?;
+    }
     eprintln!("bench: preparing the guest image");
     run(Command::new(bin.join("hearthd"))
         .arg("build-image")
@@ -217,18 +305,28 @@ fn bench(rounds: usize) -> Result<()> {
         .build()?;
     let result = rt.block_on(async {
         let work = root.join("target/bench-bare");
-        let daemon = Hearthd::start(&bin, &data, &agent).await?;
+        let daemon = Hearthd::start(&bin, &data, &agent, LISTEN, &[]).await?;
+        let off = Hearthd::start(
+            &bin,
+            &data_off,
+            &agent,
+            LISTEN_OFF,
+            &[("HEARTH_NETWORK_MODE", "off")],
+        )
+        .await?;
         // A round not counted first: the first boot after the image was built pays for cold
         // caches (a third slower here), and would count for bare QEMU only.
         eprintln!("bench: warm-up round (not counted)");
-        let mut warm = Samples::default();
         let (vm, _) = boot_bare(&image, &work).await?;
         drop(vm);
-        daemon.round("bench-warm-up", &mut warm).await?;
-        daemon.spare_ready().await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        for d in [&daemon, &off] {
+            d.round("bench-warm-up").await?;
+            d.spare_ready().await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
         let mut s = Samples::default();
-        // Interleaved, with a pause between boots, so drift on the machine hits both alike.
+        // Interleaved, with a pause between boots, so drift on the machine hits all alike; the
+        // two hearthds take turns going first. Each deletes its VM before the next boot.
         for round in 0..rounds {
             let (mut vm, boot) = boot_bare(&image, &work).await?;
             s.bare.push(boot);
@@ -237,16 +335,29 @@ fn bench(rounds: usize) -> Result<()> {
             s.bare_first_exec.push(ms_since(t));
             drop(vm);
             tokio::time::sleep(Duration::from_secs(2)).await;
-            daemon.round(&format!("bench-{round}"), &mut s).await?;
-            daemon.spare_ready().await?;
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            let order = if round % 2 == 0 {
+                [&daemon, &off]
+            } else {
+                [&off, &daemon]
+            };
+            for d in order {
+                let b = d.round(&format!("bench-{round}")).await?;
+                s.record(d.networked, b)?;
+                d.spare_ready().await?;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
             eprintln!(
-                "bench: round {} of {rounds}: bare {:.0} ms, hearthd {:.0} ms",
+                "bench: round {} of {rounds}: bare {:.0} ms, hearthd {:.0} ms (network slot {:.0} ms), network off {:.0} ms",
                 round + 1,
                 s.bare[round],
-                s.hearthd[round]
+                s.hearthd[round],
+                s.net_setup[round],
+                s.off[round]
             );
         }
+        drop(off);
+        eprintln!("bench: TCP throughput, guest through its slot and namespace to namespace");
+        throughput(&daemon, &mut s).await?;
         eprintln!("bench: exec round trips");
         exec_phase(&daemon, &image, &work, &mut s).await?;
         let _ = std::fs::remove_dir_all(&work);
@@ -254,24 +365,80 @@ fn bench(rounds: usize) -> Result<()> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         s.rss_idle = daemon.rss()?;
         s.rss_full = daemon.fleet(RSS_VMS).await?;
+        // The helper bench follows with no hearthd in the namespace (the host rule table is
+        // one per namespace).
+        drop(daemon);
         Ok::<_, anyhow::Error>(s)
+    });
+    // From this (the main) thread: the helper's --die-with-parent follows the thread that
+    // started it.
+    let result = result.and_then(|mut s| {
+        eprintln!("bench: network slot setup straight through hearth-helper");
+        s.setup = net::helper_setup(&helper, &data.join("hearth-helper-bench.log"))?;
+        Ok(s)
     });
     drop(ns);
     report(rounds, &mut result?);
     Ok(())
 }
 
+/// TCP throughput: a guest of `daemon` sends to a sink in an outside namespace through its
+/// slot (and hearthd's NAT), alternating with the same transfer from the bench's namespace
+/// (two plain namespaces); one small transfer of each first, not counted.
+async fn throughput(daemon: &Hearthd, s: &mut Samples) -> Result<()> {
+    let outside = net::Outside::create()?;
+    let name = "bench-net";
+    daemon.create(name).await?;
+    let result = async {
+        let wait = Duration::from_secs(120);
+        for (i, bytes) in std::iter::once(net::WARM_UP_BYTES)
+            .chain(std::iter::repeat_n(net::TRANSFER_BYTES, net::TRANSFERS))
+            .enumerate()
+        {
+            daemon.guest_transfer(name, bytes).await?;
+            let guest = outside.received(wait)?;
+            net::plain_transfer(bytes)?;
+            let plain = outside.received(wait)?;
+            for t in [guest, plain] {
+                if t.bytes != bytes {
+                    bail!("the sink received {} bytes of {bytes}", t.bytes);
+                }
+            }
+            if i > 0 {
+                s.guest_mbps.push(guest.mb_per_s());
+                s.plain_mbps.push(plain.mb_per_s());
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let deleted = daemon.delete(name).await;
+    drop(outside);
+    result?;
+    deleted
+}
+
 fn spread_line(label: &str, v: &[f64]) {
     let s = Spread::of(v);
     println!(
-        "  {label:<38} min {:>8.1}  median {:>8.1}  max {:>8.1} ms",
+        "  {label:<42} min {:>8.1}  median {:>8.1}  max {:>8.1} ms",
         s.min, s.median, s.max
     );
 }
 
+/// A spread with its unit and a note (a target) after it.
+fn target_line(label: &str, v: &[f64], unit: &str, note: &str) {
+    let s = Spread::of(v);
+    let line = format!(
+        "  {label:<42} min {:>8.1}  median {:>8.1}  max {:>8.1} {unit}   {note}",
+        s.min, s.median, s.max
+    );
+    println!("{}", line.trim_end());
+}
+
 fn ratio_line(label: &str, r: Spread, target: &str) {
     println!(
-        "  {label:<38} min {:>8.3}  median {:>8.3}  max {:>8.3}   {target}",
+        "  {label:<42} min {:>8.3}  median {:>8.3}  max {:>8.3}   {target}",
         r.min, r.median, r.max
     );
 }
@@ -290,6 +457,12 @@ fn report(rounds: usize, s: &mut Samples) {
     spread_line("bare QEMU start -> first exec output", &bare_exec);
     spread_line("hearthd create -> first exec output", &s.hearthd);
     spread_line("  of which: create answered (running)", &s.create);
+    target_line(
+        "    of which: network slot + rules",
+        &s.net_setup,
+        "ms",
+        &format!("(target <= {NET_SETUP_TARGET_MS} ms)"),
+    );
     spread_line("    of which: VMM launch -> agent hello", &s.ready);
     spread_line("  then: first exec output (API)", &s.first_exec);
     ratio_line(
@@ -301,6 +474,60 @@ fn report(rounds: usize, s: &mut Samples) {
         "ratio hearthd / bare to agent hello",
         Spread::of(&ratios(&s.hearthd, &s.bare)),
         "(per round; bare without its first exec)",
+    );
+    println!(
+        "network on / off, the same {rounds} rounds (a second hearthd, HEARTH_NETWORK_MODE=off):"
+    );
+    spread_line("network off: create -> 1st exec output", &s.off);
+    spread_line("  of which: create answered (running)", &s.off_create);
+    spread_line("    of which: VMM launch -> agent hello", &s.off_ready);
+    ratio_line(
+        "ratio on / off, create answered",
+        Spread::of(&ratios(&s.create, &s.off_create)),
+        "(per round; target median <= 1.05)",
+    );
+    ratio_line(
+        "ratio on / off, to 1st exec output",
+        Spread::of(&ratios(&s.hearthd, &s.off)),
+        "(per round; target median <= 1.05)",
+    );
+    let one = Spread::of(&s.setup.one);
+    let loaded = Spread::of(&s.setup.loaded);
+    println!(
+        "network slot setup through hearth-helper (CreateSlot + ApplyHostRules + OpenTap), {} each:",
+        net::SETUPS
+    );
+    spread_line("with 1 slot there", &s.setup.one);
+    spread_line(
+        &format!("with {} slots there", net::LOADED),
+        &s.setup.loaded,
+    );
+    println!(
+        "  {:<42} {:>8.3}   (medians; target <= 1.2)",
+        format!("ratio {} slots / 1 slot", net::LOADED),
+        loaded.median / one.median
+    );
+    println!(
+        "TCP throughput, {} MiB, {} transfers each, to a sink in an outside namespace:",
+        net::TRANSFER_BYTES >> 20,
+        net::TRANSFERS
+    );
+    target_line(
+        "guest -> outside through its slot",
+        &s.guest_mbps,
+        "MB/s",
+        "",
+    );
+    target_line(
+        "namespace -> namespace (plain veth)",
+        &s.plain_mbps,
+        "MB/s",
+        "",
+    );
+    ratio_line(
+        "ratio guest / plain namespaces",
+        Spread::of(&ratios(&s.guest_mbps, &s.plain_mbps)),
+        "(per pair; report only: TCG limits the guest)",
     );
     let api = percentile(&mut s.api_exec, 50);
     let proto_exec = percentile(&mut s.proto_exec, 50);
@@ -617,19 +844,32 @@ struct Hearthd {
     proc: Proc,
     data: PathBuf,
     http: reqwest::Client,
+    /// `http://` and its listen address.
+    url: String,
+    /// False when started with `HEARTH_NETWORK_MODE=off`.
+    networked: bool,
 }
 
 impl Hearthd {
-    async fn start(bin: &Path, data: &Path, agent: &Path) -> Result<Hearthd> {
+    /// Starts hearthd on `data`, listening on `listen`, with `env` on top of the bench's
+    /// settings.
+    async fn start(
+        bin: &Path,
+        data: &Path,
+        agent: &Path,
+        listen: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Hearthd> {
         let log = File::create(data.join("hearthd-bench.log"))?;
         let child = Command::new(bin.join("hearthd"))
             .env("HEARTH_DATA_DIR", data)
-            .env("HEARTH_LISTEN", "127.0.0.1:7070")
+            .env("HEARTH_LISTEN", listen)
             .env("HEARTH_IMAGE_AGENT_PATH", agent)
             .env("HEARTH_GUEST_MEMORY", "256M")
             .env("HEARTH_GUEST_ROOTFS_SIZE", ROOTFS_SIZE)
             // 10 VMs of 1 vCPU on a 2-core host exceed the default 400 %.
             .env("HEARTH_CAPACITY_CPU_OVERCOMMIT_PERCENT", "1000")
+            .envs(env.iter().copied())
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()?;
@@ -637,10 +877,13 @@ impl Hearthd {
             proc: Proc(child),
             data: data.to_owned(),
             http: reqwest::Client::new(),
+            url: format!("http://{listen}"),
+            networked: !env.contains(&("HEARTH_NETWORK_MODE", "off")),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let healthy = match daemon.http.get(format!("{URL}/v1/health")).send().await {
+            let url = &daemon.url;
+            let healthy = match daemon.http.get(format!("{url}/v1/health")).send().await {
                 Ok(r) => r
                     .json::<Value>()
                     .await
@@ -662,12 +905,38 @@ impl Hearthd {
     }
 
     async fn exec(&self, name: &str, cmd: Value) -> Result<Value> {
+        self.exec_body(name, json!({ "command": cmd })).await
+    }
+
+    async fn exec_body(&self, name: &str, body: Value) -> Result<Value> {
+        let url = &self.url;
         let r = self
             .http
-            .post(format!("{URL}/v1/vms/{name}/exec"))
-            .json(&json!({ "command": cmd }))
+            .post(format!("{url}/v1/vms/{name}/exec"))
+            .json(&body)
             .send()
             .await?;
+        Ok(r.json().await?)
+    }
+
+    /// `bytes` zeros from VM `name` to the outside namespace's sink, over bash's /dev/tcp.
+    async fn guest_transfer(&self, name: &str, bytes: u64) -> Result<()> {
+        let script = net::guest_transfer_script(bytes);
+        let body = json!({ "command": ["bash", "-c", script], "timeout_secs": 300 });
+        let out = self.exec_body(name, body).await?;
+        if out["exit_code"] != 0 {
+            bail!("the transfer from the guest failed: {out}");
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/vms/{name}`.
+    async fn detail(&self, name: &str) -> Result<Value> {
+        let url = &self.url;
+        let r = self.http.get(format!("{url}/v1/vms/{name}")).send().await?;
+        if !r.status().is_success() {
+            bail!("GET of VM {name} failed: {}", r.text().await?);
+        }
         Ok(r.json().await?)
     }
 
@@ -702,11 +971,11 @@ impl Hearthd {
     }
 
     async fn create(&self, name: &str) -> Result<Value> {
-        create(&self.http, name).await
+        create(&self.http, &self.url, name).await
     }
 
     async fn delete(&self, name: &str) -> Result<()> {
-        delete(&self.http, name).await
+        delete(&self.http, &self.url, name).await
     }
 
     async fn exec_true(&self, name: &str) -> Result<()> {
@@ -717,23 +986,34 @@ impl Hearthd {
         Ok(())
     }
 
-    /// Create → first exec output, with its breakdown.
-    async fn round(&self, name: &str, s: &mut Samples) -> Result<()> {
+    /// Create → first exec output, with its breakdown; the VM is deleted after.
+    async fn round(&self, name: &str) -> Result<Boot> {
         let started = Instant::now();
-        let detail = self.create(name).await?;
-        let created = ms_since(started);
-        let out = self.exec(name, json!(["echo", "ready"])).await?;
-        if out["stdout"] != "ready\n" {
-            bail!("unexpected exec answer {out}");
+        let result = async {
+            let detail = self.create(name).await?;
+            let created = ms_since(started);
+            let out = self.exec(name, json!(["echo", "ready"])).await?;
+            if out["stdout"] != "ready\n" {
+                bail!("unexpected exec answer {out}");
+            }
+            let total = ms_since(started);
+            let ready = agent_ready_ms(&detail).with_context(|| {
+                format!("no \"guest agent ready in N ms\" event in the create answer {detail}")
+            })?;
+            // Not timed: the network setup from the VM's events.
+            let detail = self.detail(name).await?;
+            Ok(Boot {
+                total,
+                create: created,
+                ready,
+                network: network_setup_ms(&detail),
+            })
         }
-        let boot = ms_since(started);
-        s.hearthd.push(boot);
-        s.create.push(created);
-        s.first_exec.push(boot - created);
-        s.ready.push(agent_ready_ms(&detail).with_context(|| {
-            format!("no \"guest agent ready in N ms\" event in the create answer {detail}")
-        })?);
-        self.delete(name).await
+        .await;
+        let deleted = self.delete(name).await;
+        let boot = result?;
+        deleted?;
+        Ok(boot)
     }
 
     /// Starts `n` VMs at once, lets hearthd idle with them running, and returns its RSS in MB;
@@ -758,12 +1038,12 @@ impl Hearthd {
     async fn each(&self, names: &[String], create_them: bool) -> Result<()> {
         let mut set = tokio::task::JoinSet::new();
         for name in names {
-            let (http, name) = (self.http.clone(), name.clone());
+            let (http, url, name) = (self.http.clone(), self.url.clone(), name.clone());
             set.spawn(async move {
                 if create_them {
-                    create(&http, &name).await.map(|_| ())
+                    create(&http, &url, &name).await.map(|_| ())
                 } else {
-                    delete(&http, &name).await
+                    delete(&http, &url, &name).await
                 }
             });
         }
@@ -778,9 +1058,9 @@ impl Hearthd {
     }
 }
 
-async fn create(http: &reqwest::Client, name: &str) -> Result<Value> {
+async fn create(http: &reqwest::Client, url: &str, name: &str) -> Result<Value> {
     let r = http
-        .post(format!("{URL}/v1/vms"))
+        .post(format!("{url}/v1/vms"))
         .json(&json!({ "name": name }))
         .send()
         .await?;
@@ -791,8 +1071,8 @@ async fn create(http: &reqwest::Client, name: &str) -> Result<Value> {
 }
 
 /// Deletes VM `name`; one that does not exist (its create failed) is fine.
-async fn delete(http: &reqwest::Client, name: &str) -> Result<()> {
-    let r = http.delete(format!("{URL}/v1/vms/{name}")).send().await?;
+async fn delete(http: &reqwest::Client, url: &str, name: &str) -> Result<()> {
+    let r = http.delete(format!("{url}/v1/vms/{name}")).send().await?;
     if !r.status().is_success() && r.status() != reqwest::StatusCode::NOT_FOUND {
         bail!("delete of {name} failed: {}", r.text().await?);
     }
@@ -846,6 +1126,54 @@ mod tests {
         ]});
         assert_eq!(agent_ready_ms(&detail), Some(2875.0));
         assert_eq!(agent_ready_ms(&json!({ "events": [] })), None);
+    }
+
+    #[test]
+    fn the_network_setup_comes_from_the_vmm_launched_event() {
+        let detail = json!({ "events": [
+            { "kind": "created", "message": null },
+            { "kind": "vmm_launched", "message": "network slot ready in 37 ms; VMM pid 7 launched" },
+            { "kind": "running", "message": "guest agent ready in 2875 ms (pid 7, boot ab)" },
+        ]});
+        assert_eq!(network_setup_ms(&detail), Some(37.0));
+        // Networking off: the event names the VMM only.
+        let off = json!({ "events": [
+            { "kind": "vmm_launched", "message": "VMM pid 7 launched" },
+        ]});
+        assert_eq!(network_setup_ms(&off), None);
+        assert_eq!(network_setup_ms(&json!({ "events": [] })), None);
+    }
+
+    #[test]
+    fn boots_are_recorded_by_which_hearthd_made_them() {
+        let mut s = Samples::default();
+        let b = Boot {
+            total: 3000.0,
+            create: 2500.0,
+            ready: 2400.0,
+            network: Some(30.0),
+        };
+        s.record(true, b).unwrap();
+        s.record(
+            false,
+            Boot {
+                network: None,
+                total: 2900.0,
+                ..b
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (s.hearthd, s.create, s.first_exec, s.net_setup),
+            (vec![3000.0], vec![2500.0], vec![500.0], vec![30.0])
+        );
+        assert_eq!(
+            (s.off, s.off_create, s.off_ready),
+            (vec![2900.0], vec![2500.0], vec![2400.0])
+        );
+        let mut s = Samples::default();
+        assert!(s.record(true, Boot { network: None, ..b }).is_err());
+        assert!(s.record(false, b).is_err());
     }
 
     #[test]
