@@ -19,7 +19,7 @@ deps:
 	@bash scripts/install-deps.sh
 
 build:
-	$(CARGO) build --release -p hearthd -p hearth
+	$(CARGO) build --release -p hearthd -p hearth -p hearth-helper
 
 agent:
 	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" $(CARGO) build --release -p hearth-guest --target $(TARGET)
@@ -38,5 +38,5 @@ test: deps agent lint
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 bench: deps agent
-	$(CARGO) build --release -p hearthd -p hearth -p xtask
+	$(CARGO) build --release -p hearthd -p hearth -p hearth-helper -p xtask
 	target/release/xtask bench
