@@ -690,15 +690,9 @@ fn validate_network(raw: &RawNetwork) -> Result<Option<NetworkConfig>, ConfigErr
         .cidr
         .parse()
         .map_err(|e: hearth_helper::proto::CidrError| invalid("network.cidr", e.to_string()))?;
-    if !(8..=29).contains(&cidr.prefix()) {
-        return Err(invalid(
-            "network.cidr",
-            format!(
-                "{cidr} has a /{} prefix: it must be from /8 (16 million addresses) to /29 (two VMs)",
-                cidr.prefix()
-            ),
-        ));
-    }
+    // The helper's own rules, so what hearthd starts with is what the helper will accept.
+    hearth_helper::validate::network_cidr("network.cidr", cidr)
+        .map_err(|e| invalid("network.cidr", helper_rule(e)))?;
     let helper_socket = match raw.helper_socket.as_str() {
         "" => None,
         p if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
@@ -711,14 +705,10 @@ fn validate_network(raw: &RawNetwork) -> Result<Option<NetworkConfig>, ConfigErr
     };
     let outbound_interface = match raw.outbound_interface.as_str() {
         "" => None,
-        name if valid_interface_name(name) => Some(name.to_owned()),
         name => {
-            return Err(invalid(
-                "network.outbound_interface",
-                format!(
-                    "{name:?} is not an interface name (1 to 15 bytes, no '/' or spaces, not a VM's hv… interface)"
-                ),
-            ));
+            hearth_helper::validate::interface("network.outbound_interface", name)
+                .map_err(|e| invalid("network.outbound_interface", helper_rule(e)))?;
+            Some(name.to_owned())
         }
     };
     let mut dns_upstream = Vec::new();
@@ -769,14 +759,12 @@ fn validate_network(raw: &RawNetwork) -> Result<Option<NetworkConfig>, ConfigErr
     }))
 }
 
-/// What the kernel takes as an interface name, less the names Hearth gives VMs' interfaces.
-fn valid_interface_name(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && !matches!(name, "." | "..")
-        && !name.starts_with(hearth_helper::proto::HOST_VETH_PREFIX)
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
+/// A refusal of the helper's validation, without the field name `invalid` adds itself.
+fn helper_rule(e: hearth_helper::validate::Invalid) -> String {
+    match e {
+        hearth_helper::validate::Invalid::Field { value, rule, .. } => format!("{value}: {rule}"),
+        other => other.to_string(),
+    }
 }
 
 fn validate_server(raw: &RawServer, data_dir: &Path) -> Result<ServerConfig, ConfigError> {
@@ -971,6 +959,51 @@ fn set(table: &mut toml::Table, key: &'static Key, text: &str) -> Result<(), Con
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_keys_follow_the_helpers_rules() {
+        let net = load_with(None, &[]).unwrap().network.unwrap();
+        assert_eq!(net.cidr.to_string(), "172.28.0.0/16");
+        let off = load_with(None, &[("HEARTH_NETWORK_MODE", "off")]).unwrap();
+        assert!(off.network.is_none());
+        for (key, value, want) in [
+            (
+                "HEARTH_NETWORK_CIDR",
+                "10.0.0.0/8",
+                "must not overlap 10.254.254.0/30",
+            ),
+            (
+                "HEARTH_NETWORK_CIDR",
+                "172.28.0.0/30",
+                "prefix length must be 8 to 29",
+            ),
+            (
+                "HEARTH_NETWORK_CIDR",
+                "172.28.0.1/16",
+                "bits set past the prefix",
+            ),
+            (
+                "HEARTH_NETWORK_OUTBOUND_INTERFACE",
+                "eth+",
+                "must be an interface name",
+            ),
+            (
+                "HEARTH_NETWORK_OUTBOUND_INTERFACE",
+                "hv0123",
+                "must not be a slot's interface",
+            ),
+            ("HEARTH_NETWORK_MODE", "maybe", "not one of on, off"),
+        ] {
+            let err = load_with(None, &[(key, value)]).unwrap_err().to_string();
+            assert!(err.contains(want), "{key}={value}: {err}");
+            assert!(err.contains(key), "{err} names the variable");
+        }
+        let net = load_with(None, &[("HEARTH_NETWORK_OUTBOUND_INTERFACE", "eth0")])
+            .unwrap()
+            .network
+            .unwrap();
+        assert_eq!(net.outbound_interface.as_deref(), Some("eth0"));
+    }
 
     fn load_with(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
         let dir = tempfile::tempdir().unwrap();

@@ -138,29 +138,40 @@ impl VmService {
         })
     }
 
-    /// A stored network as the API shows it: members by name.
-    async fn network_api(&self, n: NetworkRecord) -> Result<hearth_api::Network, VmError> {
+    /// Stored networks as the API shows them: members by name (the VMs are read once).
+    async fn networks_api(
+        &self,
+        nets: Vec<NetworkRecord>,
+    ) -> Result<Vec<hearth_api::Network>, VmError> {
         let vms = self.inner.store.list_vms().await?.vms;
-        let mut members: Vec<String> = n
-            .members
-            .iter()
-            .filter_map(|id| vms.iter().find(|v| &v.id == id).map(|v| v.name.clone()))
-            .collect();
-        members.sort();
-        Ok(hearth_api::Network {
-            name: n.name,
-            created_at: n.created_at,
-            members,
-        })
+        Ok(nets
+            .into_iter()
+            .map(|n| {
+                let mut members: Vec<String> = n
+                    .members
+                    .iter()
+                    .filter_map(|id| vms.iter().find(|v| &v.id == id).map(|v| v.name.clone()))
+                    .collect();
+                members.sort();
+                hearth_api::Network {
+                    name: n.name,
+                    created_at: n.created_at,
+                    members,
+                }
+            })
+            .collect())
+    }
+
+    async fn network_api(&self, n: NetworkRecord) -> Result<hearth_api::Network, VmError> {
+        let mut one = self.networks_api(vec![n]).await?;
+        one.pop()
+            .ok_or_else(|| VmError::Task("a network went missing while it was read".into()))
     }
 
     pub(super) async fn list_networks(&self) -> Result<Vec<hearth_api::Network>, VmError> {
         self.network()?;
-        let mut out = Vec::new();
-        for n in self.inner.store.list_networks().await? {
-            out.push(self.network_api(n).await?);
-        }
-        Ok(out)
+        let nets = self.inner.store.list_networks().await?;
+        self.networks_api(nets).await
     }
 
     pub(super) async fn create_network(
