@@ -4,8 +4,9 @@
 //! timeout or any other transport error the connection is out of step and refuses further
 //! calls ([`ClientError::Broken`]): connect again.
 //!
-//! A [`Response::Tap`]'s descriptor arrives as `SCM_RIGHTS` and is received close-on-exec:
-//! clear that flag (or `dup2` it) in the child that is to inherit it.
+//! The descriptors of a [`Response::Tap`] (one) and a [`Response::Services`] (three) arrive as
+//! `SCM_RIGHTS` and are received close-on-exec: clear that flag (or `dup2` it) in the child
+//! that is to inherit one.
 
 use std::io::{self, IoSliceMut, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -52,8 +53,12 @@ pub enum ClientError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("the helper answered {op} with a TAP but no descriptor")]
-    MissingFd { op: &'static str },
+    #[error("the helper answered {op} with {got} descriptors instead of {wanted}")]
+    MissingFds {
+        op: &'static str,
+        got: usize,
+        wanted: usize,
+    },
     #[error("the connection to the helper broke in an earlier call; connect again")]
     Broken,
     #[error("the helper refused {op} ({kind:?}): {message}")]
@@ -105,9 +110,10 @@ impl Client {
         Ok(())
     }
 
-    /// Sends `request` and returns the answer, with the descriptor that came with it (a
-    /// [`Response::Tap`]'s). A [`Response::Error`] is an answer like any other here.
-    pub fn call(&mut self, request: &Request) -> Result<(Response, Option<OwnedFd>), ClientError> {
+    /// Sends `request` and returns the answer, with the descriptors that came with it (a
+    /// [`Response::Tap`]'s one, a [`Response::Services`]' three; none for the others). A
+    /// [`Response::Error`] is an answer like any other here.
+    pub fn call(&mut self, request: &Request) -> Result<(Response, Vec<OwnedFd>), ClientError> {
         if self.broken {
             return Err(ClientError::Broken);
         }
@@ -118,10 +124,7 @@ impl Client {
     }
 
     /// Like [`Client::call`], with a [`Response::Error`] turned into [`ClientError::Helper`].
-    pub fn call_ok(
-        &mut self,
-        request: &Request,
-    ) -> Result<(Response, Option<OwnedFd>), ClientError> {
+    pub fn call_ok(&mut self, request: &Request) -> Result<(Response, Vec<OwnedFd>), ClientError> {
         match self.call(request)? {
             (Response::Error { kind, message }, _) => Err(ClientError::Helper {
                 op: request.op(),
@@ -132,7 +135,7 @@ impl Client {
         }
     }
 
-    fn exchange(&mut self, request: &Request) -> Result<(Response, Option<OwnedFd>), ClientError> {
+    fn exchange(&mut self, request: &Request) -> Result<(Response, Vec<OwnedFd>), ClientError> {
         let op = request.op();
         let frame = server::encode(request).map_err(|source| ClientError::Frame { op, source })?;
         self.stream
@@ -146,16 +149,21 @@ impl Client {
         self.receive(op, &mut body, &mut fds)?;
         let response: Response =
             serde_json::from_slice(&body).map_err(|source| ClientError::Decode { op, source })?;
-        // One descriptor is expected, with a TAP only; any other is closed here.
-        let fd = match &response {
-            Response::Tap { .. } => Some(
-                fds.into_iter()
-                    .next()
-                    .ok_or(ClientError::MissingFd { op })?,
-            ),
-            _ => None,
+        // Descriptors come with a TAP and with the services only; any others are closed here.
+        let wanted = match &response {
+            Response::Tap { .. } => 1,
+            Response::Services => crate::proto::SERVICE_SOCKETS.len(),
+            _ => 0,
         };
-        Ok((response, fd))
+        if fds.len() < wanted {
+            return Err(ClientError::MissingFds {
+                op,
+                got: fds.len(),
+                wanted,
+            });
+        }
+        fds.truncate(wanted);
+        Ok((response, fds))
     }
 
     fn io_error(&self, op: &'static str, e: io::Error) -> ClientError {

@@ -18,7 +18,7 @@ use nix::sched::{CloneFlags, setns};
 use serde::Deserialize;
 
 use crate::cmd::{self, CommandError};
-use crate::proto::Cidr;
+use crate::proto::{Cidr, SERVICE_SOCKETS, ServiceSocket};
 
 /// Where `ip netns` keeps its namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -97,6 +97,17 @@ pub enum NetError {
         "the TAP {name} of {netns} is still open: a VMM of this slot still runs (stop it before booting again)"
     )]
     TapBusy { name: String, netns: String },
+    #[error(
+        "the service sockets of {netns} are in use: a hearthd still serves this slot (stop it first)"
+    )]
+    ServicesBusy { netns: String },
+    #[error("could not make the service socket {addr} in {netns}")]
+    Service {
+        addr: std::net::SocketAddrV4,
+        netns: String,
+        #[source]
+        source: nix::Error,
+    },
 }
 
 /// What the helper does to the network. Every method is idempotent where the name says
@@ -131,6 +142,10 @@ pub trait Net: Send + Sync {
     /// persistent: it goes when the last descriptor closes) and returns its descriptor.
     /// A TAP of that name that is still open is [`NetError::TapBusy`].
     fn open_tap(&self, netns: &str, name: &str) -> Result<OwnedFd, NetError>;
+    /// Makes the slot's service sockets ([`SERVICE_SOCKETS`], in that order) inside it and
+    /// returns them. An address still taken (an earlier set is open) is
+    /// [`NetError::ServicesBusy`].
+    fn open_services(&self, netns: &str) -> Result<Vec<OwnedFd>, NetError>;
 }
 
 /// The real thing: `ip` with argument vectors, `setns` in a thread for `/proc/sys` and the TAP.
@@ -230,6 +245,46 @@ fn create_tap(netns: &str, name: &str) -> Result<OwnedFd, NetError> {
         return Err(tap_error(err));
     }
     Ok(OwnedFd::from(file))
+}
+
+/// Makes one service socket in the calling thread's namespace: bound with `IP_FREEBIND` (its
+/// address need not be up yet: the TAP's comes with the VMM), listening when it is TCP.
+fn service_socket(netns: &str, which: ServiceSocket) -> Result<OwnedFd, NetError> {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    let addr = which.addr();
+    let fail = |source: nix::Error| {
+        if source == nix::errno::Errno::EADDRINUSE {
+            NetError::ServicesBusy {
+                netns: netns.to_owned(),
+            }
+        } else {
+            NetError::Service {
+                addr,
+                netns: netns.to_owned(),
+                source,
+            }
+        }
+    };
+    let ty = if which.is_tcp() {
+        SockType::Stream
+    } else {
+        SockType::Datagram
+    };
+    let fd = socket(AddressFamily::Inet, ty, SockFlag::SOCK_CLOEXEC, None).map_err(fail)?;
+    setsockopt(&fd, sockopt::IpFreebind, &true).map_err(fail)?;
+    if which.is_tcp() {
+        // A listener of an earlier hearthd leaves connections in TIME_WAIT; they must not
+        // keep the next one from binding. (A listener still open does: that is ServicesBusy.)
+        setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(fail)?;
+    }
+    bind(fd.as_raw_fd(), &SockaddrIn::from(addr)).map_err(fail)?;
+    if which.is_tcp() {
+        listen(&fd, Backlog::new(64).map_err(fail)?).map_err(fail)?;
+    }
+    Ok(fd)
 }
 
 #[derive(Deserialize)]
@@ -436,6 +491,15 @@ impl Net for RealNet {
         self.link_up(Ns::Slot(netns), name)?;
         Ok(fd)
     }
+
+    fn open_services(&self, netns: &str) -> Result<Vec<OwnedFd>, NetError> {
+        in_netns(netns, || {
+            SERVICE_SOCKETS
+                .iter()
+                .map(|which| service_socket(netns, *which))
+                .collect()
+        })
+    }
 }
 
 /// One call to a [`Net`], as data. `ns` is `None` for the host namespace.
@@ -491,6 +555,9 @@ pub enum NetCall {
     OpenTap {
         netns: String,
         name: String,
+    },
+    OpenServices {
+        netns: String,
     },
 }
 
@@ -792,6 +859,26 @@ impl Net for RecordingNet {
                 source,
             })?;
             Ok(OwnedFd::from(null))
+        })
+    }
+
+    fn open_services(&self, netns: &str) -> Result<Vec<OwnedFd>, NetError> {
+        let call = NetCall::OpenServices {
+            netns: netns.to_owned(),
+        };
+        self.record("OpenServices", call, |_| {
+            // Any open descriptors stand in for the sockets.
+            SERVICE_SOCKETS
+                .iter()
+                .map(|_| {
+                    File::open("/dev/null")
+                        .map(OwnedFd::from)
+                        .map_err(|source| NetError::Read {
+                            path: "/dev/null".into(),
+                            source,
+                        })
+                })
+                .collect()
         })
     }
 }

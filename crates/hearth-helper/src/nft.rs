@@ -32,8 +32,8 @@ use std::sync::Mutex;
 use crate::cmd::{self, CommandError};
 use crate::net::Ns;
 use crate::proto::{
-    Cidr, EgressMode, EgressRules, GATEWAY_ADDR, GUEST_ADDR, HOST_VETH_PREFIX, HostRules,
-    METADATA_ADDR, SLOT_VETH, SlotSpec, TABLE, TAP_NAME,
+    Cidr, DNS_PORT, EgressMode, EgressRules, GATEWAY_ADDR, GUEST_ADDR, HOST_VETH_PREFIX, HostRules,
+    METADATA_ADDR, METADATA_PORT, SLOT_VETH, SlotSpec, TABLE, TAP_NAME,
 };
 
 /// The first lines of every file that replaces a table: make sure it exists, then delete it.
@@ -119,22 +119,6 @@ pub fn host_table(rules: &HostRules) -> String {
         .map(|s| format!("\"{}\" . {}", s.slot.host_veth(), s.vm_addr))
         .collect();
     set(&mut out, "vm_src", "ifname . ipv4_addr", None, &vm_src);
-    let services: Vec<String> = rules
-        .slots
-        .iter()
-        .flat_map(|s| {
-            let veth = s.slot.host_veth();
-            [rules.ports.metadata, rules.ports.dns]
-                .map(|port| format!("\"{veth}\" . {} . {port}", s.host_addr))
-        })
-        .collect();
-    set(
-        &mut out,
-        "services",
-        "ifname . ipv4_addr . inet_service",
-        None,
-        &services,
-    );
     for network in &rules.networks {
         let members: BTreeSet<Ipv4Addr> = network.members.iter().copied().collect();
         let members: Vec<String> = members.iter().map(Ipv4Addr::to_string).collect();
@@ -152,8 +136,6 @@ pub fn host_table(rules: &HostRules) -> String {
         Some("type filter hook input priority 0; policy accept;"),
         &[
             format!("iifname {vm} ct state established,related accept"),
-            format!("iifname {vm} iifname . ip daddr . tcp dport @services accept"),
-            format!("iifname {vm} iifname . ip daddr . udp dport @services accept"),
             format!("iifname {vm} drop"),
         ],
     );
@@ -235,7 +217,6 @@ fn egress_elements(egress: &EgressRules) -> [(&'static str, Vec<String>); 3] {
 /// [`set_egress`] keeps them.
 pub fn slot_table(spec: &SlotSpec) -> String {
     let (host, vm, tap, eth) = (spec.host_addr, spec.vm_addr, TAP_NAME, SLOT_VETH);
-    let (metadata, dns) = (spec.ports.metadata, spec.ports.dns);
     let mut out = reset();
     let _ = writeln!(out, "table ip {TABLE} {{");
     let [allow, deny, ports] = egress_elements(&spec.egress);
@@ -247,14 +228,9 @@ pub fn slot_table(spec: &SlotSpec) -> String {
         &mut out,
         "prerouting",
         Some("type nat hook prerouting priority -100; policy accept;"),
-        &[
-            format!(
-                "iifname \"{tap}\" ip daddr {METADATA_ADDR} tcp dport 80 dnat to {host}:{metadata}"
-            ),
-            format!("iifname \"{tap}\" ip daddr {GATEWAY_ADDR} udp dport 53 dnat to {host}:{dns}"),
-            format!("iifname \"{tap}\" ip daddr {GATEWAY_ADDR} tcp dport 53 dnat to {host}:{dns}"),
-            format!("iifname \"{eth}\" ip daddr {vm} dnat to {GUEST_ADDR}"),
-        ],
+        &[format!(
+            "iifname \"{eth}\" ip daddr {vm} dnat to {GUEST_ADDR}"
+        )],
     );
     chain(
         &mut out,
@@ -272,11 +248,6 @@ pub fn slot_table(spec: &SlotSpec) -> String {
             format!("iifname \"{tap}\" ip saddr != {GUEST_ADDR} drop"),
             "ct state established,related accept".to_owned(),
             format!("iifname \"{eth}\" oifname \"{tap}\" accept"),
-            format!(
-                "iifname \"{tap}\" oifname \"{eth}\" ip daddr {host} tcp dport {metadata} accept"
-            ),
-            format!("iifname \"{tap}\" oifname \"{eth}\" ip daddr {host} udp dport {dns} accept"),
-            format!("iifname \"{tap}\" oifname \"{eth}\" ip daddr {host} tcp dport {dns} accept"),
             // What follows is the guest's own traffic only.
             format!("iifname != \"{tap}\" drop"),
             format!("ip daddr {host} drop"),
@@ -292,6 +263,9 @@ pub fn slot_table(spec: &SlotSpec) -> String {
         &[
             "ct state established,related accept".to_owned(),
             "iifname \"lo\" accept".to_owned(),
+            format!("iifname \"{tap}\" ip daddr {GATEWAY_ADDR} udp dport {DNS_PORT} accept"),
+            format!("iifname \"{tap}\" ip daddr {GATEWAY_ADDR} tcp dport {DNS_PORT} accept"),
+            format!("iifname \"{tap}\" ip daddr {METADATA_ADDR} tcp dport {METADATA_PORT} accept"),
         ],
     );
     let _ = writeln!(out, "}}");

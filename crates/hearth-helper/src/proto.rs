@@ -2,8 +2,9 @@
 //!
 //! Framing: each message is a 4-byte big-endian length followed by that many bytes of JSON
 //! (at most [`MAX_MESSAGE_LEN`]). One request gets one response, in order, on one connection.
-//! An [`Response::Tap`] carries the TAP's file descriptor as `SCM_RIGHTS` ancillary data on its
-//! first byte.
+//! A [`Response::Tap`] carries the TAP's file descriptor, a [`Response::Services`] the three
+//! service sockets ([`SERVICE_SOCKETS`], in that order), as `SCM_RIGHTS` ancillary data on
+//! the answer's first byte.
 //!
 //! Every request is idempotent: creating what exists, or deleting what is gone, succeeds, so
 //! `hearthd`'s reconcile can repeat any of them.
@@ -15,7 +16,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// The protocol version [`Response::Hello`] reports; a mismatch is refused by `hearthd`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The largest message either side accepts (a host rule set for thousands of VMs fits).
 pub const MAX_MESSAGE_LEN: usize = 16 << 20;
 
@@ -28,9 +29,47 @@ pub const GATEWAY_ADDR: Ipv4Addr = Ipv4Addr::new(10, 254, 254, 1);
 pub const INNER_PREFIX: u8 = 30;
 /// The guest NIC's MAC address, the same in every slot.
 pub const GUEST_MAC: &str = "06:00:0a:fe:fe:02";
-/// The metadata service's address as the guest sees it (port 80), DNAT-ed by the slot to
-/// `host_addr:metadata_port`.
+/// The metadata service's address as the guest sees it (port 80): an address of the slot's
+/// loopback, where the socket [`Request::OpenServices`] hands over listens.
 pub const METADATA_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+/// The metadata service's port.
+pub const METADATA_PORT: u16 = 80;
+/// The DNS forwarder's port (UDP and TCP) on [`GATEWAY_ADDR`].
+pub const DNS_PORT: u16 = 53;
+/// The sockets a [`Response::Services`] carries, in order: made inside the slot, so only its
+/// guest reaches them and no process of the host can take their addresses.
+pub const SERVICE_SOCKETS: [ServiceSocket; 3] = [
+    ServiceSocket::DnsUdp,
+    ServiceSocket::DnsTcp,
+    ServiceSocket::Metadata,
+];
+
+/// One of the sockets of [`SERVICE_SOCKETS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceSocket {
+    /// UDP, bound to [`GATEWAY_ADDR`]:[`DNS_PORT`].
+    DnsUdp,
+    /// TCP, listening on [`GATEWAY_ADDR`]:[`DNS_PORT`].
+    DnsTcp,
+    /// TCP, listening on [`METADATA_ADDR`]:[`METADATA_PORT`].
+    Metadata,
+}
+
+impl ServiceSocket {
+    /// Where it is bound, inside the slot.
+    pub fn addr(self) -> std::net::SocketAddrV4 {
+        match self {
+            ServiceSocket::DnsUdp | ServiceSocket::DnsTcp => {
+                std::net::SocketAddrV4::new(GATEWAY_ADDR, DNS_PORT)
+            }
+            ServiceSocket::Metadata => std::net::SocketAddrV4::new(METADATA_ADDR, METADATA_PORT),
+        }
+    }
+    /// True for the TCP listeners.
+    pub fn is_tcp(self) -> bool {
+        !matches!(self, ServiceSocket::DnsUdp)
+    }
+}
 /// The TAP's name inside a slot.
 pub const TAP_NAME: &str = "tap0";
 /// The slot's end of the veth pair, inside the slot.
@@ -175,16 +214,6 @@ fn hex_value(b: u8) -> u8 {
 /// Prefix of every host-side veth name; the host rules match VM traffic by it.
 pub const HOST_VETH_PREFIX: &str = "hv";
 
-/// The ports `hearthd` serves each VM on, at the VM's `host_addr`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServicePorts {
-    /// The metadata service (HTTP); the guest reaches it as `METADATA_ADDR:80`.
-    pub metadata: u16,
-    /// The DNS forwarder (UDP and TCP); the guest reaches it as `GATEWAY_ADDR:53`.
-    pub dns: u16,
-}
-
 /// `allow_all`: everything not denied goes out; `deny_all`: only what is allowed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -228,7 +257,6 @@ pub struct SlotSpec {
     /// `network.cidr`: traffic to other VMs is let through the slot (the host's isolation rules
     /// decide it), not treated as egress.
     pub peers: Cidr,
-    pub ports: ServicePorts,
     pub egress: EgressRules,
 }
 
@@ -262,7 +290,6 @@ pub struct HostRules {
     /// Limit masquerading to this interface (`network.outbound_interface`); `None`: any
     /// interface that is not a slot's.
     pub outbound: Option<String>,
-    pub ports: ServicePorts,
     pub slots: Vec<HostSlot>,
     pub networks: Vec<PrivateNetwork>,
 }
@@ -274,7 +301,10 @@ pub enum Request {
     /// Who is there: answered with [`Response::Hello`].
     Hello,
     /// Checks `cidr` against the host's routes (refused when it overlaps a route that is not a
-    /// slot's) and enables IPv4 forwarding in the host namespace.
+    /// slot's) and enables IPv4 forwarding in the host namespace. The first Setup binds the
+    /// helper to its `instance` and `cidr`: it repeats cheaply, a Setup with others is refused
+    /// (`Invalid`), and every other request must name that instance and stay inside that cidr
+    /// (a helper serves one hearthd; restart it to serve another).
     Setup { instance: String, cidr: Cidr },
     /// Replaces the host rule set of `rules.instance`.
     ApplyHostRules { rules: HostRules },
@@ -290,7 +320,13 @@ pub enum Request {
     /// when the VMM exits; while it is open (an earlier VMM still runs) a second OpenTap fails
     /// (`Failed`, "still open") rather than take the TAP from under that VMM.
     OpenTap { slot: SlotId },
-    /// Replaces the slot's egress policy.
+    /// Makes the slot's service sockets ([`SERVICE_SOCKETS`]) inside it and hands them over
+    /// ([`Response::Services`]). While an earlier set is still open (its hearthd still runs)
+    /// this fails (`Failed`, "in use").
+    OpenServices { slot: SlotId },
+    /// Replaces the slot's egress policy. Open connections are held to the new policy too: a
+    /// connection the new one does not allow stops passing, and the addresses resolved for
+    /// domains so far are forgotten (the forwarder adds them again as it answers).
     SetEgress { slot: SlotId, egress: EgressRules },
     /// Lets the slot reach `addrs` (which the DNS forwarder resolved for an allowed domain) for
     /// `ttl_secs` seconds (1..=86400).
@@ -314,6 +350,7 @@ impl Request {
             Request::CreateSlot { .. } => "create_slot",
             Request::DeleteSlot { .. } => "delete_slot",
             Request::OpenTap { .. } => "open_tap",
+            Request::OpenServices { .. } => "open_services",
             Request::SetEgress { .. } => "set_egress",
             Request::AllowResolved { .. } => "allow_resolved",
             Request::ListSlots { .. } => "list_slots",
@@ -348,6 +385,8 @@ pub enum Response {
     Tap {
         name: String,
     },
+    /// The service sockets are attached, in the order of [`SERVICE_SOCKETS`].
+    Services,
     Slots {
         slots: Vec<SlotId>,
     },

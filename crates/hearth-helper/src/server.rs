@@ -139,20 +139,20 @@ impl HandleError {
 #[derive(Debug)]
 pub struct Reply {
     pub response: Response,
-    pub fd: Option<OwnedFd>,
+    pub fds: Vec<OwnedFd>,
 }
 
 impl Reply {
     fn done() -> Reply {
         Reply {
             response: Response::Done,
-            fd: None,
+            fds: Vec::new(),
         }
     }
     fn error(kind: ErrorKind, message: String) -> Reply {
         Reply {
             response: Response::Error { kind, message },
-            fd: None,
+            fds: Vec::new(),
         }
     }
 }
@@ -244,7 +244,7 @@ impl<N: Net, F: Nft> Helper<N, F> {
                     helper: env!("CARGO_PKG_VERSION").to_owned(),
                     nftables: self.nft.version()?,
                 },
-                fd: None,
+                fds: Vec::new(),
             }),
             Request::Setup { instance: _, cidr } => {
                 let _host = lock(&self.host);
@@ -283,7 +283,16 @@ impl<N: Net, F: Nft> Helper<N, F> {
                     response: Response::Tap {
                         name: TAP_NAME.to_owned(),
                     },
-                    fd: Some(fd),
+                    fds: vec![fd],
+                })
+            }
+            Request::OpenServices { slot } => {
+                let _slot = self.slot_lock(slot);
+                let netns = self.existing(slot)?;
+                let fds = self.net.open_services(&netns)?;
+                Ok(Reply {
+                    response: Response::Services,
+                    fds,
                 })
             }
             Request::SetEgress { slot, egress } => {
@@ -320,7 +329,7 @@ impl<N: Net, F: Nft> Helper<N, F> {
                     .collect();
                 Ok(Reply {
                     response: Response::Slots { slots },
-                    fd: None,
+                    fds: Vec::new(),
                 })
             }
         }
@@ -383,11 +392,11 @@ fn peer(stream: &UnixStream) -> (Option<u32>, Option<i32>) {
 }
 
 /// Writes a frame, with `fd` attached to its first byte.
-fn send(stream: &UnixStream, frame: &[u8], fd: Option<&OwnedFd>) -> io::Result<()> {
-    let Some(fd) = fd else {
+fn send(stream: &UnixStream, frame: &[u8], fds: &[OwnedFd]) -> io::Result<()> {
+    if fds.is_empty() {
         return (&mut &*stream).write_all(frame);
-    };
-    let fds = [fd.as_raw_fd()];
+    }
+    let fds: Vec<_> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let sent = loop {
         match sendmsg::<()>(
             stream.as_raw_fd(),
@@ -411,7 +420,7 @@ fn refuse(stream: &UnixStream, message: String) {
         message,
     };
     if let Ok(frame) = encode(&reply) {
-        let _ = send(stream, &frame, None);
+        let _ = send(stream, &frame, &[]);
     }
 }
 
@@ -458,7 +467,7 @@ pub fn serve_connection<N: Net, F: Nft>(helper: &Helper<N, F>, stream: UnixStrea
                 return;
             }
         };
-        if let Err(e) = send(&stream, &frame, reply.fd.as_ref()) {
+        if let Err(e) = send(&stream, &frame, &reply.fds) {
             tracing::debug!(op, uid, pid, error = %e, "could not answer");
             return;
         }

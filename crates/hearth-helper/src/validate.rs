@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use crate::net::Route;
 use crate::proto::{
     Cidr, EgressRules, HOST_VETH_PREFIX, HostRules, HostSlot, INNER_PREFIX, PrivateNetwork,
-    Request, ServicePorts, SlotId, SlotSpec,
+    Request, SlotId, SlotSpec,
 };
 
 /// At most this many CIDRs or ports in one list, and private networks in one rule set.
@@ -103,7 +103,9 @@ pub fn request(request: &Request) -> Result<(), Invalid> {
             instance("instance", i)
         }
         Request::CreateSlot { spec } => slot_spec("spec", spec),
-        Request::DeleteSlot { slot } | Request::OpenTap { slot } => slot_id("slot", slot),
+        Request::DeleteSlot { slot }
+        | Request::OpenTap { slot }
+        | Request::OpenServices { slot } => slot_id("slot", slot),
         Request::SetEgress { slot, egress: e } => {
             slot_id("slot", slot)?;
             egress("egress", e)
@@ -235,22 +237,6 @@ fn slot_addrs(prefix: &str, host: Ipv4Addr, vm: Ipv4Addr, cidr: Cidr) -> Result<
     Ok(())
 }
 
-pub fn service_ports(name: &str, ports: &ServicePorts) -> Result<(), Invalid> {
-    for (port, which) in [(ports.metadata, "metadata"), (ports.dns, "dns")] {
-        if port == 0 {
-            return Err(field(format!("{name}.{which}"), port, "must not be 0"));
-        }
-    }
-    if ports.metadata == ports.dns {
-        return Err(field(
-            format!("{name}.dns"),
-            ports.dns,
-            "must differ from the metadata port (both are TCP)",
-        ));
-    }
-    Ok(())
-}
-
 pub fn egress(name: &str, rules: &EgressRules) -> Result<(), Invalid> {
     at_most(&format!("{name}.allow_cidrs"), &rules.allow_cidrs, MAX_LIST)?;
     at_most(&format!("{name}.deny_cidrs"), &rules.deny_cidrs, MAX_LIST)?;
@@ -269,7 +255,6 @@ pub fn slot_spec(name: &str, spec: &SlotSpec) -> Result<(), Invalid> {
     slot_id(&format!("{name}.slot"), &spec.slot)?;
     network_cidr(&format!("{name}.peers"), spec.peers)?;
     slot_addrs(name, spec.host_addr, spec.vm_addr, spec.peers)?;
-    service_ports(&format!("{name}.ports"), &spec.ports)?;
     egress(&format!("{name}.egress"), &spec.egress)
 }
 
@@ -353,7 +338,6 @@ pub fn host_rules(name: &str, rules: &HostRules) -> Result<(), Invalid> {
     if let Some(outbound) = &rules.outbound {
         interface(&format!("{name}.outbound"), outbound)?;
     }
-    service_ports(&format!("{name}.ports"), &rules.ports)?;
     at_most(&format!("{name}.slots"), &rules.slots, MAX_SLOTS)?;
     let (mut ids, mut addrs) = (BTreeSet::new(), BTreeSet::new());
     for (i, slot) in rules.slots.iter().enumerate() {
