@@ -1,7 +1,8 @@
 //! The bench's network figures that need more than hearthd's API:
 //!
 //! - slot setup straight through a `hearth-helper` of the bench's own (`CreateSlot` +
-//!   `ApplyHostRules` + `OpenTap`), with 1 and with [`LOADED`] slots already there;
+//!   `OpenServices` + `ApplyHostRules` + `OpenTap`), with 1 and with [`LOADED`] slots already
+//!   there;
 //! - TCP throughput to a sink in an "outside" namespace ([`Outside`]), linked to the bench's
 //!   namespace (which plays the host) by a veth pair, from a guest through its slot and from the
 //!   bench's namespace itself.
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use hearth_helper::client::Client;
 use hearth_helper::proto::{
-    self, Cidr, EgressRules, HostRules, HostSlot, Request, Response, ServicePorts, SlotId, SlotSpec,
+    self, Cidr, EgressRules, HostRules, HostSlot, Request, Response, SlotId, SlotSpec,
 };
 
 use crate::{Proc, ms_since, run};
@@ -34,14 +35,10 @@ pub const SETUPS: usize = 10;
 const BLOCKS: usize = 2;
 /// Slots already there for the second series.
 pub const LOADED: u32 = 50;
-/// hearthd's defaults: the VMs' network and the service ports.
+/// hearthd's default network for the VMs.
 fn cidr() -> Cidr {
     Cidr::new(Ipv4Addr::new(172, 28, 0, 0), 16).expect("172.28.0.0/16 is a network")
 }
-const PORTS: ServicePorts = ServicePorts {
-    metadata: 16925,
-    dns: 16953,
-};
 
 /// The bench namespace's end of the link to the outside namespace, and the outside's address.
 pub const HOST_SIDE: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -177,7 +174,6 @@ impl SlotBench {
             host_addr: slot.host_addr,
             vm_addr: slot.vm_addr,
             peers: cidr(),
-            ports: PORTS,
             egress: EgressRules::default(),
         }
     }
@@ -188,7 +184,6 @@ impl SlotBench {
             instance: self.instance.clone(),
             cidr: cidr(),
             outbound: None,
-            ports: PORTS,
             slots: slots.to_vec(),
             networks: vec![],
         };
@@ -255,19 +250,26 @@ impl SlotBench {
     }
 
     /// ms for the helper's part of hearthd's attach of `slot`, with `there` already there:
-    /// the slot, the whole host rule set, the TAP (its descriptor closed after).
+    /// the slot, its service sockets, the whole host rule set, the TAP (the descriptors closed
+    /// after).
     fn setup_one(&mut self, there: &[HostSlot], slot: &HostSlot) -> Result<f64> {
         let mut all = there.to_vec();
         all.push(slot.clone());
         let started = Instant::now();
         self.create(slot)?;
+        let (services, sockets) = self.client.call_ok(&Request::OpenServices {
+            slot: slot.slot.clone(),
+        })?;
         self.apply(&all)?;
-        let (tap, fd) = self.client.call_ok(&Request::OpenTap {
+        let (tap, fds) = self.client.call_ok(&Request::OpenTap {
             slot: slot.slot.clone(),
         })?;
         let ms = ms_since(started);
-        match (tap, fd) {
-            (Response::Tap { .. }, Some(fd)) => drop(fd),
+        if services != Response::Services || sockets.len() != 3 {
+            bail!("hearth-helper answered open_services with {services:?}");
+        }
+        match (tap, fds.len()) {
+            (Response::Tap { .. }, 1) => drop(fds),
             (other, _) => bail!("hearth-helper answered open_tap with {other:?}"),
         }
         Ok(ms)

@@ -276,18 +276,6 @@ pub const KEYS: &[Key] = &[
         default: "[]",
         doc: "Resolvers (IPv4, port 53 unless given as ADDR:PORT) the per-VM DNS forwarder asks. Empty: the nameservers of the host's /etc/resolv.conf.",
     },
-    Key {
-        path: "network.metadata_port",
-        kind: Kind::Integer,
-        default: "16925",
-        doc: "Port hearthd serves each VM's metadata on, at the host side of the VM's /30 (the guest reaches it as 169.254.169.254:80).",
-    },
-    Key {
-        path: "network.dns_port",
-        kind: Kind::Integer,
-        default: "16953",
-        doc: "Port of each VM's DNS forwarder, at the host side of the VM's /30 (the guest reaches it as its gateway's port 53).",
-    },
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -314,8 +302,6 @@ struct RawNetwork {
     helper_socket: String,
     outbound_interface: String,
     dns_upstream: Vec<String>,
-    metadata_port: i64,
-    dns_port: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -412,7 +398,6 @@ pub struct NetworkConfig {
     pub outbound_interface: Option<String>,
     /// Empty: the host's resolvers, read at start.
     pub dns_upstream: Vec<std::net::SocketAddr>,
-    pub ports: hearth_helper::proto::ServicePorts,
 }
 
 /// How much of the host VMs may commit (admission control, `crate::capacity`).
@@ -731,31 +716,11 @@ fn validate_network(raw: &RawNetwork) -> Result<Option<NetworkConfig>, ConfigErr
             })?;
         dns_upstream.push(addr);
     }
-    let port = |path: &str, value: i64| {
-        u16::try_from(value)
-            .ok()
-            .filter(|p| *p > 0)
-            .ok_or_else(|| invalid(path, format!("{value} is not a port (1 to 65535)")))
-    };
-    let ports = hearth_helper::proto::ServicePorts {
-        metadata: port("network.metadata_port", raw.metadata_port)?,
-        dns: port("network.dns_port", raw.dns_port)?,
-    };
-    if ports.metadata == ports.dns {
-        return Err(invalid(
-            "network.dns_port",
-            format!(
-                "{} is network.metadata_port too: the two must differ",
-                ports.dns
-            ),
-        ));
-    }
     Ok(Some(NetworkConfig {
         cidr,
         helper_socket,
         outbound_interface,
         dns_upstream,
-        ports,
     }))
 }
 

@@ -173,6 +173,103 @@ fn probe(w: &World, vm: &str, addr: &str, port: u16) -> Reach {
     }
 }
 
+/// Whether this namespace (the host), as user `uid`, can open a TCP connection to `addr:port`.
+fn probe_from_host(uid: Option<u32>, addr: &str, port: u16) -> Reach {
+    let script = r#"timeout 3 bash -c 'exec 3<>/dev/tcp/$0/$1' "$@" 2>&1; echo "rc=$?""#;
+    let mut cmd = match uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .args(["--clear-groups", "--", "bash"]);
+            c
+        }
+        None => Command::new("bash"),
+    };
+    let out = run(cmd.args(["-c", script, "bash", addr, &port.to_string()]));
+    let out = String::from_utf8_lossy(&out.stdout);
+    if out.contains("rc=0") {
+        Reach::Open
+    } else if out.contains("refused") {
+        Reach::Refused
+    } else if out.contains("rc=124") {
+        Reach::Dropped
+    } else {
+        panic!("unexpected probe result from the host to {addr}:{port}: {out}")
+    }
+}
+
+/// A script run in VM `vm` in the background (`hearth exec`), while the test goes on.
+struct Background(Option<Child>);
+
+impl Background {
+    fn start(vm: &str, script: &str, args: &[&str]) -> Background {
+        let mut argv = vec!["exec", vm, "--", "bash", "-c", script, "bash"];
+        argv.extend_from_slice(args);
+        let child = hearth_cmd(&argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run hearth exec");
+        Background(Some(child))
+    }
+
+    /// Its output, once it ends.
+    fn output(mut self) -> String {
+        let child = self.0.take().expect("a running script");
+        let out = child.wait_with_output().expect("wait for hearth exec");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits until `path` exists in VM `vm`.
+fn wait_for_file(w: &World, vm: &str, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while bash(w, vm, "test -e \"$1\"", &[path]).0 != 0 {
+        assert!(Instant::now() < deadline, "{path} did not appear in {vm}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// In VM `vm`: opens a connection to `addr:port`, sends `first` (and reads a line back when
+/// `echoed`), then waits for the test (`go`), sends `second` and reads what comes within 4 s.
+/// The test changes the network between the two halves; the output shows what got through
+/// (`got:` lines).
+fn two_halves(
+    vm: &str,
+    addr: &str,
+    port: u16,
+    (first, echoed): (&str, bool),
+    second: &str,
+) -> Background {
+    let script = r#"
+        rm -f /tmp/halfway /tmp/go
+        exec 3<>/dev/tcp/$1/$2 || exit 7
+        printf "$3" >&3
+        if [ "$5" = 1 ]; then read -r -t 5 line <&3; echo "got:$line"; fi
+        touch /tmp/halfway
+        while [ ! -e /tmp/go ]; do sleep 0.1; done
+        printf "$4" >&3
+        timeout 4 cat <&3 | sed 's/^/got:/'
+        echo end"#;
+    let echoed = if echoed { "1" } else { "0" };
+    Background::start(
+        vm,
+        script,
+        &[addr, &port.to_string(), first, second, echoed],
+    )
+}
+
 fn address(w: &World, vm: &str) -> (String, String) {
     let detail = json_of(&w.d().hearth_ok(&["--json", "vm", "inspect", vm]));
     let net = &detail["network"];
@@ -240,10 +337,54 @@ fn isolation_nat_private_networks_egress_metadata_and_dns() {
         let name = fetch(&w, vm, "169.254.169.254", 80, "/v1/instance/name");
         assert_eq!(name.as_deref().map(str::trim), Some(vm));
     }
-    assert_eq!(probe(&w, "net-a", &b_host, 16925), Reach::Dropped);
-    assert_eq!(probe(&w, "net-b", &a_host, 16925), Reach::Dropped);
-    // Nor anything else of the host.
-    assert_eq!(probe(&w, "net-a", &a_host, 7070), Reach::Dropped);
+    // The services live in each VM's own slot: nothing of them, nor anything else of the host,
+    // is on the host addresses.
+    for (vm, host) in [("net-a", &a_host), ("net-a", &b_host), ("net-b", &a_host)] {
+        for port in [80, 53, 7070] {
+            assert_eq!(
+                probe(&w, vm, host, port),
+                Reach::Dropped,
+                "{vm} to {host}:{port}"
+            );
+        }
+    }
+    // A process of the host that takes port 80 everywhere (root even) gets nothing of the
+    // guests' metadata requests: they are answered in the slot.
+    let squat = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(squat.path().join("v1/instance")).unwrap();
+    std::fs::write(squat.path().join("v1/instance/name"), "forged\n").unwrap();
+    let mut squatter = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "80",
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+        ])
+        .arg(squat.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", 80)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the squatting server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let name = fetch(&w, "net-a", "169.254.169.254", 80, "/v1/instance/name");
+    assert_eq!(name.as_deref().map(str::trim), Some("net-a"));
+    assert_eq!(probe(&w, "net-a", &a_host, 80), Reach::Dropped);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+
+    // From the host only root opens connections to a VM (no other local user, nor a web page
+    // in an operator's browser).
+    assert_eq!(probe_from_host(None, &a_addr, 9), Reach::Refused);
+    assert_eq!(probe_from_host(Some(65534), &a_addr, 9), Reach::Dropped);
 
     // A private network joins them; a third VM outside it still reaches neither.
     w.d().hearth_ok(&["network", "create", "backend"]);
@@ -255,6 +396,35 @@ fn isolation_nat_private_networks_egress_metadata_and_dns() {
     let (c_addr, _) = address(&w, "net-c");
     assert_eq!(probe(&w, "net-c", &a_addr, 9), Reach::Dropped);
     assert_eq!(probe(&w, "net-a", &c_addr, 9), Reach::Dropped);
+
+    // Leaving the network cuts an open connection between its members at once. (A line echo
+    // server in net-b, in perl, which every Debian has.)
+    let echo = Background::start(
+        "net-b",
+        r#"exec perl -MIO::Socket::INET -e '
+            my $l = IO::Socket::INET->new(LocalPort => 5000, Listen => 1, ReuseAddr => 1) or die;
+            open(my $f, ">", "/tmp/listening"); close($f);
+            my $c = $l->accept or die;
+            while (my $line = <$c>) { print $c $line; }'"#,
+        &[],
+    );
+    wait_for_file(&w, "net-b", "/tmp/listening");
+    let talk = two_halves("net-a", &b_addr, 5000, ("one\n", true), "two\n");
+    wait_for_file(&w, "net-a", "/tmp/halfway");
+    w.d()
+        .hearth_ok(&["network", "disconnect", "backend", "net-b"]);
+    bash(&w, "net-a", "touch /tmp/go", &[]);
+    let out = talk.output();
+    assert!(
+        out.contains("got:one"),
+        "the connection did not work: {out}"
+    );
+    assert!(
+        !out.contains("got:two"),
+        "the connection outlived the network: {out}"
+    );
+    drop(echo);
+    w.d().hearth_ok(&["network", "connect", "backend", "net-b"]);
 
     // Egress: deny_all blocks the outside; allowing its network and one port lets that port
     // through, and no other. Metadata stays reachable.
@@ -275,6 +445,28 @@ fn isolation_nat_private_networks_egress_metadata_and_dns() {
     let body = fetch(&w, "net-c", OUTSIDE, 8080, "/hello.txt");
     assert_eq!(body.as_deref().map(str::trim), Some(HELLO));
     assert_eq!(probe(&w, "net-c", OUTSIDE, 8081), Reach::Dropped);
+    // An open connection is held to a new policy: a request begun before the change to
+    // deny_all gets no answer after it. (The same request without a change is answered.)
+    let request = (("GET /hello.txt HTTP/1.0\r\n", false), "\r\n");
+    let talk = two_halves("net-c", OUTSIDE, 8080, request.0, request.1);
+    wait_for_file(&w, "net-c", "/tmp/halfway");
+    bash(&w, "net-c", "touch /tmp/go", &[]);
+    let out = talk.output();
+    assert!(
+        out.contains(HELLO),
+        "the two-part request failed unchanged: {out}"
+    );
+    let talk = two_halves("net-c", OUTSIDE, 8080, request.0, request.1);
+    wait_for_file(&w, "net-c", "/tmp/halfway");
+    w.d()
+        .hearth_ok(&["vm", "egress", "net-c", "--egress-mode", "deny_all"]);
+    bash(&w, "net-c", "touch /tmp/go", &[]);
+    let out = talk.output();
+    assert!(out.contains("end"), "{out}");
+    assert!(
+        !out.contains(HELLO),
+        "the connection outlived the policy: {out}"
+    );
     w.d().hearth_ok(&["vm", "delete", "net-c"]);
 
     // Egress by name: only allowed names resolve, and only what they resolved to is reachable.

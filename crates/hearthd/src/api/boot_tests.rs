@@ -23,7 +23,7 @@ use crate::testing;
 use crate::vm::{ImageState, VmService};
 use crate::vmm::double::DoubleVmm;
 use crate::vmm::process_with_arg;
-use hearth_helper::proto::{Request, ServicePorts};
+use hearth_helper::proto::Request;
 
 /// Ends, by pid, every process whose command line names the test's directory (the agents the
 /// double started), even when the test fails half-way.
@@ -106,9 +106,9 @@ impl World {
 
     /// [`World::hearthd`] with networking through `helper` (shared by the hearthds of a test,
     /// as the host's kernel state is), on `network`, a loopback /16 (every address in 127/8 is
-    /// local, so the DNS and metadata listeners bind for real), and `port` for metadata (and
-    /// `port + 1` for DNS).
-    fn hearthd_with(&self, net: Option<(Arc<RecordingHelper>, &str, u16)>) -> Hearthd {
+    /// local), with the metadata service answering `guest` (the helper's service sockets are
+    /// real, on loopback).
+    fn hearthd_with(&self, net: Option<(Arc<RecordingHelper>, &str, &str)>) -> Hearthd {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -124,21 +124,24 @@ impl World {
             let request_timeout = config.request_timeout;
             let guard = Arc::new(super::guard::Guard::new(config.listen, &config.server));
             let network = match net {
-                Some((helper, cidr, port)) => {
+                Some((helper, cidr, guest)) => {
                     let net_config = NetworkConfig {
                         cidr: cidr.parse().unwrap(),
                         helper_socket: None,
                         outbound_interface: None,
                         dns_upstream: vec!["127.0.0.1:9".parse().unwrap()],
-                        ports: ServicePorts {
-                            metadata: port,
-                            dns: port + 1,
-                        },
                     };
                     Some(
-                        Network::with_helper(net_config, &data, store.clone(), helper, None)
-                            .await
-                            .unwrap(),
+                        Network::with_helper_for(
+                            net_config,
+                            &data,
+                            store.clone(),
+                            helper,
+                            None,
+                            guest.parse().unwrap(),
+                        )
+                        .await
+                        .unwrap(),
                     )
                 }
                 None => None,
@@ -568,8 +571,9 @@ async fn http_from(from: &str, to: std::net::SocketAddr, path: &str) -> (String,
 fn a_networked_vm_gets_a_slot_its_own_metadata_and_gives_everything_back() {
     let world = World::new();
     let helper = Arc::new(RecordingHelper::default());
-    let (cidr, port) = ("127.77.0.0/16", 38_925);
-    let d = world.hearthd_with(Some((helper.clone(), cidr, port)));
+    // The guests' fixed inner address, played on loopback.
+    let (cidr, guest) = ("127.77.0.0/16", "127.78.0.2");
+    let d = world.hearthd_with(Some((helper.clone(), cidr, guest)));
 
     // A create naming a network that does not exist makes nothing.
     let (s, body) = d.call(
@@ -619,21 +623,29 @@ fn a_networked_vm_gets_a_slot_its_own_metadata_and_gives_everything_back() {
         "create_slot",
         "apply_host_rules",
         "open_tap",
+        "open_services",
     ] {
         assert!(ops.contains(&op), "{op} missing from {ops:?}");
     }
 
-    // Each VM reads its own metadata, from its own address only.
-    let a_md: std::net::SocketAddr = format!("127.77.0.1:{port}").parse().unwrap();
-    let (status, name) = d.block_on(http_from("127.77.0.2", a_md, "/v1/instance/name"));
+    // Each VM reads its own metadata on its own slot's socket, answered to the guest only.
+    let a_id = a["id"].as_str().unwrap().to_owned();
+    let a_md = helper.metadata_of(&a_id);
+    let (status, name) = d.block_on(http_from(guest, a_md, "/v1/instance/name"));
     assert!(status.contains("200"), "{status}");
     assert_eq!(name.trim(), "a");
-    let (_, keys) = d.block_on(http_from("127.77.0.2", a_md, "/v1/ssh-keys"));
+    let (_, keys) = d.block_on(http_from(guest, a_md, "/v1/ssh-keys"));
     assert_eq!(keys.trim(), "ssh-ed25519 AAAA a@x");
-    let (_, user_data) = d.block_on(http_from("127.77.0.2", a_md, "/v1/user-data"));
+    let (_, user_data) = d.block_on(http_from(guest, a_md, "/v1/user-data"));
     assert_eq!(user_data, "#cloud-config\n");
+    let b_md = helper.metadata_of(b["id"].as_str().unwrap());
+    let (_, name) = d.block_on(http_from(guest, b_md, "/v1/instance/name"));
+    assert_eq!(name.trim(), "b", "b's socket answers about b");
     let (status, _) = d.block_on(http_from("127.77.0.6", a_md, "/v1/instance/name"));
-    assert!(status.contains("403"), "b read a's metadata: {status}");
+    assert!(
+        status.contains("403"),
+        "a peer that is not the guest: {status}"
+    );
 
     // An egress change on a running VM reaches its slot, and is an event.
     let (s, detail) = d.call(
@@ -658,6 +670,23 @@ fn a_networked_vm_gets_a_slot_its_own_metadata_and_gives_everything_back() {
         .iter()
         .any(|r| matches!(r, Request::SetEgress { egress, .. } if egress.allow_ports == [443]));
     assert!(sent, "no set_egress reached the helper");
+    // Its DNS forwarder, on its slot's socket, holds it to the new policy: no allowed domain,
+    // so every name is NXDOMAIN (at once: no upstream is asked).
+    let dns = helper.services.lock().unwrap()[&hearth_helper::proto::SlotId {
+        instance: crate::net::instance_of(&world.data()),
+        vm: a_id.clone(),
+    }]
+        .dns;
+    let udp = std::net::UdpSocket::bind((guest, 0)).unwrap();
+    udp.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    query.extend(b"\x07example\x03com\x00\x00\x01\x00\x01");
+    udp.send_to(&query, dns).unwrap();
+    let mut answer = [0u8; 512];
+    let n = udp.recv(&mut answer).unwrap();
+    assert!(n >= 12 && answer[..2] == [0x12, 0x34], "{:?}", &answer[..n]);
+    assert_eq!(answer[3] & 0x0f, 3, "NXDOMAIN under deny_all");
 
     // Private networks: membership is an event, and reaches the host rules.
     let (s, _) = d.call("POST", "/v1/networks", Some(json!({"name": "backend"})));
@@ -703,7 +732,7 @@ fn a_networked_vm_gets_a_slot_its_own_metadata_and_gives_everything_back() {
             vm: "00000000deadbeef".into(),
         });
     drop(d);
-    let d = world.hearthd_with(Some((helper.clone(), cidr, port)));
+    let d = world.hearthd_with(Some((helper.clone(), cidr, guest)));
     let slots: Vec<String> = helper
         .slots
         .lock()
@@ -716,8 +745,9 @@ fn a_networked_vm_gets_a_slot_its_own_metadata_and_gives_everything_back() {
         [a["id"].as_str().unwrap()],
         "only the running VM keeps a slot"
     );
-    // The re-adopted VM serves its metadata again.
-    let (_, name) = d.block_on(http_from("127.77.0.2", a_md, "/v1/instance/name"));
+    // The re-adopted VM serves its metadata again, on sockets the helper made anew.
+    let a_md = helper.metadata_of(&a_id);
+    let (_, name) = d.block_on(http_from(guest, a_md, "/v1/instance/name"));
     assert_eq!(name.trim(), "a");
 
     // Deleting gives everything back: the slot, the address (the next VM gets it).

@@ -1184,19 +1184,35 @@ impl Drop for Forwarder {
 }
 
 impl Forwarder {
-    /// Binds UDP and TCP on `bind` (port 0: one free port for both) and serves the VM `vm`
-    /// (named in logs), asking `upstreams` in order, under the policy `policy` holds at each
-    /// query, handing addresses of allowed names to `sink`.
-    pub async fn start(
-        bind: std::net::SocketAddr,
+    /// Serves the VM `vm` (named in logs) on `udp` and `tcp` (the sockets `hearth-helper`
+    /// made inside its slot), asking `upstreams` in order, under the policy `policy` holds at
+    /// each query, handing addresses of allowed names to `sink`.
+    pub fn serve_sockets(
+        udp: std::net::UdpSocket,
+        tcp: std::net::TcpListener,
         vm: String,
         upstreams: Vec<std::net::SocketAddr>,
         policy: tokio::sync::watch::Receiver<DnsPolicy>,
         sink: std::sync::Arc<dyn ResolvedSink>,
     ) -> std::io::Result<Forwarder> {
-        Self::start_with(bind, vm, upstreams, policy, sink, Limits::default()).await
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        let udp = UdpSocket::from_std(udp)?;
+        let tcp = TcpListener::from_std(tcp)?;
+        Ok(Self::serve(
+            udp,
+            tcp,
+            vm,
+            upstreams,
+            policy,
+            sink,
+            Limits::default(),
+        ))
     }
 
+    /// Binds UDP and TCP on `bind` (port 0: one free port for both) and serves as
+    /// [`Forwarder::serve_sockets`] does (tests, on loopback).
+    #[cfg(test)]
     async fn start_with(
         bind: SocketAddr,
         vm: String,
@@ -1206,7 +1222,21 @@ impl Forwarder {
         limits: Limits,
     ) -> std::io::Result<Forwarder> {
         let (udp, tcp) = bind_both(bind).await?;
-        let local_addr = udp.local_addr()?;
+        Ok(Self::serve(udp, tcp, vm, upstreams, policy, sink, limits))
+    }
+
+    fn serve(
+        udp: UdpSocket,
+        tcp: TcpListener,
+        vm: String,
+        upstreams: Vec<SocketAddr>,
+        policy: watch::Receiver<DnsPolicy>,
+        sink: Arc<dyn ResolvedSink>,
+        limits: Limits,
+    ) -> Forwarder {
+        let local_addr = udp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let shared = Arc::new(Shared {
             vm,
             upstreams,
@@ -1220,7 +1250,7 @@ impl Forwarder {
             tokio::spawn(serve_udp(Arc::clone(&shared), udp)),
             tokio::spawn(serve_tcp(shared, tcp)),
         ];
-        Ok(Forwarder { local_addr, tasks })
+        Forwarder { local_addr, tasks }
     }
 
     /// The address it serves on, UDP and TCP.
@@ -1230,6 +1260,7 @@ impl Forwarder {
 }
 
 /// UDP and TCP on one address; for port 0, a port free for both (a few tries).
+#[cfg(test)]
 async fn bind_both(bind: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
     let mut tries = if bind.port() == 0 { 8 } else { 1 };
     loop {
@@ -2668,15 +2699,18 @@ options edns0 trust-ad
             calls: Mutex::new(Vec::new()),
         });
         let (_tx, rx) = watch::channel(policy(&["*.example.com"]));
-        // The public constructor, with the real 2 s per server.
-        let forwarder = Forwarder::start(
-            "127.0.0.1:0".parse().unwrap(),
+        // The public constructor (on sockets made as the helper hands them over), with the
+        // real 2 s per server.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpListener::bind(udp.local_addr().unwrap()).unwrap();
+        let forwarder = Forwarder::serve_sockets(
+            udp,
+            tcp,
             "test-vm".to_owned(),
             vec![upstream.addr],
             rx,
             sink.clone(),
         )
-        .await
         .unwrap();
         let query = query_msg(0x500, "silent.example.com", TYPE_A);
         let started = Instant::now();

@@ -23,11 +23,12 @@ pub enum HelperError {
     Start { binary: String, reason: String },
 }
 
-/// An answer, with the descriptor a [`Response::Tap`] carries.
+/// An answer, with the descriptors it carries (a [`Response::Tap`]'s, a
+/// [`Response::Services`]').
 #[derive(Debug)]
 pub struct Reply {
     pub response: Response,
-    pub fd: Option<OwnedFd>,
+    pub fds: Vec<OwnedFd>,
 }
 
 /// Something that runs helper requests: the real helper, or a recording double in tests.
@@ -55,34 +56,62 @@ pub fn check(op: &'static str, reply: Reply) -> Result<Reply, HelperError> {
 
 /// The helper at a unix socket. Connections are pooled: a request takes an idle one (or opens a
 /// new one), so independent requests (a VM's TAP and the host rules) run at once; a connection
-/// that failed is dropped and the request tried once more on a new one.
+/// that failed is dropped and the request tried once more on a new one. At most [`MAX_CALLS`]
+/// requests are in flight; the rest wait their turn.
+///
+/// The helper serves the instance and cidr of the first `setup` it gets and refuses requests
+/// before one: once a `setup` has been answered, every new connection repeats it first (cheap
+/// for the helper), so a helper that was restarted is set up again before anything else.
 #[derive(Debug)]
 pub struct SocketHelper {
     socket: PathBuf,
     idle: Arc<Mutex<Vec<hearth_helper::client::Client>>>,
+    setup: Arc<Mutex<Option<Request>>>,
+    calls: tokio::sync::Semaphore,
 }
 
 /// Idle connections kept open.
 const POOL: usize = 4;
+/// Requests in flight at once (each holds a blocking thread while it waits).
+pub const MAX_CALLS: usize = 16;
 
 impl SocketHelper {
     pub fn new(socket: &Path) -> SocketHelper {
         SocketHelper {
             socket: socket.to_owned(),
             idle: Arc::default(),
+            setup: Arc::default(),
+            calls: tokio::sync::Semaphore::new(MAX_CALLS),
         }
     }
+}
+
+/// A new connection to `socket`, set up with `setup` when there is one.
+fn connect(
+    socket: &Path,
+    setup: Option<&Request>,
+) -> Result<hearth_helper::client::Client, String> {
+    let mut client = hearth_helper::client::Client::connect(socket).map_err(|e| e.to_string())?;
+    if let Some(setup) = setup {
+        client.call_ok(setup).map_err(|e| e.to_string())?;
+    }
+    Ok(client)
 }
 
 #[async_trait]
 impl Helper for SocketHelper {
     async fn call(&self, request: Request) -> Result<Reply, HelperError> {
-        let (socket, idle) = (self.socket.clone(), self.idle.clone());
+        let (socket, idle, setup) = (self.socket.clone(), self.idle.clone(), self.setup.clone());
         let op = request.op();
         let unreachable = |reason: String| HelperError::Unreachable {
             socket: socket.display().to_string(),
             reason,
         };
+        let _permit = self
+            .calls
+            .acquire()
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
         let result = tokio::task::spawn_blocking({
             let socket = socket.clone();
             move || {
@@ -94,18 +123,31 @@ impl Helper for SocketHelper {
                 for attempt in 0..2 {
                     let mut client = match take() {
                         Some(c) if attempt == 0 => c,
-                        _ => hearth_helper::client::Client::connect(&socket)
-                            .map_err(|e| e.to_string())?,
+                        _ => {
+                            let setup = setup
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .clone();
+                            connect(&socket, setup.as_ref())?
+                        }
                     };
                     match client.call(&request) {
-                        Ok((response, fd)) => {
+                        Ok((response, fds)) => {
+                            if matches!(request, Request::Setup { .. })
+                                && !matches!(response, Response::Error { .. })
+                            {
+                                *setup
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                    Some(request.clone());
+                            }
                             let mut pool = idle
                                 .lock()
                                 .unwrap_or_else(std::sync::PoisonError::into_inner);
                             if pool.len() < POOL {
                                 pool.push(client);
                             }
-                            return Ok(Reply { response, fd });
+                            return Ok(Reply { response, fds });
                         }
                         Err(e) if attempt == 1 => return Err(e.to_string()),
                         Err(_) => {}
@@ -277,14 +319,39 @@ impl Drop for OwnHelper {
 }
 
 /// A helper double that records every request and answers as a helper with an empty host
-/// would: slots it was asked to make exist until deleted; a TAP is a descriptor of /dev/null.
+/// would: slots it was asked to make exist until deleted; a TAP is a descriptor of /dev/null;
+/// the service sockets are real, on loopback (`service_ip`, port 0), and their addresses kept
+/// in `services` by slot.
 #[cfg(test)]
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RecordingHelper {
     pub requests: Mutex<Vec<Request>>,
     pub slots: Mutex<std::collections::BTreeSet<hearth_helper::proto::SlotId>>,
     /// When set, requests with this op fail.
     pub fail_op: Mutex<Option<&'static str>>,
+    pub service_ip: std::net::Ipv4Addr,
+    pub services: Mutex<std::collections::BTreeMap<hearth_helper::proto::SlotId, ServiceAddrs>>,
+}
+
+/// Where a [`RecordingHelper`]'s service sockets of one slot listen.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceAddrs {
+    pub dns: std::net::SocketAddr,
+    pub metadata: std::net::SocketAddr,
+}
+
+#[cfg(test)]
+impl Default for RecordingHelper {
+    fn default() -> RecordingHelper {
+        RecordingHelper {
+            requests: Mutex::default(),
+            slots: Mutex::default(),
+            fail_op: Mutex::default(),
+            service_ip: std::net::Ipv4Addr::LOCALHOST,
+            services: Mutex::default(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -296,6 +363,30 @@ impl RecordingHelper {
             .iter()
             .map(Request::op)
             .collect()
+    }
+
+    /// The metadata address of the slot of VM `vm_id`.
+    pub fn metadata_of(&self, vm_id: &str) -> std::net::SocketAddr {
+        self.services
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(slot, _)| slot.vm == vm_id)
+            .map(|(_, addrs)| addrs.metadata)
+            .unwrap_or_else(|| panic!("no services were opened for {vm_id}"))
+    }
+
+    /// Sockets on loopback, as the helper would make them in a slot.
+    fn open_services(&self, slot: hearth_helper::proto::SlotId) -> Vec<OwnedFd> {
+        let udp = std::net::UdpSocket::bind((self.service_ip, 0)).unwrap();
+        let tcp = std::net::TcpListener::bind(udp.local_addr().unwrap()).unwrap();
+        let md = std::net::TcpListener::bind((self.service_ip, 0)).unwrap();
+        let addrs = ServiceAddrs {
+            dns: udp.local_addr().unwrap(),
+            metadata: md.local_addr().unwrap(),
+        };
+        self.services.lock().unwrap().insert(slot, addrs);
+        vec![OwnedFd::from(udp), OwnedFd::from(tcp), OwnedFd::from(md)]
     }
 }
 
@@ -311,7 +402,7 @@ impl Helper for RecordingHelper {
                 message: "failing as the test asked".into(),
             });
         }
-        let mut fd = None;
+        let mut fds = Vec::new();
         let response = match request {
             Request::Hello => Response::Hello {
                 version: hearth_helper::proto::PROTOCOL_VERSION,
@@ -325,13 +416,18 @@ impl Helper for RecordingHelper {
             }
             Request::DeleteSlot { slot } => {
                 self.slots.lock().unwrap().remove(&slot);
+                self.services.lock().unwrap().remove(&slot);
                 Response::Done
             }
             Request::OpenTap { .. } => {
-                fd = Some(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+                fds.push(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
                 Response::Tap {
                     name: hearth_helper::proto::TAP_NAME.into(),
                 }
+            }
+            Request::OpenServices { slot } => {
+                fds = self.open_services(slot);
+                Response::Services
             }
             Request::ListSlots { instance } => Response::Slots {
                 slots: self
@@ -345,6 +441,66 @@ impl Helper for RecordingHelper {
             },
             _ => Response::Done,
         };
-        Ok(Reply { response, fd })
+        Ok(Reply { response, fds })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::{UnixListener, UnixStream};
+
+    use hearth_helper::net::RecordingNet;
+    use hearth_helper::nft::RecordingNft;
+    use hearth_helper::server::serve_connection;
+
+    use super::*;
+
+    /// A helper on `socket` (with the recording doubles); its connections are kept so the test
+    /// can break them, as a helper's restart does.
+    fn serve(socket: &Path, streams: Arc<Mutex<Vec<UnixStream>>>) {
+        let listener = UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let helper = Arc::new(hearth_helper::server::Helper::new(
+                RecordingNet::default(),
+                RecordingNft::default(),
+            ));
+            for stream in listener.incoming() {
+                let stream = stream.unwrap();
+                streams.lock().unwrap().push(stream.try_clone().unwrap());
+                let helper = helper.clone();
+                std::thread::spawn(move || serve_connection(&helper, stream));
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_restarted_helper_is_set_up_again_before_the_next_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("helper.sock");
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        serve(&socket, streams.clone());
+        let client = SocketHelper::new(&socket);
+        let setup = Request::Setup {
+            instance: "0123abcd".into(),
+            cidr: "172.28.0.0/16".parse().unwrap(),
+        };
+        client.call(setup).await.unwrap();
+        let list = || Request::ListSlots {
+            instance: "0123abcd".into(),
+        };
+        client.call(list()).await.unwrap();
+        // The helper goes away (its connections break) and a new one, that knows nothing,
+        // takes the socket.
+        for s in streams.lock().unwrap().drain(..) {
+            s.shutdown(std::net::Shutdown::Both).unwrap();
+        }
+        std::fs::remove_file(&socket).unwrap();
+        serve(&socket, streams.clone());
+        let reply = client.call(list()).await.unwrap();
+        assert!(
+            matches!(reply.response, Response::Slots { .. }),
+            "{:?}",
+            reply.response
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! The metadata service: each VM's own facts over HTTP.
 //!
-//! The guest asks `169.254.169.254:80`; the VM's slot DNATs that to `host_addr:metadata_port`,
-//! where hearthd listens with one TCP socket per VM, bound to that VM's `host_addr`. So the
-//! listener itself says which VM is asking: [`serve`] is handed the VM's id with its listener and
-//! answers only about that VM. Nothing a request carries (`Host`, `X-Forwarded-For`, a path
-//! naming another id) can change that.
+//! The guest asks `169.254.169.254:80`. That address is on the loopback of the VM's slot, and
+//! the listening socket there is made inside the slot by `hearth-helper` (`OpenServices`) and
+//! handed to hearthd: one per VM, reachable only from that VM's TAP, and no process of the host
+//! can bind its address in the host's place. So the listener itself says which VM is asking:
+//! [`serve`] is handed the VM's id with its listener and answers only about that VM. Nothing a
+//! request carries (`Host`, `X-Forwarded-For`, a path naming another id) can change that.
 //!
 //! # Endpoints (GET; HEAD answers the same without a body; other methods get 405)
 //!
@@ -25,8 +26,8 @@
 //! # The guest is hostile
 //!
 //! It is root in its VM and may send anything. So:
-//! - **Peer.** The slot SNATs the guest to its routable `vm_addr`; a connection from any other
-//!   address gets 403 for every request, whatever it asks (`expected_peer`).
+//! - **Peer.** Only the guest's fixed inner address (`GUEST_ADDR`) is answered; a connection
+//!   from any other address gets 403 for every request, whatever it asks (`expected_peer`).
 //! - **Connections.** At most [`MAX_CONNECTIONS`] per VM; the next one is closed as soon as it is
 //!   accepted. Each VM has its own listener, so a guest can only use up its own.
 //! - **Slow clients.** A request's line and headers must arrive within [`HEADER_TIMEOUT`] of the

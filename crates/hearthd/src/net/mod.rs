@@ -1,6 +1,8 @@
 //! VM networking, hearthd's side: each running VM's network slot (made by `hearth-helper`),
-//! the host rule set around the slots, and the per-VM services hearthd runs at a slot's host
-//! address (the DNS forwarder and the metadata service).
+//! the host rule set around the slots, and the per-VM services hearthd runs on sockets the
+//! helper made inside the slot (the DNS forwarder on the guest's gateway, the metadata service
+//! on 169.254.169.254): only that guest reaches them, and no process of the host can take their
+//! addresses, even while hearthd is down.
 //!
 //! A VM holds its /30 (`VmRecord::net_index`, allocated by the store with the VM's row) for its
 //! whole life, so its address is stable across restarts; its slot exists only while it runs
@@ -42,7 +44,7 @@ pub enum NetError {
     Serve {
         what: &'static str,
         vm: String,
-        addr: SocketAddr,
+        addr: std::net::SocketAddrV4,
         #[source]
         source: std::io::Error,
     },
@@ -66,10 +68,11 @@ pub fn addresses(cidr: proto::Cidr, index: u32) -> (Ipv4Addr, Ipv4Addr) {
     (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2))
 }
 
-/// What hearthd runs for one attached VM at its host address.
+/// What hearthd runs for one attached VM, on the sockets of its slot.
 #[derive(Debug)]
 struct Services {
     _dns: dns::Forwarder,
+    resolved: Arc<ResolvedToSlot>,
     policy: watch::Sender<dns::DnsPolicy>,
     metadata: CancellationToken,
 }
@@ -94,6 +97,9 @@ struct Inner {
     own: Option<helper::OwnHelper>,
     store: Store,
     upstreams: Vec<SocketAddr>,
+    /// The only peer the metadata service answers: the guest's fixed address
+    /// (`proto::GUEST_ADDR`; tests on loopback pass another).
+    guest_addr: Ipv4Addr,
     attached: Mutex<HashMap<String, Attached>>,
     /// Host rule sets are applied one at a time, each from the state at that moment.
     rules: tokio::sync::Mutex<()>,
@@ -142,13 +148,26 @@ impl Network {
         Self::with_helper(config, data_dir, store, helper, own).await
     }
 
-    /// [`Network::start`] with a given helper (tests pass a recording double).
+    /// [`Network::start`] with a given helper.
     pub async fn with_helper(
         config: NetworkConfig,
         data_dir: &Path,
         store: Store,
         helper: Arc<dyn Helper>,
         own: Option<helper::OwnHelper>,
+    ) -> Result<Network, NetError> {
+        Self::with_helper_for(config, data_dir, store, helper, own, proto::GUEST_ADDR).await
+    }
+
+    /// [`Network::with_helper`] whose metadata service answers `guest_addr` (tests, where a
+    /// recording helper's "slot" sockets are on loopback).
+    pub async fn with_helper_for(
+        config: NetworkConfig,
+        data_dir: &Path,
+        store: Store,
+        helper: Arc<dyn Helper>,
+        own: Option<helper::OwnHelper>,
+        guest_addr: Ipv4Addr,
     ) -> Result<Network, NetError> {
         let instance = instance_of(data_dir);
         let hello = helper.call(Request::Hello).await?;
@@ -186,6 +205,7 @@ impl Network {
                 own,
                 store,
                 upstreams,
+                guest_addr,
                 attached: Mutex::default(),
                 rules: tokio::sync::Mutex::new(()),
             }),
@@ -233,11 +253,10 @@ impl Network {
             host_addr,
             vm_addr,
             peers: self.inner.config.cidr,
-            ports: self.inner.config.ports,
             egress: egress::to_rules(&vm.egress),
         };
         self.inner.helper.call(Request::CreateSlot { spec }).await?;
-        let services = self.serve(vm, &slot, host_addr, vm_addr).await?;
+        let services = self.serve(vm, &slot).await?;
         lock(&self.inner.attached).insert(
             vm.id.clone(),
             Attached {
@@ -261,7 +280,7 @@ impl Network {
         );
         rules?;
         let reply = reply?;
-        match (reply.response, reply.fd) {
+        match (reply.response, reply.fds.into_iter().next()) {
             (Response::Tap { .. }, Some(fd)) => Ok(Some(fd)),
             (other, _) => Err(HelperError::Unexpected {
                 op: "open_tap",
@@ -271,45 +290,55 @@ impl Network {
         }
     }
 
-    /// Starts the DNS forwarder and metadata service of `vm` at its host address.
-    async fn serve(
-        &self,
-        vm: &VmRecord,
-        slot: &SlotId,
-        host_addr: Ipv4Addr,
-        vm_addr: Ipv4Addr,
-    ) -> Result<Services, NetError> {
-        let ports = self.inner.config.ports;
+    /// Has the helper make `vm`'s service sockets inside its slot and serves the DNS forwarder
+    /// and the metadata service on them.
+    async fn serve(&self, vm: &VmRecord, slot: &SlotId) -> Result<Services, NetError> {
+        let reply = self
+            .inner
+            .helper
+            .call(Request::OpenServices { slot: slot.clone() })
+            .await?;
+        let fds = match reply.response {
+            Response::Services if reply.fds.len() == proto::SERVICE_SOCKETS.len() => reply.fds,
+            other => {
+                return Err(HelperError::Unexpected {
+                    op: "open_services",
+                    answer: format!("{other:?} with {} descriptors", reply.fds.len()),
+                }
+                .into());
+            }
+        };
+        let [dns_udp, dns_tcp, md] =
+            <[OwnedFd; 3]>::try_from(fds).map_err(|_| HelperError::Unexpected {
+                op: "open_services",
+                answer: "not three descriptors".into(),
+            })?;
+        let serve_error = |what, which: proto::ServiceSocket| {
+            let vm = vm.name.clone();
+            move |source| NetError::Serve {
+                what,
+                vm,
+                addr: which.addr(),
+                source,
+            }
+        };
         let (policy, policy_rx) = watch::channel(egress::dns_policy(&vm.egress));
-        let dns_addr = SocketAddr::from((host_addr, ports.dns));
-        let sink = Arc::new(ResolvedToSlot {
-            helper: self.inner.helper.clone(),
-            slot: slot.clone(),
-        });
-        let dns = dns::Forwarder::start(
-            dns_addr,
+        let resolved = Arc::new(ResolvedToSlot::new(self.inner.helper.clone(), slot.clone()));
+        let dns = dns::Forwarder::serve_sockets(
+            std::net::UdpSocket::from(dns_udp),
+            std::net::TcpListener::from(dns_tcp),
             vm.name.clone(),
             self.inner.upstreams.clone(),
             policy_rx,
-            sink,
+            resolved.clone(),
         )
-        .await
-        .map_err(|source| NetError::Serve {
-            what: "DNS",
-            vm: vm.name.clone(),
-            addr: dns_addr,
-            source,
-        })?;
-        tracing::debug!(vm = %vm.name, dns = %dns.local_addr(), "DNS forwarder serving");
-        let md_addr = SocketAddr::from((host_addr, ports.metadata));
-        let listener = tokio::net::TcpListener::bind(md_addr)
-            .await
-            .map_err(|source| NetError::Serve {
-                what: "metadata",
-                vm: vm.name.clone(),
-                addr: md_addr,
-                source,
-            })?;
+        .map_err(serve_error("DNS", proto::ServiceSocket::DnsUdp))?;
+        tracing::debug!(vm = %vm.name, dns = %dns.local_addr(), "DNS forwarder serving in the slot");
+        let md = std::net::TcpListener::from(md);
+        let listener = md
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(md))
+            .map_err(serve_error("metadata", proto::ServiceSocket::Metadata))?;
         let stop = CancellationToken::new();
         let directory = Arc::new(StoreDirectory {
             store: self.inner.store.clone(),
@@ -318,12 +347,13 @@ impl Network {
         tokio::spawn(metadata::serve(
             listener,
             vm.id.clone(),
-            vm_addr,
+            self.inner.guest_addr,
             directory,
             stop.clone(),
         ));
         Ok(Services {
             _dns: dns,
+            resolved,
             policy,
             metadata: stop,
         })
@@ -359,10 +389,10 @@ impl Network {
             let map = lock(&self.inner.attached);
             map.get(&vm.id).map(|a| {
                 let _ = a.services.policy.send(egress::dns_policy(&vm.egress));
-                a.host.slot.clone()
+                (a.host.slot.clone(), a.services.resolved.clone())
             })
         };
-        if let Some(slot) = attached {
+        if let Some((slot, resolved)) = attached {
             self.inner
                 .helper
                 .call(Request::SetEgress {
@@ -370,6 +400,8 @@ impl Network {
                     egress: egress::to_rules(&vm.egress),
                 })
                 .await?;
+            // The new policy emptied the slot's resolved set.
+            resolved.forget();
         }
         Ok(())
     }
@@ -406,7 +438,6 @@ impl Network {
             instance: self.inner.instance.clone(),
             cidr: self.inner.config.cidr,
             outbound: self.inner.config.outbound_interface.clone(),
-            ports: self.inner.config.ports,
             slots,
             networks,
         };
@@ -444,6 +475,8 @@ impl Network {
         for vm in running.iter().filter(|vm| vm.net_index.is_some()) {
             if let Err(e) = self.attach_inner(vm, false).await {
                 tracing::error!(vm = %vm.name, error = %e, "cannot give the running VM its network back");
+                // Half an attachment (a slot without services) would pass for a whole one.
+                lock(&self.inner.attached).remove(&vm.id);
             }
         }
         self.apply_host_rules().await
@@ -515,23 +548,90 @@ impl Network {
 
 use helper::Reply;
 
+/// How many resolved addresses a VM's [`ResolvedToSlot`] remembers (past it, it forgets the
+/// expired ones, then all: that costs only repeated helper calls).
+const RESOLVED_MEMORY: usize = 4096;
+/// Helper calls one VM's DNS answers may have in flight at once, so a guest that floods its
+/// forwarder with lookups of allowed names cannot take the helper from the other VMs.
+const RESOLVED_CALLS: usize = 2;
+
 /// Puts what the DNS forwarder resolved for an allowed name into the VM slot's allow set.
+/// An address already allowed for at least half of the answer's TTL is not sent again, so
+/// repeated lookups of one name cost no helper call.
 #[derive(Debug)]
 struct ResolvedToSlot {
     helper: Arc<dyn Helper>,
     slot: SlotId,
+    /// Until when the slot allows each address, as far as this VM's answers went.
+    allowed: Mutex<HashMap<Ipv4Addr, std::time::Instant>>,
+    calls: tokio::sync::Semaphore,
+}
+
+impl ResolvedToSlot {
+    fn new(helper: Arc<dyn Helper>, slot: SlotId) -> ResolvedToSlot {
+        ResolvedToSlot {
+            helper,
+            slot,
+            allowed: Mutex::default(),
+            calls: tokio::sync::Semaphore::new(RESOLVED_CALLS),
+        }
+    }
+
+    /// The addresses of `addrs` the slot must be told of for `ttl_secs`, remembered as sent.
+    fn to_renew(&self, addrs: Vec<Ipv4Addr>, ttl_secs: u32) -> Vec<Ipv4Addr> {
+        let now = std::time::Instant::now();
+        let ttl = std::time::Duration::from_secs(u64::from(ttl_secs));
+        let mut allowed = lock(&self.allowed);
+        let mut renew: Vec<Ipv4Addr> = addrs
+            .into_iter()
+            .filter(|a| {
+                allowed
+                    .get(a)
+                    .is_none_or(|until| until.saturating_duration_since(now) < ttl / 2)
+            })
+            .collect();
+        renew.sort_unstable();
+        renew.dedup();
+        if allowed.len() + renew.len() > RESOLVED_MEMORY {
+            allowed.retain(|_, until| *until > now);
+            if allowed.len() + renew.len() > RESOLVED_MEMORY {
+                allowed.clear();
+            }
+        }
+        for a in &renew {
+            allowed.insert(*a, now + ttl);
+        }
+        renew
+    }
+
+    /// Forgets what was sent: the slot's set was emptied (a new egress policy).
+    fn forget(&self) {
+        lock(&self.allowed).clear();
+    }
 }
 
 #[async_trait]
 impl dns::ResolvedSink for ResolvedToSlot {
     async fn allow(&self, addrs: Vec<Ipv4Addr>, ttl_secs: u32) {
+        let addrs = self.to_renew(addrs, ttl_secs);
+        if addrs.is_empty() {
+            return;
+        }
+        let Ok(_permit) = self.calls.acquire().await else {
+            return;
+        };
         let request = Request::AllowResolved {
             slot: self.slot.clone(),
-            addrs,
+            addrs: addrs.clone(),
             ttl_secs,
         };
         if let Err(e) = self.helper.call(request).await {
             tracing::error!(slot = %self.slot.netns(), error = %e, "cannot allow resolved addresses");
+            // Not allowed after all: the next answer tries again.
+            let mut allowed = lock(&self.allowed);
+            for a in addrs {
+                allowed.remove(&a);
+            }
         }
     }
 }
@@ -569,5 +669,71 @@ impl metadata::Directory for StoreDirectory {
             ssh_authorized_keys: vm.metadata.ssh_authorized_keys,
             user_data: vm.metadata.user_data,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::helper::RecordingHelper;
+
+    fn slot() -> SlotId {
+        SlotId {
+            instance: "0123abcd".into(),
+            vm: "fedcba9876543210".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn resolved_addresses_are_sent_once_per_half_ttl_and_again_after_a_new_policy() {
+        let helper = Arc::new(RecordingHelper::default());
+        let sink = ResolvedToSlot::new(helper.clone(), slot());
+        let (a, b) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
+        use dns::ResolvedSink as _;
+        sink.allow(vec![a, a], 300).await;
+        // The same answer again, and a lookup flood of it: no more helper calls.
+        for _ in 0..100 {
+            sink.allow(vec![a], 300).await;
+        }
+        // A new address in an answer is sent alone.
+        sink.allow(vec![a, b], 300).await;
+        // A TTL longer than twice what is left renews.
+        sink.allow(vec![a], 1000).await;
+        let sent: Vec<(Vec<Ipv4Addr>, u32)> = helper
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|r| match r {
+                Request::AllowResolved {
+                    addrs, ttl_secs, ..
+                } => Some((addrs.clone(), *ttl_secs)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sent, [(vec![a], 300), (vec![b], 300), (vec![a], 1000)]);
+        // The slot's set was emptied by a new policy: everything is sent again.
+        sink.forget();
+        sink.allow(vec![a, b], 300).await;
+        assert_eq!(helper.ops().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_failed_allow_is_tried_again_and_the_memory_is_bounded() {
+        let helper = Arc::new(RecordingHelper::default());
+        let sink = ResolvedToSlot::new(helper.clone(), slot());
+        use dns::ResolvedSink as _;
+        *helper.fail_op.lock().unwrap() = Some("allow_resolved");
+        sink.allow(vec![Ipv4Addr::new(192, 0, 2, 1)], 60).await;
+        *helper.fail_op.lock().unwrap() = None;
+        sink.allow(vec![Ipv4Addr::new(192, 0, 2, 1)], 60).await;
+        assert_eq!(helper.ops(), ["allow_resolved", "allow_resolved"]);
+        let many: Vec<Ipv4Addr> = (0..u32::try_from(RESOLVED_MEMORY).unwrap() + 10)
+            .map(|i| Ipv4Addr::from(0x0a00_0000 + i))
+            .collect();
+        for chunk in many.chunks(256) {
+            sink.allow(chunk.to_vec(), 60).await;
+        }
+        assert!(lock(&sink.allowed).len() <= RESOLVED_MEMORY);
     }
 }
