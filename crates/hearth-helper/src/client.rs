@@ -234,7 +234,7 @@ mod tests {
     use super::*;
     use crate::net::RecordingNet;
     use crate::nft::RecordingNft;
-    use crate::proto::{EgressRules, ServicePorts, SlotId, SlotSpec};
+    use crate::proto::{EgressRules, PROTOCOL_VERSION, SlotId, SlotSpec};
     use crate::server::{Helper, serve_connection};
 
     fn id() -> SlotId {
@@ -251,26 +251,28 @@ mod tests {
         std::thread::scope(|s| {
             s.spawn(|| serve_connection(&helper, theirs));
             let mut client = Client::from_stream(ours).unwrap();
-            let (hello, fd) = client.call(&Request::Hello).unwrap();
+            let (hello, fds) = client.call(&Request::Hello).unwrap();
             assert!(
-                matches!(hello, Response::Hello { version: 1, .. }),
+                matches!(
+                    hello,
+                    Response::Hello {
+                        version: PROTOCOL_VERSION,
+                        ..
+                    }
+                ),
                 "{hello:?}"
             );
-            assert!(fd.is_none());
+            assert!(fds.is_empty());
             let spec = SlotSpec {
                 slot: id(),
                 host_addr: Ipv4Addr::new(172, 28, 0, 5),
                 vm_addr: Ipv4Addr::new(172, 28, 0, 6),
                 peers: "172.28.0.0/16".parse().unwrap(),
-                ports: ServicePorts {
-                    metadata: 8169,
-                    dns: 8053,
-                },
                 egress: EgressRules::default(),
             };
             let (done, _) = client.call(&Request::CreateSlot { spec }).unwrap();
             assert_eq!(done, Response::Done);
-            let (tap, fd) = client.call(&Request::OpenTap { slot: id() }).unwrap();
+            let (tap, mut fds) = client.call(&Request::OpenTap { slot: id() }).unwrap();
             assert_eq!(
                 tap,
                 Response::Tap {
@@ -278,7 +280,8 @@ mod tests {
                 }
             );
             // The recording double hands over /dev/null: reading it gives end of file.
-            let fd = fd.expect("a descriptor with the TAP");
+            assert_eq!(fds.len(), 1, "one descriptor with the TAP");
+            let fd = fds.remove(0);
             let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
             assert_ne!(flags & libc::FD_CLOEXEC, 0, "received close-on-exec");
             let mut file = std::fs::File::from(fd);

@@ -427,7 +427,7 @@ impl Nft for RecordingNft {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{HostSlot, PrivateNetwork, ServicePorts, SlotId};
+    use crate::proto::{HostSlot, PrivateNetwork, SlotId};
 
     fn slot(vm: &str, host_addr: [u8; 4]) -> HostSlot {
         let host_addr = Ipv4Addr::from(host_addr);
@@ -446,10 +446,6 @@ mod tests {
             instance: "0123abcd".into(),
             cidr: "172.28.0.0/16".parse().unwrap(),
             outbound: None,
-            ports: ServicePorts {
-                metadata: 8169,
-                dns: 8053,
-            },
             slots: vec![],
             networks: vec![],
         }
@@ -464,10 +460,6 @@ mod tests {
             host_addr: Ipv4Addr::new(172, 28, 0, 5),
             vm_addr: Ipv4Addr::new(172, 28, 0, 6),
             peers: "172.28.0.0/16".parse().unwrap(),
-            ports: ServicePorts {
-                metadata: 8169,
-                dns: 8053,
-            },
             egress,
         }
     }
@@ -511,14 +503,11 @@ mod tests {
         );
         assert!(text.ends_with("}\n"));
         assert!(set_elements(&text, "vm_src").is_empty());
-        assert!(set_elements(&text, "services").is_empty());
         assert!(!text.contains("elements"), "{text}");
         assert_eq!(
             chain_rules(&text, "input"),
             [
                 "iifname \"hv*\" ct state established,related accept",
-                "iifname \"hv*\" iifname . ip daddr . tcp dport @services accept",
-                "iifname \"hv*\" iifname . ip daddr . udp dport @services accept",
                 "iifname \"hv*\" drop",
             ]
         );
@@ -571,15 +560,6 @@ mod tests {
             ]
         );
         assert_eq!(
-            set_elements(&text, "services"),
-            [
-                format!("\"{a}\" . 172.28.0.5 . 8169"),
-                format!("\"{a}\" . 172.28.0.5 . 8053"),
-                format!("\"{b}\" . 172.28.0.9 . 8169"),
-                format!("\"{b}\" . 172.28.0.9 . 8053"),
-            ]
-        );
-        assert_eq!(
             set_elements(&text, "net_db_tier"),
             ["172.28.0.6", "172.28.0.10"]
         );
@@ -620,7 +600,6 @@ mod tests {
         });
         assert_eq!(rule_lines(&one), rule_lines(&fifty));
         assert_eq!(set_elements(&fifty, "vm_src").len(), 50);
-        assert_eq!(set_elements(&fifty, "services").len(), 100);
     }
 
     #[test]
@@ -638,12 +617,7 @@ mod tests {
         );
         assert_eq!(
             chain_rules(&text, "prerouting"),
-            [
-                "iifname \"tap0\" ip daddr 169.254.169.254 tcp dport 80 dnat to 172.28.0.5:8169",
-                "iifname \"tap0\" ip daddr 10.254.254.1 udp dport 53 dnat to 172.28.0.5:8053",
-                "iifname \"tap0\" ip daddr 10.254.254.1 tcp dport 53 dnat to 172.28.0.5:8053",
-                "iifname \"eth0\" ip daddr 172.28.0.6 dnat to 10.254.254.2",
-            ]
+            ["iifname \"eth0\" ip daddr 172.28.0.6 dnat to 10.254.254.2",]
         );
         assert_eq!(
             chain_rules(&text, "postrouting"),
@@ -655,9 +629,6 @@ mod tests {
                 "iifname \"tap0\" ip saddr != 10.254.254.2 drop",
                 "ct state established,related accept",
                 "iifname \"eth0\" oifname \"tap0\" accept",
-                "iifname \"tap0\" oifname \"eth0\" ip daddr 172.28.0.5 tcp dport 8169 accept",
-                "iifname \"tap0\" oifname \"eth0\" ip daddr 172.28.0.5 udp dport 8053 accept",
-                "iifname \"tap0\" oifname \"eth0\" ip daddr 172.28.0.5 tcp dport 8053 accept",
                 "iifname != \"tap0\" drop",
                 "ip daddr 172.28.0.5 drop",
                 "ip daddr 172.28.0.0/16 accept",
@@ -676,7 +647,10 @@ mod tests {
             chain_rules(&text, "input"),
             [
                 "ct state established,related accept",
-                "iifname \"lo\" accept"
+                "iifname \"lo\" accept",
+                "iifname \"tap0\" ip daddr 10.254.254.1 udp dport 53 accept",
+                "iifname \"tap0\" ip daddr 10.254.254.1 tcp dport 53 accept",
+                "iifname \"tap0\" ip daddr 169.254.169.254 tcp dport 80 accept",
             ]
         );
         assert!(text.contains("type filter hook input priority 0; policy drop;"));

@@ -481,7 +481,7 @@ mod tests {
     use super::*;
     use crate::net::{Link, NetCall, NetState, RecordingNet, Route};
     use crate::nft::RecordingNft;
-    use crate::proto::{EgressMode, EgressRules, HostRules, HostSlot, ServicePorts};
+    use crate::proto::{EgressMode, EgressRules, HostRules, HostSlot};
 
     type TestHelper = Helper<RecordingNet, RecordingNft>;
 
@@ -502,10 +502,6 @@ mod tests {
             host_addr: Ipv4Addr::new(172, 28, 0, 5),
             vm_addr: Ipv4Addr::new(172, 28, 0, 6),
             peers: "172.28.0.0/16".parse().unwrap(),
-            ports: ServicePorts {
-                metadata: 8169,
-                dns: 8053,
-            },
             egress: EgressRules::default(),
         }
     }
@@ -514,7 +510,7 @@ mod tests {
     fn done(h: &TestHelper, request: Request) {
         let reply = h.handle(&request);
         assert_eq!(reply.response, Response::Done, "{request:?}");
-        assert!(reply.fd.is_none());
+        assert!(reply.fds.is_empty());
     }
 
     #[track_caller]
@@ -669,7 +665,7 @@ mod tests {
                 name: "tap0".into()
             }
         );
-        assert!(reply.fd.is_some());
+        assert_eq!(reply.fds.len(), 1);
         let (kind, message) = error(&h, Request::OpenTap { slot: id() });
         assert_eq!(kind, ErrorKind::Failed);
         assert!(message.contains("still open"), "{message}");
@@ -740,7 +736,6 @@ mod tests {
             instance: "0123abcd".into(),
             cidr: "172.28.0.0/16".parse().unwrap(),
             outbound: None,
-            ports: spec().ports,
             slots: vec![HostSlot {
                 slot: id(),
                 host_addr: spec().host_addr,

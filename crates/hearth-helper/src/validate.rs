@@ -386,20 +386,12 @@ mod tests {
         }
     }
 
-    fn ports() -> ServicePorts {
-        ServicePorts {
-            metadata: 8169,
-            dns: 8053,
-        }
-    }
-
     fn spec() -> SlotSpec {
         SlotSpec {
             slot: id(),
             host_addr: Ipv4Addr::new(172, 28, 0, 5),
             vm_addr: Ipv4Addr::new(172, 28, 0, 6),
             peers: "172.28.0.0/16".parse().unwrap(),
-            ports: ports(),
             egress: EgressRules::default(),
         }
     }
@@ -409,7 +401,6 @@ mod tests {
             instance: "0123abcd".into(),
             cidr: "172.28.0.0/16".parse().unwrap(),
             outbound: None,
-            ports: ports(),
             slots: vec![HostSlot {
                 slot: id(),
                 host_addr: Ipv4Addr::new(172, 28, 0, 5),
@@ -629,19 +620,7 @@ mod tests {
     }
 
     #[test]
-    fn ports_are_non_zero_and_distinct() {
-        refused(
-            create(|s| s.ports.metadata = 0),
-            "spec.ports.metadata 0: must not be 0",
-        );
-        refused(
-            apply(|r| r.ports.dns = 0),
-            "rules.ports.dns 0: must not be 0",
-        );
-        refused(
-            create(|s| s.ports.dns = s.ports.metadata),
-            "spec.ports.dns 8169: must differ from the metadata port (both are TCP)",
-        );
+    fn allowed_ports_are_non_zero() {
         refused(
             create(|s| s.egress.allow_ports = vec![80, 0]),
             "spec.egress.allow_ports[1] 0: must not be 0",

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use hearth_helper::client::Client;
 use hearth_helper::proto::{
-    EgressMode, EgressRules, ErrorKind, HostRules, HostSlot, PrivateNetwork, Request, Response,
-    ServicePorts, SlotId, SlotSpec,
+    EgressMode, EgressRules, ErrorKind, HostRules, HostSlot, PROTOCOL_VERSION, PrivateNetwork,
+    Request, Response, SlotId, SlotSpec,
 };
 use nix::sched::{CloneFlags, setns};
 
@@ -314,7 +314,7 @@ fn the_real_helper_makes_and_removes_a_slot() {
             nftables,
             ..
         } => {
-            assert_eq!(version, 1);
+            assert_eq!(version, PROTOCOL_VERSION);
             assert_eq!(pid, child_pid);
             assert!(nftables.starts_with("nftables v"), "{nftables}");
         }
@@ -343,16 +343,11 @@ fn the_real_helper_makes_and_removes_a_slot() {
     let (netns, veth) = (slot.netns(), slot.host_veth());
     let host_addr = Ipv4Addr::new(172, 30, 0, 5);
     let vm_addr = Ipv4Addr::new(172, 30, 0, 6);
-    let ports = ServicePorts {
-        metadata: 18169,
-        dns: 18053,
-    };
     let spec = SlotSpec {
         slot: slot.clone(),
         host_addr,
         vm_addr,
         peers: cidr,
-        ports,
         egress: EgressRules::default(),
     };
     for _ in 0..2 {
@@ -366,17 +361,13 @@ fn the_real_helper_makes_and_removes_a_slot() {
     let route = ip(&["-n", &netns, "route", "show", "default"]);
     assert!(route.contains("via 172.30.0.5 dev eth0"), "{route}");
     let slot_rules = nft_in(&netns, &["list", "table", "ip", "hearth"]).unwrap();
-    assert!(
-        slot_rules.contains("dnat to 172.30.0.5:18169"),
-        "{slot_rules}"
-    );
+    assert!(slot_rules.contains("dnat to 10.254.254.2"), "{slot_rules}");
 
     // The host rules, with their elements.
     let rules = HostRules {
         instance: w.instance.clone(),
         cidr,
         outbound: None,
-        ports,
         slots: vec![HostSlot {
             slot: slot.clone(),
             host_addr,
@@ -393,41 +384,31 @@ fn the_real_helper_makes_and_removes_a_slot() {
         host_rules.contains(&format!("\"{veth}\" . 172.30.0.6")),
         "{host_rules}"
     );
-    assert!(
-        host_rules.contains(&format!("\"{veth}\" . 172.30.0.5 . 18169")),
-        "{host_rules}"
-    );
     assert!(host_rules.contains("set net_db_tier"), "{host_rules}");
 
-    // From the slot, the host answers on the VM's metadata port only: the host rules drop
-    // the rest (a connect times out rather than being refused).
-    let listeners: Vec<TcpListener> = in_netns(&w.host, || {
-        [18169, 18170]
-            .map(|port| TcpListener::bind(("0.0.0.0", port)).unwrap())
-            .into()
-    });
-    let connect = |port: u16| {
-        in_netns(&netns, || {
-            TcpStream::connect_timeout(
-                &SocketAddr::from((host_addr, port)),
-                Duration::from_millis(700),
-            )
-        })
-    };
-    assert!(connect(18169).is_ok(), "the metadata port is reachable");
-    let other = connect(18170).unwrap_err();
-    assert_eq!(other.kind(), std::io::ErrorKind::TimedOut, "{other}");
-    drop(listeners);
+    // From the slot, the host answers nothing: the host rules drop it (a connect times out
+    // rather than being refused).
+    let listener = in_netns(&w.host, || TcpListener::bind(("0.0.0.0", 18169)).unwrap());
+    let refused = in_netns(&netns, || {
+        TcpStream::connect_timeout(
+            &SocketAddr::from((host_addr, 18169)),
+            Duration::from_millis(700),
+        )
+    })
+    .unwrap_err();
+    assert_eq!(refused.kind(), std::io::ErrorKind::TimedOut, "{refused}");
+    drop(listener);
 
     // The TAP lives as long as its descriptor.
-    let (tap, fd) = c.call(&Request::OpenTap { slot: slot.clone() }).unwrap();
+    let (tap, mut fds) = c.call(&Request::OpenTap { slot: slot.clone() }).unwrap();
     assert_eq!(
         tap,
         Response::Tap {
             name: "tap0".into()
         }
     );
-    let fd = fd.expect("the TAP's descriptor");
+    assert_eq!(fds.len(), 1, "the TAP's descriptor");
+    let fd = fds.remove(0);
     let mut fdinfo = String::new();
     File::open(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))
         .unwrap()
@@ -443,11 +424,14 @@ fn the_real_helper_makes_and_removes_a_slot() {
         } => assert!(message.contains("still open"), "{message}"),
         other => panic!("a second TAP while the first is open: {other:?}"),
     }
-    // A guest's DNS query, written to the TAP as a frame, reaches the host's DNS port from
-    // the VM's address; one with a spoofed source does not.
-    let dns = in_netns(&w.host, || {
-        std::net::UdpSocket::bind(("0.0.0.0", 18053)).unwrap()
-    });
+    // A guest's DNS query, written to the TAP as a frame, reaches the DNS socket made in the
+    // slot; one with a spoofed source does not.
+    let (services, fds) = c
+        .call(&Request::OpenServices { slot: slot.clone() })
+        .unwrap();
+    assert_eq!(services, Response::Services);
+    assert_eq!(fds.len(), 3);
+    let dns = std::net::UdpSocket::from(fds.into_iter().next().unwrap());
     dns.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
     let tap_mac = mac_of(&netns, "tap0");
     for (src, payload) in [
@@ -462,7 +446,11 @@ fn the_real_helper_makes_and_removes_a_slot() {
         .recv_from(&mut buf)
         .expect("the guest's query reaches the DNS port");
     assert_eq!(&buf[..n], b"hearth-probe", "the spoofed one was dropped");
-    assert_eq!(from, SocketAddr::from((vm_addr, 40000)));
+    assert_eq!(
+        from,
+        SocketAddr::from((Ipv4Addr::new(10, 254, 254, 2), 40000))
+    );
+    drop(dns);
     drop(fd);
     wait_until(
         "tap0 goes with its descriptor",
