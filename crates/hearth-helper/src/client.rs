@@ -245,7 +245,7 @@ mod tests {
     }
 
     #[test]
-    fn client_and_server_talk_over_a_socketpair_and_pass_the_tap() {
+    fn client_and_server_talk_over_a_socketpair_and_pass_descriptors() {
         let helper = Helper::new(RecordingNet::default(), RecordingNft::default());
         let (ours, theirs) = UnixStream::pair().unwrap();
         std::thread::scope(|s| {
@@ -263,6 +263,11 @@ mod tests {
                 "{hello:?}"
             );
             assert!(fds.is_empty());
+            let setup = Request::Setup {
+                instance: "0123abcd".into(),
+                cidr: "172.28.0.0/16".parse().unwrap(),
+            };
+            assert_eq!(client.call(&setup).unwrap().0, Response::Done);
             let spec = SlotSpec {
                 slot: id(),
                 host_addr: Ipv4Addr::new(172, 28, 0, 5),
@@ -295,6 +300,10 @@ mod tests {
                 matches!(&refused, ClientError::Helper { op: "open_tap", kind: ErrorKind::Failed, message } if message.contains("still open")),
                 "{refused}"
             );
+            // The service sockets come as three descriptors.
+            let (services, fds) = client.call(&Request::OpenServices { slot: id() }).unwrap();
+            assert_eq!(services, Response::Services);
+            assert_eq!(fds.len(), crate::proto::SERVICE_SOCKETS.len());
             // An error answer leaves the connection usable.
             let (slots, _) = client
                 .call_ok(&Request::ListSlots {
