@@ -1397,6 +1397,76 @@ fn a_resolved_connection_outlives_its_address_but_not_the_policy() {
     done(&mut c, Request::DeleteSlot { slot: a.slot });
 }
 
+#[test]
+fn stray_answers_to_a_previous_vm_do_not_reach_the_next_one_of_its_address() {
+    let mut w = World::new("stray", 'a');
+    let outside = attach_outside(&w);
+    let mut c = w.connect();
+    let first = w.spec(0, EgressRules::default());
+    done(
+        &mut c,
+        Request::CreateSlot {
+            spec: first.clone(),
+        },
+    );
+    let guest = attach_guest(&w, &first.slot.netns(), "g1");
+    done(
+        &mut c,
+        Request::ApplyHostRules {
+            rules: w.rules(&[&first], vec![]),
+        },
+    );
+    // The first VM talks UDP to the world, which learns where to answer.
+    // (Bound to its address, so its answers come from there.)
+    let server = in_netns(&outside, || UdpSocket::bind((WORLD, 7000)).unwrap());
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    in_netns(&guest, || {
+        let socket = UdpSocket::bind(("0.0.0.0", 40123)).unwrap();
+        socket.send_to(b"hello", (WORLD, 7000)).unwrap();
+    });
+    let mut buf = [0u8; 16];
+    let (_, answer_to) = server.recv_from(&mut buf).expect("the world hears the VM");
+    // And a TCP connection.
+    let world_listener = in_netns(&outside, || TcpListener::bind((WORLD, 7001)).unwrap());
+    let _old_end = connect_from(&guest, (WORLD, 7001), Duration::from_secs(3))
+        .expect("the first VM reaches the world");
+    let (mut world_end, _) = world_listener.accept().unwrap();
+
+    // The VM goes; the next one gets its addresses (another VM id, the same /30) while the
+    // host's conntrack still maps the world's answers to that address.
+    done(&mut c, Request::DeleteSlot { slot: first.slot });
+    let mut next = w.spec(1, EgressRules::default());
+    (next.host_addr, next.vm_addr) = (first.host_addr, first.vm_addr);
+    done(&mut c, Request::CreateSlot { spec: next.clone() });
+    let next_guest = attach_guest(&w, &next.slot.netns(), "g2");
+    done(
+        &mut c,
+        Request::ApplyHostRules {
+            rules: w.rules(&[&next], vec![]),
+        },
+    );
+    let listener = in_netns(&next_guest, || UdpSocket::bind(("0.0.0.0", 40123)).unwrap());
+    listener.set_read_timeout(Some(SHORT)).unwrap();
+    server.send_to(b"stray", answer_to).unwrap();
+    let got = listener.recv_from(&mut buf);
+    assert!(
+        got.is_err(),
+        "the new guest got the old one's answer: {got:?}"
+    );
+    // The world's next segment on the old connection does not reach the new guest either (it
+    // would answer with a reset): conntrack in the new slot finds it invalid.
+    world_end.write_all(b"stray").unwrap();
+    world_end.set_read_timeout(Some(SHORT)).unwrap();
+    let read = world_end.read(&mut buf);
+    assert!(
+        matches!(&read, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+        "the new guest answered the old one's connection: {read:?}"
+    );
+    done(&mut c, Request::DeleteSlot { slot: next.slot });
+}
+
 /// Not a check but a measurement: the medians of each request of a VM's network setup, with
 /// no other slot and with 50 others. Printed (`--nocapture`), not asserted: times depend on
 /// the machine.
