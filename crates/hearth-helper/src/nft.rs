@@ -375,7 +375,12 @@ fn egress_elements(egress: &EgressRules) -> [(&'static str, Vec<String>); 3] {
 /// The slot's table: the guest's address translated to and from the VM's, its services (the
 /// sockets of [`crate::proto::Request::OpenServices`], inside the slot) reachable from the
 /// guest only, and its egress policy, of generation `generation` (nonzero, a new one for each
-/// table; see [`egress_rules`]), installed as `install` says.
+/// table), installed as `install` says.
+///
+/// - `egress` sees every packet the guest sends out, so a changed policy holds for open
+///   connections too. A connection to a resolved address is marked with `generation` when it
+///   opens, and its packets pass on that mark afterwards: it outlives the address's timeout
+///   in the set, but not the policy ([`set_egress`] comes with a new generation too).
 ///
 /// - `forward` drops what conntrack finds invalid (with `nf_conntrack_tcp_loose` off in the
 ///   slot, a TCP packet of a connection this slot never saw is invalid), and anything the guest

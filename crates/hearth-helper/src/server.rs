@@ -5,8 +5,9 @@
 //!
 //! Input that is not a request (a frame over [`MAX_MESSAGE_LEN`], bytes that are not JSON of a
 //! known op) is answered with `Error { kind: invalid }` and the connection is closed: after
-//! garbage the stream cannot be trusted to be in step. A request whose fields break a rule is
-//! answered the same way but the connection stays open.
+//! garbage the stream cannot be trusted to be in step. A request whose fields break a rule, or
+//! that goes beyond what the helper serves (another instance, another network, anything before
+//! a `Setup`), is answered the same way but the connection stays open.
 
 use std::collections::hash_map::{DefaultHasher, RandomState};
 use std::hash::{BuildHasher, Hash, Hasher};
