@@ -234,7 +234,7 @@ mod tests {
     use super::*;
     use crate::net::RecordingNet;
     use crate::nft::RecordingNft;
-    use crate::proto::{EgressRules, ServicePorts, SlotId, SlotSpec};
+    use crate::proto::{EgressRules, PROTOCOL_VERSION, SlotId, SlotSpec};
     use crate::server::{Helper, serve_connection};
 
     fn id() -> SlotId {
@@ -245,32 +245,39 @@ mod tests {
     }
 
     #[test]
-    fn client_and_server_talk_over_a_socketpair_and_pass_the_tap() {
+    fn client_and_server_talk_over_a_socketpair_and_pass_descriptors() {
         let helper = Helper::new(RecordingNet::default(), RecordingNft::default());
         let (ours, theirs) = UnixStream::pair().unwrap();
         std::thread::scope(|s| {
             s.spawn(|| serve_connection(&helper, theirs));
             let mut client = Client::from_stream(ours).unwrap();
-            let (hello, fd) = client.call(&Request::Hello).unwrap();
+            let (hello, fds) = client.call(&Request::Hello).unwrap();
             assert!(
-                matches!(hello, Response::Hello { version: 1, .. }),
+                matches!(
+                    hello,
+                    Response::Hello {
+                        version: PROTOCOL_VERSION,
+                        ..
+                    }
+                ),
                 "{hello:?}"
             );
-            assert!(fd.is_none());
+            assert!(fds.is_empty());
+            let setup = Request::Setup {
+                instance: "0123abcd".into(),
+                cidr: "172.28.0.0/16".parse().unwrap(),
+            };
+            assert_eq!(client.call(&setup).unwrap().0, Response::Done);
             let spec = SlotSpec {
                 slot: id(),
                 host_addr: Ipv4Addr::new(172, 28, 0, 5),
                 vm_addr: Ipv4Addr::new(172, 28, 0, 6),
                 peers: "172.28.0.0/16".parse().unwrap(),
-                ports: ServicePorts {
-                    metadata: 8169,
-                    dns: 8053,
-                },
                 egress: EgressRules::default(),
             };
             let (done, _) = client.call(&Request::CreateSlot { spec }).unwrap();
             assert_eq!(done, Response::Done);
-            let (tap, fd) = client.call(&Request::OpenTap { slot: id() }).unwrap();
+            let (tap, mut fds) = client.call(&Request::OpenTap { slot: id() }).unwrap();
             assert_eq!(
                 tap,
                 Response::Tap {
@@ -278,7 +285,8 @@ mod tests {
                 }
             );
             // The recording double hands over /dev/null: reading it gives end of file.
-            let fd = fd.expect("a descriptor with the TAP");
+            assert_eq!(fds.len(), 1, "one descriptor with the TAP");
+            let fd = fds.remove(0);
             let flags = nix::fcntl::fcntl(fd.as_fd(), nix::fcntl::FcntlArg::F_GETFD).unwrap();
             assert_ne!(flags & libc::FD_CLOEXEC, 0, "received close-on-exec");
             let mut file = std::fs::File::from(fd);
@@ -292,6 +300,10 @@ mod tests {
                 matches!(&refused, ClientError::Helper { op: "open_tap", kind: ErrorKind::Failed, message } if message.contains("still open")),
                 "{refused}"
             );
+            // The service sockets come as three descriptors.
+            let (services, fds) = client.call(&Request::OpenServices { slot: id() }).unwrap();
+            assert_eq!(services, Response::Services);
+            assert_eq!(fds.len(), crate::proto::SERVICE_SOCKETS.len());
             // An error answer leaves the connection usable.
             let (slots, _) = client
                 .call_ok(&Request::ListSlots {

@@ -1,11 +1,17 @@
 //! The network operations the helper needs, behind one trait (youki's `Syscall` pattern):
-//! [`RealNet`] runs `ip` (iproute2) with argument vectors and enters slot namespaces from a
-//! short-lived thread; [`RecordingNet`] records every call as data and answers from a state the
-//! test programs, so the dispatch is tested without root.
+//! [`RealNet`] runs `ip` (iproute2) with argument vectors, a whole list of changes in one
+//! `ip -batch -` ([`Net::apply`]); [`RecordingNet`] records every call as data and answers from
+//! a model of the kernel the test programs, so the dispatch is tested without root.
 //!
-//! Idempotency lives here: adding what exists and deleting what is gone succeed.
+//! Work inside a slot runs on a short-lived thread of its own that entered the slot's namespace
+//! ([`in_netns`]): the system calls made there (sysctls, the TAP and its address, the service
+//! sockets) and the programs it starts (`ip`, and `nft` for [`crate::nft::RealNft`]: a child
+//! is born in the namespace of the thread that forks it) act on the slot. That spares each run
+//! the mount namespace and `/sys` remount of `ip -n` and `ip netns exec`, and no other thread of
+//! the helper ever leaves the host namespace.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -18,7 +24,7 @@ use nix::sched::{CloneFlags, setns};
 use serde::Deserialize;
 
 use crate::cmd::{self, CommandError};
-use crate::proto::{Cidr, SERVICE_SOCKETS, ServiceSocket};
+use crate::proto::{Cidr, GATEWAY_ADDR, INNER_PREFIX, SERVICE_SOCKETS, ServiceSocket};
 
 /// Where `ip netns` keeps its namespaces.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -29,6 +35,14 @@ const TUN_DEVICE: &str = "/dev/net/tun";
 pub const IP_FORWARD: &str = "net/ipv4/ip_forward";
 /// `net.ipv4.conf.all.rp_filter`: strict reverse-path filtering in every slot.
 pub const RP_FILTER: &str = "net/ipv4/conf/all/rp_filter";
+/// `net.ipv6.conf.all.disable_ipv6`: no IPv6 on a slot's links (the rules are IPv4's).
+pub const DISABLE_IPV6_ALL: &str = "net/ipv6/conf/all/disable_ipv6";
+/// `net.ipv6.conf.default.disable_ipv6`: nor on those made later (the TAP).
+pub const DISABLE_IPV6_DEFAULT: &str = "net/ipv6/conf/default/disable_ipv6";
+/// `net.netfilter.nf_conntrack_tcp_loose`: off in every slot, so conntrack does not pick up a
+/// TCP connection in the middle (its packets are invalid, and dropped). Per namespace, and
+/// there only once conntrack runs in it: written after the slot's table.
+pub const TCP_LOOSE: &str = "net/netfilter/nf_conntrack_tcp_loose";
 
 /// The namespace an operation works in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +63,16 @@ impl Ns<'_> {
     }
 }
 
+/// For messages: "the host namespace", "slot NAME".
+impl fmt::Display for Ns<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ns::Host => f.write_str("the host namespace"),
+            Ns::Slot(name) => write!(f, "slot {name}"),
+        }
+    }
+}
+
 /// One route of the host namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -58,11 +82,98 @@ pub struct Route {
     pub dev: Option<String>,
 }
 
+/// A link as [`Net::link`] finds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkState {
+    /// Set administratively up.
+    pub up: bool,
+    /// Its IPv4 addresses, with prefix lengths.
+    pub addrs: Vec<(Ipv4Addr, u8)>,
+}
+
+/// One change [`Net::apply`] makes: a line of `ip -batch -`. Names and addresses come from
+/// validated requests (no spaces, nothing `ip` would read as a keyword).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `netns add` (in the host namespace only): fails when the namespace exists.
+    NetnsAdd { name: String },
+    /// A veth pair, `link` in this namespace and `peer` in the namespace `peer_ns`: fails when
+    /// either name is taken.
+    VethAdd {
+        link: String,
+        peer: String,
+        peer_ns: String,
+    },
+    /// Fails when the link is missing. A veth's peer goes with it.
+    LinkDelete { link: String },
+    /// Holds when the link is up already.
+    LinkUp { link: String },
+    /// `addr replace`: holds when the address is there already.
+    AddrAdd {
+        link: String,
+        addr: Ipv4Addr,
+        prefix: u8,
+    },
+    /// Fails when the address is not there.
+    AddrDel {
+        link: String,
+        addr: Ipv4Addr,
+        prefix: u8,
+    },
+    /// `route replace default`: holds when it is that route already.
+    DefaultRoute { via: Ipv4Addr, link: String },
+}
+
+impl Change {
+    /// Its line of `ip -batch -`.
+    pub fn line(&self) -> String {
+        match self {
+            Change::NetnsAdd { name } => format!("netns add {name}"),
+            Change::VethAdd {
+                link,
+                peer,
+                peer_ns,
+            } => format!("link add name {link} type veth peer name {peer} netns {peer_ns}"),
+            Change::LinkDelete { link } => format!("link delete dev {link}"),
+            Change::LinkUp { link } => format!("link set dev {link} up"),
+            Change::AddrAdd { link, addr, prefix } => {
+                format!("addr replace {addr}/{prefix} dev {link}")
+            }
+            Change::AddrDel { link, addr, prefix } => {
+                format!("addr del {addr}/{prefix} dev {link}")
+            }
+            Change::DefaultRoute { via, link } => {
+                format!("route replace default via {via} dev {link}")
+            }
+        }
+    }
+
+    /// The variant's name (what [`NetState::fail`] names).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Change::NetnsAdd { .. } => "NetnsAdd",
+            Change::VethAdd { .. } => "VethAdd",
+            Change::LinkDelete { .. } => "LinkDelete",
+            Change::LinkUp { .. } => "LinkUp",
+            Change::AddrAdd { .. } => "AddrAdd",
+            Change::AddrDel { .. } => "AddrDel",
+            Change::DefaultRoute { .. } => "DefaultRoute",
+        }
+    }
+}
+
 /// A network operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error(transparent)]
     Command(#[from] CommandError),
+    #[error("could not make the changes `{lines}` in {place}")]
+    Batch {
+        place: String,
+        lines: String,
+        #[source]
+        source: CommandError,
+    },
     #[error("could not understand the output of `{command}`: {detail}")]
     Output { command: String, detail: String },
     #[error("could not read {path}")]
@@ -93,6 +204,14 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
+    #[error("could not give the TAP {name} in {netns} its address and bring it up ({step})")]
+    TapSetup {
+        step: &'static str,
+        name: String,
+        netns: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(
         "the TAP {name} of {netns} is still open: a VMM of this slot still runs (stop it before booting again)"
     )]
@@ -110,37 +229,42 @@ pub enum NetError {
     },
 }
 
-/// What the helper does to the network. Every method is idempotent where the name says
-/// add/delete/up.
+impl NetError {
+    /// True when a command ran and its error output contains `text`.
+    pub fn stderr_contains(&self, text: &str) -> bool {
+        match self {
+            NetError::Command(e) | NetError::Batch { source: e, .. } => e.stderr_contains(text),
+            _ => false,
+        }
+    }
+}
+
+/// What the helper does to the network.
 pub trait Net: Send + Sync {
     /// The names under [`NETNS_DIR`].
     fn netns_list(&self) -> Result<Vec<String>, NetError>;
-    /// Creates the namespace; an existing one is kept (a stale file without a namespace is
-    /// replaced).
+    /// Makes sure the namespace exists: an existing one is kept, a stale file without a
+    /// namespace is replaced, a missing one made. (A namespace known to be missing is made
+    /// faster by [`Change::NetnsAdd`] in a batch.)
     fn netns_add(&self, name: &str) -> Result<(), NetError>;
     /// Deletes the namespace; a missing one is fine.
     fn netns_delete(&self, name: &str) -> Result<(), NetError>;
-    fn link_exists(&self, ns: Ns<'_>, link: &str) -> Result<bool, NetError>;
-    /// Creates a veth pair: `host` in the host namespace, `peer` inside `peer_ns`.
-    fn veth_add(&self, host: &str, peer: &str, peer_ns: &str) -> Result<(), NetError>;
-    /// Deletes the link; a missing one is fine.
-    fn link_delete(&self, ns: Ns<'_>, link: &str) -> Result<(), NetError>;
-    fn link_up(&self, ns: Ns<'_>, link: &str) -> Result<(), NetError>;
-    /// The IPv4 addresses (with prefix lengths) on `link`.
-    fn addrs(&self, ns: Ns<'_>, link: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError>;
-    /// Adds the address; one already there is fine.
-    fn addr_add(&self, ns: Ns<'_>, link: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError>;
-    /// Removes the address; one already gone is fine.
-    fn addr_del(&self, ns: Ns<'_>, link: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError>;
-    /// Sets (adds or replaces) the default route.
-    fn default_route(&self, ns: Ns<'_>, via: Ipv4Addr, link: &str) -> Result<(), NetError>;
+    /// The link's state, `None` when there is no such link.
+    fn link(&self, ns: Ns<'_>, link: &str) -> Result<Option<LinkState>, NetError>;
+    /// Makes `changes` in order, all at once (one `ip -batch -`): the first that fails stops
+    /// the rest, and those before it stay made. Each [`Change`] says whether it holds when
+    /// already made; the caller asks first ([`Net::link`]) for those that do not, unless it
+    /// knows (in a namespace it has just made). Nothing to change is no work.
+    fn apply(&self, ns: Ns<'_>, changes: &[Change]) -> Result<(), NetError>;
     /// The IPv4 routes of the host namespace (tables main and local).
     fn routes(&self) -> Result<Vec<Route>, NetError>;
-    /// Writes `/proc/sys/<key>` in the namespace.
-    fn sysctl(&self, ns: Ns<'_>, key: &'static str, value: &'static str) -> Result<(), NetError>;
+    /// Writes each `/proc/sys/<key>` in the namespace, in order, in one visit. A key under
+    /// `net/ipv6/` that does not exist (a kernel without IPv6) is skipped.
+    fn sysctls(&self, ns: Ns<'_>, values: &[(&'static str, &'static str)]) -> Result<(), NetError>;
     /// Creates the TAP `name` inside the slot (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, not
-    /// persistent: it goes when the last descriptor closes) and returns its descriptor.
-    /// A TAP of that name that is still open is [`NetError::TapBusy`].
+    /// persistent: it goes when the last descriptor closes), with `GATEWAY_ADDR`/30 and up,
+    /// and returns its descriptor. A TAP of that name that is still open is
+    /// [`NetError::TapBusy`].
     fn open_tap(&self, netns: &str, name: &str) -> Result<OwnedFd, NetError>;
     /// Makes the slot's service sockets ([`SERVICE_SOCKETS`], in that order) inside it and
     /// returns them. An address still taken (an earlier set is open) is
@@ -148,34 +272,17 @@ pub trait Net: Send + Sync {
     fn open_services(&self, netns: &str) -> Result<Vec<OwnedFd>, NetError>;
 }
 
-/// The real thing: `ip` with argument vectors, `setns` in a thread for `/proc/sys` and the TAP.
+/// The real thing: `ip` with argument vectors, system calls in a thread inside the slot.
 #[derive(Debug, Default)]
 pub struct RealNet;
 
-fn ip(ns: Ns<'_>, args: &[&str]) -> Result<String, CommandError> {
-    let mut all: Vec<&str> = Vec::with_capacity(args.len() + 2);
-    if let Ns::Slot(name) = ns {
-        all.extend(["-n", name]);
-    }
-    all.extend(args);
-    cmd::run("ip", &all, None)
-}
-
-/// `result`, with the failures whose error output says `benign` turned into success.
-fn unless(result: Result<String, CommandError>, benign: &[&str]) -> Result<(), NetError> {
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) if benign.iter().any(|text| e.stderr_contains(text)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Runs `work` on a thread of its own that has entered the slot's network namespace; the
-/// thread ends with it, so no other thread of the helper ever leaves the host namespace.
-fn in_netns<T: Send>(
+/// thread ends with it, so no other thread of the helper ever leaves the host namespace. A
+/// program `work` starts runs in the slot too.
+pub fn in_netns<T: Send, E: Send + From<NetError>>(
     netns: &str,
-    work: impl FnOnce() -> Result<T, NetError> + Send,
-) -> Result<T, NetError> {
+    work: impl FnOnce() -> Result<T, E> + Send,
+) -> Result<T, E> {
     let path = Path::new(NETNS_DIR).join(netns);
     let file = File::open(&path).map_err(|source| NetError::Read { path, source })?;
     std::thread::scope(|scope| {
@@ -191,17 +298,91 @@ fn in_netns<T: Send>(
             .unwrap_or_else(|_| {
                 Err(NetError::Thread {
                     netns: netns.to_owned(),
-                })
+                }
+                .into())
             })
     })
 }
 
+/// `ip args…` in the namespace (from a thread inside it for a slot), with `stdin` fed to it.
+fn ip(ns: Ns<'_>, args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
+    match ns {
+        Ns::Host => Ok(cmd::run("ip", args, stdin)?),
+        Ns::Slot(name) => in_netns(name, || Ok(cmd::run("ip", args, stdin)?)),
+    }
+}
+
+/// `result`, with the failures whose error output says `benign` turned into success.
+fn unless(result: Result<String, NetError>, benign: &[&str]) -> Result<(), NetError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if benign.iter().any(|text| e.stderr_contains(text)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 fn write_sysctl(key: &'static str, value: &'static str) -> Result<(), NetError> {
-    OpenOptions::new()
+    let result = OpenOptions::new()
         .write(true)
         .open(Path::new("/proc/sys").join(key))
-        .and_then(|mut f| f.write_all(value.as_bytes()))
-        .map_err(|source| NetError::Sysctl { key, value, source })
+        .and_then(|mut f| f.write_all(value.as_bytes()));
+    match result {
+        Ok(()) => Ok(()),
+        // A kernel without IPv6 has nothing to disable.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && key.starts_with("net/ipv6/") => {
+            Ok(())
+        }
+        Err(source) => Err(NetError::Sysctl { key, value, source }),
+    }
+}
+
+/// A `struct ifreq` naming `name`, the rest zero.
+fn ifreq_named(name: &str) -> std::io::Result<libc::ifreq> {
+    // SAFETY: `ifreq` is plain old data (a name array and a union of integers and plain
+    // structs), for which all-zero bytes are a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= ifr.ifr_name.len() {
+        return Err(std::io::Error::other(
+            "the name is longer than the kernel's 15 bytes",
+        ));
+    }
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = libc::c_char::from_ne_bytes([src]);
+    }
+    Ok(ifr)
+}
+
+/// One interface ioctl: `request` on `fd` with `ifr`.
+fn ioctl_ifreq(
+    fd: &impl AsRawFd,
+    request: libc::Ioctl,
+    ifr: &mut libc::ifreq,
+) -> std::io::Result<()> {
+    // SAFETY: the descriptor is open (borrowed for the call); every request passed here
+    // (TUNSETIFF, SIOCSIFADDR, SIOCSIFNETMASK, SIOCGIFFLAGS, SIOCSIFFLAGS) reads or writes one
+    // `struct ifreq`, and `ifr` is one, initialised and exclusively borrowed.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), request, std::ptr::from_mut(ifr)) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// `addr` as the `struct sockaddr` the address ioctls take (a `sockaddr_in` in it).
+fn inet_sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or_default(),
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: `sockaddr_in` and `sockaddr` are both 16 bytes of plain data (transmute checks
+    // the sizes), and every bit pattern is a valid `sockaddr`; this is the reinterpretation
+    // the socket API is built on.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
 }
 
 /// Opens `/dev/net/tun` and makes it the TAP `name`, in the calling thread's namespace.
@@ -217,25 +398,11 @@ fn create_tap(netns: &str, name: &str) -> Result<OwnedFd, NetError> {
         .custom_flags(libc::O_CLOEXEC)
         .open(TUN_DEVICE)
         .map_err(tap_error)?;
-    // SAFETY: `ifreq` is plain old data (a name array and a union of integers and plain
-    // structs), for which all-zero bytes are a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    if name.len() >= ifr.ifr_name.len() {
-        return Err(tap_error(std::io::Error::other(
-            "the name is longer than the kernel's 15 bytes",
-        )));
-    }
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = libc::c_char::from_ne_bytes([src]);
-    }
+    let mut ifr = ifreq_named(name).map_err(tap_error)?;
     ifr.ifr_ifru.ifru_flags =
         libc::c_short::try_from(libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR)
             .map_err(|_| tap_error(std::io::Error::other("the TAP flags do not fit a short")))?;
-    // SAFETY: the descriptor is open (owned by `file`, alive for the call), TUNSETIFF reads and
-    // writes one `struct ifreq`, and `ifr` is one, initialised and exclusively borrowed.
-    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
+    if let Err(err) = ioctl_ifreq(&file, libc::TUNSETIFF, &mut ifr) {
         if err.raw_os_error() == Some(libc::EBUSY) {
             return Err(NetError::TapBusy {
                 name: name.to_owned(),
@@ -245,6 +412,41 @@ fn create_tap(netns: &str, name: &str) -> Result<OwnedFd, NetError> {
         return Err(tap_error(err));
     }
     Ok(OwnedFd::from(file))
+}
+
+/// Gives the new TAP `name` its address (`GATEWAY_ADDR`/`INNER_PREFIX`) and brings it up, with
+/// ioctls in the calling thread's namespace: no program to run.
+fn configure_tap(netns: &str, name: &str) -> Result<(), NetError> {
+    let fail = |step: &'static str| {
+        move |source: std::io::Error| NetError::TapSetup {
+            step,
+            name: name.to_owned(),
+            netns: netns.to_owned(),
+            source,
+        }
+    };
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| fail("socket")(e.into()))?;
+    let mut ifr = ifreq_named(name).map_err(fail("ifreq"))?;
+    // The address first: the kernel gives it a classful mask, which the netmask then replaces
+    // (the link is down until the end, so no route of the wrong size is ever used).
+    ifr.ifr_ifru.ifru_addr = inet_sockaddr(GATEWAY_ADDR);
+    ioctl_ifreq(&socket, libc::SIOCSIFADDR, &mut ifr).map_err(fail("SIOCSIFADDR"))?;
+    let mask = u32::MAX << (32 - u32::from(INNER_PREFIX));
+    ifr.ifr_ifru.ifru_netmask = inet_sockaddr(Ipv4Addr::from(mask));
+    ioctl_ifreq(&socket, libc::SIOCSIFNETMASK, &mut ifr).map_err(fail("SIOCSIFNETMASK"))?;
+    ioctl_ifreq(&socket, libc::SIOCGIFFLAGS, &mut ifr).map_err(fail("SIOCGIFFLAGS"))?;
+    // SAFETY: SIOCGIFFLAGS has just written the flags member of the union.
+    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
+    let up = libc::c_short::try_from(libc::IFF_UP).unwrap_or(1);
+    ifr.ifr_ifru.ifru_flags = flags | up;
+    ioctl_ifreq(&socket, libc::SIOCSIFFLAGS, &mut ifr).map_err(fail("SIOCSIFFLAGS"))?;
+    Ok(())
 }
 
 /// Makes one service socket in the calling thread's namespace: bound with `IP_FREEBIND` (its
@@ -296,12 +498,15 @@ struct JsonRoute {
 #[derive(Deserialize)]
 struct JsonLink {
     #[serde(default)]
+    flags: Vec<String>,
+    #[serde(default)]
     addr_info: Vec<JsonAddr>,
 }
 
 #[derive(Deserialize)]
 struct JsonAddr {
-    local: Option<Ipv4Addr>,
+    family: Option<String>,
+    local: Option<String>,
     prefixlen: Option<u8>,
 }
 
@@ -313,6 +518,32 @@ fn json_list<T: for<'de> Deserialize<'de>>(command: &str, text: &str) -> Result<
     serde_json::from_str(text).map_err(|e| NetError::Output {
         command: command.to_owned(),
         detail: e.to_string(),
+    })
+}
+
+/// Parses `ip -j addr show dev LINK`'s output (the command succeeded: the link exists).
+pub fn parse_link(command: &str, text: &str) -> Result<LinkState, NetError> {
+    let links = json_list::<JsonLink>(command, text)?;
+    let Some(link) = links.into_iter().next() else {
+        return Ok(LinkState::default());
+    };
+    let mut addrs = Vec::new();
+    for a in link.addr_info {
+        if a.family.as_deref() != Some("inet") {
+            continue;
+        }
+        let (Some(local), Some(prefix)) = (a.local, a.prefixlen) else {
+            continue;
+        };
+        let addr = local.parse().map_err(|_| NetError::Output {
+            command: command.to_owned(),
+            detail: format!("address {local:?} is not an IPv4 address"),
+        })?;
+        addrs.push((addr, prefix));
+    }
+    Ok(LinkState {
+        up: link.flags.iter().any(|f| f == "UP"),
+        addrs,
     })
 }
 
@@ -369,127 +600,87 @@ impl Net for RealNet {
     }
 
     fn netns_add(&self, name: &str) -> Result<(), NetError> {
-        match cmd::run("ip", &["netns", "add", name], None) {
-            Ok(_) => Ok(()),
-            Err(e) if e.stderr_contains("File exists") => {
-                // A file left by a namespace that was not cleaned up cannot be entered:
-                // replace it.
-                if ip(Ns::Slot(name), &["link", "show", "dev", "lo"]).is_ok() {
-                    return Ok(());
-                }
-                self.netns_delete(name)?;
-                cmd::run("ip", &["netns", "add", name], None)?;
-                Ok(())
+        if Path::new(NETNS_DIR).join(name).exists() {
+            // One that can be entered is a namespace. A file left by a namespace that was not
+            // cleaned up cannot be: replace it.
+            if in_netns(name, || Ok::<(), NetError>(())).is_ok() {
+                return Ok(());
             }
-            Err(e) => Err(e.into()),
+            self.netns_delete(name)?;
         }
+        cmd::run("ip", &["netns", "add", name], None)?;
+        Ok(())
     }
 
     fn netns_delete(&self, name: &str) -> Result<(), NetError> {
         unless(
-            cmd::run("ip", &["netns", "delete", name], None),
+            ip(Ns::Host, &["netns", "delete", name], None),
             &["No such file or directory"],
         )
     }
 
-    fn link_exists(&self, ns: Ns<'_>, link: &str) -> Result<bool, NetError> {
-        match ip(ns, &["link", "show", "dev", link]) {
-            Ok(_) => Ok(true),
-            Err(e) if e.stderr_contains("does not exist") => Ok(false),
-            Err(e) => Err(e.into()),
+    fn link(&self, ns: Ns<'_>, link: &str) -> Result<Option<LinkState>, NetError> {
+        let args = ["-j", "addr", "show", "dev", link];
+        match ip(ns, &args, None) {
+            Ok(out) => parse_link(&cmd::display("ip", &args), &out).map(Some),
+            Err(e) if e.stderr_contains("does not exist") => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
-    fn veth_add(&self, host: &str, peer: &str, peer_ns: &str) -> Result<(), NetError> {
-        ip(
-            Ns::Host,
-            &[
-                "link", "add", host, "type", "veth", "peer", "name", peer, "netns", peer_ns,
-            ],
-        )?;
-        Ok(())
-    }
-
-    fn link_delete(&self, ns: Ns<'_>, link: &str) -> Result<(), NetError> {
-        unless(
-            ip(ns, &["link", "delete", "dev", link]),
-            &["Cannot find device"],
-        )
-    }
-
-    fn link_up(&self, ns: Ns<'_>, link: &str) -> Result<(), NetError> {
-        ip(ns, &["link", "set", "dev", link, "up"])?;
-        Ok(())
-    }
-
-    fn addrs(&self, ns: Ns<'_>, link: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
-        let args = ["-j", "-4", "addr", "show", "dev", link];
-        let out = ip(ns, &args)?;
-        let links: Vec<JsonLink> = json_list(&cmd::display("ip", &args), &out)?;
-        Ok(links
-            .into_iter()
-            .flat_map(|l| l.addr_info)
-            .filter_map(|a| Some((a.local?, a.prefixlen?)))
-            .collect())
-    }
-
-    fn addr_add(&self, ns: Ns<'_>, link: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
-        let addr = format!("{addr}/{prefix}");
-        unless(
-            ip(ns, &["addr", "add", &addr, "dev", link]),
-            &["File exists", "Address already assigned"],
-        )
-    }
-
-    fn addr_del(&self, ns: Ns<'_>, link: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
-        let addr = format!("{addr}/{prefix}");
-        unless(
-            ip(ns, &["addr", "del", &addr, "dev", link]),
-            &["Address not found", "Cannot assign requested address"],
-        )
-    }
-
-    fn default_route(&self, ns: Ns<'_>, via: Ipv4Addr, link: &str) -> Result<(), NetError> {
-        let via = via.to_string();
-        ip(
-            ns,
-            &["route", "replace", "default", "via", &via, "dev", link],
-        )?;
-        Ok(())
+    fn apply(&self, ns: Ns<'_>, changes: &[Change]) -> Result<(), NetError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let script: String = changes.iter().map(|c| c.line() + "\n").collect();
+        match ip(ns, &["-batch", "-"], Some(&script)) {
+            Ok(_) => Ok(()),
+            Err(NetError::Command(source)) => Err(NetError::Batch {
+                place: ns.to_string(),
+                lines: changes
+                    .iter()
+                    .map(Change::line)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                source,
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     fn routes(&self) -> Result<Vec<Route>, NetError> {
         let mut routes = Vec::new();
         for table in ["main", "local"] {
             let args = ["-j", "-4", "route", "show", "table", table];
-            let out = match ip(Ns::Host, &args) {
+            let out = match ip(Ns::Host, &args, None) {
                 Ok(out) => out,
                 // A namespace without routes has no table yet.
                 Err(e) if e.stderr_contains("FIB table does not exist") => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             };
             routes.extend(parse_routes(&cmd::display("ip", &args), &out)?);
         }
         Ok(routes)
     }
 
-    fn sysctl(&self, ns: Ns<'_>, key: &'static str, value: &'static str) -> Result<(), NetError> {
+    fn sysctls(&self, ns: Ns<'_>, values: &[(&'static str, &'static str)]) -> Result<(), NetError> {
+        let write_all = || {
+            values
+                .iter()
+                .try_for_each(|(key, value)| write_sysctl(key, value))
+        };
         match ns {
-            Ns::Host => write_sysctl(key, value),
-            Ns::Slot(name) => in_netns(name, || write_sysctl(key, value)),
+            Ns::Host => write_all(),
+            Ns::Slot(name) => in_netns(name, write_all),
         }
     }
 
     fn open_tap(&self, netns: &str, name: &str) -> Result<OwnedFd, NetError> {
-        let fd = in_netns(netns, || create_tap(netns, name))?;
-        self.addr_add(
-            Ns::Slot(netns),
-            name,
-            crate::proto::GATEWAY_ADDR,
-            crate::proto::INNER_PREFIX,
-        )?;
-        self.link_up(Ns::Slot(netns), name)?;
-        Ok(fd)
+        in_netns(netns, || {
+            let fd = create_tap(netns, name)?;
+            configure_tap(netns, name)?;
+            Ok(fd)
+        })
     }
 
     fn open_services(&self, netns: &str) -> Result<Vec<OwnedFd>, NetError> {
@@ -508,49 +699,18 @@ pub enum NetCall {
     NetnsList,
     NetnsAdd(String),
     NetnsDelete(String),
-    LinkExists {
+    Link {
         ns: Option<String>,
         link: String,
     },
-    VethAdd {
-        host: String,
-        peer: String,
-        peer_ns: String,
-    },
-    LinkDelete {
+    Apply {
         ns: Option<String>,
-        link: String,
-    },
-    LinkUp {
-        ns: Option<String>,
-        link: String,
-    },
-    Addrs {
-        ns: Option<String>,
-        link: String,
-    },
-    AddrAdd {
-        ns: Option<String>,
-        link: String,
-        addr: Ipv4Addr,
-        prefix: u8,
-    },
-    AddrDel {
-        ns: Option<String>,
-        link: String,
-        addr: Ipv4Addr,
-        prefix: u8,
-    },
-    DefaultRoute {
-        ns: Option<String>,
-        via: Ipv4Addr,
-        link: String,
+        changes: Vec<Change>,
     },
     Routes,
-    Sysctl {
+    Sysctls {
         ns: Option<String>,
-        key: &'static str,
-        value: &'static str,
+        values: Vec<(&'static str, &'static str)>,
     },
     OpenTap {
         netns: String,
@@ -559,6 +719,24 @@ pub enum NetCall {
     OpenServices {
         netns: String,
     },
+}
+
+impl NetCall {
+    /// True for the calls that run a program (`ip`) in [`RealNet`]; the others are system
+    /// calls (reading `/run/netns`, `/proc/sys`, the TAP, sockets). What the fast path counts.
+    pub fn runs_a_program(&self) -> bool {
+        match self {
+            NetCall::NetnsAdd(_)
+            | NetCall::NetnsDelete(_)
+            | NetCall::Link { .. }
+            | NetCall::Apply { .. }
+            | NetCall::Routes => true,
+            NetCall::NetnsList
+            | NetCall::Sysctls { .. }
+            | NetCall::OpenTap { .. }
+            | NetCall::OpenServices { .. } => false,
+        }
+    }
 }
 
 /// A link in a [`RecordingNet`]'s model of the kernel.
@@ -574,20 +752,23 @@ pub struct Link {
 #[derive(Debug, Clone, Default)]
 pub struct NetState {
     pub namespaces: BTreeSet<String>,
-    /// Links by (namespace, name).
+    /// Links by (namespace, name). A namespace comes with its `lo`.
     pub links: BTreeMap<(Option<String>, String), Link>,
     /// The host's routes, as [`Net::routes`] answers them.
     pub routes: Vec<Route>,
     pub default_routes: BTreeMap<Option<String>, (Ipv4Addr, String)>,
     pub sysctls: BTreeMap<(Option<String>, &'static str), &'static str>,
-    /// Calls of this kind (the [`NetCall`] variant's name, e.g. `"VethAdd"`) fail with this
-    /// error output.
+    /// The slots whose service sockets are open (a test removes one to close them).
+    pub services: BTreeSet<String>,
+    /// Calls of this kind (the [`NetCall`] variant's name, e.g. `"Link"`, or a [`Change`]'s,
+    /// e.g. `"VethAdd"`, which fails the batch at that change) fail with this error output.
     pub fail: Option<(&'static str, String)>,
 }
 
-/// A [`Net`] that records calls and answers from a [`NetState`], modelling the few kernel
+/// A [`Net`] that records calls and answers from a [`NetState`], modelling the kernel
 /// behaviours the dispatch relies on (a namespace takes its links, and their veth peers, with
-/// it; a TAP is busy while it exists).
+/// it; a batch stops at its first failing change; a TAP and the service sockets are busy while
+/// open; what `ip` refuses, such as an existing name or a missing link, is refused).
 #[derive(Debug, Default)]
 pub struct RecordingNet {
     state: Mutex<NetState>,
@@ -596,6 +777,15 @@ pub struct RecordingNet {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A failure as the real command reports it.
+fn failed(command: &str, stderr: impl Into<String>) -> CommandError {
+    CommandError::Failed {
+        command: format!("recorded {command}"),
+        status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
+        stderr: stderr.into(),
+    }
 }
 
 impl RecordingNet {
@@ -630,30 +820,29 @@ impl RecordingNet {
         if let Some((failing, stderr)) = &state.fail
             && *failing == kind
         {
-            return Err(NetError::Command(CommandError::Failed {
-                command: format!("recorded {kind}"),
-                status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
-                stderr: stderr.clone(),
-            }));
+            return Err(NetError::Command(failed(kind, stderr.clone())));
         }
         then(&mut state)
     }
 }
 
-/// The model's answer when a link is missing, worded like `ip`'s.
-fn no_link(link: &str) -> NetError {
-    NetError::Command(CommandError::Failed {
-        command: format!("recorded ip link {link}"),
-        status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
-        stderr: format!("Cannot find device \"{link}\""),
-    })
-}
-
 impl NetState {
-    fn link_mut(&mut self, ns: Ns<'_>, link: &str) -> Result<&mut Link, NetError> {
+    /// Fails like [`in_netns`] when the slot's namespace is missing.
+    fn enter(&self, ns: Ns<'_>) -> Result<(), NetError> {
+        match ns {
+            Ns::Slot(name) if !self.namespaces.contains(name) => Err(NetError::Read {
+                path: Path::new(NETNS_DIR).join(name),
+                source: std::io::ErrorKind::NotFound.into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn make_namespace(&mut self, name: &str) {
+        self.namespaces.insert(name.to_owned());
         self.links
-            .get_mut(&(ns.name(), link.to_owned()))
-            .ok_or_else(|| no_link(link))
+            .entry((Some(name.to_owned()), "lo".to_owned()))
+            .or_default();
     }
 
     fn remove_link(&mut self, key: &(Option<String>, String)) {
@@ -663,6 +852,99 @@ impl NetState {
             self.links.remove(&peer);
         }
     }
+
+    /// One change, or the error output `ip` would give for it.
+    fn change(&mut self, ns: Ns<'_>, change: &Change) -> Result<(), String> {
+        let key = |link: &str| (ns.name(), link.to_owned());
+        let missing = |link: &str| format!("Cannot find device \"{link}\"");
+        match change {
+            Change::NetnsAdd { name } => {
+                if self.namespaces.contains(name) {
+                    return Err(format!(
+                        "Cannot create namespace file \"{NETNS_DIR}/{name}\": File exists"
+                    ));
+                }
+                self.make_namespace(name);
+            }
+            Change::VethAdd {
+                link,
+                peer,
+                peer_ns,
+            } => {
+                if !self.namespaces.contains(peer_ns) {
+                    return Err(format!("Invalid \"netns\" value \"{peer_ns}\""));
+                }
+                let here = key(link);
+                let there = (Some(peer_ns.clone()), peer.clone());
+                if self.links.contains_key(&here) || self.links.contains_key(&there) {
+                    return Err("RTNETLINK answers: File exists".into());
+                }
+                self.links.insert(
+                    here.clone(),
+                    Link {
+                        peer: Some(there.clone()),
+                        ..Link::default()
+                    },
+                );
+                self.links.insert(
+                    there,
+                    Link {
+                        peer: Some(here),
+                        ..Link::default()
+                    },
+                );
+            }
+            Change::LinkDelete { link } => {
+                if !self.links.contains_key(&key(link)) {
+                    return Err(missing(link));
+                }
+                self.remove_link(&key(link));
+            }
+            Change::LinkUp { link } => {
+                self.links
+                    .get_mut(&key(link))
+                    .ok_or_else(|| missing(link))?
+                    .up = true;
+            }
+            Change::AddrAdd { link, addr, prefix } => {
+                let l = self
+                    .links
+                    .get_mut(&key(link))
+                    .ok_or_else(|| missing(link))?;
+                if !l.addrs.contains(&(*addr, *prefix)) {
+                    l.addrs.push((*addr, *prefix));
+                }
+            }
+            Change::AddrDel { link, addr, prefix } => {
+                let l = self
+                    .links
+                    .get_mut(&key(link))
+                    .ok_or_else(|| missing(link))?;
+                if !l.addrs.contains(&(*addr, *prefix)) {
+                    return Err("RTNETLINK answers: Cannot assign requested address".into());
+                }
+                l.addrs.retain(|a| *a != (*addr, *prefix));
+            }
+            Change::DefaultRoute { via, link } => {
+                if !self.links.contains_key(&key(link)) {
+                    return Err(missing(link));
+                }
+                self.default_routes
+                    .insert(ns.name(), (*via, link.to_owned()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Any open descriptor stands in for a TAP's or a socket's.
+fn stand_in() -> Result<OwnedFd, NetError> {
+    File::open("/dev/null")
+        .map(OwnedFd::from)
+        .map_err(|source| NetError::Read {
+            path: "/dev/null".into(),
+            source,
+        })
 }
 
 impl Net for RecordingNet {
@@ -674,7 +956,7 @@ impl Net for RecordingNet {
 
     fn netns_add(&self, name: &str) -> Result<(), NetError> {
         self.record("NetnsAdd", NetCall::NetnsAdd(name.to_owned()), |s| {
-            s.namespaces.insert(name.to_owned());
+            s.make_namespace(name);
             Ok(())
         })
     }
@@ -693,125 +975,54 @@ impl Net for RecordingNet {
             }
             s.default_routes.remove(&Some(name.to_owned()));
             s.sysctls.retain(|(ns, _), _| ns.as_deref() != Some(name));
+            s.services.remove(name);
             Ok(())
         })
     }
 
-    fn link_exists(&self, ns: Ns<'_>, link: &str) -> Result<bool, NetError> {
-        let call = NetCall::LinkExists {
+    fn link(&self, ns: Ns<'_>, link: &str) -> Result<Option<LinkState>, NetError> {
+        let call = NetCall::Link {
             ns: ns.name(),
             link: link.to_owned(),
         };
-        self.record("LinkExists", call, |s| {
-            Ok(s.links.contains_key(&(ns.name(), link.to_owned())))
+        self.record("Link", call, |s| {
+            s.enter(ns)?;
+            Ok(s.links
+                .get(&(ns.name(), link.to_owned()))
+                .map(|l| LinkState {
+                    up: l.up,
+                    addrs: l.addrs.clone(),
+                }))
         })
     }
 
-    fn veth_add(&self, host: &str, peer: &str, peer_ns: &str) -> Result<(), NetError> {
-        let call = NetCall::VethAdd {
-            host: host.to_owned(),
-            peer: peer.to_owned(),
-            peer_ns: peer_ns.to_owned(),
+    fn apply(&self, ns: Ns<'_>, changes: &[Change]) -> Result<(), NetError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let call = NetCall::Apply {
+            ns: ns.name(),
+            changes: changes.to_vec(),
         };
-        self.record("VethAdd", call, |s| {
-            let host_key = (None, host.to_owned());
-            let peer_key = (Some(peer_ns.to_owned()), peer.to_owned());
-            if s.links.contains_key(&host_key) || s.links.contains_key(&peer_key) {
-                return Err(NetError::Command(CommandError::Failed {
-                    command: "recorded ip link add".into(),
-                    status: std::os::unix::process::ExitStatusExt::from_raw(2 << 8),
-                    stderr: "RTNETLINK answers: File exists".into(),
-                }));
+        self.record("Apply", call, |s| {
+            s.enter(ns)?;
+            for change in changes {
+                let refused = match &s.fail {
+                    Some((kind, stderr)) if *kind == change.kind() => Err(stderr.clone()),
+                    _ => s.change(ns, change),
+                };
+                if let Err(stderr) = refused {
+                    return Err(NetError::Batch {
+                        place: ns.to_string(),
+                        lines: changes
+                            .iter()
+                            .map(Change::line)
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                        source: failed("ip -batch -", stderr),
+                    });
+                }
             }
-            s.links.insert(
-                host_key.clone(),
-                Link {
-                    peer: Some(peer_key.clone()),
-                    ..Link::default()
-                },
-            );
-            s.links.insert(
-                peer_key,
-                Link {
-                    peer: Some(host_key),
-                    ..Link::default()
-                },
-            );
-            Ok(())
-        })
-    }
-
-    fn link_delete(&self, ns: Ns<'_>, link: &str) -> Result<(), NetError> {
-        let call = NetCall::LinkDelete {
-            ns: ns.name(),
-            link: link.to_owned(),
-        };
-        self.record("LinkDelete", call, |s| {
-            s.remove_link(&(ns.name(), link.to_owned()));
-            Ok(())
-        })
-    }
-
-    fn link_up(&self, ns: Ns<'_>, link: &str) -> Result<(), NetError> {
-        let call = NetCall::LinkUp {
-            ns: ns.name(),
-            link: link.to_owned(),
-        };
-        self.record("LinkUp", call, |s| {
-            if link == "lo" && ns != Ns::Host {
-                s.links.entry((ns.name(), link.to_owned())).or_default();
-            }
-            s.link_mut(ns, link)?.up = true;
-            Ok(())
-        })
-    }
-
-    fn addrs(&self, ns: Ns<'_>, link: &str) -> Result<Vec<(Ipv4Addr, u8)>, NetError> {
-        let call = NetCall::Addrs {
-            ns: ns.name(),
-            link: link.to_owned(),
-        };
-        self.record("Addrs", call, |s| Ok(s.link_mut(ns, link)?.addrs.clone()))
-    }
-
-    fn addr_add(&self, ns: Ns<'_>, link: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
-        let call = NetCall::AddrAdd {
-            ns: ns.name(),
-            link: link.to_owned(),
-            addr,
-            prefix,
-        };
-        self.record("AddrAdd", call, |s| {
-            let l = s.link_mut(ns, link)?;
-            if !l.addrs.contains(&(addr, prefix)) {
-                l.addrs.push((addr, prefix));
-            }
-            Ok(())
-        })
-    }
-
-    fn addr_del(&self, ns: Ns<'_>, link: &str, addr: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
-        let call = NetCall::AddrDel {
-            ns: ns.name(),
-            link: link.to_owned(),
-            addr,
-            prefix,
-        };
-        self.record("AddrDel", call, |s| {
-            s.link_mut(ns, link)?.addrs.retain(|a| *a != (addr, prefix));
-            Ok(())
-        })
-    }
-
-    fn default_route(&self, ns: Ns<'_>, via: Ipv4Addr, link: &str) -> Result<(), NetError> {
-        let call = NetCall::DefaultRoute {
-            ns: ns.name(),
-            via,
-            link: link.to_owned(),
-        };
-        self.record("DefaultRoute", call, |s| {
-            s.link_mut(ns, link)?;
-            s.default_routes.insert(ns.name(), (via, link.to_owned()));
             Ok(())
         })
     }
@@ -820,14 +1031,16 @@ impl Net for RecordingNet {
         self.record("Routes", NetCall::Routes, |s| Ok(s.routes.clone()))
     }
 
-    fn sysctl(&self, ns: Ns<'_>, key: &'static str, value: &'static str) -> Result<(), NetError> {
-        let call = NetCall::Sysctl {
+    fn sysctls(&self, ns: Ns<'_>, values: &[(&'static str, &'static str)]) -> Result<(), NetError> {
+        let call = NetCall::Sysctls {
             ns: ns.name(),
-            key,
-            value,
+            values: values.to_vec(),
         };
-        self.record("Sysctl", call, |s| {
-            s.sysctls.insert((ns.name(), key), value);
+        self.record("Sysctls", call, |s| {
+            s.enter(ns)?;
+            for (key, value) in values {
+                s.sysctls.insert((ns.name(), key), value);
+            }
             Ok(())
         })
     }
@@ -838,6 +1051,7 @@ impl Net for RecordingNet {
             name: name.to_owned(),
         };
         self.record("OpenTap", call, |s| {
+            s.enter(Ns::Slot(netns))?;
             let key = (Some(netns.to_owned()), name.to_owned());
             if s.links.contains_key(&key) {
                 return Err(NetError::TapBusy {
@@ -849,16 +1063,11 @@ impl Net for RecordingNet {
                 key,
                 Link {
                     up: true,
-                    addrs: vec![(crate::proto::GATEWAY_ADDR, crate::proto::INNER_PREFIX)],
+                    addrs: vec![(GATEWAY_ADDR, INNER_PREFIX)],
                     peer: None,
                 },
             );
-            // Any open descriptor stands in for the TAP's.
-            let null = File::open("/dev/null").map_err(|source| NetError::Read {
-                path: "/dev/null".into(),
-                source,
-            })?;
-            Ok(OwnedFd::from(null))
+            stand_in()
         })
     }
 
@@ -866,19 +1075,14 @@ impl Net for RecordingNet {
         let call = NetCall::OpenServices {
             netns: netns.to_owned(),
         };
-        self.record("OpenServices", call, |_| {
-            // Any open descriptors stand in for the sockets.
-            SERVICE_SOCKETS
-                .iter()
-                .map(|_| {
-                    File::open("/dev/null")
-                        .map(OwnedFd::from)
-                        .map_err(|source| NetError::Read {
-                            path: "/dev/null".into(),
-                            source,
-                        })
-                })
-                .collect()
+        self.record("OpenServices", call, |s| {
+            s.enter(Ns::Slot(netns))?;
+            if !s.services.insert(netns.to_owned()) {
+                return Err(NetError::ServicesBusy {
+                    netns: netns.to_owned(),
+                });
+            }
+            SERVICE_SOCKETS.iter().map(|_| stand_in()).collect()
         })
     }
 }
@@ -918,18 +1122,131 @@ mod tests {
     }
 
     #[test]
-    fn the_recording_model_deletes_veth_peers_with_their_namespace() {
+    fn links_parse_from_ip_json_with_their_ipv4_addresses() {
+        let text = r#"[{"ifindex":3,"link":"vb","ifname":"va","flags":["NO-CARRIER","BROADCAST","MULTICAST","UP","M-DOWN"],"mtu":1500,
+            "addr_info":[{"family":"inet","local":"172.28.0.6","prefixlen":30,"scope":"global"},
+                         {"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"}]}]"#;
+        assert_eq!(
+            parse_link("ip -j addr show dev va", text).unwrap(),
+            LinkState {
+                up: true,
+                addrs: vec![(Ipv4Addr::new(172, 28, 0, 6), 30)]
+            }
+        );
+        let down = r#"[{"ifname":"va","flags":["BROADCAST","MULTICAST"],"addr_info":[]}]"#;
+        assert_eq!(parse_link("ip", down).unwrap(), LinkState::default());
+        assert_eq!(parse_link("ip", "").unwrap(), LinkState::default());
+        let bad = r#"[{"flags":[],"addr_info":[{"family":"inet","local":"x","prefixlen":3}]}]"#;
+        assert!(parse_link("ip", bad).is_err());
+    }
+
+    #[test]
+    fn changes_are_ip_batch_lines() {
+        let lines: Vec<String> = [
+            Change::NetnsAdd {
+                name: "hearth-0123abcd-fedcba9876543210".into(),
+            },
+            Change::VethAdd {
+                link: "hv0123456789abc".into(),
+                peer: "eth0".into(),
+                peer_ns: "hearth-0123abcd-fedcba9876543210".into(),
+            },
+            Change::LinkDelete {
+                link: "eth0".into(),
+            },
+            Change::LinkUp { link: "lo".into() },
+            Change::AddrAdd {
+                link: "lo".into(),
+                addr: Ipv4Addr::new(169, 254, 169, 254),
+                prefix: 32,
+            },
+            Change::AddrDel {
+                link: "eth0".into(),
+                addr: Ipv4Addr::new(192, 0, 2, 1),
+                prefix: 24,
+            },
+            Change::DefaultRoute {
+                via: Ipv4Addr::new(172, 28, 0, 5),
+                link: "eth0".into(),
+            },
+        ]
+        .iter()
+        .map(Change::line)
+        .collect();
+        assert_eq!(
+            lines,
+            [
+                "netns add hearth-0123abcd-fedcba9876543210",
+                "link add name hv0123456789abc type veth peer name eth0 netns hearth-0123abcd-fedcba9876543210",
+                "link delete dev eth0",
+                "link set dev lo up",
+                "addr replace 169.254.169.254/32 dev lo",
+                "addr del 192.0.2.1/24 dev eth0",
+                "route replace default via 172.28.0.5 dev eth0",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_recording_model_refuses_what_ip_refuses_and_stops_a_batch_there() {
         let net = RecordingNet::default();
-        net.netns_add("s").unwrap();
-        net.veth_add("hv1", "eth0", "s").unwrap();
-        assert!(net.veth_add("hv1", "eth0", "s").is_err());
-        net.link_up(Ns::Slot("s"), "lo").unwrap();
-        assert!(net.link_exists(Ns::Host, "hv1").unwrap());
+        let veth = Change::VethAdd {
+            link: "hv1".into(),
+            peer: "eth0".into(),
+            peer_ns: "s".into(),
+        };
+        let refused = net
+            .apply(Ns::Host, std::slice::from_ref(&veth))
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("in the host namespace"),
+            "{refused}"
+        );
+        net.apply(
+            Ns::Host,
+            &[Change::NetnsAdd { name: "s".into() }, veth.clone()],
+        )
+        .unwrap();
+        assert!(
+            net.state()
+                .links
+                .contains_key(&(Some("s".into()), "lo".into()))
+        );
+        // The second veth stops the batch: the address before it stays, the one after is not made.
+        let up = Change::LinkUp { link: "hv1".into() };
+        let err = net
+            .apply(
+                Ns::Host,
+                &[
+                    Change::AddrAdd {
+                        link: "hv1".into(),
+                        addr: Ipv4Addr::new(172, 28, 0, 5),
+                        prefix: 30,
+                    },
+                    veth,
+                    up.clone(),
+                ],
+            )
+            .unwrap_err();
+        assert!(err.stderr_contains("File exists"), "{err}");
+        let hv1 = net.link(Ns::Host, "hv1").unwrap().unwrap();
+        assert_eq!(hv1.addrs, [(Ipv4Addr::new(172, 28, 0, 5), 30)]);
+        assert!(!hv1.up);
+        assert!(
+            net.apply(Ns::Slot("s"), &[Change::LinkDelete { link: "x".into() }])
+                .unwrap_err()
+                .stderr_contains("Cannot find device")
+        );
+        assert!(net.link(Ns::Slot("t"), "lo").is_err(), "no namespace t");
         net.netns_delete("s").unwrap();
-        assert!(!net.link_exists(Ns::Host, "hv1").unwrap());
+        assert_eq!(net.link(Ns::Host, "hv1").unwrap(), None);
         assert!(net.state().links.is_empty());
-        net.with_state(|s| s.fail = Some(("NetnsAdd", "boom".into())));
-        assert!(net.netns_add("t").unwrap_err().to_string().contains("boom"));
-        assert_eq!(net.take_calls().len(), 8);
+        net.with_state(|s| s.fail = Some(("LinkUp", "boom".into())));
+        net.netns_add("s").unwrap();
+        let err = net.apply(Ns::Slot("s"), &[Change::LinkUp { link: "lo".into() }]);
+        assert!(err.unwrap_err().to_string().contains("link set dev lo up"));
+        assert_eq!(net.take_calls().len(), 10);
+        assert!(net.apply(Ns::Host, &[]).is_ok());
+        assert!(net.take_calls().is_empty(), "nothing to change is no call");
     }
 }

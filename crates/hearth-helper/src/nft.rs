@@ -5,6 +5,13 @@
 //! (so it exists), deletes it, and declares it again with its content: a reader never sees it
 //! half-made, and a failing file changes nothing.
 //!
+//! A transaction that deletes anything (a table, a rule, a set element) makes the kernel wait
+//! before it returns (an RCU grace period: about 12 ms on a small VM, three times what the rest
+//! of an `nft -f` takes). So the common paths only add: a new slot's table is only declared
+//! ([`Install::New`], its namespace has none), and a host rule set that differs from the last
+//! one only in its VMs is applied as the elements that come and go
+//! ([`host_table_changes`]; a new VM is one element added).
+//!
 //! Every name and address written here comes from a validated request ([`crate::validate`]):
 //! interface names are `hv` + hex, `eth0`, `tap0` or an outbound name of letters, digits,
 //! `-_.`; set names are `net_` + `[a-z0-9_]`. Nothing free-form reaches the text.
@@ -22,7 +29,8 @@
 //! ```
 //!
 //! (Docker evaluates `DOCKER-USER` first in `FORWARD`; these accept what leaves a slot and the
-//! answers to it. Whatever else a VM may do is still decided by the host table.)
+//! answers to it. Whatever else a VM may do is still decided by the host table, which also
+//! drops what a VM sends to a Docker bridge when `outbound` names the egress interface.)
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -30,15 +38,44 @@ use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use crate::cmd::{self, CommandError};
-use crate::net::Ns;
+use crate::net::{self, NetError, Ns};
 use crate::proto::{
     Cidr, DNS_PORT, EgressMode, EgressRules, GATEWAY_ADDR, GUEST_ADDR, HOST_VETH_PREFIX, HostRules,
-    METADATA_ADDR, METADATA_PORT, SLOT_VETH, SlotSpec, TABLE, TAP_NAME,
+    METADATA_ADDR, METADATA_PORT, PrivateNetwork, SLOT_VETH, SlotSpec, TABLE, TAP_NAME,
 };
+
+/// How many addresses of allowed domains a slot's `resolved` set holds at most.
+pub const RESOLVED_SIZE: u32 = 65536;
+/// How many connections a guest may have open at once (counted when each is opened): a guest
+/// cannot fill the slot's conntrack table, nor the host's through it.
+pub const MAX_GUEST_CONNECTIONS: u32 = 16384;
+/// The link-local network: the host's own provider's metadata service lives there
+/// (169.254.169.254 on most clouds), so a VM must not reach it through the host.
+const LINK_LOCAL: &str = "169.254.0.0/16";
 
 /// The first lines of every file that replaces a table: make sure it exists, then delete it.
 fn reset() -> String {
     format!("table ip {TABLE} {{}}\ndelete table ip {TABLE}\n")
+}
+
+/// How a file that declares a whole table installs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Install {
+    /// In a namespace that has no such table (one just made): the file only declares it, and
+    /// deletes nothing (which is faster; see the module documentation). Where the table
+    /// exists, the declaration would add to it: not for that.
+    New,
+    /// Whatever is there is replaced in the same transaction.
+    Replace,
+}
+
+impl Install {
+    fn header(self) -> String {
+        match self {
+            Install::New => String::new(),
+            Install::Replace => reset(),
+        }
+    }
 }
 
 /// The file that removes the table (it need not exist).
@@ -67,21 +104,44 @@ pub fn normalize(cidrs: &[Cidr]) -> Vec<Cidr> {
     out
 }
 
-/// A set declaration, one element a line.
-fn set(out: &mut String, name: &str, ty: &str, flags: Option<&str>, elements: &[String]) {
-    let _ = writeln!(out, "\tset {name} {{");
-    let _ = writeln!(out, "\t\ttype {ty}");
-    if let Some(flags) = flags {
-        let _ = writeln!(out, "\t\tflags {flags}");
-    }
-    if !elements.is_empty() {
-        let _ = writeln!(out, "\t\telements = {{");
-        for e in elements {
-            let _ = writeln!(out, "\t\t\t{e},");
+/// A set's declaration.
+struct Set<'a> {
+    name: &'a str,
+    ty: &'a str,
+    flags: Option<&'a str>,
+    size: Option<u32>,
+}
+
+impl Set<'_> {
+    /// Writes the declaration, one element a line.
+    fn write(&self, out: &mut String, elements: &[String]) {
+        let _ = writeln!(out, "\tset {} {{", self.name);
+        let _ = writeln!(out, "\t\ttype {}", self.ty);
+        if let Some(size) = self.size {
+            let _ = writeln!(out, "\t\tsize {size}");
         }
-        let _ = writeln!(out, "\t\t}}");
+        if let Some(flags) = self.flags {
+            let _ = writeln!(out, "\t\tflags {flags}");
+        }
+        if !elements.is_empty() {
+            let _ = writeln!(out, "\t\telements = {{");
+            for e in elements {
+                let _ = writeln!(out, "\t\t\t{e},");
+            }
+            let _ = writeln!(out, "\t\t}}");
+        }
+        let _ = writeln!(out, "\t}}");
     }
-    let _ = writeln!(out, "\t}}");
+}
+
+/// A set of addresses or networks without a size or timeout.
+fn plain_set<'a>(name: &'a str, ty: &'a str, flags: Option<&'a str>) -> Set<'a> {
+    Set {
+        name,
+        ty,
+        flags,
+        size: None,
+    }
 }
 
 /// A chain: its base-chain line (if any), then its rules.
@@ -100,17 +160,30 @@ fn chain(out: &mut String, name: &str, base: Option<&str>, rules: &[String]) {
 /// (so its size, not its rule count, grows with the VMs).
 ///
 /// - `vm_src` (`ifname . ipv4_addr`): the one source address each host veth may send from.
-/// - `services` (`ifname . ipv4_addr . inet_service`): the metadata and DNS ports each VM may
-///   reach, on its own `host_addr`, through its own veth.
 /// - `net_<name>`: the members of each private network.
 ///
-/// A guest reaches nothing of the host but its services; nothing outside opens a connection
-/// to a VM; VMs reach each other only inside a private network they share; their traffic to
-/// the rest of the world is masqueraded (the egress policy is each slot's).
+/// What it enforces:
+///
+/// - **Nothing of the host for a guest.** Its services live inside its slot
+///   ([`crate::proto::Request::OpenServices`]), so from a slot's veth only the answers to the
+///   host's own connections come in (`input`).
+/// - **Nothing of the VMs for the LAN or local users.** The host addresses of the slots (inside
+///   `cidr`) take nothing but from the slots (`input`); nothing from outside opens a connection
+///   to a VM (`forward`); and no local user but root opens one (`output`, see
+///   [`LOCAL_USERS_RULE`]).
+/// - **VMs reach each other only inside a private network they share**, checked on every packet
+///   (`between_vms` comes before the `established` shortcut), so a VM taken out of a network
+///   loses its open connections to its members at once.
+/// - **A VM's traffic leaves only to the world**: not to link-local addresses (the host's cloud
+///   metadata), not to addresses of `cidr` that are no slot's (they would follow the host's
+///   default route), and with `outbound`, through that interface only (a Docker bridge or a
+///   VPN is not egress). These are checked on every packet too, so a changed `outbound` cuts
+///   what went elsewhere. Leaving, it is masqueraded; its egress policy is its slot's.
 ///
 /// See the module documentation for what an operator adds where Docker runs.
 pub fn host_table(rules: &HostRules) -> String {
     let vm = format!("\"{HOST_VETH_PREFIX}*\"");
+    let cidr = rules.cidr;
     let mut out = reset();
     let _ = writeln!(out, "table ip {TABLE} {{");
     let vm_src: Vec<String> = rules
@@ -118,17 +191,11 @@ pub fn host_table(rules: &HostRules) -> String {
         .iter()
         .map(|s| format!("\"{}\" . {}", s.slot.host_veth(), s.vm_addr))
         .collect();
-    set(&mut out, "vm_src", "ifname . ipv4_addr", None, &vm_src);
+    plain_set("vm_src", "ifname . ipv4_addr", None).write(&mut out, &vm_src);
     for network in &rules.networks {
         let members: BTreeSet<Ipv4Addr> = network.members.iter().copied().collect();
         let members: Vec<String> = members.iter().map(Ipv4Addr::to_string).collect();
-        set(
-            &mut out,
-            &network_set(&network.name),
-            "ipv4_addr",
-            None,
-            &members,
-        );
+        plain_set(&network_set(&network.name), "ipv4_addr", None).write(&mut out, &members);
     }
     chain(
         &mut out,
@@ -137,18 +204,29 @@ pub fn host_table(rules: &HostRules) -> String {
         &[
             format!("iifname {vm} ct state established,related accept"),
             format!("iifname {vm} drop"),
+            format!("iifname != {vm} ip daddr {cidr} drop"),
         ],
     );
+    let mut forward = vec![
+        format!("iifname {vm} iifname . ip saddr != @vm_src drop"),
+        // Before `established`: a connection between VMs lasts as long as their network.
+        format!("iifname {vm} oifname {vm} jump between_vms"),
+        // From here on, a VM's packets leave the VMs (between_vms decided all the others).
+        format!("iifname {vm} ip daddr {LINK_LOCAL} drop"),
+        format!("iifname {vm} ip daddr {cidr} drop"),
+    ];
+    if let Some(outbound) = &rules.outbound {
+        forward.push(format!("iifname {vm} oifname != \"{outbound}\" drop"));
+    }
+    forward.extend([
+        "ct state established,related accept".to_owned(),
+        format!("oifname {vm} drop"),
+    ]);
     chain(
         &mut out,
         "forward",
         Some("type filter hook forward priority 0; policy accept;"),
-        &[
-            format!("iifname {vm} iifname . ip saddr != @vm_src drop"),
-            "ct state established,related accept".to_owned(),
-            format!("iifname {vm} oifname {vm} jump between_vms"),
-            format!("oifname {vm} drop"),
-        ],
+        &forward,
     );
     let mut between: Vec<String> = rules
         .networks
@@ -160,9 +238,15 @@ pub fn host_table(rules: &HostRules) -> String {
         .collect();
     between.push("drop".to_owned());
     chain(&mut out, "between_vms", None, &between);
+    chain(
+        &mut out,
+        "output",
+        Some("type filter hook output priority 0; policy accept;"),
+        &[LOCAL_USERS_RULE.to_owned()],
+    );
     let masquerade = match &rules.outbound {
-        Some(outbound) => format!("ip saddr {} oifname \"{outbound}\" masquerade", rules.cidr),
-        None => format!("ip saddr {} oifname != {vm} masquerade", rules.cidr),
+        Some(outbound) => format!("ip saddr {cidr} oifname \"{outbound}\" masquerade"),
+        None => format!("ip saddr {cidr} oifname != {vm} masquerade"),
     };
     chain(
         &mut out,
@@ -174,11 +258,84 @@ pub fn host_table(rules: &HostRules) -> String {
     out
 }
 
+/// What turns the host table of `old` (applied last) into that of `new` by set elements only:
+/// the slots that go are deleted from `vm_src` and the members that go from their network's
+/// set, and every element of `new` is added (adding one that is there changes nothing and
+/// costs nothing, and puts back one that was deleted behind the helper's back). `None` when
+/// more differs (the network, the outbound interface, the private networks themselves): then
+/// the whole table is replaced ([`host_table`]). Empty when `new` has no element and nothing
+/// goes.
+///
+/// A VM's coming is thus a file that only adds. The file fails when the table or a set is not
+/// there (someone may have flushed the host's ruleset since); a failing file changes nothing,
+/// and the caller replaces the whole table then.
+pub fn host_table_changes(old: &HostRules, new: &HostRules) -> Option<String> {
+    let names =
+        |r: &HostRules| -> Vec<String> { r.networks.iter().map(|n| n.name.clone()).collect() };
+    if old.cidr != new.cidr || old.outbound != new.outbound || names(old) != names(new) {
+        return None;
+    }
+    let vm_src = |r: &HostRules| -> BTreeSet<String> {
+        r.slots
+            .iter()
+            .map(|s| format!("\"{}\" . {}", s.slot.host_veth(), s.vm_addr))
+            .collect()
+    };
+    let members = |n: &PrivateNetwork| -> BTreeSet<String> {
+        n.members.iter().map(Ipv4Addr::to_string).collect()
+    };
+    let mut sets = vec![("vm_src".to_owned(), vm_src(old), vm_src(new))];
+    for (before, after) in old.networks.iter().zip(&new.networks) {
+        sets.push((network_set(&after.name), members(before), members(after)));
+    }
+    let mut out = String::new();
+    for (set, before, after) in &sets {
+        let gone: Vec<&str> = before.difference(after).map(String::as_str).collect();
+        if !gone.is_empty() {
+            let _ = writeln!(
+                out,
+                "delete element ip {TABLE} {set} {{ {} }}",
+                gone.join(", ")
+            );
+        }
+    }
+    for (set, _, after) in &sets {
+        if !after.is_empty() {
+            let all: Vec<&str> = after.iter().map(String::as_str).collect();
+            let _ = writeln!(out, "add element ip {TABLE} {set} {{ {} }}", all.join(", "));
+        }
+    }
+    Some(out)
+}
+
+/// The host's `output` rule: what the host itself sends to a VM must come from a socket of
+/// root's. A local user (and a web page in an operator's browser, which may be told to fetch
+/// `http://<vm address>/`) opens nothing to a VM.
+///
+/// Packets without a socket pass: `meta skuid` does not match a packet that has none (the
+/// expression breaks off the rule), and those are the kernel's own answers (an ICMP error, a
+/// TCP reset, the last ACK of a connection in TIME_WAIT). The kernel answers only what reached
+/// the host, and from a VM the host's `input` takes nothing but the answers to its own
+/// connections, so these carry nothing a user made. A SYN-ACK carries its listener's uid.
+pub const LOCAL_USERS_RULE: &str = "oifname \"hv*\" meta skuid != 0 drop";
+
+/// The `ct mark` a slot's connections to resolved addresses carry: the generation of the egress
+/// policy that let them through, written as nftables lists it.
+fn mark(generation: u32) -> String {
+    format!("0x{generation:08x}")
+}
+
 /// The egress chain's rules. `allow_all`: everything not denied; `deny_all`: only the allowed
 /// networks and the resolved addresses of allowed domains, limited to `allow_ports` (TCP) when
 /// there are any. Denied networks win. In `allow_all` mode ports are ignored: they restrict
 /// what is allowed, and everything is.
-fn egress_rules(egress: &EgressRules) -> Vec<String> {
+///
+/// The chain sees every packet the guest sends out, so a changed policy holds for open
+/// connections too. A connection to a resolved address is marked with `generation` when it
+/// opens, and its packets pass on that mark afterwards: it outlives the address's timeout in
+/// the set, but not the policy (each [`set_egress`] and [`slot_table`] comes with a new
+/// generation).
+fn egress_rules(egress: &EgressRules, generation: u32) -> Vec<String> {
     let mut rules = vec!["ip daddr @deny drop".to_owned()];
     match egress.mode {
         EgressMode::AllowAll => rules.push("accept".to_owned()),
@@ -190,7 +347,13 @@ fn egress_rules(egress: &EgressRules) -> Vec<String> {
             };
             rules.push(format!("ip daddr @allow{ports} accept"));
             if egress.domains {
-                rules.push(format!("ip daddr @resolved{ports} accept"));
+                let mark = mark(generation);
+                rules.push(format!(
+                    "ct state established,related ct mark {mark} accept"
+                ));
+                rules.push(format!(
+                    "ip daddr @resolved{ports} ct mark set {mark} accept"
+                ));
             }
             rules.push("drop".to_owned());
         }
@@ -209,21 +372,47 @@ fn egress_elements(egress: &EgressRules) -> [(&'static str, Vec<String>); 3] {
     ]
 }
 
-/// The slot's table: the guest's addresses translated to and from the VM's, its services
-/// reached at their fixed addresses, and its egress policy.
+/// The slot's table: the guest's address translated to and from the VM's, its services (the
+/// sockets of [`crate::proto::Request::OpenServices`], inside the slot) reachable from the
+/// guest only, and its egress policy, of generation `generation` (nonzero, a new one for each
+/// table), installed as `install` says.
+///
+/// - `egress` sees every packet the guest sends out, so a changed policy holds for open
+///   connections too. A connection to a resolved address is marked with `generation` when it
+///   opens, and its packets pass on that mark afterwards: it outlives the address's timeout
+///   in the set, but not the policy ([`set_egress`] comes with a new generation too).
+///
+/// - `forward` drops what conntrack finds invalid (with `nf_conntrack_tcp_loose` off in the
+///   slot, a TCP packet of a connection this slot never saw is invalid), and anything the guest
+///   sends from another address. To the guest go the answers on its connections and new
+///   connections from `peers` (other VMs and the host: the host's rules decide which of them
+///   may); nothing else, so the stray answers to a previous VM of the same address (the host's
+///   conntrack may still route them here) do not reach it. What the guest sends, every packet
+///   of it, goes through the checks: answers to the host's own connections pass but nothing
+///   else reaches its host address, the other VMs are let through (the host's rules decide), at
+///   most [`MAX_GUEST_CONNECTIONS`] are open, and the rest is egress.
+/// - `input` takes from the guest only DNS (UDP and TCP 53 on `GATEWAY_ADDR`) and metadata
+///   (TCP 80 on `METADATA_ADDR`, an address of the slot's loopback), and nothing from the host
+///   side.
 ///
 /// Replacing it empties the `resolved` set (the addresses of allowed domains): a CreateSlot
 /// on an existing slot forgets them until the DNS forwarder resolves them again.
-/// [`set_egress`] keeps them.
-pub fn slot_table(spec: &SlotSpec) -> String {
-    let (host, vm, tap, eth) = (spec.host_addr, spec.vm_addr, TAP_NAME, SLOT_VETH);
-    let mut out = reset();
+pub fn slot_table(spec: &SlotSpec, generation: u32, install: Install) -> String {
+    let (host, vm, peers) = (spec.host_addr, spec.vm_addr, spec.peers);
+    let (tap, eth) = (TAP_NAME, SLOT_VETH);
+    let mut out = install.header();
     let _ = writeln!(out, "table ip {TABLE} {{");
     let [allow, deny, ports] = egress_elements(&spec.egress);
-    set(&mut out, allow.0, "ipv4_addr", Some("interval"), &allow.1);
-    set(&mut out, deny.0, "ipv4_addr", Some("interval"), &deny.1);
-    set(&mut out, ports.0, "inet_service", None, &ports.1);
-    set(&mut out, "resolved", "ipv4_addr", Some("timeout"), &[]);
+    plain_set(allow.0, "ipv4_addr", Some("interval")).write(&mut out, &allow.1);
+    plain_set(deny.0, "ipv4_addr", Some("interval")).write(&mut out, &deny.1);
+    plain_set(ports.0, "inet_service", None).write(&mut out, &ports.1);
+    Set {
+        name: "resolved",
+        ty: "ipv4_addr",
+        flags: Some("timeout"),
+        size: Some(RESOLVED_SIZE),
+    }
+    .write(&mut out, &[]);
     chain(
         &mut out,
         "prerouting",
@@ -245,22 +434,31 @@ pub fn slot_table(spec: &SlotSpec) -> String {
         "forward",
         Some("type filter hook forward priority 0; policy drop;"),
         &[
+            "ct state invalid drop".to_owned(),
             format!("iifname \"{tap}\" ip saddr != {GUEST_ADDR} drop"),
-            "ct state established,related accept".to_owned(),
-            format!("iifname \"{eth}\" oifname \"{tap}\" accept"),
-            // What follows is the guest's own traffic only.
+            format!("iifname \"{eth}\" oifname \"{tap}\" ct state established,related accept"),
+            format!("iifname \"{eth}\" oifname \"{tap}\" ip saddr {peers} accept"),
             format!("iifname != \"{tap}\" drop"),
+            // What follows is the guest's own traffic only, every packet of it.
+            format!("ip daddr {host} ct direction reply accept"),
             format!("ip daddr {host} drop"),
-            format!("ip daddr {} accept", spec.peers),
+            format!("ct state new ct count over {MAX_GUEST_CONNECTIONS} drop"),
+            format!("ip daddr {peers} accept"),
             "jump egress".to_owned(),
         ],
     );
-    chain(&mut out, "egress", None, &egress_rules(&spec.egress));
+    chain(
+        &mut out,
+        "egress",
+        None,
+        &egress_rules(&spec.egress, generation),
+    );
     chain(
         &mut out,
         "input",
         Some("type filter hook input priority 0; policy drop;"),
         &[
+            "ct state invalid drop".to_owned(),
             "ct state established,related accept".to_owned(),
             "iifname \"lo\" accept".to_owned(),
             format!("iifname \"{tap}\" ip daddr {GATEWAY_ADDR} udp dport {DNS_PORT} accept"),
@@ -272,13 +470,17 @@ pub fn slot_table(spec: &SlotSpec) -> String {
     out
 }
 
-/// Replaces the slot's egress policy in one transaction, keeping the `resolved` set: the
-/// egress chain and the `allow`, `deny` and `ports` sets are flushed and filled again.
-pub fn set_egress(egress: &EgressRules) -> String {
+/// Replaces the slot's egress policy in one transaction, with generation `generation` (a new
+/// one): the egress chain and the `allow`, `deny`, `ports` and `resolved` sets are flushed and
+/// filled again. Open connections are held to the new policy from their next packet on; those
+/// to resolved addresses stop, as the addresses are forgotten (a removed domain's must not stay
+/// allowed) and their mark is the old generation's. The DNS forwarder adds the addresses again
+/// as it answers.
+pub fn set_egress(egress: &EgressRules, generation: u32) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "flush chain ip {TABLE} egress");
     let elements = egress_elements(egress);
-    for (name, _) in &elements {
+    for name in elements.iter().map(|(name, _)| *name).chain(["resolved"]) {
         let _ = writeln!(out, "flush set ip {TABLE} {name}");
     }
     for (name, values) in &elements {
@@ -290,7 +492,7 @@ pub fn set_egress(egress: &EgressRules) -> String {
             );
         }
     }
-    for rule in egress_rules(egress) {
+    for rule in egress_rules(egress, generation) {
         let _ = writeln!(out, "add rule ip {TABLE} egress {rule}");
     }
     out
@@ -328,18 +530,13 @@ pub enum NftError {
         #[source]
         source: CommandError,
     },
+    #[error(transparent)]
+    Netns(#[from] NetError),
     #[error("could not ask nft its version")]
     Version {
         #[source]
         source: CommandError,
     },
-}
-
-fn place(ns: Ns<'_>) -> String {
-    match ns {
-        Ns::Host => "the host namespace".to_owned(),
-        Ns::Slot(name) => format!("slot {name}"),
-    }
 }
 
 /// Applies nftables files.
@@ -350,28 +547,25 @@ pub trait Nft: Send + Sync {
     fn version(&self) -> Result<String, NftError>;
 }
 
-/// `nft -f -` in the host namespace, `ip netns exec NAME nft -f -` in a slot.
+/// `nft -f -`, in a slot started from a thread inside the slot's namespace
+/// ([`net::in_netns`]; the child is born there).
 #[derive(Debug, Default)]
 pub struct RealNft;
 
 impl Nft for RealNft {
     fn apply(&self, ns: Ns<'_>, script: &str) -> Result<(), NftError> {
-        let result = match ns {
-            Ns::Host => cmd::run("nft", &["-f", "-"], Some(script)),
-            Ns::Slot(name) => {
-                let nft = cmd::program("nft");
-                let nft = nft.to_string_lossy();
-                cmd::run(
-                    "ip",
-                    &["netns", "exec", name, &nft, "-f", "-"],
-                    Some(script),
-                )
-            }
+        let nft = || {
+            cmd::run("nft", &["-f", "-"], Some(script))
+                .map(drop)
+                .map_err(|source| NftError::Apply {
+                    place: ns.to_string(),
+                    source,
+                })
         };
-        result.map(drop).map_err(|source| NftError::Apply {
-            place: place(ns),
-            source,
-        })
+        match ns {
+            Ns::Host => nft(),
+            Ns::Slot(name) => net::in_netns(name, nft),
+        }
     }
 
     fn version(&self) -> Result<String, NftError> {
@@ -382,38 +576,49 @@ impl Nft for RealNft {
 }
 
 /// Records every file applied, as (namespace, text); `fail` makes applies fail with that error
-/// output.
+/// output, `refuse` only those whose text contains a pattern (as the kernel refuses a file
+/// that names what is not there).
 #[derive(Debug, Default)]
 pub struct RecordingNft {
     applied: Mutex<Vec<(Option<String>, String)>>,
     fail: Mutex<Option<String>>,
+    refuse: Mutex<Option<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl RecordingNft {
     /// What was applied so far, and forgets it.
     pub fn take_applied(&self) -> Vec<(Option<String>, String)> {
-        std::mem::take(&mut self.applied.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut lock(&self.applied))
     }
     /// Makes the following applies fail with `stderr` (or succeed again with `None`).
     pub fn set_fail(&self, stderr: Option<&str>) {
-        *self.fail.lock().unwrap_or_else(|e| e.into_inner()) = stderr.map(str::to_owned);
+        *lock(&self.fail) = stderr.map(str::to_owned);
+    }
+    /// Makes the following applies of a text containing `pattern` fail (or none with `None`).
+    pub fn set_refuse(&self, pattern: Option<&str>) {
+        *lock(&self.refuse) = pattern.map(str::to_owned);
     }
 }
 
 impl Nft for RecordingNft {
     fn apply(&self, ns: Ns<'_>, script: &str) -> Result<(), NftError> {
-        self.applied
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((ns.name(), script.to_owned()));
-        match &*self.fail.lock().unwrap_or_else(|e| e.into_inner()) {
+        lock(&self.applied).push((ns.name(), script.to_owned()));
+        let refused = lock(&self.refuse)
+            .as_deref()
+            .is_some_and(|pattern| script.contains(pattern))
+            .then(|| "Error: Could not process rule: No such file or directory".to_owned());
+        match refused.or_else(|| lock(&self.fail).clone()) {
             None => Ok(()),
             Some(stderr) => Err(NftError::Apply {
-                place: place(ns),
+                place: ns.to_string(),
                 source: CommandError::Failed {
                     command: "recorded nft -f -".into(),
                     status: std::os::unix::process::ExitStatusExt::from_raw(1 << 8),
-                    stderr: stderr.clone(),
+                    stderr,
                 },
             }),
         }
@@ -427,7 +632,7 @@ impl Nft for RecordingNft {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{HostSlot, PrivateNetwork, ServicePorts, SlotId};
+    use crate::proto::{HostSlot, PrivateNetwork, SlotId};
 
     fn slot(vm: &str, host_addr: [u8; 4]) -> HostSlot {
         let host_addr = Ipv4Addr::from(host_addr);
@@ -446,10 +651,6 @@ mod tests {
             instance: "0123abcd".into(),
             cidr: "172.28.0.0/16".parse().unwrap(),
             outbound: None,
-            ports: ServicePorts {
-                metadata: 8169,
-                dns: 8053,
-            },
             slots: vec![],
             networks: vec![],
         }
@@ -464,10 +665,6 @@ mod tests {
             host_addr: Ipv4Addr::new(172, 28, 0, 5),
             vm_addr: Ipv4Addr::new(172, 28, 0, 6),
             peers: "172.28.0.0/16".parse().unwrap(),
-            ports: ServicePorts {
-                metadata: 8169,
-                dns: 8053,
-            },
             egress,
         }
     }
@@ -511,27 +708,39 @@ mod tests {
         );
         assert!(text.ends_with("}\n"));
         assert!(set_elements(&text, "vm_src").is_empty());
-        assert!(set_elements(&text, "services").is_empty());
         assert!(!text.contains("elements"), "{text}");
+        assert!(
+            !text.contains("services"),
+            "no services on the host: {text}"
+        );
+        // From a slot only the answers to the host's own connections; the slots' host
+        // addresses for nobody else.
         assert_eq!(
             chain_rules(&text, "input"),
             [
                 "iifname \"hv*\" ct state established,related accept",
-                "iifname \"hv*\" iifname . ip daddr . tcp dport @services accept",
-                "iifname \"hv*\" iifname . ip daddr . udp dport @services accept",
                 "iifname \"hv*\" drop",
+                "iifname != \"hv*\" ip daddr 172.28.0.0/16 drop",
             ]
         );
         assert_eq!(
             chain_rules(&text, "forward"),
             [
                 "iifname \"hv*\" iifname . ip saddr != @vm_src drop",
-                "ct state established,related accept",
                 "iifname \"hv*\" oifname \"hv*\" jump between_vms",
+                "iifname \"hv*\" ip daddr 169.254.0.0/16 drop",
+                "iifname \"hv*\" ip daddr 172.28.0.0/16 drop",
+                "ct state established,related accept",
                 "oifname \"hv*\" drop",
             ]
         );
+        assert!(text.contains("type filter hook forward priority 0; policy accept;"));
         assert_eq!(chain_rules(&text, "between_vms"), ["drop"]);
+        assert_eq!(
+            chain_rules(&text, "output"),
+            ["oifname \"hv*\" meta skuid != 0 drop"]
+        );
+        assert!(text.contains("type filter hook output priority 0; policy accept;"));
         assert_eq!(
             chain_rules(&text, "postrouting"),
             ["ip saddr 172.28.0.0/16 oifname != \"hv*\" masquerade"]
@@ -540,9 +749,44 @@ mod tests {
     }
 
     #[test]
-    fn host_table_elements_carry_each_slot_and_network() {
+    fn between_vms_comes_before_the_established_shortcut() {
+        let text = host_table(&rules());
+        let forward = chain_rules(&text, "forward");
+        let at = |rule: &str| forward.iter().position(|r| r == rule).unwrap();
+        let established = at("ct state established,related accept");
+        assert!(at("iifname \"hv*\" oifname \"hv*\" jump between_vms") < established);
+        // And so do the drops of what a VM must not reach, so a changed rule set cuts the
+        // connections it no longer allows.
+        assert!(at("iifname \"hv*\" ip daddr 169.254.0.0/16 drop") < established);
+        assert!(at("iifname \"hv*\" ip daddr 172.28.0.0/16 drop") < established);
+    }
+
+    #[test]
+    fn an_outbound_interface_is_the_only_way_out() {
         let mut r = rules();
         r.outbound = Some("eth0".into());
+        let text = host_table(&r);
+        assert_eq!(
+            chain_rules(&text, "forward"),
+            [
+                "iifname \"hv*\" iifname . ip saddr != @vm_src drop",
+                "iifname \"hv*\" oifname \"hv*\" jump between_vms",
+                "iifname \"hv*\" ip daddr 169.254.0.0/16 drop",
+                "iifname \"hv*\" ip daddr 172.28.0.0/16 drop",
+                "iifname \"hv*\" oifname != \"eth0\" drop",
+                "ct state established,related accept",
+                "oifname \"hv*\" drop",
+            ]
+        );
+        assert_eq!(
+            chain_rules(&text, "postrouting"),
+            ["ip saddr 172.28.0.0/16 oifname \"eth0\" masquerade"]
+        );
+    }
+
+    #[test]
+    fn host_table_elements_carry_each_slot_and_network() {
+        let mut r = rules();
         r.slots = vec![
             slot("fedcba9876543210", [172, 28, 0, 5]),
             slot("0000000000000001", [172, 28, 0, 9]),
@@ -571,15 +815,6 @@ mod tests {
             ]
         );
         assert_eq!(
-            set_elements(&text, "services"),
-            [
-                format!("\"{a}\" . 172.28.0.5 . 8169"),
-                format!("\"{a}\" . 172.28.0.5 . 8053"),
-                format!("\"{b}\" . 172.28.0.9 . 8169"),
-                format!("\"{b}\" . 172.28.0.9 . 8053"),
-            ]
-        );
-        assert_eq!(
             set_elements(&text, "net_db_tier"),
             ["172.28.0.6", "172.28.0.10"]
         );
@@ -592,16 +827,12 @@ mod tests {
                 "drop",
             ]
         );
-        assert_eq!(
-            chain_rules(&text, "postrouting"),
-            ["ip saddr 172.28.0.0/16 oifname \"eth0\" masquerade"]
-        );
     }
 
     #[test]
     fn the_host_tables_rules_do_not_grow_with_its_vms() {
         let rule_lines = |text: &str| {
-            ["input", "forward", "between_vms", "postrouting"]
+            ["input", "forward", "between_vms", "output", "postrouting"]
                 .map(|c| chain_rules(text, c))
                 .concat()
         };
@@ -620,30 +851,28 @@ mod tests {
         });
         assert_eq!(rule_lines(&one), rule_lines(&fifty));
         assert_eq!(set_elements(&fifty, "vm_src").len(), 50);
-        assert_eq!(set_elements(&fifty, "services").len(), 100);
     }
 
     #[test]
     fn an_allow_all_slot_translates_and_only_denies() {
-        let text = slot_table(&spec(EgressRules {
-            deny_cidrs: vec![
-                "10.0.0.0/8".parse().unwrap(),
-                "10.1.0.0/16".parse().unwrap(),
-            ],
-            allow_ports: vec![443],
-            ..EgressRules::default()
-        }));
+        let text = slot_table(
+            &spec(EgressRules {
+                deny_cidrs: vec![
+                    "10.0.0.0/8".parse().unwrap(),
+                    "10.1.0.0/16".parse().unwrap(),
+                ],
+                allow_ports: vec![443],
+                ..EgressRules::default()
+            }),
+            7,
+            Install::Replace,
+        );
         assert!(
             text.starts_with("table ip hearth {}\ndelete table ip hearth\ntable ip hearth {\n")
         );
         assert_eq!(
             chain_rules(&text, "prerouting"),
-            [
-                "iifname \"tap0\" ip daddr 169.254.169.254 tcp dport 80 dnat to 172.28.0.5:8169",
-                "iifname \"tap0\" ip daddr 10.254.254.1 udp dport 53 dnat to 172.28.0.5:8053",
-                "iifname \"tap0\" ip daddr 10.254.254.1 tcp dport 53 dnat to 172.28.0.5:8053",
-                "iifname \"eth0\" ip daddr 172.28.0.6 dnat to 10.254.254.2",
-            ]
+            ["iifname \"eth0\" ip daddr 172.28.0.6 dnat to 10.254.254.2"]
         );
         assert_eq!(
             chain_rules(&text, "postrouting"),
@@ -652,14 +881,14 @@ mod tests {
         assert_eq!(
             chain_rules(&text, "forward"),
             [
+                "ct state invalid drop",
                 "iifname \"tap0\" ip saddr != 10.254.254.2 drop",
-                "ct state established,related accept",
-                "iifname \"eth0\" oifname \"tap0\" accept",
-                "iifname \"tap0\" oifname \"eth0\" ip daddr 172.28.0.5 tcp dport 8169 accept",
-                "iifname \"tap0\" oifname \"eth0\" ip daddr 172.28.0.5 udp dport 8053 accept",
-                "iifname \"tap0\" oifname \"eth0\" ip daddr 172.28.0.5 tcp dport 8053 accept",
+                "iifname \"eth0\" oifname \"tap0\" ct state established,related accept",
+                "iifname \"eth0\" oifname \"tap0\" ip saddr 172.28.0.0/16 accept",
                 "iifname != \"tap0\" drop",
+                "ip daddr 172.28.0.5 ct direction reply accept",
                 "ip daddr 172.28.0.5 drop",
+                "ct state new ct count over 16384 drop",
                 "ip daddr 172.28.0.0/16 accept",
                 "jump egress",
             ]
@@ -675,12 +904,138 @@ mod tests {
         assert_eq!(
             chain_rules(&text, "input"),
             [
+                "ct state invalid drop",
                 "ct state established,related accept",
-                "iifname \"lo\" accept"
+                "iifname \"lo\" accept",
+                "iifname \"tap0\" ip daddr 10.254.254.1 udp dport 53 accept",
+                "iifname \"tap0\" ip daddr 10.254.254.1 tcp dport 53 accept",
+                "iifname \"tap0\" ip daddr 169.254.169.254 tcp dport 80 accept",
             ]
         );
         assert!(text.contains("type filter hook input priority 0; policy drop;"));
-        assert!(text.contains("\tset resolved {\n\t\ttype ipv4_addr\n\t\tflags timeout\n\t}\n"));
+        assert!(text.contains(
+            "\tset resolved {\n\t\ttype ipv4_addr\n\t\tsize 65536\n\t\tflags timeout\n\t}\n"
+        ));
+    }
+
+    #[test]
+    fn a_new_slots_table_is_only_declared() {
+        let spec = spec(EgressRules::default());
+        let new = slot_table(&spec, 7, Install::New);
+        let replace = slot_table(&spec, 7, Install::Replace);
+        assert!(new.starts_with("table ip hearth {\n"), "{new}");
+        assert!(!new.contains("delete"), "{new}");
+        assert_eq!(replace, format!("{}{new}", remove_table()));
+    }
+
+    #[test]
+    fn host_rules_that_differ_in_their_vms_are_applied_as_elements() {
+        let network = |members: &[[u8; 4]]| PrivateNetwork {
+            name: "db-tier".into(),
+            members: members.iter().map(|m| Ipv4Addr::from(*m)).collect(),
+        };
+        let (a, b) = (
+            slot("fedcba9876543210", [172, 28, 0, 5]),
+            slot("0000000000000001", [172, 28, 0, 9]),
+        );
+        let old = HostRules {
+            slots: vec![a.clone()],
+            networks: vec![network(&[[172, 28, 0, 6]])],
+            ..rules()
+        };
+        let va = a.slot.host_veth();
+        assert_eq!(
+            host_table_changes(&old, &old).unwrap(),
+            format!(
+                "add element ip hearth vm_src {{ \"{va}\" . 172.28.0.6 }}\n\
+                 add element ip hearth net_db_tier {{ 172.28.0.6 }}\n"
+            )
+        );
+        // A VM comes: its element is added (with those there), nothing deleted.
+        let one_more = HostRules {
+            slots: vec![a.clone(), b.clone()],
+            networks: vec![network(&[])],
+            ..old.clone()
+        };
+        let vb = b.slot.host_veth();
+        let mut both = [
+            format!("\"{va}\" . 172.28.0.6"),
+            format!("\"{vb}\" . 172.28.0.10"),
+        ];
+        both.sort();
+        assert_eq!(
+            host_table_changes(&one_more, &one_more).unwrap(),
+            format!("add element ip hearth vm_src {{ {} }}\n", both.join(", "))
+        );
+        let came = host_table_changes(&old, &one_more).unwrap();
+        assert!(!came.contains("delete element ip hearth vm_src"), "{came}");
+        // One goes, and the network's members change.
+        let changed = HostRules {
+            slots: vec![b],
+            networks: vec![network(&[[172, 28, 0, 10], [172, 28, 0, 10]])],
+            ..old.clone()
+        };
+        assert_eq!(
+            host_table_changes(&one_more, &changed).unwrap(),
+            format!(
+                "delete element ip hearth vm_src {{ \"{va}\" . 172.28.0.6 }}\n\
+                 add element ip hearth vm_src {{ \"{vb}\" . 172.28.0.10 }}\n\
+                 add element ip hearth net_db_tier {{ 172.28.0.10 }}\n"
+            )
+        );
+        let empty = HostRules {
+            slots: vec![],
+            networks: vec![network(&[])],
+            ..old.clone()
+        };
+        assert_eq!(host_table_changes(&empty, &empty).as_deref(), Some(""));
+        // Anything else takes the whole table.
+        for other in [
+            HostRules {
+                outbound: Some("eth0".into()),
+                ..old.clone()
+            },
+            HostRules {
+                cidr: "172.29.0.0/16".parse().unwrap(),
+                slots: vec![],
+                networks: vec![],
+                ..old.clone()
+            },
+            HostRules {
+                networks: vec![],
+                ..old.clone()
+            },
+            HostRules {
+                networks: vec![PrivateNetwork {
+                    name: "web".into(),
+                    members: vec![],
+                }],
+                ..old.clone()
+            },
+        ] {
+            assert_eq!(host_table_changes(&old, &other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn the_guests_packets_all_go_through_egress() {
+        // The only shortcut for established traffic is towards the guest (eth0 to tap0) and
+        // for the answers to the host's own connections; everything the guest sends to the
+        // world reaches `jump egress`.
+        let text = slot_table(&spec(EgressRules::default()), 7, Install::Replace);
+        let forward = chain_rules(&text, "forward");
+        let shortcuts: Vec<&String> = forward
+            .iter()
+            .filter(|r| r.contains("established") || r.contains("direction"))
+            .collect();
+        assert_eq!(
+            shortcuts,
+            [
+                "iifname \"eth0\" oifname \"tap0\" ct state established,related accept",
+                "ip daddr 172.28.0.5 ct direction reply accept",
+            ]
+        );
+        assert_eq!(forward.last().map(String::as_str), Some("jump egress"));
     }
 
     #[test]
@@ -695,13 +1050,14 @@ mod tests {
             allow_ports: vec![443, 80, 443],
             domains: true,
         };
-        let text = slot_table(&spec(egress.clone()));
+        let text = slot_table(&spec(egress.clone()), 0x2a, Install::Replace);
         assert_eq!(
             chain_rules(&text, "egress"),
             [
                 "ip daddr @deny drop",
                 "ip daddr @allow tcp dport @ports accept",
-                "ip daddr @resolved tcp dport @ports accept",
+                "ct state established,related ct mark 0x0000002a accept",
+                "ip daddr @resolved tcp dport @ports ct mark set 0x0000002a accept",
                 "drop",
             ]
         );
@@ -714,7 +1070,7 @@ mod tests {
             ..egress.clone()
         };
         assert_eq!(
-            chain_rules(&slot_table(&spec(no_ports)), "egress"),
+            chain_rules(&slot_table(&spec(no_ports), 1, Install::Replace), "egress"),
             ["ip daddr @deny drop", "ip daddr @allow accept", "drop"]
         );
         let domains_only = EgressRules {
@@ -723,42 +1079,51 @@ mod tests {
             ..EgressRules::default()
         };
         assert_eq!(
-            chain_rules(&slot_table(&spec(domains_only)), "egress"),
+            chain_rules(
+                &slot_table(&spec(domains_only), 0xdead_beef, Install::Replace),
+                "egress"
+            ),
             [
                 "ip daddr @deny drop",
                 "ip daddr @allow accept",
-                "ip daddr @resolved accept",
+                "ct state established,related ct mark 0xdeadbeef accept",
+                "ip daddr @resolved ct mark set 0xdeadbeef accept",
                 "drop"
             ]
         );
     }
 
     #[test]
-    fn set_egress_keeps_the_resolved_addresses() {
-        let text = set_egress(&EgressRules {
-            mode: EgressMode::DenyAll,
-            allow_cidrs: vec!["198.51.100.0/24".parse().unwrap()],
-            deny_cidrs: vec!["198.51.100.64/26".parse().unwrap()],
-            allow_ports: vec![22],
-            domains: true,
-        });
+    fn set_egress_replaces_the_policy_and_forgets_the_resolved_addresses() {
+        let text = set_egress(
+            &EgressRules {
+                mode: EgressMode::DenyAll,
+                allow_cidrs: vec!["198.51.100.0/24".parse().unwrap()],
+                deny_cidrs: vec!["198.51.100.64/26".parse().unwrap()],
+                allow_ports: vec![22],
+                domains: true,
+            },
+            9,
+        );
         assert_eq!(
             text,
             "flush chain ip hearth egress\n\
              flush set ip hearth allow\n\
              flush set ip hearth deny\n\
              flush set ip hearth ports\n\
+             flush set ip hearth resolved\n\
              add element ip hearth allow { 198.51.100.0/24 }\n\
              add element ip hearth deny { 198.51.100.64/26 }\n\
              add element ip hearth ports { 22 }\n\
              add rule ip hearth egress ip daddr @deny drop\n\
              add rule ip hearth egress ip daddr @allow tcp dport @ports accept\n\
-             add rule ip hearth egress ip daddr @resolved tcp dport @ports accept\n\
+             add rule ip hearth egress ct state established,related ct mark 0x00000009 accept\n\
+             add rule ip hearth egress ip daddr @resolved tcp dport @ports ct mark set 0x00000009 accept\n\
              add rule ip hearth egress drop\n"
         );
-        assert!(!text.contains("resolved {"));
-        let allow_all = set_egress(&EgressRules::default());
+        let allow_all = set_egress(&EgressRules::default(), 10);
         assert!(!allow_all.contains("add element"), "{allow_all}");
+        assert!(allow_all.contains("flush set ip hearth resolved\n"));
     }
 
     #[test]

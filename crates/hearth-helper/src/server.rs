@@ -1,31 +1,37 @@
 //! The helper's side of the socket: framing ([`read_frame`], [`encode`]), the dispatch of each
 //! [`Request`] ([`Helper::handle`]), and the connection loop ([`serve_connection`]) that logs
-//! every request with its peer's credentials and passes the TAP's descriptor as `SCM_RIGHTS`.
+//! every request with its peer's credentials and passes descriptors (the TAP's, the service
+//! sockets) as `SCM_RIGHTS`.
 //!
 //! Input that is not a request (a frame over [`MAX_MESSAGE_LEN`], bytes that are not JSON of a
 //! known op) is answered with `Error { kind: invalid }` and the connection is closed: after
-//! garbage the stream cannot be trusted to be in step. A request whose fields break a rule is
-//! answered the same way but the connection stays open.
+//! garbage the stream cannot be trusted to be in step. A request whose fields break a rule, or
+//! that goes beyond what the helper serves (another instance, another network, anything before
+//! a `Setup`), is answered the same way but the connection stays open.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::collections::hash_map::{DefaultHasher, RandomState};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::io::{self, IoSlice, Read, Write};
+use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::sys::socket::{ControlMessage, MsgFlags, getsockopt, sendmsg, sockopt};
 use serde::Serialize;
 
-use crate::net::{IP_FORWARD, Net, NetError, Ns, RP_FILTER};
-use crate::nft::{self, Nft, NftError};
-use crate::proto::{
-    ErrorKind, INNER_PREFIX, MAX_MESSAGE_LEN, PROTOCOL_VERSION, Request, Response, SLOT_VETH,
-    SlotId, SlotSpec, TAP_NAME,
+use crate::net::{
+    Change, DISABLE_IPV6_ALL, DISABLE_IPV6_DEFAULT, IP_FORWARD, LinkState, Net, NetError, Ns,
+    RP_FILTER, TCP_LOOSE,
 };
-use crate::validate::{self, Invalid};
+use crate::nft::{self, Install, Nft, NftError};
+use crate::proto::{
+    ErrorKind, HostRules, INNER_PREFIX, MAX_MESSAGE_LEN, METADATA_ADDR, PROTOCOL_VERSION, Request,
+    Response, SLOT_VETH, SlotId, SlotSpec, TAP_NAME,
+};
+use crate::validate::{self, Binding, Invalid};
 
 /// Bytes of the length prefix.
 pub const HEADER_LEN: usize = 4;
@@ -135,7 +141,8 @@ impl HandleError {
     }
 }
 
-/// An answer, with the descriptor that goes with it (a [`Response::Tap`]'s).
+/// An answer, with the descriptors that go with it (a [`Response::Tap`]'s one, a
+/// [`Response::Services`]' three).
 #[derive(Debug)]
 pub struct Reply {
     pub response: Response,
@@ -157,18 +164,34 @@ impl Reply {
     }
 }
 
+/// The sysctls of every slot, written in one visit after its table (TCP_LOOSE exists only
+/// once conntrack runs in the namespace; forwarding comes on when the rules are there).
+pub const SLOT_SYSCTLS: [(&str, &str); 5] = [
+    (IP_FORWARD, "1"),
+    (RP_FILTER, "1"),
+    (DISABLE_IPV6_ALL, "1"),
+    (DISABLE_IPV6_DEFAULT, "1"),
+    (TCP_LOOSE, "0"),
+];
+
 /// The helper's work: every request validated, then done through a [`Net`] and an [`Nft`].
 #[derive(Debug)]
 pub struct Helper<N, F> {
     net: N,
     nft: F,
-    /// Serialises the host-wide requests (Setup, the host rules).
-    host: Mutex<()>,
+    /// What the first Setup bound the helper to ([`validate::served`]); held while a first
+    /// Setup checks the routes, so two first Setups do not both bind it.
+    binding: Mutex<Option<Binding>>,
+    /// Serialises the host rules, and holds the rule set last applied in the host namespace
+    /// (`None`: not known, so the next one replaces the whole table).
+    host: Mutex<Option<HostRules>>,
     slots: [Mutex<()>; SLOT_STRIPES],
     busy: AtomicUsize,
+    /// The generation the next slot table or egress policy takes (see [`nft::slot_table`]).
+    generation: AtomicU32,
 }
 
-fn lock(m: &Mutex<()>) -> MutexGuard<'_, ()> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -181,15 +204,33 @@ impl Drop for Busy<'_> {
     }
 }
 
+/// A random u32 (std's hash keys come from the kernel's random numbers): where a helper's
+/// generations start, so a restarted helper does not hand out its predecessor's again.
+fn random_u32() -> u32 {
+    let bits = RandomState::new()
+        .hash_one(std::process::id())
+        .to_le_bytes();
+    u32::from_le_bytes([bits[0], bits[1], bits[2], bits[3]])
+}
+
 impl<N: Net, F: Nft> Helper<N, F> {
     pub fn new(net: N, nft: F) -> Helper<N, F> {
         Helper {
             net,
             nft,
-            host: Mutex::new(()),
+            binding: Mutex::new(None),
+            host: Mutex::new(None),
             slots: std::array::from_fn(|_| Mutex::new(())),
             busy: AtomicUsize::new(0),
+            generation: AtomicU32::new(random_u32()),
         }
+    }
+
+    /// Fixes the generation the next CreateSlot or SetEgress takes (the ones after it count
+    /// up, skipping 0), so a test knows the rule sets it makes.
+    pub fn with_generation(self, next: u32) -> Helper<N, F> {
+        self.generation.store(next, Ordering::SeqCst);
+        self
     }
 
     pub fn net(&self) -> &N {
@@ -198,6 +239,11 @@ impl<N: Net, F: Nft> Helper<N, F> {
 
     pub fn nft(&self) -> &F {
         &self.nft
+    }
+
+    /// What the helper serves, once a Setup has bound it.
+    pub fn binding(&self) -> Option<Binding> {
+        lock(&self.binding).clone()
     }
 
     /// How many requests are being handled now.
@@ -210,11 +256,22 @@ impl<N: Net, F: Nft> Helper<N, F> {
         self.busy.fetch_add(1, Ordering::SeqCst);
         let _busy = Busy(&self.busy);
         match validate::request(request)
+            .and_then(|()| validate::served(request, self.binding().as_ref()))
             .map_err(HandleError::from)
             .and_then(|()| self.run(request))
         {
             Ok(reply) => reply,
             Err(e) => Reply::error(e.kind(), e.message()),
+        }
+    }
+
+    /// A new nonzero generation.
+    fn next_generation(&self) -> u32 {
+        loop {
+            let generation = self.generation.fetch_add(1, Ordering::SeqCst);
+            if generation != 0 {
+                return generation;
+            }
         }
     }
 
@@ -246,19 +303,33 @@ impl<N: Net, F: Nft> Helper<N, F> {
                 },
                 fds: Vec::new(),
             }),
-            Request::Setup { instance: _, cidr } => {
-                let _host = lock(&self.host);
-                validate::setup_routes("cidr", *cidr, &self.net.routes()?)?;
-                self.net.sysctl(Ns::Host, IP_FORWARD, "1")?;
+            Request::Setup { instance, cidr } => {
+                let mut binding = lock(&self.binding);
+                // Again under the lock: another first Setup may have bound the helper since.
+                validate::served(request, binding.as_ref())?;
+                if binding.is_none() {
+                    validate::setup_routes("cidr", *cidr, &self.net.routes()?)?;
+                }
+                // One write, cheap enough for every connection's Setup, and it turns
+                // forwarding back on if something turned it off.
+                self.net.sysctls(Ns::Host, &[(IP_FORWARD, "1")])?;
+                *binding = Some(Binding {
+                    instance: instance.clone(),
+                    cidr: *cidr,
+                });
                 Ok(Reply::done())
             }
             Request::ApplyHostRules { rules } => {
-                let _host = lock(&self.host);
-                self.nft.apply(Ns::Host, &nft::host_table(rules))?;
+                let mut applied = lock(&self.host);
+                // Unknown until it is known again.
+                let last = applied.take();
+                self.apply_host_rules(last.as_ref(), rules)?;
+                *applied = Some(rules.clone());
                 Ok(Reply::done())
             }
             Request::RemoveHostRules { instance: _ } => {
-                let _host = lock(&self.host);
+                let mut applied = lock(&self.host);
+                *applied = None;
                 self.nft.apply(Ns::Host, &nft::remove_table())?;
                 Ok(Reply::done())
             }
@@ -269,10 +340,17 @@ impl<N: Net, F: Nft> Helper<N, F> {
             }
             Request::DeleteSlot { slot } => {
                 let _slot = self.slot_lock(slot);
-                // The host end goes with the slot's namespace, unless something (a VMM's TAP
-                // descriptor) keeps that namespace alive: then it is deleted by name.
                 self.net.netns_delete(&slot.netns())?;
-                self.net.link_delete(Ns::Host, &slot.host_veth())?;
+                // The host end goes with the slot's namespace, but only once the kernel has
+                // cleaned that up (later), and not at all while something (a VMM's TAP
+                // descriptor) keeps the namespace alive: it is deleted by name.
+                let host_end = Change::LinkDelete {
+                    link: slot.host_veth(),
+                };
+                match self.net.apply(Ns::Host, &[host_end]) {
+                    Err(e) if !e.stderr_contains("Cannot find device") => return Err(e.into()),
+                    _ => {}
+                }
                 Ok(Reply::done())
             }
             Request::OpenTap { slot } => {
@@ -298,7 +376,8 @@ impl<N: Net, F: Nft> Helper<N, F> {
             Request::SetEgress { slot, egress } => {
                 let _slot = self.slot_lock(slot);
                 let netns = self.existing(slot)?;
-                self.nft.apply(Ns::Slot(&netns), &nft::set_egress(egress))?;
+                let script = nft::set_egress(egress, self.next_generation());
+                self.nft.apply(Ns::Slot(&netns), &script)?;
                 Ok(Reply::done())
             }
             Request::AllowResolved {
@@ -335,49 +414,181 @@ impl<N: Net, F: Nft> Helper<N, F> {
         }
     }
 
-    /// Brings the slot to `spec`, whatever part of it exists already.
+    /// Applies `rules` to the host: as the elements that differ from `last` when only those
+    /// do (a VM's coming is one element added; nothing at all when nothing differs), else, or
+    /// when that fails (the table was changed or flushed behind the helper's back), as the
+    /// whole table.
+    fn apply_host_rules(
+        &self,
+        last: Option<&HostRules>,
+        rules: &HostRules,
+    ) -> Result<(), NftError> {
+        if let Some(changes) = last.and_then(|last| nft::host_table_changes(last, rules)) {
+            if changes.is_empty() {
+                return Ok(());
+            }
+            match self.nft.apply(Ns::Host, &changes) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    let error = HandleError::from(e).message();
+                    tracing::info!(
+                        error,
+                        "could not change the host rules in place; replacing them"
+                    );
+                }
+            }
+        }
+        self.nft.apply(Ns::Host, &nft::host_table(rules))
+    }
+
+    /// Brings the slot to `spec`, then writes its table (with a new generation) and its
+    /// sysctls. A slot whose namespace does not exist yet is made in one go, asking nothing
+    /// (everything is known): one `ip -batch` in the host, one in the slot. An existing one is
+    /// repaired: what is there is asked for, and only what differs is changed. If the one go
+    /// fails halfway (a leftover host veth of that name, say), the repair takes over.
     fn create_slot(&self, spec: &SlotSpec) -> Result<(), HandleError> {
+        let netns = spec.slot.netns();
+        let slot = Ns::Slot(&netns);
+        let made = !self.net.netns_list()?.contains(&netns)
+            && match self.new_slot(spec) {
+                Ok(()) => true,
+                Err(e) => {
+                    let error = HandleError::from(e).message();
+                    tracing::info!(netns, error, "could not make the slot in one go; repairing");
+                    false
+                }
+            };
+        let install = if made {
+            // A namespace made just now has no table.
+            Install::New
+        } else {
+            self.repair_slot(spec)?;
+            Install::Replace
+        };
+        let table = nft::slot_table(spec, self.next_generation(), install);
+        self.nft.apply(slot, &table)?;
+        self.net.sysctls(slot, &SLOT_SYSCTLS)?;
+        Ok(())
+    }
+
+    /// The slot, made from nothing.
+    fn new_slot(&self, spec: &SlotSpec) -> Result<(), NetError> {
+        let netns = spec.slot.netns();
+        let host_veth = spec.slot.host_veth();
+        self.net.apply(
+            Ns::Host,
+            &[
+                Change::NetnsAdd {
+                    name: netns.clone(),
+                },
+                Change::VethAdd {
+                    link: host_veth.clone(),
+                    peer: SLOT_VETH.to_owned(),
+                    peer_ns: netns.clone(),
+                },
+                Change::AddrAdd {
+                    link: host_veth.clone(),
+                    addr: spec.host_addr,
+                    prefix: SLOT_PREFIX,
+                },
+                Change::LinkUp { link: host_veth },
+            ],
+        )?;
+        self.net
+            .apply(Ns::Slot(&netns), &slot_side(spec, &LinkState::default()))
+    }
+
+    /// The slot, from whatever part of it exists: a namespace that is no namespace is replaced,
+    /// half a veth pair started over, other addresses on the pair removed.
+    fn repair_slot(&self, spec: &SlotSpec) -> Result<(), HandleError> {
         let netns = spec.slot.netns();
         let host_veth = spec.slot.host_veth();
         let slot = Ns::Slot(&netns);
         self.net.netns_add(&netns)?;
-        self.net.link_up(slot, "lo")?;
-        let paired =
-            self.net.link_exists(slot, SLOT_VETH)? && self.net.link_exists(Ns::Host, &host_veth)?;
-        if !paired {
-            // Half a pair (or a namespace just made): start the pair over.
-            self.net.link_delete(slot, SLOT_VETH)?;
-            self.net.link_delete(Ns::Host, &host_veth)?;
-            self.net.veth_add(&host_veth, SLOT_VETH, &netns)?;
-        }
-        self.set_address(Ns::Host, &host_veth, spec.host_addr)?;
-        self.set_address(slot, SLOT_VETH, spec.vm_addr)?;
-        self.net.link_up(Ns::Host, &host_veth)?;
-        self.net.link_up(slot, SLOT_VETH)?;
-        self.net.default_route(slot, spec.host_addr, SLOT_VETH)?;
-        self.net.sysctl(slot, IP_FORWARD, "1")?;
-        self.net.sysctl(slot, RP_FILTER, "1")?;
-        self.nft.apply(slot, &nft::slot_table(spec))?;
+        let mut host = Vec::new();
+        let (eth0, hv) = match (
+            self.net.link(slot, SLOT_VETH)?,
+            self.net.link(Ns::Host, &host_veth)?,
+        ) {
+            (Some(eth0), Some(hv)) => (eth0, hv),
+            (eth0, hv) => {
+                // Half a pair (or none): start the pair over.
+                if eth0.is_some() {
+                    let eth0 = Change::LinkDelete {
+                        link: SLOT_VETH.to_owned(),
+                    };
+                    self.net.apply(slot, &[eth0])?;
+                }
+                if hv.is_some() {
+                    host.push(Change::LinkDelete {
+                        link: host_veth.clone(),
+                    });
+                }
+                host.push(Change::VethAdd {
+                    link: host_veth.clone(),
+                    peer: SLOT_VETH.to_owned(),
+                    peer_ns: netns.clone(),
+                });
+                (LinkState::default(), LinkState::default())
+            }
+        };
+        host.extend(link_changes(&host_veth, &hv, spec.host_addr));
+        self.net.apply(Ns::Host, &host)?;
+        self.net.apply(slot, &slot_side(spec, &eth0))?;
         Ok(())
     }
+}
 
-    /// Makes `addr/30` the link's only IPv4 address, without removing it when it is there.
-    fn set_address(
-        &self,
-        ns: Ns<'_>,
-        link: &str,
-        addr: std::net::Ipv4Addr,
-    ) -> Result<(), HandleError> {
-        let want = (addr, SLOT_PREFIX);
-        let have = self.net.addrs(ns, link)?;
-        for other in have.iter().filter(|a| **a != want) {
-            self.net.addr_del(ns, link, other.0, other.1)?;
-        }
-        if !have.contains(&want) {
-            self.net.addr_add(ns, link, addr, SLOT_PREFIX)?;
-        }
-        Ok(())
+/// What makes `link` carry `addr`/30 as its only IPv4 address and be up, given its `state`:
+/// only what differs.
+fn link_changes(link: &str, state: &LinkState, addr: Ipv4Addr) -> Vec<Change> {
+    let want = (addr, SLOT_PREFIX);
+    let mut changes: Vec<Change> = state
+        .addrs
+        .iter()
+        .filter(|a| **a != want)
+        .map(|&(addr, prefix)| Change::AddrDel {
+            link: link.to_owned(),
+            addr,
+            prefix,
+        })
+        .collect();
+    if !state.addrs.contains(&want) {
+        changes.push(Change::AddrAdd {
+            link: link.to_owned(),
+            addr,
+            prefix: SLOT_PREFIX,
+        });
     }
+    if !state.up {
+        changes.push(Change::LinkUp {
+            link: link.to_owned(),
+        });
+    }
+    changes
+}
+
+/// The slot's side, its `eth0` being in `eth0` state: `lo` up with the metadata address (the
+/// listener of [`Request::OpenServices`] is bound there), `eth0` with the VM's address and up,
+/// and the default route through the host's end. The changes to `lo` and the route hold when
+/// made already, so they are not asked for.
+fn slot_side(spec: &SlotSpec, eth0: &LinkState) -> Vec<Change> {
+    let mut changes = vec![
+        Change::LinkUp {
+            link: "lo".to_owned(),
+        },
+        Change::AddrAdd {
+            link: "lo".to_owned(),
+            addr: METADATA_ADDR,
+            prefix: 32,
+        },
+    ];
+    changes.extend(link_changes(SLOT_VETH, eth0, spec.vm_addr));
+    changes.push(Change::DefaultRoute {
+        via: spec.host_addr,
+        link: SLOT_VETH.to_owned(),
+    });
+    changes
 }
 
 // The veth /30 and the guest's inner /30 are the same size by design.
@@ -481,12 +692,31 @@ mod tests {
     use super::*;
     use crate::net::{Link, NetCall, NetState, RecordingNet, Route};
     use crate::nft::RecordingNft;
-    use crate::proto::{EgressMode, EgressRules, HostRules, HostSlot, ServicePorts};
+    use crate::proto::{EgressMode, EgressRules, HostSlot, PrivateNetwork};
 
     type TestHelper = Helper<RecordingNet, RecordingNft>;
 
+    /// The generation the first table of a test helper gets.
+    const GENERATION: u32 = 7;
+
+    fn setup() -> Request {
+        Request::Setup {
+            instance: "0123abcd".into(),
+            cidr: "172.28.0.0/16".parse().unwrap(),
+        }
+    }
+
+    /// A helper on `state`, bound by a Setup, its calls so far forgotten.
+    fn helper_with(state: NetState) -> TestHelper {
+        let h = Helper::new(RecordingNet::new(state), RecordingNft::default())
+            .with_generation(GENERATION);
+        done(&h, setup());
+        h.net().take_calls();
+        h
+    }
+
     fn helper() -> TestHelper {
-        Helper::new(RecordingNet::default(), RecordingNft::default())
+        helper_with(NetState::default())
     }
 
     fn id() -> SlotId {
@@ -502,10 +732,6 @@ mod tests {
             host_addr: Ipv4Addr::new(172, 28, 0, 5),
             vm_addr: Ipv4Addr::new(172, 28, 0, 6),
             peers: "172.28.0.0/16".parse().unwrap(),
-            ports: ServicePorts {
-                metadata: 8169,
-                dns: 8053,
-            },
             egress: EgressRules::default(),
         }
     }
@@ -514,7 +740,7 @@ mod tests {
     fn done(h: &TestHelper, request: Request) {
         let reply = h.handle(&request);
         assert_eq!(reply.response, Response::Done, "{request:?}");
-        assert!(reply.fd.is_none());
+        assert!(reply.fds.is_empty());
     }
 
     #[track_caller]
@@ -529,57 +755,163 @@ mod tests {
         Some(id().netns())
     }
 
+    fn key(ns: Option<String>, link: &str) -> (Option<String>, String) {
+        (ns, link.to_owned())
+    }
+
+    /// The slot side's batch for a new `eth0`.
+    fn slot_batch(spec: &SlotSpec) -> Vec<Change> {
+        vec![
+            Change::LinkUp { link: "lo".into() },
+            Change::AddrAdd {
+                link: "lo".into(),
+                addr: METADATA_ADDR,
+                prefix: 32,
+            },
+            Change::AddrAdd {
+                link: "eth0".into(),
+                addr: spec.vm_addr,
+                prefix: 30,
+            },
+            Change::LinkUp {
+                link: "eth0".into(),
+            },
+            Change::DefaultRoute {
+                via: spec.host_addr,
+                link: "eth0".into(),
+            },
+        ]
+    }
+
     #[test]
-    fn create_slot_builds_the_slot_and_a_second_time_changes_nothing() {
+    fn a_new_slot_is_made_in_two_batches_without_a_question() {
         let h = helper();
         done(&h, Request::CreateSlot { spec: spec() });
         let veth = id().host_veth();
-        let link = |ns: Option<String>, link: &str| (ns, link.to_owned());
         let calls = h.net().take_calls();
-        assert_eq!(calls[0], NetCall::NetnsAdd(id().netns()));
-        assert!(calls.contains(&NetCall::VethAdd {
-            host: veth.clone(),
-            peer: "eth0".into(),
-            peer_ns: id().netns(),
-        }));
+        assert_eq!(
+            calls,
+            [
+                NetCall::NetnsList,
+                NetCall::Apply {
+                    ns: None,
+                    changes: vec![
+                        Change::NetnsAdd { name: id().netns() },
+                        Change::VethAdd {
+                            link: veth.clone(),
+                            peer: "eth0".into(),
+                            peer_ns: id().netns(),
+                        },
+                        Change::AddrAdd {
+                            link: veth.clone(),
+                            addr: Ipv4Addr::new(172, 28, 0, 5),
+                            prefix: 30,
+                        },
+                        Change::LinkUp { link: veth.clone() },
+                    ],
+                },
+                NetCall::Apply {
+                    ns: ns(),
+                    changes: slot_batch(&spec()),
+                },
+                NetCall::Sysctls {
+                    ns: ns(),
+                    values: SLOT_SYSCTLS.to_vec(),
+                },
+            ]
+        );
+        // Two programs for the links (and one nft): the same with any number of slots.
+        assert_eq!(calls.iter().filter(|c| c.runs_a_program()).count(), 2);
+        assert_eq!(
+            h.nft().take_applied(),
+            [(ns(), nft::slot_table(&spec(), GENERATION, Install::New))]
+        );
         let state = h.net().state();
         assert_eq!(
-            state.links[&link(None, &veth)],
+            state.links[&key(None, &veth)],
             Link {
                 up: true,
                 addrs: vec![(Ipv4Addr::new(172, 28, 0, 5), 30)],
-                peer: Some(link(ns(), "eth0")),
+                peer: Some(key(ns(), "eth0")),
             }
         );
         assert_eq!(
-            state.links[&link(ns(), "eth0")].addrs,
+            state.links[&key(ns(), "eth0")].addrs,
             [(Ipv4Addr::new(172, 28, 0, 6), 30)]
         );
-        assert!(state.links[&link(ns(), "lo")].up);
+        assert_eq!(
+            state.links[&key(ns(), "lo")],
+            Link {
+                up: true,
+                addrs: vec![(METADATA_ADDR, 32)],
+                peer: None
+            }
+        );
         assert_eq!(
             state.default_routes[&ns()],
             (Ipv4Addr::new(172, 28, 0, 5), "eth0".to_owned())
         );
-        assert_eq!(state.sysctls[&(ns(), IP_FORWARD)], "1");
-        assert_eq!(state.sysctls[&(ns(), RP_FILTER)], "1");
-        let applied = h.nft().take_applied();
-        assert_eq!(applied, [(ns(), nft::slot_table(&spec()))]);
+        for (key, value) in SLOT_SYSCTLS {
+            assert_eq!(state.sysctls[&(ns(), key)], value, "{key}");
+        }
+        assert_eq!(state.sysctls[&(ns(), TCP_LOOSE)], "0");
+        assert_eq!(state.sysctls[&(ns(), DISABLE_IPV6_ALL)], "1");
+    }
 
-        // Again: everything is there, so no link is made or deleted, and the rules are the same.
+    #[test]
+    fn an_existing_slot_is_asked_for_and_only_what_differs_changed() {
+        let h = helper();
         done(&h, Request::CreateSlot { spec: spec() });
-        let again = h.net().take_calls();
-        assert!(
-            !again.iter().any(|c| matches!(
-                c,
-                NetCall::VethAdd { .. }
-                    | NetCall::LinkDelete { .. }
-                    | NetCall::AddrAdd { .. }
-                    | NetCall::AddrDel { .. }
-            )),
-            "{again:?}"
+        h.net().take_calls();
+        h.nft().take_applied();
+        let before = h.net().state().links;
+
+        // Again: everything is there. No link is made or deleted; what holds when made
+        // already (lo, the route) is said again; the table is written with a new generation.
+        done(&h, Request::CreateSlot { spec: spec() });
+        let veth = id().host_veth();
+        assert_eq!(
+            h.net().take_calls(),
+            [
+                NetCall::NetnsList,
+                NetCall::NetnsAdd(id().netns()),
+                NetCall::Link {
+                    ns: ns(),
+                    link: "eth0".into()
+                },
+                NetCall::Link {
+                    ns: None,
+                    link: veth.clone()
+                },
+                NetCall::Apply {
+                    ns: ns(),
+                    changes: vec![
+                        Change::LinkUp { link: "lo".into() },
+                        Change::AddrAdd {
+                            link: "lo".into(),
+                            addr: METADATA_ADDR,
+                            prefix: 32,
+                        },
+                        Change::DefaultRoute {
+                            via: Ipv4Addr::new(172, 28, 0, 5),
+                            link: "eth0".into(),
+                        },
+                    ],
+                },
+                NetCall::Sysctls {
+                    ns: ns(),
+                    values: SLOT_SYSCTLS.to_vec(),
+                },
+            ]
         );
-        assert_eq!(h.net().state().links, state.links);
-        assert_eq!(h.nft().take_applied(), [(ns(), nft::slot_table(&spec()))]);
+        assert_eq!(h.net().state().links, before);
+        assert_eq!(
+            h.nft().take_applied(),
+            [(
+                ns(),
+                nft::slot_table(&spec(), GENERATION + 1, Install::Replace)
+            )]
+        );
     }
 
     #[test]
@@ -589,8 +921,8 @@ mod tests {
         let veth = id().host_veth();
         // The host end vanished; the slot end is left over on its own.
         h.net().with_state(|s| {
-            s.links.remove(&(None, veth.clone()));
-            if let Some(eth0) = s.links.get_mut(&(ns(), "eth0".to_owned())) {
+            s.links.remove(&key(None, &veth));
+            if let Some(eth0) = s.links.get_mut(&key(ns(), "eth0")) {
                 eth0.peer = None;
             }
         });
@@ -598,37 +930,110 @@ mod tests {
         let mut moved = spec();
         moved.host_addr = Ipv4Addr::new(172, 28, 0, 9);
         moved.vm_addr = Ipv4Addr::new(172, 28, 0, 10);
-        done(&h, Request::CreateSlot { spec: moved });
+        done(
+            &h,
+            Request::CreateSlot {
+                spec: moved.clone(),
+            },
+        );
         let calls = h.net().take_calls();
-        assert!(calls.contains(&NetCall::LinkDelete {
+        assert!(calls.contains(&NetCall::Apply {
             ns: ns(),
-            link: "eth0".into()
+            changes: vec![Change::LinkDelete {
+                link: "eth0".into()
+            }]
         }));
-        assert!(calls.iter().any(|c| matches!(c, NetCall::VethAdd { .. })));
+        assert!(calls.contains(&NetCall::Apply {
+            ns: None,
+            changes: vec![
+                Change::VethAdd {
+                    link: veth.clone(),
+                    peer: "eth0".into(),
+                    peer_ns: id().netns(),
+                },
+                Change::AddrAdd {
+                    link: veth.clone(),
+                    addr: moved.host_addr,
+                    prefix: 30,
+                },
+                Change::LinkUp { link: veth.clone() },
+            ]
+        }));
         let state = h.net().state();
         assert_eq!(
-            state.links[&(None, veth)].addrs,
-            [(Ipv4Addr::new(172, 28, 0, 9), 30)]
+            state.links[&key(None, &veth)].addrs,
+            [(moved.host_addr, 30)]
         );
+        assert_eq!(state.links[&key(ns(), "eth0")].addrs, [(moved.vm_addr, 30)]);
 
         // An address that changed on an intact pair is replaced, the other kept.
         h.net().with_state(|s| {
-            if let Some(eth0) = s.links.get_mut(&(ns(), "eth0".to_owned())) {
+            if let Some(eth0) = s.links.get_mut(&key(ns(), "eth0")) {
                 eth0.addrs.push((Ipv4Addr::new(192, 0, 2, 1), 24));
             }
         });
-        let mut moved = spec();
-        moved.host_addr = Ipv4Addr::new(172, 28, 0, 9);
-        moved.vm_addr = Ipv4Addr::new(172, 28, 0, 10);
         done(&h, Request::CreateSlot { spec: moved });
-        let calls = h.net().take_calls();
-        assert!(calls.contains(&NetCall::AddrDel {
-            ns: ns(),
+        let applied: Vec<Change> = h
+            .net()
+            .take_calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                NetCall::Apply { changes, .. } => Some(changes),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert!(applied.contains(&Change::AddrDel {
             link: "eth0".into(),
             addr: Ipv4Addr::new(192, 0, 2, 1),
             prefix: 24,
         }));
-        assert!(!calls.iter().any(|c| matches!(c, NetCall::AddrAdd { .. })));
+        assert!(
+            !applied.iter().any(|c| matches!(
+                c,
+                Change::AddrAdd { link, .. } | Change::LinkUp { link } if link != "lo"
+            )),
+            "{applied:?}"
+        );
+        assert_eq!(
+            h.net().state().links[&key(ns(), "eth0")].addrs,
+            [(Ipv4Addr::new(172, 28, 0, 10), 30)]
+        );
+    }
+
+    #[test]
+    fn a_new_slot_that_fails_halfway_is_repaired() {
+        // A host veth of the slot's name is left over (its namespace went without it).
+        let veth = id().host_veth();
+        let h = helper_with(NetState {
+            links: [(key(None, &veth), Link::default())].into(),
+            ..NetState::default()
+        });
+        done(&h, Request::CreateSlot { spec: spec() });
+        let calls = h.net().take_calls();
+        assert!(
+            calls.contains(&NetCall::Apply {
+                ns: None,
+                changes: vec![
+                    Change::LinkDelete { link: veth.clone() },
+                    Change::VethAdd {
+                        link: veth.clone(),
+                        peer: "eth0".into(),
+                        peer_ns: id().netns(),
+                    },
+                    Change::AddrAdd {
+                        link: veth.clone(),
+                        addr: Ipv4Addr::new(172, 28, 0, 5),
+                        prefix: 30,
+                    },
+                    Change::LinkUp { link: veth.clone() },
+                ]
+            }),
+            "{calls:?}"
+        );
+        let state = h.net().state();
+        assert_eq!(state.links[&key(None, &veth)].peer, Some(key(ns(), "eth0")));
+        assert!(state.links[&key(ns(), "eth0")].up);
     }
 
     #[test]
@@ -639,9 +1044,11 @@ mod tests {
             h.net().take_calls(),
             [
                 NetCall::NetnsDelete(id().netns()),
-                NetCall::LinkDelete {
+                NetCall::Apply {
                     ns: None,
-                    link: id().host_veth()
+                    changes: vec![Change::LinkDelete {
+                        link: id().host_veth()
+                    }]
                 }
             ]
         );
@@ -650,6 +1057,12 @@ mod tests {
         let state = h.net().state();
         assert!(state.namespaces.is_empty());
         assert!(state.links.is_empty(), "{:?}", state.links);
+        // Anything else deleting the host end fails the request.
+        h.net()
+            .with_state(|s| s.fail = Some(("LinkDelete", "RTNETLINK answers: Busy".into())));
+        let (kind, message) = error(&h, Request::DeleteSlot { slot: id() });
+        assert_eq!(kind, ErrorKind::Failed);
+        assert!(message.ends_with("RTNETLINK answers: Busy"), "{message}");
     }
 
     #[test]
@@ -662,6 +1075,7 @@ mod tests {
             format!("slot {} does not exist (create it first)", id().netns())
         );
         done(&h, Request::CreateSlot { spec: spec() });
+        h.net().take_calls();
         let reply = h.handle(&Request::OpenTap { slot: id() });
         assert_eq!(
             reply.response,
@@ -669,14 +1083,51 @@ mod tests {
                 name: "tap0".into()
             }
         );
-        assert!(reply.fd.is_some());
+        assert_eq!(reply.fds.len(), 1);
+        // No program runs for a TAP: it is made, addressed and brought up by system calls.
+        let calls = h.net().take_calls();
+        assert!(!calls.iter().any(NetCall::runs_a_program), "{calls:?}");
         let (kind, message) = error(&h, Request::OpenTap { slot: id() });
         assert_eq!(kind, ErrorKind::Failed);
         assert!(message.contains("still open"), "{message}");
     }
 
     #[test]
-    fn setup_checks_routes_and_enables_forwarding() {
+    fn open_services_hands_over_three_sockets_once_at_a_time() {
+        let h = helper();
+        let (kind, _) = error(&h, Request::OpenServices { slot: id() });
+        assert_eq!(kind, ErrorKind::Failed);
+        done(&h, Request::CreateSlot { spec: spec() });
+        h.net().take_calls();
+        let reply = h.handle(&Request::OpenServices { slot: id() });
+        assert_eq!(reply.response, Response::Services);
+        assert_eq!(reply.fds.len(), SERVICE_SOCKETS_LEN);
+        assert_eq!(
+            h.net().take_calls(),
+            [
+                NetCall::NetnsList,
+                NetCall::OpenServices {
+                    netns: id().netns()
+                }
+            ]
+        );
+        let (kind, message) = error(&h, Request::OpenServices { slot: id() });
+        assert_eq!(kind, ErrorKind::Failed);
+        assert!(message.contains("in use"), "{message}");
+        // Closed (the model is told), they can be made again.
+        h.net().with_state(|s| {
+            s.services.remove(&id().netns());
+        });
+        assert_eq!(
+            h.handle(&Request::OpenServices { slot: id() }).fds.len(),
+            SERVICE_SOCKETS_LEN
+        );
+    }
+
+    const SERVICE_SOCKETS_LEN: usize = crate::proto::SERVICE_SOCKETS.len();
+
+    #[test]
+    fn setup_checks_routes_enables_forwarding_and_binds_the_helper() {
         let h = Helper::new(
             RecordingNet::new(NetState {
                 routes: vec![
@@ -693,13 +1144,29 @@ mod tests {
             }),
             RecordingNft::default(),
         );
-        let setup = |cidr: &str| Request::Setup {
-            instance: "0123abcd".into(),
+        let setup = |instance: &str, cidr: &str| Request::Setup {
+            instance: instance.into(),
             cidr: cidr.parse().unwrap(),
         };
-        done(&h, setup("172.28.0.0/16"));
-        assert_eq!(h.net().state().sysctls[&(None, IP_FORWARD)], "1");
-        let (kind, message) = error(&h, setup("192.168.0.0/16"));
+        // Nothing but Hello and Setup before a Setup.
+        let (kind, message) = error(&h, Request::CreateSlot { spec: spec() });
+        assert_eq!(kind, ErrorKind::Invalid);
+        assert!(message.contains("send setup first"), "{message}");
+        let (kind, message) = error(
+            &h,
+            Request::ListSlots {
+                instance: "0123abcd".into(),
+            },
+        );
+        assert_eq!(kind, ErrorKind::Invalid);
+        assert!(
+            message.starts_with("list_slots: send setup first"),
+            "{message}"
+        );
+        assert!(h.net().take_calls().is_empty());
+
+        // A refused Setup binds nothing.
+        let (kind, message) = error(&h, setup("0123abcd", "192.168.0.0/16"));
         assert_eq!(kind, ErrorKind::Invalid);
         assert!(
             message.starts_with(
@@ -707,6 +1174,52 @@ mod tests {
             ),
             "{message}"
         );
+        assert_eq!(h.binding(), None);
+
+        done(&h, setup("0123abcd", "172.28.0.0/16"));
+        assert_eq!(h.net().state().sysctls[&(None, IP_FORWARD)], "1");
+        assert_eq!(
+            h.binding(),
+            Some(Binding {
+                instance: "0123abcd".into(),
+                cidr: "172.28.0.0/16".parse().unwrap()
+            })
+        );
+        h.net().take_calls();
+        // The same again (every connection of hearthd starts with it): no routes read.
+        done(&h, setup("0123abcd", "172.28.0.0/16"));
+        assert_eq!(
+            h.net().take_calls(),
+            [NetCall::Sysctls {
+                ns: None,
+                values: vec![(IP_FORWARD, "1")]
+            }]
+        );
+        // Another hearthd's, or another network, is refused.
+        for (instance, cidr) in [("0123abce", "172.28.0.0/16"), ("0123abcd", "10.20.0.0/16")] {
+            let (kind, message) = error(&h, setup(instance, cidr));
+            assert_eq!(kind, ErrorKind::Invalid);
+            assert!(
+                message.contains(
+                    "this helper serves instance \"0123abcd\" with cidr 172.28.0.0/16; restart hearth-helper to serve another"
+                ),
+                "{message}"
+            );
+        }
+        assert!(h.net().take_calls().is_empty());
+        // And so is every request for another instance.
+        let mut foreign = spec();
+        foreign.slot.instance = "0123abce".into();
+        let (kind, message) = error(&h, Request::CreateSlot { spec: foreign });
+        assert_eq!(kind, ErrorKind::Invalid);
+        assert!(
+            message.starts_with(
+                "spec.slot.instance \"0123abce\": must be the instance this helper serves"
+            ),
+            "{message}"
+        );
+        assert!(h.net().take_calls().is_empty());
+        assert!(h.nft().take_applied().is_empty());
     }
 
     #[test]
@@ -740,7 +1253,6 @@ mod tests {
             instance: "0123abcd".into(),
             cidr: "172.28.0.0/16".parse().unwrap(),
             outbound: None,
-            ports: spec().ports,
             slots: vec![HostSlot {
                 slot: id(),
                 host_addr: spec().host_addr,
@@ -766,6 +1278,7 @@ mod tests {
         );
         let egress = EgressRules {
             mode: EgressMode::DenyAll,
+            domains: true,
             ..EgressRules::default()
         };
         let set_egress = Request::SetEgress {
@@ -776,6 +1289,8 @@ mod tests {
         assert_eq!(kind, ErrorKind::Failed);
         done(&h, Request::CreateSlot { spec: spec() });
         h.nft().take_applied();
+        // Each policy has a generation of its own.
+        done(&h, set_egress.clone());
         done(&h, set_egress);
         let addrs = vec![Ipv4Addr::new(93, 184, 216, 34)];
         done(
@@ -797,7 +1312,8 @@ mod tests {
         assert_eq!(
             h.nft().take_applied(),
             [
-                (ns(), nft::set_egress(&egress)),
+                (ns(), nft::set_egress(&egress, GENERATION + 1)),
+                (ns(), nft::set_egress(&egress, GENERATION + 2)),
                 (ns(), nft::allow_resolved(&addrs, 60)),
             ]
         );
@@ -816,24 +1332,148 @@ mod tests {
     }
 
     #[test]
-    fn list_slots_parses_names_back_and_skips_others() {
-        let h = Helper::new(
-            RecordingNet::new(NetState {
-                namespaces: [
-                    "hearth-0123abcd-fedcba9876543210",
-                    "hearth-0123abcd-0000000000000001",
-                    "hearth-0123abcd-XYZ",
-                    "hearth-0123abcd-00000000000000011",
-                    "hearth-99999999-0000000000000002",
-                    "hearth-test-1-host",
-                    "other",
-                ]
-                .map(String::from)
-                .into(),
-                ..NetState::default()
-            }),
-            RecordingNft::default(),
+    fn host_rules_change_in_place_when_only_their_vms_differ() {
+        let h = helper();
+        let host_slot = |vm: &str, host_addr: [u8; 4]| HostSlot {
+            slot: SlotId {
+                instance: "0123abcd".into(),
+                vm: vm.into(),
+            },
+            host_addr: host_addr.into(),
+            vm_addr: Ipv4Addr::from(u32::from(Ipv4Addr::from(host_addr)) + 1),
+        };
+        let one = HostRules {
+            instance: "0123abcd".into(),
+            cidr: "172.28.0.0/16".parse().unwrap(),
+            outbound: None,
+            slots: vec![host_slot("fedcba9876543210", [172, 28, 0, 5])],
+            networks: vec![PrivateNetwork {
+                name: "db-tier".into(),
+                members: vec![],
+            }],
+        };
+        let two = HostRules {
+            slots: vec![
+                host_slot("fedcba9876543210", [172, 28, 0, 5]),
+                host_slot("0000000000000001", [172, 28, 0, 9]),
+            ],
+            ..one.clone()
+        };
+        let apply = |rules: &HostRules| {
+            done(
+                &h,
+                Request::ApplyHostRules {
+                    rules: rules.clone(),
+                },
+            );
+        };
+        // The first rule set of a helper replaces the table; the next, one VM more, adds the
+        // elements; the same again adds them again (nothing changes, unless they went).
+        apply(&one);
+        apply(&two);
+        apply(&two);
+        assert_eq!(
+            h.nft().take_applied(),
+            [
+                (None, nft::host_table(&one)),
+                (None, nft::host_table_changes(&one, &two).unwrap()),
+                (None, nft::host_table_changes(&two, &two).unwrap()),
+            ]
         );
+        // With no element at all, nothing is applied.
+        let none = HostRules {
+            slots: vec![],
+            ..one.clone()
+        };
+        apply(&none);
+        h.nft().take_applied();
+        apply(&none);
+        assert!(h.nft().take_applied().is_empty());
+        apply(&two);
+        // Another shape (no private network) takes the whole table.
+        let plain = HostRules {
+            networks: vec![],
+            ..two.clone()
+        };
+        h.nft().take_applied();
+        apply(&plain);
+        assert_eq!(h.nft().take_applied(), [(None, nft::host_table(&plain))]);
+        // When the change is refused (the table went behind the helper's back), the whole
+        // table is made again.
+        h.nft().set_refuse(Some("add element ip hearth vm_src"));
+        let back = HostRules {
+            slots: one.slots.clone(),
+            ..plain.clone()
+        };
+        apply(&back);
+        assert_eq!(
+            h.nft().take_applied(),
+            [
+                (None, nft::host_table_changes(&plain, &back).unwrap()),
+                (None, nft::host_table(&back)),
+            ]
+        );
+        h.nft().set_refuse(None);
+        // After a removal, or a failure, nothing is assumed.
+        done(
+            &h,
+            Request::RemoveHostRules {
+                instance: "0123abcd".into(),
+            },
+        );
+        apply(&back);
+        h.nft().set_fail(Some("Error: out of memory"));
+        let (kind, _) = error(
+            &h,
+            Request::ApplyHostRules {
+                rules: plain.clone(),
+            },
+        );
+        assert_eq!(kind, ErrorKind::Failed);
+        h.nft().set_fail(None);
+        apply(&plain);
+        assert_eq!(
+            h.nft().take_applied(),
+            [
+                (None, nft::remove_table()),
+                (None, nft::host_table(&back)),
+                // Refused, in place and whole:
+                (None, nft::host_table_changes(&back, &plain).unwrap()),
+                (None, nft::host_table(&plain)),
+                // so the next one is whole.
+                (None, nft::host_table(&plain)),
+            ]
+        );
+    }
+
+    #[test]
+    fn generations_are_never_zero() {
+        let h =
+            Helper::new(RecordingNet::default(), RecordingNft::default()).with_generation(u32::MAX);
+        assert_eq!(h.next_generation(), u32::MAX);
+        assert_eq!(h.next_generation(), 1);
+        assert_ne!(
+            Helper::new(RecordingNet::default(), RecordingNft::default()).next_generation(),
+            0
+        );
+    }
+
+    #[test]
+    fn list_slots_parses_names_back_and_skips_others() {
+        let h = helper_with(NetState {
+            namespaces: [
+                "hearth-0123abcd-fedcba9876543210",
+                "hearth-0123abcd-0000000000000001",
+                "hearth-0123abcd-XYZ",
+                "hearth-0123abcd-00000000000000011",
+                "hearth-99999999-0000000000000002",
+                "hearth-test-1-host",
+                "other",
+            ]
+            .map(String::from)
+            .into(),
+            ..NetState::default()
+        });
         let reply = h.handle(&Request::ListSlots {
             instance: "0123abcd".into(),
         });

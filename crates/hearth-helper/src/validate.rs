@@ -2,8 +2,9 @@
 //! field (its path in the request's JSON), the value and the rule, e.g.
 //! `slot.vm "ABC": must be 16 lowercase hex digits`.
 //!
-//! Only [`setup_routes`] needs the host's state (its routes); everything else is a pure check of
-//! the request.
+//! Only [`setup_routes`] needs the host's state (its routes), and [`served`] what the helper
+//! serves (the [`Binding`] its first Setup made); everything else is a pure check of the
+//! request.
 
 use std::collections::BTreeSet;
 use std::fmt::Display;
@@ -64,6 +65,97 @@ pub enum Invalid {
         count: usize,
         max: usize,
     },
+    #[error("{op}: send setup first (a helper serves no hearthd until a setup names it)")]
+    NotSetUp { op: &'static str },
+    #[error(
+        "setup of instance {instance:?} with cidr {cidr}: this helper serves instance {serving:?} with cidr {serving_cidr}; restart hearth-helper to serve another"
+    )]
+    Bound {
+        instance: String,
+        cidr: Cidr,
+        serving: String,
+        serving_cidr: Cidr,
+    },
+}
+
+/// What a helper serves, fixed by its first Setup: one hearthd instance and its network. A
+/// member of the socket's group cannot make it work for another instance or outside that
+/// network (on other hearthds' slots, or on addresses the host uses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub instance: String,
+    pub cidr: Cidr,
+}
+
+/// The rule of a field that must name what the helper serves.
+fn serving(what: &str, value: impl Display) -> String {
+    format!(
+        "must be the {what} this helper serves ({value}); restart hearth-helper to serve another"
+    )
+}
+
+fn served_instance(name: &str, value: &str, binding: &Binding) -> Result<(), Invalid> {
+    if value != binding.instance {
+        return Err(field(
+            name,
+            quoted(value),
+            serving("instance", quoted(&binding.instance)),
+        ));
+    }
+    Ok(())
+}
+
+fn served_cidr(name: &str, value: Cidr, binding: &Binding) -> Result<(), Invalid> {
+    if value != binding.cidr {
+        return Err(field(name, value, serving("cidr", binding.cidr)));
+    }
+    Ok(())
+}
+
+/// Checks that `request` stays inside what the helper serves (`None`: no Setup has bound it
+/// yet, and only Hello and Setup are taken). A Setup passes when it is the one that bound the
+/// helper; every other request names that instance, and what it makes lies inside that cidr
+/// (a slot's `peers` is the cidr, and its addresses are inside `peers` by [`request`]).
+pub fn served(request: &Request, binding: Option<&Binding>) -> Result<(), Invalid> {
+    let Some(b) = binding else {
+        return match request {
+            Request::Hello | Request::Setup { .. } => Ok(()),
+            other => Err(Invalid::NotSetUp { op: other.op() }),
+        };
+    };
+    match request {
+        Request::Hello => Ok(()),
+        Request::Setup { instance, cidr } => {
+            if *instance == b.instance && *cidr == b.cidr {
+                Ok(())
+            } else {
+                Err(Invalid::Bound {
+                    instance: instance.clone(),
+                    cidr: *cidr,
+                    serving: b.instance.clone(),
+                    serving_cidr: b.cidr,
+                })
+            }
+        }
+        Request::ApplyHostRules { rules } => {
+            served_instance("rules.instance", &rules.instance, b)?;
+            served_cidr("rules.cidr", rules.cidr, b)
+        }
+        Request::RemoveHostRules { instance } | Request::ListSlots { instance } => {
+            served_instance("instance", instance, b)
+        }
+        Request::CreateSlot { spec } => {
+            served_instance("spec.slot.instance", &spec.slot.instance, b)?;
+            served_cidr("spec.peers", spec.peers, b)
+        }
+        Request::DeleteSlot { slot }
+        | Request::OpenTap { slot }
+        | Request::OpenServices { slot }
+        | Request::SetEgress { slot, .. }
+        | Request::AllowResolved { slot, .. } => {
+            served_instance("slot.instance", &slot.instance, b)
+        }
+    }
 }
 
 fn field(field: impl Into<String>, value: impl Display, rule: impl Into<String>) -> Invalid {
@@ -386,20 +478,12 @@ mod tests {
         }
     }
 
-    fn ports() -> ServicePorts {
-        ServicePorts {
-            metadata: 8169,
-            dns: 8053,
-        }
-    }
-
     fn spec() -> SlotSpec {
         SlotSpec {
             slot: id(),
             host_addr: Ipv4Addr::new(172, 28, 0, 5),
             vm_addr: Ipv4Addr::new(172, 28, 0, 6),
             peers: "172.28.0.0/16".parse().unwrap(),
-            ports: ports(),
             egress: EgressRules::default(),
         }
     }
@@ -409,7 +493,6 @@ mod tests {
             instance: "0123abcd".into(),
             cidr: "172.28.0.0/16".parse().unwrap(),
             outbound: None,
-            ports: ports(),
             slots: vec![HostSlot {
                 slot: id(),
                 host_addr: Ipv4Addr::new(172, 28, 0, 5),
@@ -629,19 +712,7 @@ mod tests {
     }
 
     #[test]
-    fn ports_are_non_zero_and_distinct() {
-        refused(
-            create(|s| s.ports.metadata = 0),
-            "spec.ports.metadata 0: must not be 0",
-        );
-        refused(
-            apply(|r| r.ports.dns = 0),
-            "rules.ports.dns 0: must not be 0",
-        );
-        refused(
-            create(|s| s.ports.dns = s.ports.metadata),
-            "spec.ports.dns 8169: must differ from the metadata port (both are TCP)",
-        );
+    fn allowed_ports_are_non_zero() {
         refused(
             create(|s| s.egress.allow_ports = vec![80, 0]),
             "spec.egress.allow_ports[1] 0: must not be 0",
@@ -808,6 +879,146 @@ mod tests {
                 r.slots.push(again);
             }),
             "rules.slots[1].host_addr 172.28.0.5: must belong to one slot only",
+        );
+    }
+
+    #[test]
+    fn a_bound_helper_takes_only_its_instance_and_cidr() {
+        let binding = Binding {
+            instance: "0123abcd".into(),
+            cidr: "172.28.0.0/16".parse().unwrap(),
+        };
+        let served = |r: &Request| super::served(r, Some(&binding));
+        let setup = |instance: &str, cidr: &str| Request::Setup {
+            instance: instance.into(),
+            cidr: cidr.parse().unwrap(),
+        };
+        // Before a setup, only Hello and Setup.
+        for request in [Request::Hello, setup("0123abcd", "10.0.0.0/16")] {
+            assert_eq!(super::served(&request, None), Ok(()));
+        }
+        assert_eq!(
+            super::served(&Request::OpenTap { slot: id() }, None)
+                .unwrap_err()
+                .to_string(),
+            "open_tap: send setup first (a helper serves no hearthd until a setup names it)"
+        );
+        // After it, everything of the instance inside the cidr.
+        let good = [
+            Request::Hello,
+            setup("0123abcd", "172.28.0.0/16"),
+            Request::CreateSlot { spec: spec() },
+            Request::ApplyHostRules { rules: rules() },
+            Request::RemoveHostRules {
+                instance: "0123abcd".into(),
+            },
+            Request::ListSlots {
+                instance: "0123abcd".into(),
+            },
+            Request::DeleteSlot { slot: id() },
+            Request::OpenTap { slot: id() },
+            Request::OpenServices { slot: id() },
+            Request::SetEgress {
+                slot: id(),
+                egress: EgressRules::default(),
+            },
+            Request::AllowResolved {
+                slot: id(),
+                addrs: vec![],
+                ttl_secs: 60,
+            },
+        ];
+        for request in good {
+            assert_eq!(served(&request), Ok(()), "{request:?}");
+        }
+        let restart = "restart hearth-helper to serve another";
+        assert_eq!(
+            served(&setup("0123abce", "172.28.0.0/16"))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "setup of instance \"0123abce\" with cidr 172.28.0.0/16: this helper serves instance \"0123abcd\" with cidr 172.28.0.0/16; {restart}"
+            )
+        );
+        assert!(served(&setup("0123abcd", "172.29.0.0/16")).is_err());
+        let other = SlotId {
+            instance: "0123abce".into(),
+            ..id()
+        };
+        let foreign = |field: &str| {
+            format!(
+                "{field} \"0123abce\": must be the instance this helper serves (\"0123abcd\"); {restart}"
+            )
+        };
+        for (request, field) in [
+            (
+                Request::DeleteSlot {
+                    slot: other.clone(),
+                },
+                "slot.instance",
+            ),
+            (
+                Request::OpenServices {
+                    slot: other.clone(),
+                },
+                "slot.instance",
+            ),
+            (
+                Request::AllowResolved {
+                    slot: other.clone(),
+                    addrs: vec![],
+                    ttl_secs: 1,
+                },
+                "slot.instance",
+            ),
+            (create(|s| s.slot = other.clone()), "spec.slot.instance"),
+            (
+                apply(|r| {
+                    r.instance = "0123abce".into();
+                    r.slots.clear();
+                }),
+                "rules.instance",
+            ),
+            (
+                Request::ListSlots {
+                    instance: "0123abce".into(),
+                },
+                "instance",
+            ),
+            (
+                Request::RemoveHostRules {
+                    instance: "0123abce".into(),
+                },
+                "instance",
+            ),
+        ] {
+            assert_eq!(served(&request).unwrap_err().to_string(), foreign(field));
+        }
+        // A slot in another network (its addresses inside that one) and host rules for another
+        // network are refused.
+        let elsewhere = create(|s| {
+            s.peers = "10.20.0.0/16".parse().unwrap();
+            s.host_addr = Ipv4Addr::new(10, 20, 0, 1);
+            s.vm_addr = Ipv4Addr::new(10, 20, 0, 2);
+        });
+        assert_eq!(super::request(&elsewhere), Ok(()));
+        assert_eq!(
+            served(&elsewhere).unwrap_err().to_string(),
+            format!(
+                "spec.peers 10.20.0.0/16: must be the cidr this helper serves (172.28.0.0/16); {restart}"
+            )
+        );
+        let narrower = create(|s| s.peers = "172.28.0.0/24".parse().unwrap());
+        assert!(served(&narrower).is_err(), "peers must be the whole cidr");
+        assert_eq!(
+            served(&apply(|r| {
+                r.cidr = "172.28.0.0/15".parse().unwrap();
+            }))
+            .unwrap_err()
+            .to_string(),
+            format!(
+                "rules.cidr 172.28.0.0/15: must be the cidr this helper serves (172.28.0.0/16); {restart}"
+            )
         );
     }
 
