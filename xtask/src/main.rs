@@ -207,7 +207,7 @@ struct Samples {
     create: Vec<f64>,
     /// VMM launch → agent hello, as hearthd records it.
     ready: Vec<f64>,
-    /// The network slot's setup inside the create (slot, host rules, TAP), as hearthd records it.
+    /// The network slot's setup inside the create (slot, service sockets, host rules, TAP), as hearthd records it.
     net_setup: Vec<f64>,
     /// The hearthd with networking off: create → first exec output, and create answered.
     off: Vec<f64>,
@@ -494,7 +494,7 @@ fn report(rounds: usize, s: &mut Samples) {
     let one = Spread::of(&s.setup.one);
     let loaded = Spread::of(&s.setup.loaded);
     println!(
-        "network slot setup through hearth-helper (CreateSlot + ApplyHostRules + OpenTap), {} each:",
+        "network slot setup through hearth-helper (CreateSlot + OpenServices + ApplyHostRules + OpenTap), {} each:",
         net::SETUPS
     );
     spread_line("with 1 slot there", &s.setup.one);

@@ -573,6 +573,19 @@ pub fn parse_routes(command: &str, text: &str) -> Result<Vec<Route>, NetError> {
         .collect()
 }
 
+/// A batch of `changes` in `ns` that `ip` refused.
+fn batch_error(ns: Ns<'_>, changes: &[Change], source: CommandError) -> NetError {
+    NetError::Batch {
+        place: ns.to_string(),
+        lines: changes
+            .iter()
+            .map(Change::line)
+            .collect::<Vec<_>>()
+            .join("; "),
+        source,
+    }
+}
+
 impl Net for RealNet {
     fn netns_list(&self) -> Result<Vec<String>, NetError> {
         let entries = match std::fs::read_dir(NETNS_DIR) {
@@ -635,15 +648,7 @@ impl Net for RealNet {
         let script: String = changes.iter().map(|c| c.line() + "\n").collect();
         match ip(ns, &["-batch", "-"], Some(&script)) {
             Ok(_) => Ok(()),
-            Err(NetError::Command(source)) => Err(NetError::Batch {
-                place: ns.to_string(),
-                lines: changes
-                    .iter()
-                    .map(Change::line)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                source,
-            }),
+            Err(NetError::Command(source)) => Err(batch_error(ns, changes, source)),
             Err(e) => Err(e),
         }
     }
@@ -1012,15 +1017,7 @@ impl Net for RecordingNet {
                     _ => s.change(ns, change),
                 };
                 if let Err(stderr) = refused {
-                    return Err(NetError::Batch {
-                        place: ns.to_string(),
-                        lines: changes
-                            .iter()
-                            .map(Change::line)
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                        source: failed("ip -batch -", stderr),
-                    });
+                    return Err(batch_error(ns, changes, failed("ip -batch -", stderr)));
                 }
             }
             Ok(())

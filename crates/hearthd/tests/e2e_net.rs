@@ -158,10 +158,17 @@ enum Reach {
     Dropped,
 }
 
+/// A TCP connection attempt to `$1:$2` within 3 s, with bash; its result for [`reach`].
+const PROBE: &str = r#"timeout 3 bash -c 'exec 3<>/dev/tcp/$0/$1' "$@" 2>&1; echo "rc=$?""#;
+
 /// Whether VM `vm` can open a TCP connection to `addr:port`.
 fn probe(w: &World, vm: &str, addr: &str, port: u16) -> Reach {
-    let script = r#"timeout 3 bash -c 'exec 3<>/dev/tcp/$0/$1' "$@" 2>&1; echo "rc=$?""#;
-    let (_, out, _) = bash(w, vm, script, &[addr, &port.to_string()]);
+    let (_, out, _) = bash(w, vm, PROBE, &[addr, &port.to_string()]);
+    reach(&out, &format!("from {vm} to {addr}:{port}"))
+}
+
+/// What [`PROBE`]'s output says.
+fn reach(out: &str, what: &str) -> Reach {
     if out.contains("rc=0") {
         Reach::Open
     } else if out.contains("refused") {
@@ -169,13 +176,12 @@ fn probe(w: &World, vm: &str, addr: &str, port: u16) -> Reach {
     } else if out.contains("rc=124") {
         Reach::Dropped
     } else {
-        panic!("unexpected probe result from {vm} to {addr}:{port}: {out}")
+        panic!("unexpected probe result {what}: {out}")
     }
 }
 
 /// Whether this namespace (the host), as user `uid`, can open a TCP connection to `addr:port`.
 fn probe_from_host(uid: Option<u32>, addr: &str, port: u16) -> Reach {
-    let script = r#"timeout 3 bash -c 'exec 3<>/dev/tcp/$0/$1' "$@" 2>&1; echo "rc=$?""#;
     let mut cmd = match uid {
         Some(uid) => {
             let mut c = Command::new("setpriv");
@@ -186,17 +192,11 @@ fn probe_from_host(uid: Option<u32>, addr: &str, port: u16) -> Reach {
         }
         None => Command::new("bash"),
     };
-    let out = run(cmd.args(["-c", script, "bash", addr, &port.to_string()]));
-    let out = String::from_utf8_lossy(&out.stdout);
-    if out.contains("rc=0") {
-        Reach::Open
-    } else if out.contains("refused") {
-        Reach::Refused
-    } else if out.contains("rc=124") {
-        Reach::Dropped
-    } else {
-        panic!("unexpected probe result from the host to {addr}:{port}: {out}")
-    }
+    let out = run(cmd.args(["-c", PROBE, "bash", addr, &port.to_string()]));
+    reach(
+        &String::from_utf8_lossy(&out.stdout),
+        &format!("from the host to {addr}:{port}"),
+    )
 }
 
 /// A script run in VM `vm` in the background (`hearth exec`), while the test goes on.
