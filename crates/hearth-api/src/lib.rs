@@ -247,6 +247,21 @@ pub struct CreateVmRequest {
     pub ssh_authorized_keys: Vec<String>,
 }
 
+/// Body of `POST /v1/vms/{name}/resize`: the VM's new shape, for a stopped VM. Each field
+/// that is given changes; at least one is needed. The root disk only grows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVmRequest {
+    /// 1 or an even number up to 32.
+    #[schema(minimum = 1, maximum = 32)]
+    pub cpus: Option<u32>,
+    /// Memory, at least 128 MiB.
+    pub ram: Option<Size>,
+    /// Root disk size: at least its size now (the disk and its filesystem grow; they never
+    /// shrink).
+    pub rootfs_size: Option<Size>,
+}
+
 /// Body of `POST /v1/vms/{name}/exec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

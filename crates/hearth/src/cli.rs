@@ -126,6 +126,25 @@ pub enum VmCommand {
     /// Set a VM's egress policy: what it may reach outside hearthd's network.
     #[command(after_help = EGRESS_AFTER_HELP)]
     Egress(EgressArgs),
+    /// Change a stopped VM's cpus, memory or root disk size (the disk only grows).
+    Resize(ResizeArgs),
+}
+
+/// `hearth vm resize NAME [--cpus N] [--ram SIZE] [--rootfs-size SIZE]`: at least one.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("shape").required(true).multiple(true)))]
+pub struct ResizeArgs {
+    /// The VM's name.
+    pub name: String,
+    /// Virtual CPUs: 1 or an even number up to 32.
+    #[arg(long, value_name = "N", group = "shape")]
+    pub cpus: Option<u32>,
+    /// Memory: MiB (e.g. 512) or with a unit (512M, 2G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "shape")]
+    pub ram: Option<Size>,
+    /// Root disk size, at least its size now: MiB or with a unit (20G).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, group = "shape")]
+    pub rootfs_size: Option<Size>,
 }
 
 const EGRESS_AFTER_HELP: &str = "\
@@ -447,6 +466,7 @@ impl Command {
                 VmCommand::Exec(a) => (Action::Exec, name(&a.name), None),
                 VmCommand::Cp(a) => (Action::Cp, cp_vm_name(a), None),
                 VmCommand::Egress(a) => (Action::Egress, name(&a.name), None),
+                VmCommand::Resize(a) => (Action::Resize, name(&a.name), None),
             },
         };
         HintContext {

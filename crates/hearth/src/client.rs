@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hearth_api::{
     API_PREFIX, CreateNetworkRequest, CreateVmRequest, EgressRequest, ErrorBody, ErrorCode, Health,
-    Network, Vm, VmDetail,
+    Network, ResizeVmRequest, Vm, VmDetail,
 };
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -226,6 +226,16 @@ impl Client {
         let timeout = LIFECYCLE_TIMEOUT + Duration::from_secs(extra);
         let req = self.http.post(self.url(&["vms", name, verb], &query));
         json(self.send(req.timeout(timeout)).await?).await
+    }
+
+    /// Gives a stopped VM a new shape; answers with the VM.
+    pub async fn resize_vm(&self, name: &str, body: &ResizeVmRequest) -> Result<Json<VmDetail>> {
+        let req = self
+            .http
+            .post(self.url(&["vms", name, "resize"], &[]))
+            .json(body);
+        // Growing a disk checks and resizes its filesystem: lifecycle time, not a quick call.
+        json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
     }
 
     /// Replaces the VM's egress policy; answers with the VM, its new policy in `network`.

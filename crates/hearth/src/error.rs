@@ -143,6 +143,7 @@ pub enum Action {
     Exec,
     Cp,
     Egress,
+    Resize,
     NetworkCreate,
     NetworkList,
     NetworkDelete,
@@ -186,6 +187,7 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             Action::Stop => {
                 format!("it may already be stopped; `hearth vm inspect {vm}` shows its state")
             }
+            Action::Resize => format!("stop it with `hearth vm stop {vm}`, then resize it"),
             Action::Delete
             | Action::Restart
             | Action::Egress
@@ -489,6 +491,7 @@ mod tests {
             Action::Exec,
             Action::Cp,
             Action::Egress,
+            Action::Resize,
             Action::NetworkCreate,
             Action::NetworkList,
             Action::NetworkDelete,

@@ -175,6 +175,42 @@ pub fn grow_ext4(path: &Path, mib: u64) -> Result<(), DiskError> {
     Ok(())
 }
 
+/// Grows the ext4 root disk of a VM that has run to `mib` MiB: its filesystem is checked first
+/// (`e2fsck -f -p`: a VMM that was killed leaves it unclean, and resize2fs needs a clean one),
+/// and when the resize fails the file goes back to its size, so the disk is as it was.
+pub fn grow_used_ext4(path: &Path, mib: u64) -> Result<(), DiskError> {
+    let resize_err = |stderr: String| DiskError::Resize {
+        path: path.display().to_string(),
+        stderr,
+    };
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(path)
+        .output()
+        .map_err(|source| DiskError::Grow {
+            path: path.display().to_string(),
+            mib,
+            source,
+        })?;
+    // 0: clean; 1 and 2: errors fixed. Anything else leaves errors or did not run.
+    if !matches!(out.status.code(), Some(0..=2)) {
+        return Err(resize_err(format!(
+            "e2fsck could not make the filesystem clean ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim()
+        )));
+    }
+    let before = std::fs::metadata(path).map(|m| m.len()).ok();
+    let result = grow_ext4(path, mib);
+    if result.is_err()
+        && let Some(len) = before
+        && let Ok(file) = OpenOptions::new().write(true).open(path)
+    {
+        let _ = file.set_len(len);
+    }
+    result
+}
+
 /// One spare root disk of the default size, made from the current image and kept ready in
 /// `<data_dir>/spare`, so a create that wants exactly that size takes it with a rename instead of
 /// copying and growing the image on the request path.

@@ -160,9 +160,42 @@ pub fn validate_rootfs(size: &Size, min_mib: u64) -> Result<u64, RuleError> {
     Ok(mib)
 }
 
+/// `rootfs_size` of a resize: at least the disk's size now (`current_mib`), since a disk and its
+/// filesystem only grow.
+pub fn validate_rootfs_growth(size: &Size, current_mib: u64) -> Result<u64, RuleError> {
+    let mib = validate_rootfs(size, 0)?;
+    if mib < current_mib {
+        return Err(RuleError::new(
+            ErrorCode::InvalidRootfsSize,
+            format!(
+                "invalid rootfs_size {}: the root disk only grows: it is {current_mib} MiB now, and shrinking its filesystem could lose data",
+                describe(size)
+            ),
+        ));
+    }
+    Ok(mib)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_root_disk_only_grows() {
+        assert_eq!(
+            validate_rootfs_growth(&Size::Text("2G".into()), 1024),
+            Ok(2048)
+        );
+        assert_eq!(validate_rootfs_growth(&Size::Mib(1024), 1024), Ok(1024));
+        let e = validate_rootfs_growth(&Size::Text("1G".into()), 2048).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRootfsSize);
+        assert!(
+            e.message.contains("only grows") && e.message.contains("2048 MiB"),
+            "{e:?}"
+        );
+        let e = validate_rootfs_growth(&Size::Text("lots".into()), 1).unwrap_err();
+        assert!(e.message.contains("rootfs_size"), "{e:?}");
+    }
 
     #[test]
     fn names() {

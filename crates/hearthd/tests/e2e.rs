@@ -124,8 +124,56 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     assert_eq!(stopped["state"], "stopped");
     assert!(stopped["pid"].is_null());
     w.assert_gone_runtime(&id);
+    // Resized while stopped: the guest sees its new shape; a smaller disk is refused.
+    let mib = stopped["rootfs_mib"].as_u64().unwrap();
+    let shrink = w.d().hearth(&[
+        "--json",
+        "vm",
+        "resize",
+        "e2e-a",
+        "--rootfs-size",
+        &(mib - 1).to_string(),
+    ]);
+    assert!(!shrink.status.success());
+    let body = json_of(&String::from_utf8_lossy(&shrink.stdout));
+    assert_eq!(body["error"], "invalid_rootfs_size", "{body}");
+    let grown = json_of(&w.d().hearth_ok(&[
+        "--json",
+        "vm",
+        "resize",
+        "e2e-a",
+        "--cpus",
+        "2",
+        "--ram",
+        "512M",
+        "--rootfs-size",
+        &(mib + 1024).to_string(),
+    ]));
+    assert_eq!(grown["rootfs_mib"], mib + 1024, "{grown}");
     w.d().hearth_ok(&["vm", "start", "e2e-a"]);
     w.assert_guest_file("e2e-a:/root/blob", &blob, "file changed across stop/start");
+    let shape = w.d().hearth_ok(&[
+        "exec",
+        "e2e-a",
+        "--",
+        "sh",
+        "-c",
+        "nproc; sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo; df -BM --output=size / | tail -n 1",
+    ]);
+    let numbers: Vec<u64> = shape
+        .split_whitespace()
+        .map(|n| n.trim_end_matches('M').parse().unwrap())
+        .collect();
+    assert_eq!(numbers[0], 2, "nproc: {shape}");
+    assert!(
+        (400_000..=524_288).contains(&numbers[1]),
+        "MemTotal kB: {shape}"
+    );
+    assert!(
+        numbers[2] > mib + 900,
+        "df MiB of a {} MiB disk: {shape}",
+        mib + 1024
+    );
 
     let restarted = json_of(&w.d().hearth_ok(&["--json", "vm", "restart", "e2e-a"]));
     assert_eq!(restarted["state"], "running");

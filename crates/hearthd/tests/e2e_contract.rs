@@ -415,6 +415,55 @@ async fn pass(w: &World, c: &Contract) {
         )
         .await;
     }
+    // Resize: a stopped VM's shape, its disk grow-only; a running one is refused.
+    let resize =
+        |vm: &str, body: serde_json::Value| Req::post(format!("/v1/vms/{vm}/resize")).json(&body);
+    expect(
+        c,
+        "resize running",
+        resize("ct", json!({"cpus": 2})),
+        409,
+        "invalid_state",
+    )
+    .await;
+    let grown = expect(
+        c,
+        "resize",
+        resize("ct-cold", json!({"cpus": 2, "ram": "512M"})),
+        200,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(
+        (&grown["cpus"], &grown["memory_mib"]),
+        (&json!(2), &json!(512)),
+        "{grown}"
+    );
+    expect(
+        c,
+        "resize shrink",
+        resize("ct-cold", json!({"rootfs_size": "1M"})),
+        400,
+        "invalid_rootfs_size",
+    )
+    .await;
+    expect(
+        c,
+        "resize nothing",
+        resize("ct-cold", json!({})),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect(
+        c,
+        "resize ghost",
+        resize("ghost", json!({"cpus": 2})),
+        404,
+        "vm_not_found",
+    )
+    .await;
     // Networking: egress policies and private networks, working and failing.
     let egress = |vm: &str, body: serde_json::Value| {
         Req::new("PUT", format!("/v1/vms/{vm}/egress")).json(&body)

@@ -44,6 +44,7 @@ async fn run_vm(command: VmCommand, client: &Client, printer: &Printer) -> Resul
         VmCommand::Delete(args) => vm::delete(client, printer, &args.name).await,
         VmCommand::Logs(args) => logs::run(client, &args).await,
         VmCommand::Egress(args) => vm::egress(client, printer, args).await,
+        VmCommand::Resize(args) => vm::resize(client, printer, args).await,
     };
     done.map(success)
 }

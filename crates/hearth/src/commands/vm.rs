@@ -1,10 +1,10 @@
-//! `hearth vm new|list|inspect|start|stop|restart|delete|egress` and `hearth health`.
+//! `hearth vm new|list|inspect|start|stop|restart|delete|egress|resize` and `hearth health`.
 
 use hearth_api::{
     EgressMode, EgressPolicy, Health, NetworkHealth, Resource, Vm, VmDetail, VmEvent, VmNetwork,
 };
 
-use crate::cli::{EgressArgs, NewArgs};
+use crate::cli::{EgressArgs, NewArgs, ResizeArgs};
 use crate::client::{Client, Lifecycle};
 use crate::commands::inputs;
 use crate::error::Result;
@@ -28,6 +28,31 @@ pub async fn egress(client: &Client, printer: &Printer, args: EgressArgs) -> Res
     let detail = client.set_egress(&args.name, &request).await?;
     printer.result(&detail, egress_text);
     Ok(())
+}
+
+pub async fn resize(client: &Client, printer: &Printer, args: ResizeArgs) -> Result<()> {
+    let request = hearth_api::ResizeVmRequest {
+        cpus: args.cpus,
+        ram: args.ram,
+        rootfs_size: args.rootfs_size,
+    };
+    let progress = printer.progress(&format!("resizing vm {}", terminal_safe(&args.name)));
+    let detail = client.resize_vm(&args.name, &request).await?;
+    progress.finish("done");
+    printer.result(&detail, resize_text);
+    Ok(())
+}
+
+/// What `vm resize` prints: the shape the VM has from its next start.
+fn resize_text(detail: &VmDetail) -> String {
+    let vm = &detail.vm;
+    format!(
+        "vm {}: {} cpus, {} RAM, {} root disk (from its next start)\n",
+        terminal_safe(&vm.name),
+        vm.cpus,
+        size_mib(vm.memory_mib),
+        size_mib(vm.rootfs_mib)
+    )
 }
 
 pub async fn list(client: &Client, printer: &Printer) -> Result<()> {

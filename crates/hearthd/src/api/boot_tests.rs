@@ -766,3 +766,110 @@ fn a_networked_vm_gets_a_slot_its_own_metadata_and_gives_everything_back() {
     let (s, _) = d.call("DELETE", "/v1/vms/c", None);
     assert_eq!(s, 204);
 }
+
+#[test]
+fn a_stopped_vm_is_resized_and_starts_with_its_new_shape() {
+    let world = World::new();
+    let d = world.hearthd();
+    let (s, vm) = d.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "rs", "rootfs_size": "1G"})),
+    );
+    assert_eq!(s, 201, "{vm}");
+    let id = vm["id"].as_str().unwrap().to_owned();
+    let disk = world.data().join("vms").join(&id).join("rootfs.ext4");
+    let resize = |body: serde_json::Value| d.call("POST", "/v1/vms/rs/resize", Some(body));
+
+    // A running VM is not resized.
+    let (s, body) = resize(json!({"cpus": 2}));
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (409, Some("invalid_state")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("stop"), "{body}");
+    let (s, _) = d.call("POST", "/v1/vms/rs/stop", None);
+    assert_eq!(s, 200);
+
+    // Bad input names the field and the rule, and changes nothing.
+    for (body, code, says) in [
+        (json!({}), "invalid_request", "at least one"),
+        (json!({"cpus": 3}), "invalid_cpus", "even"),
+        (json!({"ram": "64M"}), "invalid_ram", "128"),
+        (
+            json!({"rootfs_size": "512M"}),
+            "invalid_rootfs_size",
+            "only grows",
+        ),
+        (json!({"disk": "2G"}), "invalid_request", "disk"),
+    ] {
+        let (s, answer) = resize(body.clone());
+        assert_eq!(
+            (s, answer["error"].as_str()),
+            (400, Some(code)),
+            "{body}: {answer}"
+        );
+        assert!(
+            answer["message"].as_str().unwrap().contains(says),
+            "{answer}"
+        );
+    }
+    let (s, nope) = d.call("POST", "/v1/vms/nope/resize", Some(json!({"cpus": 2})));
+    assert_eq!((s, nope["error"].as_str()), (404, Some("vm_not_found")));
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 30);
+
+    // cpus and memory both ways, the disk up: the file and its filesystem grow.
+    let (s, detail) = resize(json!({"cpus": 2, "ram": "512M", "rootfs_size": "2G"}));
+    assert_eq!(s, 200, "{detail}");
+    assert_eq!(
+        (
+            &detail["cpus"],
+            &detail["memory_mib"],
+            &detail["rootfs_mib"]
+        ),
+        (&json!(2), &json!(512), &json!(2048))
+    );
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 2 << 30);
+    let blocks = std::process::Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(&disk)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&blocks.stdout);
+    let count: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Block count:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no block count in {text}"));
+    let size: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Block size:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert_eq!(count * size, 2 << 30, "the filesystem fills the grown disk");
+    let event = detail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "resized")
+        .cloned()
+        .expect("a resized event");
+    assert_eq!(
+        event["message"],
+        "cpus 1 -> 2, ram 1024 -> 512 MiB, rootfs 1024 -> 2048 MiB"
+    );
+    let (s, smaller) = resize(json!({"cpus": 1, "ram": "256M"}));
+    assert_eq!(s, 200, "{smaller}");
+    assert_eq!(
+        (&smaller["cpus"], &smaller["memory_mib"]),
+        (&json!(1), &json!(256))
+    );
+
+    // It starts with its new shape.
+    let (s, started) = d.call("POST", "/v1/vms/rs/start", None);
+    assert_eq!(s, 200, "{started}");
+    assert_eq!(started["rootfs_mib"], 2048);
+    let (s, _) = d.call("DELETE", "/v1/vms/rs", None);
+    assert_eq!(s, 204);
+}

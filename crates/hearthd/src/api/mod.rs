@@ -178,6 +178,7 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         start_vm,
         stop_vm,
         restart_vm,
+        resize_vm,
         vm_logs,
         exec,
         exec_stream,
@@ -204,6 +205,7 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         hearth_api::CreateNetworkRequest,
         hearth_api::NetworkHealth,
         CreateVmRequest,
+        hearth_api::ResizeVmRequest,
         ExecRequest,
         ExecResponse,
         ExecStreamEvent,
@@ -229,6 +231,7 @@ pub fn router(state: AppState) -> Router {
         .route("/vms/{name}/start", post(start_vm))
         .route("/vms/{name}/stop", post(stop_vm))
         .route("/vms/{name}/restart", post(restart_vm))
+        .route("/vms/{name}/resize", post(resize_vm))
         .route("/vms/{name}/logs", get(vm_logs))
         .route("/vms/{name}/exec", post(exec))
         .route("/vms/{name}/exec/stream", post(exec_stream))
@@ -393,6 +396,32 @@ async fn start_vm(
 ) -> Result<axum::Json<Vm>, ApiError> {
     match run(&state, &caller, Action::StartVm(name)).await? {
         Reply::Vm(v) => Ok(axum::Json(v)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Change a stopped VM's cpus, memory or root disk size (the disk only grows); the new shape
+/// holds from its next start.
+#[utoipa::path(post, path = "/v1/vms/{name}/resize", tag = "vms", request_body = hearth_api::ResizeVmRequest,
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = VmDetail),
+        (status = 400, description = "A field breaks a rule (invalid_cpus, invalid_ram, invalid_rootfs_size: also a smaller root disk), no field is given (invalid_request), or the body is malformed (invalid_request)", body = ErrorBody),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "Not stopped (invalid_state), or another operation on it is in progress (vm_busy)", body = ErrorBody),
+        (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
+        (status = 500, description = "The disk could not be grown (internal; the disk is as it was), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
+        (status = 507, description = "The host has not the disk space the growth needs (resource_exhausted; nothing changed)", body = ErrorBody)))]
+async fn resize_vm(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    Json(request): Json<hearth_api::ResizeVmRequest>,
+) -> Result<axum::Json<VmDetail>, ApiError> {
+    match run(&state, &caller, Action::ResizeVm { name, request }).await? {
+        Reply::VmDetail(d) => Ok(axum::Json(d)),
         other => Err(unexpected(other)),
     }
 }

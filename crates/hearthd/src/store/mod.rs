@@ -585,6 +585,34 @@ impl Store {
         Ok(())
     }
 
+    /// Gives a stopped VM its new shape and records event `resized` with `message`. Fails
+    /// with [`StoreError::NotFound`] when the VM is gone or no longer stopped.
+    pub async fn resize_vm(
+        &self,
+        id: &str,
+        (cpus, memory_mib, rootfs_mib): (u32, u64, u64),
+        message: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.backend.begin_write(&self.pool).await?;
+        let done = sqlx::query(
+            "UPDATE vms SET cpus = $1, memory_mib = $2, rootfs_mib = $3, updated_at = $4 WHERE id = $5 AND state = $6",
+        )
+        .bind(i64::from(cpus))
+        .bind(i64::try_from(memory_mib).unwrap_or(i64::MAX))
+        .bind(i64::try_from(rootfs_mib).unwrap_or(i64::MAX))
+        .bind(now())
+        .bind(id)
+        .bind(state_text(VmState::Stopped))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(id.to_owned()));
+        }
+        insert_event(&mut tx, id, "resized", None, None, Some(message)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Records the pid of a VMM that was just launched, so a hearthd that stops before the guest
     /// is ready can still find the process.
     pub async fn set_pid(

@@ -23,6 +23,10 @@ pub enum VmError {
     NameTaken(String),
     #[error("cannot {verb} VM {name:?}: {reason}", verb = reason.input.verb())]
     NotAllowed { name: String, reason: NotAllowed },
+    #[error(
+        "cannot resize VM {name:?}: it is {state}, and a resize needs it stopped (`hearth vm stop {name}` first)"
+    )]
+    NotStopped { name: String, state: VmState },
     #[error("VM {name:?} is {state}: {what} needs it running")]
     NotRunning {
         name: String,
@@ -116,7 +120,9 @@ impl VmError {
             VmError::NameTaken(_) | VmError::Store(StoreError::NameTaken(_)) => {
                 ErrorCode::VmNameTaken
             }
-            VmError::NotAllowed { .. } | VmError::NotRunning { .. } => ErrorCode::InvalidState,
+            VmError::NotAllowed { .. }
+            | VmError::NotRunning { .. }
+            | VmError::NotStopped { .. } => ErrorCode::InvalidState,
             VmError::Store(StoreError::StateChanged { .. }) => ErrorCode::VmBusy,
             VmError::ImageUnavailable(_) => ErrorCode::ImageUnavailable,
             VmError::StartFailed { .. } | VmError::Vmm(_) => ErrorCode::VmmFailed,

@@ -18,6 +18,7 @@ mod lifecycle;
 mod logs;
 mod network;
 mod recovery;
+mod resize;
 mod running;
 pub mod state;
 
@@ -29,7 +30,7 @@ use std::time::Duration;
 
 use hearth_api::{
     CreateNetworkRequest, CreateVmRequest, EgressRequest, ExecRequest, ExecResponse, Health,
-    Network as NetworkInfo, Vm, VmDetail,
+    Network as NetworkInfo, ResizeVmRequest, Vm, VmDetail,
 };
 use tokio::sync::watch;
 
@@ -147,6 +148,11 @@ pub enum Action {
         source: LogSource,
         window: LogWindow,
     },
+    /// Change a stopped VM's cpus, memory or root disk size.
+    ResizeVm {
+        name: String,
+        request: ResizeVmRequest,
+    },
     /// Replace a VM's egress policy (applied at once when it runs).
     SetEgress {
         name: String,
@@ -180,6 +186,7 @@ impl Action {
             Action::PutFile { .. } => "put_file",
             Action::GetFile { .. } => "get_file",
             Action::Logs { .. } => "logs",
+            Action::ResizeVm { .. } => "resize_vm",
             Action::SetEgress { .. } => "set_egress",
             Action::ListNetworks => "list_networks",
             Action::CreateNetwork(_) => "create_network",
@@ -393,6 +400,9 @@ impl VmService {
                 source,
                 window,
             } => Ok(Reply::Log(self.log_stream(&name, source, window).await?)),
+            Action::ResizeVm { name, request } => {
+                Ok(Reply::VmDetail(self.resize(&name, request).await?))
+            }
             Action::SetEgress { name, request } => {
                 let s = self.clone();
                 Ok(Reply::VmDetail(
