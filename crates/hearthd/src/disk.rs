@@ -64,6 +64,50 @@ pub fn clone_file(from: &Path, to: &Path) -> Result<CopyMethod, DiskError> {
     result.map_err(err)
 }
 
+/// How disks will be copied in `dir`, and why: a reflink of a scratch file made there (and
+/// removed), else sparse copies with the reason FICLONE gave.
+pub fn probe_clone(dir: &Path) -> (CopyMethod, String) {
+    let src = dir.join(".clone-probe-src");
+    let dst = dir.join(".clone-probe-dst");
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&dst);
+    let result = (|| -> io::Result<bool> {
+        std::fs::write(&src, [0x5a; 4096])?;
+        let dst_file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&dst)?;
+        // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are
+        // open for the duration of the call and no memory is shared with the kernel.
+        let rc = unsafe {
+            libc::ioctl(
+                dst_file.as_raw_fd(),
+                libc::FICLONE,
+                File::open(&src)?.as_raw_fd(),
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        Err(io::Error::last_os_error())
+    })();
+    let _ = std::fs::remove_file(&src);
+    let _ = std::fs::remove_file(&dst);
+    match result {
+        Ok(_) => (
+            CopyMethod::Reflink,
+            "reflink clones (the data filesystem shares extents): a disk costs no copy".into(),
+        ),
+        Err(e) => (
+            CopyMethod::Sparse,
+            format!(
+                "sparse copies (FICLONE: {e}): a disk costs a copy of the image's data; xfs with reflink or btrfs makes it a clone"
+            ),
+        ),
+    }
+}
+
 /// FICLONE; `Ok(false)` when the filesystem cannot share extents.
 fn reflink(src: &File, dst: &File) -> io::Result<bool> {
     // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are open for
@@ -281,6 +325,17 @@ impl Spares {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clone_probe_says_how_and_why_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (method, why) = probe_clone(dir.path());
+        match method {
+            CopyMethod::Reflink => assert!(why.starts_with("reflink"), "{why}"),
+            CopyMethod::Sparse => assert!(why.contains("FICLONE"), "{why}"),
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
     use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::MetadataExt;
 

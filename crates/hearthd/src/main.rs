@@ -116,6 +116,9 @@ fn chain_anyhow(e: &anyhow::Error) -> String {
 }
 
 fn build_image(config: &Config) -> anyhow::Result<()> {
+    let (_, how) = disk::probe_clone(&config.data_dir);
+    tracing::info!("VM disks are {how}");
+
     let builder = ImageBuilder::new(&config.data_dir, config.image.clone());
     let started = std::time::Instant::now();
     let image = builder
