@@ -262,6 +262,35 @@ pub struct ResizeVmRequest {
     pub rootfs_size: Option<Size>,
 }
 
+/// A backup of a VM's root disk, made while it was stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Backup {
+    /// Unique id; `hearth restore VM ID` takes it.
+    pub id: String,
+    /// The VM it belongs to (and restores into), by name.
+    pub vm: String,
+    /// RFC 3339 time it was made.
+    pub created_at: String,
+    /// Who made it.
+    pub created_by: String,
+    /// The VM's shape when it was made.
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The size of the root disk it holds, in MiB.
+    pub rootfs_mib: u64,
+    /// What it takes on the host's disk, in bytes (a reflink clone shares what it has not
+    /// changed since).
+    pub size_bytes: u64,
+}
+
+/// Body of `POST /v1/vms/{name}/restore`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// The id of one of the VM's own backups.
+    pub backup: String,
+}
+
 /// Body of `POST /v1/vms/{name}/exec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -511,6 +540,8 @@ error_codes! {
     NotFound = "not_found", 404, 3;
     /// No private network has that name.
     NetworkNotFound = "network_not_found", 404, 3;
+    /// The VM has no backup of that id (a backup belongs to the VM it was made of).
+    BackupNotFound = "backup_not_found", 404, 3;
     /// The endpoint exists but not with this HTTP method.
     MethodNotAllowed = "method_not_allowed", 405, 2;
     /// The request's `Host` header names neither hearthd's listen address, a loopback name nor

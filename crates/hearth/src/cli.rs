@@ -95,6 +95,11 @@ pub enum Command {
     /// Create private networks and connect VMs to them.
     #[command(subcommand)]
     Network(NetworkCommand),
+    /// Back up a stopped VM's root disk, list and delete its backups.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Put one of a stopped VM's backups in place of its root disk.
+    Restore(RestoreArgs),
     /// Show hearthd's status, version, VMM, acceleration, guest image, capacity and networking.
     Health,
 }
@@ -151,6 +156,36 @@ const EGRESS_AFTER_HELP: &str = "\
 The flags replace the VM's whole policy; at least one is needed. `--egress-mode allow_all` alone
 resets it to the default (everything goes out). Other VMs are reached through private networks
 (`hearth network connect`), not through egress.";
+
+/// Backups of a VM's root disk; each restores only into the VM it was made of.
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Copy a stopped VM's root disk into a new backup.
+    Create(NameArg),
+    /// List a VM's backups.
+    #[command(visible_alias = "ls")]
+    List(NameArg),
+    /// Delete one of a VM's backups.
+    #[command(visible_alias = "rm")]
+    Delete(BackupArg),
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArg {
+    /// The VM's name.
+    pub name: String,
+    /// The backup's id (`hearth backup list VM`).
+    pub backup: String,
+}
+
+/// `hearth restore VM BACKUP`.
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The VM's name (stopped).
+    pub name: String,
+    /// The id of one of its backups (`hearth backup list VM`).
+    pub backup: String,
+}
 
 /// Private networks: their members reach each other; nothing else reaches them.
 #[derive(Debug, Subcommand)]
@@ -447,6 +482,12 @@ impl Command {
                     (Action::NetworkDisconnect, name(&a.vm), name(&a.network))
                 }
             },
+            Command::Backup(command) => match command {
+                BackupCommand::Create(a) => (Action::BackupCreate, name(&a.name), None),
+                BackupCommand::List(a) => (Action::BackupList, name(&a.name), None),
+                BackupCommand::Delete(a) => (Action::BackupDelete, name(&a.name), None),
+            },
+            Command::Restore(a) => (Action::Restore, name(&a.name), None),
             Command::Vm(vm) => match vm {
                 // Of several networks, which one is missing only hearthd's message says.
                 VmCommand::New(a) => {

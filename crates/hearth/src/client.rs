@@ -8,8 +8,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hearth_api::{
-    API_PREFIX, CreateNetworkRequest, CreateVmRequest, EgressRequest, ErrorBody, ErrorCode, Health,
-    Network, ResizeVmRequest, Vm, VmDetail,
+    API_PREFIX, Backup, CreateNetworkRequest, CreateVmRequest, EgressRequest, ErrorBody, ErrorCode,
+    Health, Network, ResizeVmRequest, RestoreRequest, Vm, VmDetail,
 };
 use reqwest::{RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -255,6 +255,38 @@ impl Client {
     pub async fn create_network(&self, body: &CreateNetworkRequest) -> Result<Json<Network>> {
         let req = self.http.post(self.url(&["networks"], &[])).json(body);
         json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    /// Backs up a stopped VM's root disk.
+    pub async fn create_backup(&self, name: &str) -> Result<Json<Backup>> {
+        let req = self.http.post(self.url(&["vms", name, "backups"], &[]));
+        // A sparse copy of a big disk takes as long as its data: lifecycle time.
+        json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
+    }
+
+    pub async fn list_backups(&self, name: &str) -> Result<Json<Vec<Backup>>> {
+        let req = self.http.get(self.url(&["vms", name, "backups"], &[]));
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    pub async fn delete_backup(&self, name: &str, backup: &str) -> Result<()> {
+        let req = self
+            .http
+            .delete(self.url(&["vms", name, "backups", backup], &[]));
+        self.send(req.timeout(QUICK_TIMEOUT)).await?;
+        Ok(())
+    }
+
+    /// Puts backup `backup` in place of the stopped VM's root disk; answers with the VM.
+    pub async fn restore(&self, name: &str, backup: &str) -> Result<Json<VmDetail>> {
+        let body = RestoreRequest {
+            backup: backup.to_owned(),
+        };
+        let req = self
+            .http
+            .post(self.url(&["vms", name, "restore"], &[]))
+            .json(&body);
+        json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
     }
 
     pub async fn delete_network(&self, network: &str) -> Result<()> {

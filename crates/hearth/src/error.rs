@@ -144,6 +144,10 @@ pub enum Action {
     Cp,
     Egress,
     Resize,
+    BackupCreate,
+    BackupList,
+    BackupDelete,
+    Restore,
     NetworkCreate,
     NetworkList,
     NetworkDelete,
@@ -180,6 +184,7 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
     let network = ctx.network.as_deref().unwrap_or("NETWORK");
     let hint = match code {
         ErrorCode::VmNotFound => "`hearth vm list` shows the VMs".to_owned(),
+        ErrorCode::BackupNotFound => format!("`hearth backup list {vm}` shows its backups"),
         ErrorCode::InvalidState => match ctx.action {
             Action::Start => {
                 format!("it may already be running; `hearth vm inspect {vm}` shows its state")
@@ -188,6 +193,8 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
                 format!("it may already be stopped; `hearth vm inspect {vm}` shows its state")
             }
             Action::Resize => format!("stop it with `hearth vm stop {vm}`, then resize it"),
+            Action::BackupCreate => format!("stop it with `hearth vm stop {vm}`, then back it up"),
+            Action::Restore => format!("stop it with `hearth vm stop {vm}`, then restore it"),
             Action::Delete
             | Action::Restart
             | Action::Egress
@@ -492,6 +499,10 @@ mod tests {
             Action::Cp,
             Action::Egress,
             Action::Resize,
+            Action::BackupCreate,
+            Action::BackupList,
+            Action::BackupDelete,
+            Action::Restore,
             Action::NetworkCreate,
             Action::NetworkList,
             Action::NetworkDelete,

@@ -169,6 +169,19 @@ pub fn check(
     Ok(())
 }
 
+/// Refuses a copy of `mib` MiB into the data directory (a backup, a restore) that would leave
+/// less free than `capacity.disk_reserve`.
+pub fn check_copy(host: &Host, cfg: &CapacityConfig, what: &str, mib: u64) -> Result<(), String> {
+    let free = host.disk_free_mib.saturating_sub(cfg.disk_reserve_mib);
+    if mib <= free {
+        return Ok(());
+    }
+    Err(format!(
+        "not enough free disk space on this host: {what} needs {mib} MiB, {free} MiB are free past the {} MiB capacity.disk_reserve keeps; delete a backup or a VM, or free space in the data directory",
+        cfg.disk_reserve_mib
+    ))
+}
+
 /// Capacity and use, as `hearth health` shows them.
 pub fn summary(host: &Host, cfg: &CapacityConfig, committed: Committed) -> Capacity {
     let (cpus, memory, disk, disk_free) = limits(host, cfg);

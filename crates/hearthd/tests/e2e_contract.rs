@@ -464,6 +464,54 @@ async fn pass(w: &World, c: &Contract) {
         "vm_not_found",
     )
     .await;
+    // Backups of a stopped VM, restored only into it.
+    expect(
+        c,
+        "backup running",
+        Req::post("/v1/vms/ct/backups"),
+        409,
+        "invalid_state",
+    )
+    .await;
+    let backup = expect(c, "backup", Req::post("/v1/vms/ct-cold/backups"), 201, "")
+        .await
+        .json();
+    let id = backup["id"].as_str().unwrap().to_owned();
+    expect(c, "backups", Req::get("/v1/vms/ct-cold/backups"), 200, "").await;
+    let restore = |vm: &str, backup: &str| {
+        Req::post(format!("/v1/vms/{vm}/restore")).json(&json!({ "backup": backup }))
+    };
+    expect(c, "restore", restore("ct-cold", &id), 200, "").await;
+    expect(
+        c,
+        "restore running",
+        restore("ct", &id),
+        409,
+        "invalid_state",
+    )
+    .await;
+    expect(
+        c,
+        "restore unknown",
+        restore("ct-cold", "0000000000000000"),
+        404,
+        "backup_not_found",
+    )
+    .await;
+    expect(
+        c,
+        "restore bad body",
+        Req::post("/v1/vms/ct-cold/restore")
+            .json(&json!({"id": id}))
+            .bad(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let delete = Req::new("DELETE", format!("/v1/vms/ct-cold/backups/{id}"));
+    expect(c, "backup delete", delete, 204, "").await;
+    let again = Req::new("DELETE", format!("/v1/vms/ct-cold/backups/{id}"));
+    expect(c, "backup delete again", again, 404, "backup_not_found").await;
     // Networking: egress policies and private networks, working and failing.
     let egress = |vm: &str, body: serde_json::Value| {
         Req::new("PUT", format!("/v1/vms/{vm}/egress")).json(&body)

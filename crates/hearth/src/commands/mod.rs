@@ -1,5 +1,6 @@
 //! One function per command; each returns the exit code, or the error `main` prints.
 
+pub mod backup;
 pub mod cp;
 pub mod exec;
 pub mod inputs;
@@ -18,6 +19,8 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Exec(args) => exec::run(client, args).await,
         Command::Cp(args) => cp::run(client, &args).await.map(success),
         Command::Network(command) => network::run(command, client, printer).await.map(success),
+        Command::Backup(command) => backup::run(command, client, printer).await.map(success),
+        Command::Restore(args) => backup::restore(client, printer, args).await.map(success),
         Command::Health => vm::health(client, printer).await.map(success),
     }
 }

@@ -873,3 +873,148 @@ fn a_stopped_vm_is_resized_and_starts_with_its_new_shape() {
     let (s, _) = d.call("DELETE", "/v1/vms/rs", None);
     assert_eq!(s, 204);
 }
+
+#[test]
+fn backups_restore_only_into_their_vm_and_leave_nothing_half_made() {
+    let world = World::new();
+    let d = world.hearthd();
+    for name in ["bk", "other"] {
+        let (s, vm) = d.call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"name": name, "start": false, "rootfs_size": "1G"})),
+        );
+        assert_eq!(s, 201, "{vm}");
+    }
+    let (_, bk) = d.call("GET", "/v1/vms/bk", None);
+    let id = bk["id"].as_str().unwrap().to_owned();
+    let disk = world.data().join("vms").join(&id).join("rootfs.ext4");
+    let backups = world.data().join("backups").join(&id);
+    // A marker in the disk's bytes stands for the guest's files.
+    let mark = |text: &[u8]| {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(text, 600 << 20).unwrap();
+    };
+    let marked = || {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 6];
+        std::fs::File::open(&disk)
+            .unwrap()
+            .read_exact_at(&mut buf, 600 << 20)
+            .unwrap();
+        buf
+    };
+    mark(b"first!");
+
+    let (s, made) = d.call("POST", "/v1/vms/bk/backups", None);
+    assert_eq!(s, 201, "{made}");
+    let backup = made["id"].as_str().unwrap().to_owned();
+    assert_eq!(made["vm"], "bk");
+    assert_eq!(made["created_by"], "operator");
+    assert_eq!(
+        (&made["cpus"], &made["rootfs_mib"]),
+        (&json!(1), &json!(1024))
+    );
+    assert!(made["size_bytes"].as_u64().unwrap() > 0, "{made}");
+    let (s, list) = d.call("GET", "/v1/vms/bk/backups", None);
+    assert_eq!((s, list.as_array().unwrap().len()), (200, 1), "{list}");
+    assert_eq!(list[0], made);
+
+    // The disk changes and grows; the restore brings back the backed-up bytes and size.
+    mark(b"second");
+    let (s, _) = d.call(
+        "POST",
+        "/v1/vms/bk/resize",
+        Some(json!({"rootfs_size": "2G"})),
+    );
+    assert_eq!(s, 200);
+    let restore = |vm: &str, backup: &str| {
+        d.call(
+            "POST",
+            &format!("/v1/vms/{vm}/restore"),
+            Some(json!({ "backup": backup })),
+        )
+    };
+    // Only into its own VM, and only a backup that exists.
+    let (s, body) = restore("other", &backup);
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (404, Some("backup_not_found")),
+        "{body}"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("only into the VM"),
+        "{body}"
+    );
+    let (s, body) = restore("bk", "0000000000000000");
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (404, Some("backup_not_found")),
+        "{body}"
+    );
+    let (s, detail) = restore("bk", &backup);
+    assert_eq!(s, 200, "{detail}");
+    assert_eq!(detail["rootfs_mib"], 1024);
+    assert_eq!(&marked(), b"first!");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 1 << 30);
+    let kinds: Vec<&str> = detail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"backup_created") && kinds.contains(&"restored"),
+        "{kinds:?}"
+    );
+
+    // A running VM is neither backed up nor restored.
+    let (s, _) = d.call("POST", "/v1/vms/bk/start", None);
+    assert_eq!(s, 200);
+    let (s, body) = d.call("POST", "/v1/vms/bk/backups", None);
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (409, Some("invalid_state")),
+        "{body}"
+    );
+    let (s, body) = restore("bk", &backup);
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (409, Some("invalid_state")),
+        "{body}"
+    );
+    let (s, _) = d.call("POST", "/v1/vms/bk/stop", None);
+    assert_eq!(s, 200);
+
+    // What a crash leaves (an unfinished copy, a file no row names, a restore's new disk) is
+    // gone after the next start; recorded backups stay.
+    std::fs::write(backups.join("1111111111111111.partial"), b"half").unwrap();
+    std::fs::write(backups.join("2222222222222222.ext4"), b"unrecorded").unwrap();
+    std::fs::write(disk.with_file_name("rootfs.ext4.restore"), b"half").unwrap();
+    drop(d);
+    let d = world.hearthd();
+    let mut left: Vec<String> = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, [format!("{backup}.ext4")]);
+    assert!(!disk.with_file_name("rootfs.ext4.restore").exists());
+
+    // Deleting a backup, then the VM, leaves nothing of either.
+    let (s, _) = d.call("DELETE", &format!("/v1/vms/bk/backups/{backup}"), None);
+    assert_eq!(s, 204);
+    let (s, body) = d.call("DELETE", &format!("/v1/vms/bk/backups/{backup}"), None);
+    assert_eq!((s, body["error"].as_str()), (404, Some("backup_not_found")));
+    let (s, _) = d.call("POST", "/v1/vms/bk/backups", None);
+    assert_eq!(s, 201);
+    let (s, _) = d.call("DELETE", "/v1/vms/bk", None);
+    assert_eq!(s, 204);
+    assert!(!backups.exists(), "the VM's backups went with it");
+    let (s, _) = d.call("DELETE", "/v1/vms/other", None);
+    assert_eq!(s, 204);
+}

@@ -3,6 +3,7 @@
 //! [`ApiError::into_response`], through the table in `hearth_api::ErrorCode`.
 //! Only this module knows HTTP.
 
+mod backup;
 mod docs;
 pub mod guard;
 mod network;
@@ -179,6 +180,10 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         stop_vm,
         restart_vm,
         resize_vm,
+        backup::create_backup,
+        backup::list_backups,
+        backup::delete_backup,
+        backup::restore,
         vm_logs,
         exec,
         exec_stream,
@@ -206,6 +211,8 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         hearth_api::NetworkHealth,
         CreateVmRequest,
         hearth_api::ResizeVmRequest,
+        hearth_api::Backup,
+        hearth_api::RestoreRequest,
         ExecRequest,
         ExecResponse,
         ExecStreamEvent,
@@ -232,6 +239,15 @@ pub fn router(state: AppState) -> Router {
         .route("/vms/{name}/stop", post(stop_vm))
         .route("/vms/{name}/restart", post(restart_vm))
         .route("/vms/{name}/resize", post(resize_vm))
+        .route(
+            "/vms/{name}/backups",
+            post(backup::create_backup).get(backup::list_backups),
+        )
+        .route(
+            "/vms/{name}/backups/{backup}",
+            axum::routing::delete(backup::delete_backup),
+        )
+        .route("/vms/{name}/restore", post(backup::restore))
         .route("/vms/{name}/logs", get(vm_logs))
         .route("/vms/{name}/exec", post(exec))
         .route("/vms/{name}/exec/stream", post(exec_stream))

@@ -18,10 +18,12 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Any, AnyPool, Connection, Row, Transaction};
 
+mod backup;
 mod network;
 #[cfg(test)]
 mod tests;
 
+pub use backup::BackupRecord;
 pub use network::{EgressRecord, MetadataRecord, NetworkRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,8 @@ pub enum StoreError {
     NoAddresses { slots: u32 },
     #[error("no network {0:?}")]
     NoNetwork(String),
+    #[error("VM {vm:?} has no backup {id:?}")]
+    NoBackup { vm: String, id: String },
     #[error("a network named {0:?} already exists")]
     NetworkTaken(String),
     #[error(
@@ -103,12 +107,17 @@ pub enum Backend {
 const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_vms.sql")),
     (2, include_str!("../../migrations/sqlite/0002_network.sql")),
+    (3, include_str!("../../migrations/sqlite/0003_backups.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_vms.sql")),
     (
         2,
         include_str!("../../migrations/postgres/0002_network.sql"),
+    ),
+    (
+        3,
+        include_str!("../../migrations/postgres/0003_backups.sql"),
     ),
 ];
 

@@ -69,6 +69,110 @@ async fn run_suite(fresh: impl AsyncFn() -> String) {
     addresses_are_unique_lowest_first_and_released(&fresh().await).await;
     concurrent_creates_never_share_an_address(&fresh().await).await;
     networks_members_and_egress(&fresh().await).await;
+    backups_belong_to_their_vm_and_go_with_it(&fresh().await).await;
+    resize_and_restore_change_only_a_stopped_vm(&fresh().await).await;
+}
+
+fn backup(id: &str, vm_id: &str) -> BackupRecord {
+    BackupRecord {
+        id: id.into(),
+        vm_id: vm_id.into(),
+        created_at: now(),
+        created_by: "operator".into(),
+        cpus: 2,
+        memory_mib: 512,
+        rootfs_mib: 1024,
+        size_bytes: 1 << 40,
+    }
+}
+
+async fn backups_belong_to_their_vm_and_go_with_it(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    store.insert_vm(&record("a")).await.unwrap();
+    store.insert_vm(&record("b")).await.unwrap();
+    store.insert_backup(&backup("b1", "id-a")).await.unwrap();
+    store.insert_backup(&backup("b2", "id-a")).await.unwrap();
+    store.insert_backup(&backup("b3", "id-b")).await.unwrap();
+    let list = store.list_backups("id-a").await.unwrap();
+    assert_eq!(list, [backup_at(&list[0], "b1"), backup_at(&list[1], "b2")]);
+    assert_eq!(list[0].size_bytes, 1 << 40, "sizes past 32 bits survive");
+    // A backup of another VM is not found through this one.
+    let err = store.get_backup("id-a", "a", "b3").await.unwrap_err();
+    assert!(matches!(err, StoreError::NoBackup { .. }), "{err}");
+    assert_eq!(store.get_backup("id-b", "b", "b3").await.unwrap().id, "b3");
+    store.delete_backup("id-a", "a", "b1").await.unwrap();
+    assert!(matches!(
+        store.delete_backup("id-a", "a", "b1").await.unwrap_err(),
+        StoreError::NoBackup { .. }
+    ));
+    let kinds: Vec<String> = store
+        .events("id-a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "backup_created",
+            "backup_created",
+            "backup_deleted"
+        ]
+    );
+    store.delete_vm("id-a").await.unwrap();
+    let mut all = store.all_backups().await.unwrap();
+    all.sort();
+    assert_eq!(
+        all,
+        [("id-b".to_owned(), "b3".to_owned())],
+        "a VM's backups go with it"
+    );
+    store.close().await;
+}
+
+/// `b` with the id `id` (the list's order is checked by id; the rest is as inserted).
+fn backup_at(b: &BackupRecord, id: &str) -> BackupRecord {
+    BackupRecord {
+        id: id.into(),
+        created_at: b.created_at.clone(),
+        ..backup(id, "id-a")
+    }
+}
+
+async fn resize_and_restore_change_only_a_stopped_vm(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let mut vm = record("a");
+    vm.state = VmState::Stopped;
+    store.insert_vm(&vm).await.unwrap();
+    store
+        .resize_vm("id-a", (4, 2048, 20480), "cpus 1 -> 4")
+        .await
+        .unwrap();
+    let got = store.get_vm("a").await.unwrap();
+    assert_eq!((got.cpus, got.memory_mib, got.rootfs_mib), (4, 2048, 20480));
+    store.restored("id-a", &backup("b1", "id-a")).await.unwrap();
+    assert_eq!(store.get_vm("a").await.unwrap().rootfs_mib, 1024);
+    // Not once it runs.
+    let mut running = record("r");
+    running.state = VmState::Running;
+    store.insert_vm(&running).await.unwrap();
+    assert!(matches!(
+        store
+            .resize_vm("id-r", (2, 1024, 10240), "x")
+            .await
+            .unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    assert!(matches!(
+        store
+            .restored("id-r", &backup("b1", "id-r"))
+            .await
+            .unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    store.close().await;
 }
 
 async fn addresses_are_unique_lowest_first_and_released(url: &str) {

@@ -24,9 +24,13 @@ pub enum VmError {
     #[error("cannot {verb} VM {name:?}: {reason}", verb = reason.input.verb())]
     NotAllowed { name: String, reason: NotAllowed },
     #[error(
-        "cannot resize VM {name:?}: it is {state}, and a resize needs it stopped (`hearth vm stop {name}` first)"
+        "cannot {what} VM {name:?}: it is {state}, and that needs it stopped (`hearth vm stop {name}` first)"
     )]
-    NotStopped { name: String, state: VmState },
+    NotStopped {
+        what: &'static str,
+        name: String,
+        state: VmState,
+    },
     #[error("VM {name:?} is {state}: {what} needs it running")]
     NotRunning {
         name: String,
@@ -90,6 +94,12 @@ pub enum VmError {
         "no address left for a new VM: all {slots} /30 networks of network.cidr are taken; delete a VM, or give network.cidr a shorter prefix"
     )]
     NoAddresses { slots: u32 },
+    #[error(
+        "VM {vm:?} has no backup {id:?} (`hearth backup list {vm}` shows its backups; a backup restores only into the VM it was made of)"
+    )]
+    NoBackup { vm: String, id: String },
+    #[error("{0}")]
+    NoSpace(String),
     #[error("state store failure")]
     Store(StoreError),
     #[error("an internal task failed: {0}")]
@@ -104,6 +114,7 @@ impl From<StoreError> for VmError {
             StoreError::NetworkTaken(n) => VmError::NetworkTaken(n),
             StoreError::NetworkInUse { name, members } => VmError::NetworkInUse { name, members },
             StoreError::NoAddresses { slots } => VmError::NoAddresses { slots },
+            StoreError::NoBackup { vm, id } => VmError::NoBackup { vm, id },
             other => VmError::Store(other),
         }
     }
@@ -153,6 +164,8 @@ impl VmError {
             } => ErrorCode::CommandNotFound,
             VmError::BadCommand { .. } => ErrorCode::InvalidCommand,
             VmError::NoNetwork(_) => ErrorCode::NetworkNotFound,
+            VmError::NoBackup { .. } => ErrorCode::BackupNotFound,
+            VmError::NoSpace(_) => ErrorCode::ResourceExhausted,
             VmError::NetworkTaken(_) => ErrorCode::NetworkNameTaken,
             VmError::NetworkInUse { .. } => ErrorCode::NetworkInUse,
             VmError::NoAddresses { .. } => ErrorCode::InsufficientCapacity,

@@ -174,6 +174,9 @@ impl VmService {
         if let Err(e) = self.inner.store.delete_vm(&vm.id).await {
             tracing::error!(vm = %vm.name, error = %e, "cannot remove VM record");
         }
+        // After the record (its backup rows go with it): a crash between leaves backups of a
+        // VM that is gone, which the next start removes.
+        self.remove_backups(&vm.id).await;
         lock(&self.inner.locks).remove(&vm.id);
         self.signal_gone(&vm.id);
     }

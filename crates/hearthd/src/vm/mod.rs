@@ -11,6 +11,7 @@
 //! - `exec`, `files`, `logs`: the operations on a VM's guest and its logs.
 
 mod admission;
+mod backup;
 mod error;
 mod exec;
 mod files;
@@ -148,6 +149,18 @@ pub enum Action {
         source: LogSource,
         window: LogWindow,
     },
+    /// Copy a stopped VM's root disk into a new backup of it.
+    CreateBackup(String),
+    ListBackups(String),
+    DeleteBackup {
+        name: String,
+        id: String,
+    },
+    /// Put one of a stopped VM's backups in place of its root disk.
+    Restore {
+        name: String,
+        backup: String,
+    },
     /// Change a stopped VM's cpus, memory or root disk size.
     ResizeVm {
         name: String,
@@ -187,6 +200,10 @@ impl Action {
             Action::GetFile { .. } => "get_file",
             Action::Logs { .. } => "logs",
             Action::ResizeVm { .. } => "resize_vm",
+            Action::CreateBackup(_) => "create_backup",
+            Action::ListBackups(_) => "list_backups",
+            Action::DeleteBackup { .. } => "delete_backup",
+            Action::Restore { .. } => "restore",
             Action::SetEgress { .. } => "set_egress",
             Action::ListNetworks => "list_networks",
             Action::CreateNetwork(_) => "create_network",
@@ -213,6 +230,8 @@ pub enum Reply {
     Log(LogStream),
     Networks(Vec<NetworkInfo>),
     Network(NetworkInfo),
+    Backup(hearth_api::Backup),
+    Backups(Vec<hearth_api::Backup>),
 }
 
 /// State of the guest image, shared with the background build.
@@ -324,7 +343,7 @@ impl VmService {
         );
         async move {
             tracing::debug!("started");
-            let reply = self.dispatch(action).await;
+            let reply = self.dispatch(caller, action).await;
             if let Err(e) = &reply {
                 tracing::debug!(code = %e.code(), "failed");
             }
@@ -334,7 +353,7 @@ impl VmService {
         .await
     }
 
-    async fn dispatch(&self, action: Action) -> Result<Reply, VmError> {
+    async fn dispatch(&self, caller: &Caller, action: Action) -> Result<Reply, VmError> {
         match action {
             Action::Health => Ok(Reply::Health(self.health().await?)),
             Action::ListVms => Ok(Reply::Vms(
@@ -400,6 +419,17 @@ impl VmService {
                 source,
                 window,
             } => Ok(Reply::Log(self.log_stream(&name, source, window).await?)),
+            Action::CreateBackup(name) => {
+                Ok(Reply::Backup(self.create_backup(caller, &name).await?))
+            }
+            Action::ListBackups(name) => Ok(Reply::Backups(self.list_backups(&name).await?)),
+            Action::DeleteBackup { name, id } => {
+                self.delete_backup(&name, &id).await?;
+                Ok(Reply::Deleted)
+            }
+            Action::Restore { name, backup } => {
+                Ok(Reply::VmDetail(self.restore(&name, &backup).await?))
+            }
             Action::ResizeVm { name, request } => {
                 Ok(Reply::VmDetail(self.resize(&name, request).await?))
             }

@@ -42,6 +42,9 @@ impl VmService {
                 self.mark_failed(&id, &why).await;
             }
         }
+        if let Err(e) = self.clean_backups().await {
+            tracing::error!(error = %e, "cannot clean up unfinished backups and restores");
+        }
         self.reconcile_network().await;
         Ok(())
     }

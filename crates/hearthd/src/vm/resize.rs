@@ -31,6 +31,7 @@ impl VmService {
         let vm = self.record(&vm.id).await?;
         if vm.state != VmState::Stopped {
             return Err(VmError::NotStopped {
+                what: "resize",
                 name: vm.name,
                 state: vm.state,
             });
@@ -62,13 +63,8 @@ impl VmService {
                 })
                 .await?;
                 let path = self.vm_dir(&vm.id).join("rootfs.ext4");
-                tokio::task::spawn_blocking(move || disk::grow_used_ext4(&path, new.2))
-                    .await
-                    .map_err(|e| VmError::Task(e.to_string()))?
-                    .map_err(|source| VmError::Disk {
-                        name: vm.name.clone(),
-                        source,
-                    })?;
+                super::backup::disk_work(&vm.name, move || disk::grow_used_ext4(&path, new.2))
+                    .await?;
             }
             self.inner
                 .store
