@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -387,7 +387,61 @@ fn vms_survive_hearthd_kill9() {
     w.daemon = Some(Daemon::start(&w.data()));
     let detail = json_of(&w.d().hearth_ok(&["--json", "vm", "inspect", "e2e-b"]));
     assert_eq!(detail["state"], "stopped");
+
+    // hearthd killed in the middle of restores and backups: the disk is the old one or the new
+    // one, whole (its filesystem checks clean), and after the next start nothing half-made is
+    // left: every backup file is a listed backup.
+    let backup = json_of(&w.d().hearth_ok(&["--json", "backup", "create", "e2e-b"]));
+    let backup_id = backup["id"].as_str().unwrap().to_owned();
+    let disk = w.data().join("vms").join(&id).join("rootfs.ext4");
+    let backups = w.data().join("backups").join(&id);
+    for delay_ms in [0, 30, 100, 250] {
+        for args in [
+            &["restore", "e2e-b", backup_id.as_str()][..],
+            &["backup", "create", "e2e-b"],
+        ] {
+            let mut op = hearth_cmd(args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            w.restart_after_kill9();
+            let _ = op.wait();
+            let fsck = Command::new("e2fsck")
+                .args(["-f", "-n"])
+                .arg(&disk)
+                .output()
+                .unwrap();
+            assert!(
+                fsck.status.success(),
+                "{args:?} killed after {delay_ms} ms left a broken disk: {}",
+                String::from_utf8_lossy(&fsck.stdout)
+            );
+            assert!(!disk.with_file_name("rootfs.ext4.restore").exists());
+            let listed = json_of(&w.d().hearth_ok(&["--json", "backup", "list", "e2e-b"]));
+            let mut ids: Vec<String> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| format!("{}.ext4", b["id"].as_str().unwrap()))
+                .collect();
+            ids.sort();
+            let mut files: Vec<String> = std::fs::read_dir(&backups)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            files.sort();
+            assert_eq!(files, ids, "after {args:?} killed at {delay_ms} ms");
+        }
+    }
+    w.d().hearth_ok(&["vm", "start", "e2e-b"]);
+    assert_eq!(
+        w.d().hearth_ok(&["exec", "e2e-b", "--", "echo", "whole"]),
+        "whole\n"
+    );
     w.d().hearth_ok(&["vm", "delete", "e2e-b"]);
+    assert!(!backups.exists(), "the VM's backups went with it");
     w.assert_gone(&id);
 
     // hearthd killed while a guest boots: the next hearthd adopts the booting VM and finishes
