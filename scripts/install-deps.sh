@@ -19,6 +19,8 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v busybox >/dev/null && busybox --list 2>/dev/null | grep -qx insmod || need+=(busybox-static)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
+# The disk tests clone on a loop-mounted xfs made with reflink.
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v ip >/dev/null || need+=(iproute2)
 # VM networking: the helper loads its rules with nft; the network tests run dnsmasq (no service).

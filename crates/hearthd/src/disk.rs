@@ -326,6 +326,79 @@ impl Spares {
 mod tests {
     use super::*;
 
+    /// A loop-mounted xfs (made with reflink) in a temp dir, unmounted on drop.
+    struct Xfs {
+        dir: tempfile::TempDir,
+    }
+
+    impl Xfs {
+        fn new() -> Xfs {
+            assert!(
+                nix::unistd::geteuid().is_root(),
+                "this test mounts a loop xfs and needs root; run the tests as root (make test does)"
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let image = dir.path().join("fs.img");
+            File::create(&image).unwrap().set_len(8 << 30).unwrap();
+            let run = |cmd: &mut Command| {
+                let out = cmd.output().unwrap();
+                assert!(
+                    out.status.success(),
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            run(Command::new("mkfs.xfs")
+                .args(["-q", "-m", "reflink=1"])
+                .arg(&image));
+            std::fs::create_dir(dir.path().join("mnt")).unwrap();
+            run(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(dir.path().join("mnt")));
+            Xfs { dir }
+        }
+        fn mnt(&self) -> PathBuf {
+            self.dir.path().join("mnt")
+        }
+    }
+
+    impl Drop for Xfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.mnt()).status();
+        }
+    }
+
+    #[test]
+    fn on_a_reflink_filesystem_a_disk_of_any_size_is_a_clone() {
+        use std::os::unix::fs::FileExt;
+        let xfs = Xfs::new();
+        let (method, why) = probe_clone(&xfs.mnt());
+        assert_eq!(method, CopyMethod::Reflink, "{why}");
+        // Images with data spread through them (1 MiB every 64 MiB), of 64 MiB and 4 GiB.
+        for mib in [64u64, 4096] {
+            let src = xfs.mnt().join(format!("src-{mib}"));
+            let f = File::create(&src).unwrap();
+            f.set_len(mib << 20).unwrap();
+            let chunk = vec![0xa5u8; 1 << 20];
+            for at in (0..mib).step_by(64) {
+                f.write_all_at(&chunk, at << 20).unwrap();
+            }
+            f.sync_all().unwrap();
+            let dst = xfs.mnt().join(format!("dst-{mib}"));
+            let started = std::time::Instant::now();
+            assert_eq!(clone_file(&src, &dst).unwrap(), CopyMethod::Reflink);
+            eprintln!("clone of {mib} MiB: {:?}", started.elapsed());
+            let mut buf = vec![0u8; 1 << 20];
+            File::open(&dst)
+                .unwrap()
+                .read_exact_at(&mut buf, 0)
+                .unwrap();
+            assert_eq!(buf, chunk);
+            assert_eq!(std::fs::metadata(&dst).unwrap().len(), mib << 20);
+        }
+    }
+
     #[test]
     fn the_clone_probe_says_how_and_why_and_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
