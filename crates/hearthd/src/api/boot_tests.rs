@@ -995,8 +995,17 @@ fn backups_restore_only_into_their_vm_and_leave_nothing_half_made() {
     std::fs::write(backups.join("1111111111111111.partial"), b"half").unwrap();
     std::fs::write(backups.join("2222222222222222.ext4"), b"unrecorded").unwrap();
     std::fs::write(disk.with_file_name("rootfs.ext4.restore"), b"half").unwrap();
+    // A restore of a bigger disk renamed in place, its size not yet recorded.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(3 << 30)
+        .unwrap();
     drop(d);
     let d = world.hearthd();
+    let (_, after) = d.call("GET", "/v1/vms/bk", None);
+    assert_eq!(after["rootfs_mib"], 3072, "the disk in place is recorded");
     let mut left: Vec<String> = std::fs::read_dir(&backups)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -139,19 +139,29 @@ impl VmService {
     }
 
     /// At start: removes what a crash left of backups and restores (every `.partial`, files
-    /// no row names, the backups of VMs that are gone, a restore's unfinished disk).
+    /// no row names, the backups of VMs that are gone, a restore's unfinished disk), and
+    /// records the disk size a restore put in place just before a crash.
     pub(super) async fn clean_backups(&self) -> Result<(), VmError> {
         let rows: std::collections::HashSet<(String, String)> =
             self.inner.store.all_backups().await?.into_iter().collect();
-        let vms: std::collections::HashSet<String> = self
-            .inner
-            .store
-            .list_vms()
-            .await?
-            .vms
-            .into_iter()
-            .map(|v| v.id)
-            .collect();
+        let list = self.inner.store.list_vms().await?.vms;
+        for vm in list.iter().filter(|vm| vm.state == VmState::Stopped) {
+            let disk = self.vm_dir(&vm.id).join("rootfs.ext4");
+            let Ok(meta) = tokio::fs::metadata(&disk).await else {
+                continue;
+            };
+            let mib = meta.len() >> 20;
+            if mib != vm.rootfs_mib && meta.len() % (1 << 20) == 0 {
+                tracing::info!(vm = %vm.name, recorded = vm.rootfs_mib, disk = mib, "recording the root disk's size (a restore ended before it was recorded)");
+                let shape = (vm.cpus, vm.memory_mib, mib);
+                let message = format!(
+                    "rootfs {} -> {mib} MiB: the disk in place after a restore",
+                    vm.rootfs_mib
+                );
+                self.inner.store.resize_vm(&vm.id, shape, &message).await?;
+            }
+        }
+        let vms: std::collections::HashSet<String> = list.into_iter().map(|v| v.id).collect();
         let root = self.inner.config.data_dir.join("backups");
         let vm_root = self.inner.config.data_dir.join("vms");
         tokio::task::spawn_blocking(move || {
