@@ -428,6 +428,9 @@ pub struct Health {
     pub image: Option<String>,
     /// `ready`, `building: <step>` or `failed: <why>`.
     pub image_status: String,
+    /// How VM disks and backups are copied on the data filesystem: `reflink` (clones that cost
+    /// nothing until written), or `sparse (<why not reflink>)` (copies of the data).
+    pub disk_copies: String,
     /// What VMs may commit on this host and what they have committed.
     pub capacity: Capacity,
     /// VM networking; null when `network.mode = "off"`.

@@ -306,6 +306,7 @@ async fn health() -> Json<Health> {
         accel: "tcg".into(),
         image: Some("sha256-0123".into()),
         image_status: "ready".into(),
+        disk_copies: "reflink".into(),
         capacity: Capacity {
             vcpus: Resource {
                 total: 8,
@@ -1032,6 +1033,7 @@ fn health_prints_its_fields() {
          memory:       0M of 1G committed, 1G available\n\
          ram files:    0M of 1G committed, 1G available\n\
          disks:        0M of 4G committed, 4G available\n\
+         disk copies:  reflink\n\
          disk free:    4G\n\
          networking:   ok\n\
          helper:       pid 812, hearth-helper 0.1.0\n\

@@ -287,6 +287,7 @@ fn health_text(health: &Health, alert: impl Fn(&str) -> String) -> String {
         ("memory", capacity_line(&c.memory_mib, size_mib)),
         ("ram files", capacity_line(&c.ram_files_mib, size_mib)),
         ("disks", capacity_line(&c.disk_mib, size_mib)),
+        ("disk copies", terminal_safe(&health.disk_copies)),
         ("disk free", size_mib(c.disk_free_mib)),
     ];
     match &health.network {
@@ -450,6 +451,7 @@ mod tests {
             accel: "tcg".into(),
             image: None,
             image_status: "building: running debootstrap".into(),
+            disk_copies: "reflink".into(),
             capacity: Capacity {
                 vcpus: Resource {
                     total: 8,
@@ -493,14 +495,15 @@ mod tests {
         let text = health_text(&health(None), |s| format!("!!{s}!!"));
         assert_eq!(
             text,
-            "status:     ok\nversion:    0.1.0\nvmm:        qemu\naccel:      tcg\n\
-             image:      building: running debootstrap\n\
-             vcpus:      3 of 8 committed, 5 available\n\
-             memory:     2G of 23G committed, 21G available\n\
-             ram files:  2G of 12G committed, 10G available\n\
-             disks:      10G of 200G committed, 190G available\n\
-             disk free:  78G\n\
-             networking: off\n"
+            "status:      ok\nversion:     0.1.0\nvmm:         qemu\naccel:       tcg\n\
+             image:       building: running debootstrap\n\
+             vcpus:       3 of 8 committed, 5 available\n\
+             memory:      2G of 23G committed, 21G available\n\
+             ram files:   2G of 12G committed, 10G available\n\
+             disks:       10G of 200G committed, 190G available\n\
+             disk copies: reflink\n\
+             disk free:   78G\n\
+             networking:  off\n"
         );
     }
 

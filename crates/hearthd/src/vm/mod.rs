@@ -36,7 +36,7 @@ use hearth_api::{
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::disk::Spares;
+use crate::disk::{self, Spares};
 use crate::image::Image;
 use crate::net::Network;
 use crate::store::{Store, StoreError, Transition, VmRecord};
@@ -474,6 +474,16 @@ impl VmService {
             accel: self.inner.vmm.accel().into(),
             image,
             image_status,
+            disk_copies: {
+                let dir = self.inner.config.data_dir.clone();
+                let (method, why) = tokio::task::spawn_blocking(move || disk::probe_clone(&dir))
+                    .await
+                    .map_err(|e| VmError::Task(e.to_string()))?;
+                match method {
+                    disk::CopyMethod::Reflink => "reflink".to_owned(),
+                    disk::CopyMethod::Sparse => format!("sparse ({why})"),
+                }
+            },
             capacity: self.capacity().await?,
             network: match &self.inner.network {
                 Some(net) => Some(net.health().await),
