@@ -232,6 +232,12 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
              hearthd's log has the details"
             .to_owned(),
         ErrorCode::InvalidCpus => "use 1 or an even number of vCPUs up to 32".to_owned(),
+        ErrorCode::InvalidRootfsSize if ctx.action == Action::Resize => {
+            format!(
+                "a root disk only grows, and sizes are MiB or with a unit (e.g. 20G); \
+                 `hearth vm inspect {vm}` shows its size now"
+            )
+        }
         ErrorCode::InvalidRam | ErrorCode::InvalidRootfsSize => {
             "give sizes as MiB (e.g. 512) or with a unit (e.g. 512M, 2G)".to_owned()
         }

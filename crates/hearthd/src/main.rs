@@ -116,9 +116,6 @@ fn chain_anyhow(e: &anyhow::Error) -> String {
 }
 
 fn build_image(config: &Config) -> anyhow::Result<()> {
-    let (_, how) = disk::probe_clone(&config.data_dir);
-    tracing::info!("VM disks are {how}");
-
     let builder = ImageBuilder::new(&config.data_dir, config.image.clone());
     let started = std::time::Instant::now();
     let image = builder
@@ -184,6 +181,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ram_dir = ?vmm.ram_dir(),
         "VMM backend ready"
     );
+    match disk::probe_clone(&config.data_dir) {
+        (disk::CopyMethod::Reflink, _) => tracing::info!(
+            "VM disks are reflink clones (the data filesystem shares extents): a disk costs no copy"
+        ),
+        (disk::CopyMethod::Sparse, why) => tracing::info!(
+            "VM disks are sparse copies (FICLONE: {why}): a disk costs a copy of the image's data; xfs with reflink or btrfs makes it a clone"
+        ),
+    }
 
     let builder = ImageBuilder::new(&config.data_dir, config.image.clone());
     let initial = match builder.current() {

@@ -23,9 +23,7 @@ pub enum VmError {
     NameTaken(String),
     #[error("cannot {verb} VM {name:?}: {reason}", verb = reason.input.verb())]
     NotAllowed { name: String, reason: NotAllowed },
-    #[error(
-        "cannot {what} VM {name:?}: it is {state}, and that needs it stopped (`hearth vm stop {name}` first)"
-    )]
+    #[error("cannot {what} VM {name:?}: it is {state}, and that needs it stopped")]
     NotStopped {
         what: &'static str,
         name: String,
@@ -94,9 +92,7 @@ pub enum VmError {
         "no address left for a new VM: all {slots} /30 networks of network.cidr are taken; delete a VM, or give network.cidr a shorter prefix"
     )]
     NoAddresses { slots: u32 },
-    #[error(
-        "VM {vm:?} has no backup {id:?} (`hearth backup list {vm}` shows its backups; a backup restores only into the VM it was made of)"
-    )]
+    #[error("VM {vm:?} has no backup {id:?} (a backup restores only into the VM it was made of)")]
     NoBackup { vm: String, id: String },
     #[error("{0}")]
     NoSpace(String),

@@ -481,7 +481,7 @@ impl VmService {
                     .map_err(|e| VmError::Task(e.to_string()))?;
                 match method {
                     disk::CopyMethod::Reflink => "reflink".to_owned(),
-                    disk::CopyMethod::Sparse => format!("sparse ({why})"),
+                    disk::CopyMethod::Sparse => format!("sparse (FICLONE: {why})"),
                 }
             },
             capacity: self.capacity().await?,
