@@ -304,6 +304,21 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_must_leave_the_disk_reserve_free() {
+        let free = HOST.disk_free_mib - CFG.disk_reserve_mib;
+        assert_eq!(check_copy(&HOST, &CFG, "the backup", free), Ok(()));
+        let e = check_copy(&HOST, &CFG, "the backup", free + 1).unwrap_err();
+        assert!(
+            e.starts_with(&format!(
+                "not enough free disk space on this host: the backup needs {} MiB, {free} MiB are free",
+                free + 1
+            )),
+            "{e}"
+        );
+        assert!(e.contains("capacity.disk_reserve"), "{e}");
+    }
+
+    #[test]
     fn a_stopped_vm_commits_no_compute_and_an_existing_disk_no_space() {
         let full = Committed {
             cpus: 8,
