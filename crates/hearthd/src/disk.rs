@@ -170,26 +170,27 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// A failure to grow `path` to `mib` MiB.
+fn grow_error(path: &Path, mib: u64) -> impl Fn(io::Error) -> DiskError + '_ {
+    move |source| DiskError::Grow {
+        path: path.display().to_string(),
+        mib,
+        source,
+    }
+}
+
 /// Grows the ext4 filesystem image at `path` to `mib` MiB (never shrinks).
 pub fn grow_ext4(path: &Path, mib: u64) -> Result<(), DiskError> {
     let bytes = mib * 1024 * 1024;
     let file = OpenOptions::new()
         .write(true)
         .open(path)
-        .map_err(|source| DiskError::Grow {
-            path: path.display().to_string(),
-            mib,
-            source,
-        })?;
+        .map_err(grow_error(path, mib))?;
     let current = file.metadata().map(|m| m.len()).unwrap_or(0);
     if bytes <= current {
         return Ok(());
     }
-    file.set_len(bytes).map_err(|source| DiskError::Grow {
-        path: path.display().to_string(),
-        mib,
-        source,
-    })?;
+    file.set_len(bytes).map_err(grow_error(path, mib))?;
     drop(file);
     // -f: the image was just copied from a clean, unmounted filesystem, so the fsck resize2fs
     // would otherwise insist on is not needed.
@@ -197,11 +198,7 @@ pub fn grow_ext4(path: &Path, mib: u64) -> Result<(), DiskError> {
         .arg("-f")
         .arg(path)
         .output()
-        .map_err(|source| DiskError::Grow {
-            path: path.display().to_string(),
-            mib,
-            source,
-        })?;
+        .map_err(grow_error(path, mib))?;
     if !out.status.success() {
         return Err(DiskError::Resize {
             path: path.display().to_string(),
@@ -223,11 +220,7 @@ pub fn grow_used_ext4(path: &Path, mib: u64) -> Result<(), DiskError> {
         .args(["-f", "-p"])
         .arg(path)
         .output()
-        .map_err(|source| DiskError::Grow {
-            path: path.display().to_string(),
-            mib,
-            source,
-        })?;
+        .map_err(grow_error(path, mib))?;
     // 0: clean; 1 and 2: errors fixed. Anything else leaves errors or did not run.
     if !matches!(out.status.code(), Some(0..=2)) {
         return Err(resize_err(format!(
