@@ -246,14 +246,17 @@ fn wait_for_file(w: &World, vm: &str, path: &str) {
 /// The test changes the network between the two halves; the output shows what got through
 /// (`got:` lines).
 fn two_halves(
+    w: &World,
     vm: &str,
     addr: &str,
     port: u16,
     (first, echoed): (&str, bool),
     second: &str,
 ) -> Background {
+    // The markers of an earlier run go before this one starts (else the test could take an old
+    // `halfway` for this run's).
+    bash(w, vm, "rm -f /tmp/halfway /tmp/go", &[]);
     let script = r#"
-        rm -f /tmp/halfway /tmp/go
         exec 3<>/dev/tcp/$1/$2 || exit 7
         printf "$3" >&3
         if [ "$5" = 1 ]; then read -r -t 5 line <&3; echo "got:$line"; fi
@@ -409,7 +412,7 @@ fn isolation_nat_private_networks_egress_metadata_and_dns() {
         &[],
     );
     wait_for_file(&w, "net-b", "/tmp/listening");
-    let talk = two_halves("net-a", &b_addr, 5000, ("one\n", true), "two\n");
+    let talk = two_halves(&w, "net-a", &b_addr, 5000, ("one\n", true), "two\n");
     wait_for_file(&w, "net-a", "/tmp/halfway");
     w.d()
         .hearth_ok(&["network", "disconnect", "backend", "net-b"]);
@@ -448,7 +451,7 @@ fn isolation_nat_private_networks_egress_metadata_and_dns() {
     // An open connection is held to a new policy: a request begun before the change to
     // deny_all gets no answer after it. (The same request without a change is answered.)
     let request = (("GET /hello.txt HTTP/1.0\r\n", false), "\r\n");
-    let talk = two_halves("net-c", OUTSIDE, 8080, request.0, request.1);
+    let talk = two_halves(&w, "net-c", OUTSIDE, 8080, request.0, request.1);
     wait_for_file(&w, "net-c", "/tmp/halfway");
     bash(&w, "net-c", "touch /tmp/go", &[]);
     let out = talk.output();
@@ -456,7 +459,7 @@ fn isolation_nat_private_networks_egress_metadata_and_dns() {
         out.contains(HELLO),
         "the two-part request failed unchanged: {out}"
     );
-    let talk = two_halves("net-c", OUTSIDE, 8080, request.0, request.1);
+    let talk = two_halves(&w, "net-c", OUTSIDE, 8080, request.0, request.1);
     wait_for_file(&w, "net-c", "/tmp/halfway");
     w.d()
         .hearth_ok(&["vm", "egress", "net-c", "--egress-mode", "deny_all"]);
