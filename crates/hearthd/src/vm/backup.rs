@@ -31,7 +31,7 @@ impl VmService {
     }
 
     /// `vm`, when it is stopped (read under its lock); else why `what` cannot be done.
-    fn stopped(vm: VmRecord, what: &'static str) -> Result<VmRecord, VmError> {
+    pub(super) fn stopped(vm: VmRecord, what: &'static str) -> Result<VmRecord, VmError> {
         if vm.state != VmState::Stopped {
             return Err(VmError::NotStopped {
                 what,

@@ -264,6 +264,9 @@ struct Inner {
     admission: tokio::sync::Mutex<()>,
     /// VM networking; `None` when `network.mode = "off"`.
     network: Option<Network>,
+    /// How disks are copied on the data filesystem, as health says it: probed at the first
+    /// health request (the filesystem does not change under a running hearthd).
+    disk_copies: std::sync::OnceLock<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -318,6 +321,7 @@ impl VmService {
                 gone: Mutex::default(),
                 admission: tokio::sync::Mutex::new(()),
                 network,
+                disk_copies: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -474,22 +478,29 @@ impl VmService {
             accel: self.inner.vmm.accel().into(),
             image,
             image_status,
-            disk_copies: {
-                let dir = self.inner.config.data_dir.clone();
-                let (method, why) = tokio::task::spawn_blocking(move || disk::probe_clone(&dir))
-                    .await
-                    .map_err(|e| VmError::Task(e.to_string()))?;
-                match method {
-                    disk::CopyMethod::Reflink => "reflink".to_owned(),
-                    disk::CopyMethod::Sparse => format!("sparse (FICLONE: {why})"),
-                }
-            },
+            disk_copies: self.disk_copies().await?,
             capacity: self.capacity().await?,
             network: match &self.inner.network {
                 Some(net) => Some(net.health().await),
                 None => None,
             },
         })
+    }
+
+    /// `reflink`, or `sparse (FICLONE: <why not>)`; probed once.
+    async fn disk_copies(&self) -> Result<String, VmError> {
+        if let Some(known) = self.inner.disk_copies.get() {
+            return Ok(known.clone());
+        }
+        let dir = self.inner.config.data_dir.clone();
+        let (method, why) = tokio::task::spawn_blocking(move || disk::probe_clone(&dir))
+            .await
+            .map_err(|e| VmError::Task(e.to_string()))?;
+        let text = match method {
+            disk::CopyMethod::Reflink => "reflink".to_owned(),
+            disk::CopyMethod::Sparse => format!("sparse (FICLONE: {why})"),
+        };
+        Ok(self.inner.disk_copies.get_or_init(|| text).clone())
     }
 
     async fn detail(&self, name: &str) -> Result<VmDetail, VmError> {

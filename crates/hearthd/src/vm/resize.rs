@@ -3,7 +3,7 @@
 //! shape, so a crash in between leaves a disk bigger than recorded (which the guest never
 //! sees as less), never a record bigger than the disk.
 
-use hearth_api::{ResizeVmRequest, VmDetail, VmState};
+use hearth_api::{ResizeVmRequest, VmDetail};
 
 use super::{VmError, VmService};
 use crate::capacity::Demand;
@@ -28,14 +28,7 @@ impl VmService {
         let vm = self.record(name).await?;
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
-        let vm = self.record(&vm.id).await?;
-        if vm.state != VmState::Stopped {
-            return Err(VmError::NotStopped {
-                what: "resize",
-                name: vm.name,
-                state: vm.state,
-            });
-        }
+        let vm = Self::stopped(self.record(&vm.id).await?, "resize")?;
         let rootfs = req
             .rootfs_size
             .as_ref()
