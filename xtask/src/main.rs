@@ -23,8 +23,10 @@
 //!   "outside" namespace, beside the same transfer between two plain namespaces (report only).
 //!
 //! Everything runs inside a network namespace the bench creates and removes (the outside one
-//! and the helper's slots too).
+//! and the helper's slots too). Then the disk benchmarks (`disk`), also alone with
+//! `bench disk`: reflink clone times and export/import throughput.
 
+mod disk;
 mod net;
 
 use std::fs::File;
@@ -57,6 +59,7 @@ const ROOTFS_SIZE: &str = "10G";
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("bench") if args.get(1).map(String::as_str) == Some("disk") => bench_disk(),
         Some("bench") => {
             let rounds = match args.get(1) {
                 Some(n) => n
@@ -68,8 +71,30 @@ fn main() -> Result<()> {
             };
             bench(rounds)
         }
-        _ => bail!("usage: cargo run -p xtask -- bench [ROUNDS]"),
+        _ => bail!("usage: cargo run -p xtask -- bench [ROUNDS | disk]"),
     }
+}
+
+/// The binaries, agent and image the benchmarks use (the image built when missing).
+fn prepare() -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let root = root();
+    let bin = root.join("target/release");
+    let agent = std::env::var_os("HEARTH_IMAGE_AGENT_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/x86_64-unknown-linux-gnu/release/hearth-guest"));
+    let data = root.join("target/bench-data");
+    std::fs::create_dir_all(&data)?;
+    eprintln!("bench: preparing the guest image");
+    run(Command::new(bin.join("hearthd"))
+        .arg("build-image")
+        .env("HEARTH_DATA_DIR", &data)
+        .env("HEARTH_IMAGE_AGENT_PATH", &agent))?;
+    Ok((bin, agent, data))
+}
+
+fn bench_disk() -> Result<()> {
+    let (bin, agent, data) = prepare()?;
+    disk::bench(&root(), &bin, &agent, &data.join("images"))
 }
 
 fn root() -> PathBuf {
@@ -267,10 +292,7 @@ impl Samples {
 
 fn bench(rounds: usize) -> Result<()> {
     let root = root();
-    let bin = root.join("target/release");
-    let agent = std::env::var_os("HEARTH_IMAGE_AGENT_PATH")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/x86_64-unknown-linux-gnu/release/hearth-guest"));
+    let (bin, agent, data) = prepare()?;
     let helper = bin.join("hearth-helper");
     if !helper.exists() {
         bail!(
@@ -278,7 +300,6 @@ fn bench(rounds: usize) -> Result<()> {
             helper.display()
         );
     }
-    let data = root.join("target/bench-data");
     // The hearthd with networking off: its own data directory, the same image cache.
     let data_off = root.join("target/bench-data-off");
     for d in [&data, &data_off] {
@@ -286,16 +307,10 @@ fn bench(rounds: usize) -> Result<()> {
         let _ = std::fs::remove_dir_all(d.join("run"));
         let _ = std::fs::remove_file(d.join("hearth.db"));
     }
-    std::fs::create_dir_all(&data)?;
     std::fs::create_dir_all(&data_off)?;
     if std::fs::symlink_metadata(data_off.join("images")).is_err() {
         std::os::unix::fs::symlink(data.join("images"), data_off.join("images"))?;
     }
-    eprintln!("bench: preparing the guest image");
-    run(Command::new(bin.join("hearthd"))
-        .arg("build-image")
-        .env("HEARTH_DATA_DIR", &data)
-        .env("HEARTH_IMAGE_AGENT_PATH", &agent))?;
     let image = std::fs::read_link(data.join("images/current"))?;
     let image = data.join("images").join(image);
 
@@ -379,7 +394,7 @@ fn bench(rounds: usize) -> Result<()> {
     });
     drop(ns);
     report(rounds, &mut result?);
-    Ok(())
+    disk::bench(&root, &bin, &agent, &data.join("images"))
 }
 
 /// TCP throughput: a guest of `daemon` sends to a sink in an outside namespace through its

@@ -90,6 +90,8 @@ pub struct Vm {
     pub pid: Option<u32>,
     /// RFC 3339 time of creation.
     pub created_at: String,
+    /// Who made it (for an imported VM: who made the VM it was exported from).
+    pub created_by: String,
     /// RFC 3339 time of the last change.
     pub updated_at: String,
     /// Why the last lifecycle step failed, until the next one succeeds.
@@ -530,6 +532,9 @@ error_codes! {
     InvalidRam = "invalid_ram", 400, 2;
     /// The root disk size breaks the sizing rule.
     InvalidRootfsSize = "invalid_rootfs_size", 400, 2;
+    /// An import's archive is not a Hearth export this server reads, or is damaged or cut
+    /// short (the message says what and where); nothing of it is kept.
+    InvalidArchive = "invalid_archive", 400, 2;
     /// A guest path is not absolute or not valid.
     InvalidPath = "invalid_path", 400, 2;
     /// An exec command is empty or malformed.

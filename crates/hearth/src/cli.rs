@@ -100,6 +100,10 @@ pub enum Command {
     Backup(BackupCommand),
     /// Put one of a stopped VM's backups in place of its root disk.
     Restore(RestoreArgs),
+    /// Write a stopped VM as a tar archive (to stdout, or -o FILE), to move it to another host.
+    Export(ExportArgs),
+    /// Make a VM (stopped, same name) of an archive `hearth export` wrote (a file, or stdin).
+    Import(ImportArgs),
     /// Show hearthd's status, version, VMM, acceleration, guest image, capacity and networking.
     Health,
 }
@@ -185,6 +189,23 @@ pub struct RestoreArgs {
     pub name: String,
     /// The id of one of its backups (`hearth backup list VM`).
     pub backup: String,
+}
+
+/// `hearth export VM [-o FILE]`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The VM's name (stopped).
+    pub name: String,
+    /// Write the archive to FILE (replaced only once complete) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<std::path::PathBuf>,
+}
+
+/// `hearth import [FILE]`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The archive; stdin when absent or `-`.
+    pub file: Option<std::path::PathBuf>,
 }
 
 /// Private networks: their members reach each other; nothing else reaches them.
@@ -488,6 +509,8 @@ impl Command {
                 BackupCommand::Delete(a) => (Action::BackupDelete, name(&a.name), None),
             },
             Command::Restore(a) => (Action::Restore, name(&a.name), None),
+            Command::Export(a) => (Action::Export, name(&a.name), None),
+            Command::Import(_) => (Action::Import, None, None),
             Command::Vm(vm) => match vm {
                 // Of several networks, which one is missing only hearthd's message says.
                 VmCommand::New(a) => {

@@ -289,6 +289,22 @@ impl Client {
         json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
     }
 
+    /// A stopped VM's archive as a streamed response body (its length in Content-Length).
+    pub async fn export(&self, name: &str) -> Result<Response> {
+        let req = self.http.get(self.url(&["vms", name, "export"], &[]));
+        self.send(req).await
+    }
+
+    /// Makes a VM of the archive `body` streams; answers with the new (stopped) VM.
+    pub async fn import(&self, body: reqwest::Body) -> Result<Json<VmDetail>> {
+        let req = self
+            .http
+            .post(self.url(&["imports"], &[]))
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(body);
+        json(self.send(req).await?).await
+    }
+
     pub async fn delete_network(&self, network: &str) -> Result<()> {
         let req = self.http.delete(self.url(&["networks", network], &[]));
         self.send(req.timeout(QUICK_TIMEOUT)).await?;

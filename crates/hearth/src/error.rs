@@ -148,6 +148,8 @@ pub enum Action {
     BackupList,
     BackupDelete,
     Restore,
+    Export,
+    Import,
     NetworkCreate,
     NetworkList,
     NetworkDelete,
@@ -184,6 +186,9 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
     let network = ctx.network.as_deref().unwrap_or("NETWORK");
     let hint = match code {
         ErrorCode::VmNotFound => "`hearth vm list` shows the VMs".to_owned(),
+        ErrorCode::VmNameTaken if ctx.action == Action::Import => "an import keeps the VM's name: \
+             delete or rename the VM of that name here first (`hearth vm list`)"
+            .to_owned(),
         ErrorCode::BackupNotFound => format!("`hearth backup list {vm}` shows its backups"),
         ErrorCode::InvalidState => match ctx.action {
             Action::Start => {
@@ -195,6 +200,7 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             Action::Resize => format!("stop it with `hearth vm stop {vm}`, then resize it"),
             Action::BackupCreate => format!("stop it with `hearth vm stop {vm}`, then back it up"),
             Action::Restore => format!("stop it with `hearth vm stop {vm}`, then restore it"),
+            Action::Export => format!("stop it with `hearth vm stop {vm}`, then export it"),
             Action::Delete
             | Action::Restart
             | Action::Egress
@@ -242,6 +248,9 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             "give sizes as MiB (e.g. 512) or with a unit (e.g. 512M, 2G)".to_owned()
         }
         ErrorCode::InvalidPath => "guest paths are absolute, e.g. `demo:/root/file`".to_owned(),
+        ErrorCode::InvalidArchive => "`hearth import` takes what `hearth export` wrote, whole; \
+             nothing of this archive was kept"
+            .to_owned(),
         ErrorCode::ImageUnavailable => {
             "the guest image may still be building; `hearth health` shows when it is ready"
                 .to_owned()
@@ -509,6 +518,8 @@ mod tests {
             Action::BackupList,
             Action::BackupDelete,
             Action::Restore,
+            Action::Export,
+            Action::Import,
             Action::NetworkCreate,
             Action::NetworkList,
             Action::NetworkDelete,

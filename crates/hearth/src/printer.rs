@@ -67,6 +67,19 @@ impl Printer {
         }
     }
 
+    /// A byte counter for a long transfer, shown on stderr (redrawn at most every 200 ms) when
+    /// stderr is a terminal: `label: 120M of 1.0G (11%), 85 MB/s`.
+    pub fn transfer(&self, label: &str, total: Option<u64>) -> Transfer {
+        Transfer {
+            label: label.to_owned(),
+            total,
+            done: 0,
+            start: Instant::now(),
+            drawn: None,
+            shown: !self.json && self.stderr_tty,
+        }
+    }
+
     /// Prints a failure: the error body as JSON on stdout with `--json`, else `error:`/`hint:`.
     pub fn error(&self, err: &CliError, ctx: &HintContext) {
         if self.json {
@@ -137,6 +150,63 @@ impl Drop for Progress {
         // Unfinished (the operation failed): end the line so the error starts on its own.
         if self.shown && !self.done {
             eprintln!("failed");
+        }
+    }
+}
+
+/// See [`Printer::transfer`].
+#[derive(Debug)]
+pub struct Transfer {
+    label: String,
+    total: Option<u64>,
+    done: u64,
+    start: Instant,
+    drawn: Option<Instant>,
+    shown: bool,
+}
+
+impl Transfer {
+    pub fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        let due = self
+            .drawn
+            .is_none_or(|at| at.elapsed() >= std::time::Duration::from_millis(200));
+        if self.shown && due {
+            self.drawn = Some(Instant::now());
+            eprint!("\r{}\x1b[K", self.line());
+            let _ = std::io::stderr().flush();
+        }
+    }
+
+    /// Ends the line with the final count.
+    pub fn finish(&mut self) {
+        if self.shown {
+            eprintln!("\r{}\x1b[K", self.line());
+            self.shown = false;
+        }
+    }
+
+    fn line(&self) -> String {
+        let secs = self.start.elapsed().as_secs_f64().max(0.001);
+        let rate = self.done as f64 / secs / 1e6;
+        let done = crate::render::size_bytes(self.done);
+        match self.total {
+            Some(total) if total > 0 => format!(
+                "{}: {done} of {} ({}%), {rate:.0} MB/s",
+                self.label,
+                crate::render::size_bytes(total),
+                self.done.saturating_mul(100) / total
+            ),
+            _ => format!("{}: {done}, {rate:.0} MB/s", self.label),
+        }
+    }
+}
+
+impl Drop for Transfer {
+    fn drop(&mut self) {
+        // Unfinished (it failed): end the line so the error starts on its own.
+        if self.shown {
+            eprintln!();
         }
     }
 }

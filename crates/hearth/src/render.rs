@@ -101,6 +101,22 @@ pub fn list_or_dash(items: &[String]) -> String {
 }
 
 /// A size in MiB as people write it: `512M`, `1G`, `1.5G`, `2T`.
+/// A byte count as people read it: `812B`, `3.4M`, `1.2G`.
+pub fn size_bytes(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 40, "T"), (1 << 30, "G"), (1 << 20, "M")];
+    for (size, unit) in UNITS {
+        if bytes >= size {
+            let whole = bytes / size;
+            let tenth = (bytes % size) * 10 / size;
+            return format!("{whole}.{tenth}{unit}");
+        }
+    }
+    if bytes >= 1 << 10 {
+        return format!("{}K", bytes >> 10);
+    }
+    format!("{bytes}B")
+}
+
 pub fn size_mib(mib: u64) -> String {
     const GIB: u64 = 1024;
     const TIB: u64 = 1024 * 1024;

@@ -44,6 +44,7 @@ fn canned_vm(name: &str, state: VmState, memory_mib: u64) -> Vm {
         vmm: "qemu".into(),
         pid: (state == VmState::Running).then_some(4242),
         created_at: "2024-05-01T12:00:00Z".into(),
+        created_by: "operator".into(),
         updated_at: "2024-05-01T12:00:04Z".into(),
         last_error: None,
     }

@@ -117,15 +117,16 @@ fn reflink(src: &File, dst: &File) -> io::Result<bool> {
     }
 }
 
-/// Copies the data extents of `src` (found with SEEK_DATA/SEEK_HOLE) with copy_file_range.
-fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
-    let len = src.metadata()?.len();
-    dst.set_len(len)?;
-    let len = i64::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+/// The data extents of `file` (offset, length), found with SEEK_DATA/SEEK_HOLE, in order; what
+/// lies between them reads as zeros. A filesystem without hole reporting gives one extent.
+pub fn data_segments(file: &File) -> io::Result<Vec<(u64, u64)>> {
+    let len =
+        i64::try_from(file.metadata()?.len()).map_err(|_| io::Error::other("file too large"))?;
+    let mut segments = Vec::new();
     let mut pos: i64 = 0;
     while pos < len {
         // SAFETY: lseek on an open descriptor; no memory involved.
-        let data = unsafe { libc::lseek(src.as_raw_fd(), pos, libc::SEEK_DATA) };
+        let data = unsafe { libc::lseek(file.as_raw_fd(), pos, libc::SEEK_DATA) };
         if data < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ENXIO) {
@@ -134,14 +135,31 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
             return Err(e);
         }
         // SAFETY: as above.
-        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
         if hole < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut off_in = data;
-        let mut off_out = data;
-        while off_in < hole {
-            let want = usize::try_from(hole - off_in)
+        if hole <= data {
+            return Err(io::Error::other(
+                "SEEK_HOLE did not advance: the file changed",
+            ));
+        }
+        // Both are non-negative offsets within the file.
+        segments.push((data.unsigned_abs(), (hole - data).unsigned_abs()));
+        pos = hole;
+    }
+    Ok(segments)
+}
+
+/// Copies the data extents of `src` with copy_file_range, so holes stay holes.
+fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
+    dst.set_len(src.metadata()?.len())?;
+    for (offset, length) in data_segments(src)? {
+        let to_i64 = |v: u64| i64::try_from(v).map_err(|_| io::Error::other("file too large"));
+        let (mut off_in, end) = (to_i64(offset)?, to_i64(offset + length)?);
+        let mut off_out = off_in;
+        while off_in < end {
+            let want = usize::try_from(end - off_in)
                 .unwrap_or(usize::MAX)
                 .min(1 << 30);
             // SAFETY: both offsets point to live i64s owned by this frame; descriptors are open.
@@ -165,7 +183,6 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
                 ));
             }
         }
-        pos = hole;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! hearthd: Hearth's control plane.
 
 mod api;
+mod archive;
 mod capacity;
 mod config;
 mod disk;

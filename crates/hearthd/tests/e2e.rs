@@ -231,10 +231,50 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     );
     assert!(kinds.contains(&"stopped"), "{kinds:?}");
 
+    // Export, delete, import: the same name and data (the disk's checksum), new paths.
+    w.d().hearth_ok(&["vm", "stop", "e2e-a"]);
+    let disk_sum = sha256_of(&w.data().join("vms").join(&id).join("rootfs.ext4"));
+    let archive = w.data().join("e2e-a.tar");
+    let archive_arg = archive.to_str().unwrap();
+    w.d().hearth_ok(&["export", "e2e-a", "-o", archive_arg]);
     w.d().hearth_ok(&["vm", "delete", "e2e-a"]);
     let gone = w.d().hearth(&["vm", "inspect", "e2e-a"]);
     assert_eq!(gone.status.code(), Some(3));
     w.assert_gone(&id);
+    let imported = json_of(&w.d().hearth_ok(&["--json", "import", archive_arg]));
+    assert_eq!(
+        (imported["name"].as_str(), imported["state"].as_str()),
+        (Some("e2e-a"), Some("stopped")),
+        "{imported}"
+    );
+    let new_id = imported["id"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, id);
+    w.vm_ids.push(new_id.clone());
+    assert_eq!(
+        sha256_of(&w.data().join("vms").join(&new_id).join("rootfs.ext4")),
+        disk_sum
+    );
+    let again = w.d().hearth(&["import", archive_arg]);
+    assert_eq!(again.status.code(), Some(4), "the name is taken");
+    w.d().hearth_ok(&["vm", "start", "e2e-a"]);
+    assert_eq!(
+        w.d()
+            .hearth_ok(&["exec", "e2e-a", "--", "cat", "/root/marker"]),
+        "before\n"
+    );
+
+    w.d().hearth_ok(&["vm", "delete", "e2e-a"]);
+    w.assert_gone(&new_id);
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 /// The NDJSON exec stream and a followed serial log, over raw HTTP.
@@ -440,8 +480,62 @@ fn vms_survive_hearthd_kill9() {
         w.d().hearth_ok(&["exec", "e2e-b", "--", "echo", "whole"]),
         "whole\n"
     );
+    w.d().hearth_ok(&["vm", "stop", "e2e-b"]);
+    let archive = w.data().join("e2e-b.tar");
+    let archive_arg = archive.to_str().unwrap().to_owned();
+    w.d().hearth_ok(&["export", "e2e-b", "-o", &archive_arg]);
+    let disk_sum = sha256_of(&disk);
     w.d().hearth_ok(&["vm", "delete", "e2e-b"]);
     assert!(!backups.exists(), "the VM's backups went with it");
+    w.assert_gone(&id);
+
+    // hearthd killed in the middle of imports: afterwards the VM is either there, stopped,
+    // with the whole disk, or not there at all; nothing half-made is left either way.
+    let imports = w.data().join("imports");
+    for delay_ms in [0, 60, 200, 600] {
+        let mut op = hearth_cmd(&["import", &archive_arg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        w.restart_after_kill9();
+        let _ = op.wait();
+        assert_eq!(
+            std::fs::read_dir(&imports).map_or(0, |d| d.count()),
+            0,
+            "an import killed at {delay_ms} ms left staged files"
+        );
+        let list = json_of(&w.d().hearth_ok(&["--json", "vm", "list"]));
+        let dirs = std::fs::read_dir(w.data().join("vms")).map_or(0, |d| d.count());
+        match list.as_array().unwrap().as_slice() {
+            [] => assert_eq!(dirs, 0, "no VM, no VM directory ({delay_ms} ms)"),
+            [vm] => {
+                assert_eq!(
+                    (vm["name"].as_str(), vm["state"].as_str()),
+                    (Some("e2e-b"), Some("stopped"))
+                );
+                let vm_id = vm["id"].as_str().unwrap();
+                let imported = w.data().join("vms").join(vm_id).join("rootfs.ext4");
+                assert_eq!(
+                    sha256_of(&imported),
+                    disk_sum,
+                    "a whole disk ({delay_ms} ms)"
+                );
+                w.d().hearth_ok(&["vm", "delete", "e2e-b"]);
+            }
+            more => panic!("one import made {} VMs", more.len()),
+        }
+    }
+    let imported = json_of(&w.d().hearth_ok(&["--json", "import", &archive_arg]));
+    let id = imported["id"].as_str().unwrap().to_owned();
+    w.vm_ids.push(id.clone());
+    w.d().hearth_ok(&["vm", "start", "e2e-b"]);
+    assert_eq!(
+        w.d().hearth_ok(&["exec", "e2e-b", "--", "echo", "whole"]),
+        "whole\n"
+    );
+    w.d().hearth_ok(&["vm", "delete", "e2e-b"]);
     w.assert_gone(&id);
 
     // hearthd killed while a guest boots: the next hearthd adopts the booting VM and finishes

@@ -512,6 +512,40 @@ async fn pass(w: &World, c: &Contract) {
     expect(c, "backup delete", delete, 204, "").await;
     let again = Req::new("DELETE", format!("/v1/vms/ct-cold/backups/{id}"));
     expect(c, "backup delete again", again, 404, "backup_not_found").await;
+    // Export and import: the archive out; back in it is refused under a taken name, and cut
+    // short.
+    let a = c
+        .send_large("export running", Req::get("/v1/vms/ct/export"))
+        .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (409, "invalid_state".into()),
+        "{}",
+        a.text()
+    );
+    let archive = c
+        .send_large("export", Req::get("/v1/vms/ct-cold/export"))
+        .await;
+    assert_eq!(archive.status, 200);
+    let import = |b: Vec<u8>| Req::post("/v1/imports").bytes("application/x-tar", b);
+    let a = c
+        .send_large("import taken", import(archive.body.clone()))
+        .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (409, "vm_name_taken".into()),
+        "{}",
+        a.text()
+    );
+    // Cut inside the manifest (a cut later reads as the taken name first).
+    let half = archive.body[..700].to_vec();
+    let a = c.send_large("import cut short", import(half)).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (400, "invalid_archive".into()),
+        "{}",
+        a.text()
+    );
     // Networking: egress policies and private networks, working and failing.
     let egress = |vm: &str, body: serde_json::Value| {
         Req::new("PUT", format!("/v1/vms/{vm}/egress")).json(&body)

@@ -297,7 +297,7 @@ fn current_umask() -> u32 {
     old.bits()
 }
 
-async fn copy_body(
+pub(crate) async fn copy_body(
     client: &Client,
     body: impl Stream<Item = reqwest::Result<impl AsRef<[u8]>>>,
     out: &mut (impl AsyncWrite + Unpin),
@@ -310,7 +310,7 @@ async fn copy_body(
     out.flush().await.map_err(write_error)
 }
 
-fn write_error(err: std::io::Error) -> CliError {
+pub(crate) fn write_error(err: std::io::Error) -> CliError {
     if err.kind() == std::io::ErrorKind::BrokenPipe {
         return CliError::Local {
             kind: "broken_pipe",
@@ -322,7 +322,7 @@ fn write_error(err: std::io::Error) -> CliError {
 }
 
 /// A reader as a stream of chunks for a streamed request body; ends after the first error.
-fn chunks<R: AsyncRead + Send + Unpin + 'static>(
+pub(crate) fn chunks<R: AsyncRead + Send + Unpin + 'static>(
     reader: R,
 ) -> impl Stream<Item = std::io::Result<Vec<u8>>> + Send + 'static {
     futures_util::stream::unfold(Some(reader), |reader| async move {

@@ -1,5 +1,6 @@
 //! One function per command; each returns the exit code, or the error `main` prints.
 
+pub mod archive;
 pub mod backup;
 pub mod cp;
 pub mod exec;
@@ -21,6 +22,8 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Network(command) => network::run(command, client, printer).await.map(success),
         Command::Backup(command) => backup::run(command, client, printer).await.map(success),
         Command::Restore(args) => backup::restore(client, printer, args).await.map(success),
+        Command::Export(args) => archive::export(client, printer, args).await.map(success),
+        Command::Import(args) => archive::import(client, printer, args).await.map(success),
         Command::Health => vm::health(client, printer).await.map(success),
     }
 }

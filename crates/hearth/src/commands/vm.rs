@@ -182,6 +182,7 @@ fn inspect_text(detail: &VmDetail, alert: impl Fn(&str) -> String) -> String {
             vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
         ),
         ("created", terminal_safe(&vm.created_at)),
+        ("creator", terminal_safe(&vm.created_by)),
         ("updated", terminal_safe(&vm.updated_at)),
     ]);
     let mut out = key_values(&pairs);
@@ -355,6 +356,7 @@ mod tests {
             vmm: "qemu".into(),
             pid: None,
             created_at: "2024-05-01T12:00:00Z".into(),
+            created_by: "operator".into(),
             updated_at: "2024-05-01T12:00:05Z".into(),
             last_error: None,
         }

@@ -1027,3 +1027,195 @@ fn backups_restore_only_into_their_vm_and_leave_nothing_half_made() {
     let (s, _) = d.call("DELETE", "/v1/vms/other", None);
     assert_eq!(s, 204);
 }
+
+#[test]
+fn an_export_imports_whole_under_its_name_and_a_damaged_one_leaves_nothing() {
+    use sha2::Digest;
+    let world = World::new();
+    let helper = Arc::new(RecordingHelper::default());
+    let d = world.hearthd_with(Some((helper, "127.77.0.0/16", "127.78.0.2")));
+    let create = |name: &str, extra: Value| {
+        let mut body = json!({"name": name, "start": false, "rootfs_size": "1G"});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let (s, vm) = d.call("POST", "/v1/vms", Some(body));
+        assert_eq!(s, 201, "{vm}");
+        vm
+    };
+    let mv = create(
+        "mv",
+        json!({"cpus": 2, "ram": "256M", "egress": {"allow_cidrs": ["10.1.0.0/16"]}, "user_data": "hello"}),
+    );
+    create("other", json!({}));
+    let old_id = mv["id"].as_str().unwrap().to_owned();
+    let old_dir = world.data().join("vms").join(&old_id);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(old_dir.join("rootfs.ext4"))
+            .unwrap();
+        f.write_all_at(b"moved!", 600 << 20).unwrap();
+    }
+    std::fs::write(old_dir.join("serial.log"), b"console line\n").unwrap();
+    let sha =
+        |path: &std::path::Path| hex_digest(&sha2::Sha256::digest(std::fs::read(path).unwrap()));
+    let disk_sha = sha(&old_dir.join("rootfs.ext4"));
+
+    let get = |path: &str| {
+        d.block_on(async {
+            let resp = d
+                .http
+                .get(format!("http://{}{path}", d.base))
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            let len = resp.content_length();
+            (status, len, resp.bytes().await.unwrap().to_vec())
+        })
+    };
+    let import = |bytes: Vec<u8>| {
+        d.block_on(async {
+            let resp = d
+                .http
+                .post(format!("http://{}/v1/imports", d.base))
+                .header("content-type", "application/x-tar")
+                .body(bytes)
+                .send()
+                .await
+                .unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<Value>().await.unwrap())
+        })
+    };
+    // A running VM is not exported.
+    let (s, _) = d.call("POST", "/v1/vms/other/start", None);
+    assert_eq!(s, 200);
+    let (s, _, body) = get("/v1/vms/other/export");
+    assert_eq!(s, 409, "{}", String::from_utf8_lossy(&body));
+    let (s, _) = d.call("POST", "/v1/vms/other/stop", None);
+    assert_eq!(s, 200);
+
+    let (s, len, archive) = get("/v1/vms/mv/export");
+    assert_eq!(s, 200);
+    assert_eq!(len, Some(archive.len() as u64));
+    assert!(
+        archive.len() < 64 << 20,
+        "the disk's holes do not travel: {}",
+        archive.len()
+    );
+    let (s, taken) = import(archive.clone());
+    assert_eq!(
+        (s, taken["error"].as_str()),
+        (409, Some("vm_name_taken")),
+        "{taken}"
+    );
+
+    // Moved: deleted here, its /30 taken by another VM, then imported.
+    let (s, _) = d.call("DELETE", "/v1/vms/mv", None);
+    assert_eq!(s, 204);
+    let third = create("third", json!({}));
+    assert_eq!(third["network"]["subnet"], mv["network"]["subnet"]);
+    let imports = world.data().join("imports");
+    let no_leftovers = |what: &str| {
+        let left = std::fs::read_dir(&imports).map_or(0, |d| d.count());
+        assert_eq!(left, 0, "{what}: the import left files");
+        let (_, list) = d.call("GET", "/v1/vms", None);
+        let names: Vec<&str> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["other", "third"], "{what}");
+        assert_eq!(
+            std::fs::read_dir(world.data().join("vms")).unwrap().count(),
+            2,
+            "{what}: a VM directory was left"
+        );
+    };
+    // Damaged archives: cut short, a flipped byte in the disk, a newer manifest version.
+    let refused = |bytes: Vec<u8>, what: &str, says: &str| {
+        let (s, body) = import(bytes);
+        assert_eq!(
+            (s, body["error"].as_str()),
+            (400, Some("invalid_archive")),
+            "{what}: {body}"
+        );
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains(says), "{what}: {message}");
+        no_leftovers(what);
+    };
+    refused(
+        archive[..archive.len() / 2].to_vec(),
+        "cut in half",
+        "cut short",
+    );
+    let mut flipped = archive.clone();
+    let at = flipped.windows(6).position(|w| w == b"moved!").unwrap();
+    flipped[at] ^= 1;
+    refused(flipped, "a flipped byte", "does not match its checksum");
+    let text = String::from_utf8_lossy(&archive[512..1024]).into_owned();
+    assert!(text.contains("\"version\": 1,"), "{text}");
+    let mut newer = archive.clone();
+    let v = 512 + text.find("\"version\": 1,").unwrap() + "\"version\": ".len();
+    newer[v] = b'7';
+    refused(newer, "a newer version", "version 7 is newer");
+
+    let (s, got) = import(archive);
+    assert_eq!(s, 201, "{got}");
+    assert_eq!(
+        (got["name"].as_str(), got["state"].as_str()),
+        (Some("mv"), Some("stopped"))
+    );
+    assert_eq!(
+        (&got["cpus"], &got["memory_mib"], &got["rootfs_mib"]),
+        (&json!(2), &json!(256), &json!(1024))
+    );
+    assert_eq!(got["created_by"], "operator");
+    assert_eq!(got["created_at"], mv["created_at"]);
+    let new_id = got["id"].as_str().unwrap();
+    assert_ne!(new_id, old_id, "fresh paths");
+    assert_ne!(
+        got["network"]["subnet"], mv["network"]["subnet"],
+        "a fresh /30"
+    );
+    assert_eq!(
+        got["network"]["egress"]["allow_cidrs"],
+        json!(["10.1.0.0/16"])
+    );
+    let imported = got["events"].as_array().unwrap().iter().any(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("imported"))
+    });
+    assert!(imported, "{got}");
+    let new_dir = world.data().join("vms").join(new_id);
+    assert_eq!(sha(&new_dir.join("rootfs.ext4")), disk_sha, "the same disk");
+    {
+        use std::os::unix::fs::MetadataExt;
+        let blocks = std::fs::metadata(new_dir.join("rootfs.ext4"))
+            .unwrap()
+            .blocks();
+        assert!(blocks * 512 < 64 << 20, "the imported disk is sparse");
+    }
+    assert_eq!(
+        std::fs::read(new_dir.join("serial.log")).unwrap(),
+        b"console line\n"
+    );
+    // It boots, with its metadata.
+    let (s, _) = d.call("POST", "/v1/vms/mv/start", None);
+    assert_eq!(s, 200);
+    let (s, _) = d.call("POST", "/v1/vms/mv/stop", None);
+    assert_eq!(s, 200);
+    for name in ["mv", "other", "third"] {
+        let (s, _) = d.call("DELETE", &format!("/v1/vms/{name}"), None);
+        assert_eq!(s, 204);
+    }
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -5,6 +5,7 @@
 
 mod backup;
 mod docs;
+mod export;
 pub mod guard;
 mod network;
 mod stream;
@@ -184,6 +185,8 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         backup::list_backups,
         backup::delete_backup,
         backup::restore,
+        export::export,
+        export::import,
         vm_logs,
         exec,
         exec_stream,
@@ -248,6 +251,8 @@ pub fn router(state: AppState) -> Router {
             axum::routing::delete(backup::delete_backup),
         )
         .route("/vms/{name}/restore", post(backup::restore))
+        .route("/vms/{name}/export", get(export::export))
+        .route("/imports", post(export::import))
         .route("/vms/{name}/logs", get(vm_logs))
         .route("/vms/{name}/exec", post(exec))
         .route("/vms/{name}/exec/stream", post(exec_stream))

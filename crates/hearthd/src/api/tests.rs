@@ -408,6 +408,7 @@ async fn an_unreadable_vm_row_does_not_stop_recovery() {
             vmm: "fake".into(),
             pid: Some(999_999),
             created_at: now.clone(),
+            created_by: "operator".into(),
             updated_at: now,
             last_error: None,
             net_index: None,

@@ -108,6 +108,10 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_vms.sql")),
     (2, include_str!("../../migrations/sqlite/0002_network.sql")),
     (3, include_str!("../../migrations/sqlite/0003_backups.sql")),
+    (
+        4,
+        include_str!("../../migrations/sqlite/0004_vm_creator.sql"),
+    ),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_vms.sql")),
@@ -118,6 +122,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (
         3,
         include_str!("../../migrations/postgres/0003_backups.sql"),
+    ),
+    (
+        4,
+        include_str!("../../migrations/postgres/0004_vm_creator.sql"),
     ),
 ];
 
@@ -200,6 +208,8 @@ pub struct VmRecord {
     pub vmm: String,
     pub pid: Option<u32>,
     pub created_at: String,
+    /// The principal that made it (or made the VM an import came from).
+    pub created_by: String,
     pub updated_at: String,
     pub last_error: Option<String>,
     /// The index of the VM's /30 in `network.cidr`; `None` for a VM made without networking.
@@ -221,6 +231,7 @@ impl From<VmRecord> for hearth_api::Vm {
             vmm: r.vmm,
             pid: r.pid,
             created_at: r.created_at,
+            created_by: r.created_by,
             updated_at: r.updated_at,
             last_error: r.last_error,
         }
@@ -421,8 +432,8 @@ impl Store {
             None => None,
         };
         let inserted = sqlx::query(
-            "INSERT INTO vms (id, name, state, cpus, memory_mib, rootfs_mib, image, vmm, pid, created_at, updated_at, last_error, net_index, egress, metadata)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            "INSERT INTO vms (id, name, state, cpus, memory_mib, rootfs_mib, image, vmm, pid, created_at, updated_at, last_error, net_index, egress, metadata, created_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&vm.id)
         .bind(&vm.name)
@@ -439,6 +450,7 @@ impl Store {
         .bind(vm.net_index.map(i64::from))
         .bind(network::to_json(&vm.egress))
         .bind(network::to_json(&vm.metadata))
+        .bind(&vm.created_by)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -638,6 +650,14 @@ impl Store {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        insert_event(&mut tx, id, kind, None, None, Some(message)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records an event of VM `id` that changes nothing else about it (an export).
+    pub async fn note(&self, id: &str, kind: &str, message: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         insert_event(&mut tx, id, kind, None, None, Some(message)).await?;
         tx.commit().await?;
         Ok(())
@@ -868,6 +888,7 @@ fn vm_from_row(r: &AnyRow) -> Result<VmRecord, StoreError> {
         vmm: text("vmm")?,
         pid,
         created_at: text("created_at")?,
+        created_by: text("created_by")?,
         updated_at: text("updated_at")?,
         last_error: r
             .try_get("last_error")

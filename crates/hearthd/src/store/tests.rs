@@ -23,6 +23,7 @@ fn record(name: &str) -> VmRecord {
         vmm: "qemu".into(),
         pid: None,
         created_at: now(),
+        created_by: "operator".into(),
         updated_at: now(),
         last_error: None,
         net_index: None,

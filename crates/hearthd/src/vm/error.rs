@@ -96,6 +96,14 @@ pub enum VmError {
     NoBackup { vm: String, id: String },
     #[error("{0}")]
     NoSpace(String),
+    #[error("invalid archive: {0}")]
+    BadArchive(String),
+    #[error("cannot export or import VM {name:?}")]
+    Export {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("state store failure")]
     Store(StoreError),
     #[error("an internal task failed: {0}")]
@@ -162,6 +170,8 @@ impl VmError {
             VmError::NoNetwork(_) => ErrorCode::NetworkNotFound,
             VmError::NoBackup { .. } => ErrorCode::BackupNotFound,
             VmError::NoSpace(_) => ErrorCode::ResourceExhausted,
+            VmError::BadArchive(_) => ErrorCode::InvalidArchive,
+            VmError::Export { .. } => ErrorCode::Internal,
             VmError::NetworkTaken(_) => ErrorCode::NetworkNameTaken,
             VmError::NetworkInUse { .. } => ErrorCode::NetworkInUse,
             VmError::NoAddresses { .. } => ErrorCode::InsufficientCapacity,

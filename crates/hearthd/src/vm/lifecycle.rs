@@ -10,7 +10,7 @@ use hearth_guest_proto::ShutdownAction;
 use super::logs::{LogSource, rotate_log, tail_lines};
 use super::running::Runtime;
 use super::state::{self, Input};
-use super::{VmError, VmService, lock, random_id};
+use super::{Caller, VmError, VmService, lock, random_id};
 use crate::capacity::Demand;
 use crate::disk::{self, DiskError};
 use crate::guest::{GuestClient, GuestError};
@@ -27,7 +27,11 @@ use hearth_helper::proto;
 const SPARE_REFILL_DELAY: Duration = Duration::from_secs(2);
 
 impl VmService {
-    pub(super) async fn create(&self, req: CreateVmRequest) -> Result<VmDetail, VmError> {
+    pub(super) async fn create(
+        &self,
+        caller: &Caller,
+        req: CreateVmRequest,
+    ) -> Result<VmDetail, VmError> {
         let defaults = &self.inner.config.guest;
         rules::validate_name(&req.name)?;
         let cpus = req.cpus.unwrap_or(defaults.cpus);
@@ -56,6 +60,7 @@ impl VmService {
             vmm: self.inner.vmm.kind().into(),
             pid: None,
             created_at: now.clone(),
+            created_by: caller.principal.to_string(),
             updated_at: now,
             last_error: None,
             net_index: None,
@@ -551,7 +556,7 @@ mod tests {
             name: "a".into(),
             ..Default::default()
         };
-        let err = service.create(req).await.unwrap_err();
+        let err = service.create(&Caller::system(), req).await.unwrap_err();
         assert!(matches!(err, VmError::StartFailed { .. }), "{err:?}");
         let seen = seen.lock().unwrap().clone().expect("the VMM was launched");
         assert!(

@@ -14,6 +14,7 @@ mod admission;
 mod backup;
 mod error;
 mod exec;
+mod export;
 mod files;
 mod lifecycle;
 mod logs;
@@ -46,6 +47,7 @@ use state::Input;
 
 pub use error::VmError;
 pub use exec::{ExecEvent, ExecInput, ExecOpen, ExecOutput, ExecStream};
+pub use export::ExportStream;
 pub use files::{Download, Upload};
 pub use logs::{LogSource, LogStream, LogWindow};
 
@@ -161,6 +163,10 @@ pub enum Action {
         name: String,
         backup: String,
     },
+    /// Stream a stopped VM as an archive; the reply is the stream.
+    Export(String),
+    /// Make a VM (stopped) of an archive read from a stream.
+    Import(Upload),
     /// Change a stopped VM's cpus, memory or root disk size.
     ResizeVm {
         name: String,
@@ -204,6 +210,8 @@ impl Action {
             Action::ListBackups(_) => "list_backups",
             Action::DeleteBackup { .. } => "delete_backup",
             Action::Restore { .. } => "restore",
+            Action::Export(_) => "export",
+            Action::Import(_) => "import",
             Action::SetEgress { .. } => "set_egress",
             Action::ListNetworks => "list_networks",
             Action::CreateNetwork(_) => "create_network",
@@ -232,6 +240,7 @@ pub enum Reply {
     Network(NetworkInfo),
     Backup(hearth_api::Backup),
     Backups(Vec<hearth_api::Backup>),
+    Export(ExportStream),
 }
 
 /// State of the guest image, shared with the background build.
@@ -374,9 +383,9 @@ impl VmService {
             // Lifecycle work runs in a task of its own: a client that hangs up or a request
             // timeout stops the waiting, never the work half-way.
             Action::CreateVm(req) => {
-                let s = self.clone();
+                let (s, caller) = (self.clone(), caller.clone());
                 Ok(Reply::Created(
-                    lifecycle::detached(async move { s.create(req).await }).await?,
+                    lifecycle::detached(async move { s.create(&caller, req).await }).await?,
                 ))
             }
             Action::StartVm(name) => {
@@ -434,6 +443,8 @@ impl VmService {
             Action::Restore { name, backup } => {
                 Ok(Reply::VmDetail(self.restore(&name, &backup).await?))
             }
+            Action::Export(name) => Ok(Reply::Export(self.export(caller, &name).await?)),
+            Action::Import(body) => Ok(Reply::Created(self.import(caller, body).await?)),
             Action::ResizeVm { name, request } => {
                 Ok(Reply::VmDetail(self.resize(&name, request).await?))
             }

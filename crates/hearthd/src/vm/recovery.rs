@@ -42,6 +42,7 @@ impl VmService {
                 self.mark_failed(&id, &why).await;
             }
         }
+        self.clean_imports().await;
         if let Err(e) = self.clean_backups().await {
             tracing::error!(error = %e, "cannot clean up unfinished backups and restores");
         }
