@@ -550,17 +550,17 @@ fn read_file<R: Read, E>(
     let mut at: u64 = 0;
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = match entry.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                return Err(invalid(format!(
-                    "{} is damaged or cut short after {at} of {} bytes: {e}",
-                    file.name, file.size
-                )));
-            }
-        };
+        // Whole chunks: a network read gives a few KiB, and each chunk costs a hash update and
+        // a write.
+        let n = fill(entry, &mut buf).map_err(|e| {
+            invalid(format!(
+                "{} is damaged or cut short after {at} of {} bytes: {e}",
+                file.name, file.size
+            ))
+        })?;
+        if n == 0 {
+            break;
+        }
         if at + n as u64 > file.size {
             return Err(invalid(format!(
                 "{} is longer than the {} bytes the manifest gives it",
@@ -581,6 +581,20 @@ fn read_file<R: Read, E>(
         .and_then(|()| out.sync_all())
         .map_err(write_err)?;
     Ok(hex(&hash.finalize()))
+}
+
+/// Reads into `buf` until it is full or the input ends; returns how much it read.
+fn fill(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match input.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// True when `block` (at most [`ZERO_RUN`] bytes) is all zeros: a `memcmp`, fast in any build.

@@ -174,7 +174,18 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
                 )
             };
             if n < 0 {
-                return Err(io::Error::last_os_error());
+                let e = io::Error::last_os_error();
+                // Across filesystems (of different types, or before Linux 5.3) the kernel does
+                // not copy: the bytes go through this process instead.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL)
+                ) {
+                    let done = u64::try_from(off_in).unwrap_or(0);
+                    copy_range(src, dst, done, offset + length - done)?;
+                    break;
+                }
+                return Err(e);
             }
             if n == 0 {
                 return Err(io::Error::new(
@@ -183,6 +194,20 @@ fn sparse_copy(src: &File, dst: &File) -> io::Result<()> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Copies `len` bytes at `offset` of `src` to the same offset of `dst` by reading and writing.
+fn copy_range(src: &File, dst: &File, mut offset: u64, mut len: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = usize::try_from(len.min(buf.len() as u64)).unwrap_or(buf.len());
+        src.read_exact_at(&mut buf[..n], offset)?;
+        dst.write_all_at(&buf[..n], offset)?;
+        offset += n as u64;
+        len -= n as u64;
     }
     Ok(())
 }
@@ -413,6 +438,22 @@ mod tests {
     }
     use std::io::{Seek, SeekFrom, Write};
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_copy_across_filesystems_keeps_data_and_holes() {
+        use std::os::unix::fs::FileExt;
+        let xfs = Xfs::new();
+        let src = xfs.mnt().join("src");
+        let f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[7u8; 3 << 20], 10 << 20).unwrap();
+        drop(f);
+        let other = tempfile::tempdir().unwrap();
+        let dst = other.path().join("dst");
+        assert_eq!(clone_file(&src, &dst).unwrap(), CopyMethod::Sparse);
+        assert!(std::fs::read(&src).unwrap() == std::fs::read(&dst).unwrap());
+        assert!(std::fs::metadata(&dst).unwrap().blocks() * 512 < 8 << 20);
+    }
 
     #[test]
     fn sparse_copy_keeps_data_and_holes() {
