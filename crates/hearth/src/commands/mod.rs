@@ -7,6 +7,7 @@ pub mod inputs;
 pub mod logs;
 pub mod network;
 pub mod vm;
+pub mod volume;
 
 use crate::cli::{Command, VmCommand};
 use crate::client::{Client, Lifecycle};
@@ -21,6 +22,7 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Network(command) => network::run(command, client, printer).await.map(success),
         Command::Backup(command) => backup::run(command, client, printer).await.map(success),
         Command::Restore(args) => backup::restore(client, printer, args).await.map(success),
+        Command::Volume(command) => volume::run(command, client, printer).await.map(success),
         Command::Health => vm::health(client, printer).await.map(success),
     }
 }

@@ -191,6 +191,22 @@ fn inspect_text(detail: &VmDetail, alert: impl Fn(&str) -> String) -> String {
         out.push_str(&network_text(network));
         out.push('\n');
     }
+    if !detail.volumes.is_empty() {
+        out.push_str("VOLUMES\n");
+        let rows: Vec<Vec<String>> = detail
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    terminal_safe(&v.name),
+                    terminal_safe(&v.path),
+                    size_mib(v.size_mib),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["NAME", "PATH", "SIZE"], &rows));
+        out.push('\n');
+    }
     if detail.events.is_empty() {
         out.push_str("no events\n");
     } else {
@@ -381,6 +397,7 @@ mod tests {
         let detail = VmDetail {
             vm: v,
             network: None,
+            volumes: vec![],
             events: vec![
                 VmEvent {
                     at: "2024-05-01T12:00:00.000Z".into(),
@@ -423,6 +440,7 @@ mod tests {
         let detail = VmDetail {
             vm: v,
             network: None,
+            volumes: vec![],
             events: vec![VmEvent {
                 at: "2024-05-01T12:00:01.000Z".into(),
                 kind: "start_failed".into(),
@@ -571,6 +589,7 @@ mod tests {
         let mut detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: Some(vm_network()),
+            volumes: vec![],
             events: vec![],
         };
         let text = inspect_text(&detail, str::to_owned);
@@ -618,6 +637,7 @@ mod tests {
         let detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: Some(network),
+            volumes: vec![],
             events: vec![],
         };
         for text in [inspect_text(&detail, str::to_owned), egress_text(&detail)] {
@@ -641,6 +661,7 @@ mod tests {
         let mut detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: Some(vm_network()),
+            volumes: vec![],
             events: vec![],
         };
         let network = detail.network.as_mut().unwrap();
@@ -666,6 +687,7 @@ mod tests {
         let mut detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: None,
+            volumes: vec![],
             events: vec![],
         };
         assert_eq!(
