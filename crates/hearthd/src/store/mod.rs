@@ -120,7 +120,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/sqlite/0001_vms.sql")),
     (2, include_str!("../../migrations/sqlite/0002_network.sql")),
     (3, include_str!("../../migrations/sqlite/0003_backups.sql")),
-    (4, include_str!("../../migrations/sqlite/0004_volumes.sql")),
+    (5, include_str!("../../migrations/sqlite/0005_volumes.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_vms.sql")),
@@ -133,8 +133,8 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0003_backups.sql"),
     ),
     (
-        4,
-        include_str!("../../migrations/postgres/0004_volumes.sql"),
+        5,
+        include_str!("../../migrations/postgres/0005_volumes.sql"),
     ),
 ];
 
