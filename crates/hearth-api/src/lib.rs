@@ -118,7 +118,19 @@ pub struct VmDetail {
     pub vm: Vm,
     /// The VM's network; null for a VM made while networking was off.
     pub network: Option<VmNetwork>,
+    /// The volumes attached to the VM, in the order it gets them as disks.
+    pub volumes: Vec<VmVolume>,
     pub events: Vec<VmEvent>,
+}
+
+/// A volume attached to a VM, as `GET /v1/vms/{name}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmVolume {
+    pub name: String,
+    /// Where the guest mounts it.
+    pub path: String,
+    /// Its size in MiB.
+    pub size_mib: u64,
 }
 
 /// A VM's network, as `GET /v1/vms/{name}` shows it.
@@ -247,6 +259,10 @@ pub struct CreateVmRequest {
     #[serde(default)]
     #[schema(max_items = 64)]
     pub ssh_authorized_keys: Vec<String>,
+    /// Volumes to attach (each must exist and be attached to no VM); at most 8.
+    #[serde(default)]
+    #[schema(max_items = 8)]
+    pub volumes: Vec<VolumeAttachment>,
 }
 
 /// Body of `POST /v1/vms/{name}/resize`: the VM's new shape, for a stopped VM. Each field
@@ -283,6 +299,59 @@ pub struct Backup {
     /// What it takes on the host's disk, in bytes (a reflink clone shares what it has not
     /// changed since).
     pub size_bytes: u64,
+}
+
+/// A volume: a named extra disk (ext4) that outlives the VMs it is attached to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Volume {
+    /// Stable identifier (16 hex digits); the guest sees it as the disk's serial.
+    pub id: String,
+    /// Unique name: lowercase letters, digits and hyphens, starting with a letter.
+    pub name: String,
+    /// Its size in MiB.
+    pub size_mib: u64,
+    /// RFC 3339 time of creation.
+    pub created_at: String,
+    /// True once it holds an ext4 filesystem (made at its first attach).
+    pub formatted: bool,
+    /// The VM it is attached to, by name; null when it is attached to none.
+    pub vm: Option<String>,
+    /// Where that VM mounts it; null when it is attached to none.
+    pub path: Option<String>,
+    /// What it takes on the host's disk, in bytes (the file is sparse).
+    pub allocated_bytes: u64,
+}
+
+/// Body of `POST /v1/volumes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    /// 1-63 characters: lowercase letters, digits and hyphens, starting with a letter.
+    #[schema(min_length = 1, max_length = 63, pattern = "^[a-z][a-z0-9-]{0,62}$")]
+    pub name: String,
+    /// At least 16 MiB, at most `volumes.max_size` (default 50G).
+    pub size: Size,
+}
+
+/// Body of `PUT /v1/vms/{name}/volumes/{volume}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolumeRequest {
+    /// Where the guest mounts it: an absolute path of at most 128 bytes of `A-Z a-z 0-9 . _ / -`,
+    /// no `..` component, not `/` and not under `/proc`, `/sys` or `/dev`.
+    #[schema(min_length = 2, max_length = 128, pattern = "^/[A-Za-z0-9._/-]*$")]
+    pub path: String,
+}
+
+/// A volume to attach to a new VM (`CreateVmRequest.volumes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeAttachment {
+    /// The volume's name; it must exist and be attached to no VM.
+    pub name: String,
+    /// Where the guest mounts it (the rule of `AttachVolumeRequest.path`).
+    #[schema(min_length = 2, max_length = 128, pattern = "^/[A-Za-z0-9._/-]*$")]
+    pub path: String,
 }
 
 /// Body of `POST /v1/vms/{name}/restore`.
@@ -535,6 +604,8 @@ error_codes! {
     /// An import's archive is not a Hearth export this server reads, or is damaged or cut
     /// short (the message says what and where); nothing of it is kept.
     InvalidArchive = "invalid_archive", 400, 2;
+    /// A volume size breaks the sizing rule (`volumes.max_size`).
+    InvalidSize = "invalid_size", 400, 2;
     /// A guest path is not absolute or not valid.
     InvalidPath = "invalid_path", 400, 2;
     /// An exec command is empty or malformed.
@@ -550,6 +621,8 @@ error_codes! {
     NetworkNotFound = "network_not_found", 404, 3;
     /// The VM has no backup of that id (a backup belongs to the VM it was made of).
     BackupNotFound = "backup_not_found", 404, 3;
+    /// No volume has that name.
+    VolumeNotFound = "volume_not_found", 404, 3;
     /// The endpoint exists but not with this HTTP method.
     MethodNotAllowed = "method_not_allowed", 405, 2;
     /// The request's `Host` header names neither hearthd's listen address, a loopback name nor
@@ -568,6 +641,10 @@ error_codes! {
     NetworkNameTaken = "network_name_taken", 409, 4;
     /// The private network still has members.
     NetworkInUse = "network_in_use", 409, 4;
+    /// Another volume already has the name.
+    VolumeNameTaken = "volume_name_taken", 409, 4;
+    /// The volume is attached to a VM (the message names it): detach it first.
+    VolumeInUse = "volume_in_use", 409, 4;
     /// The VM's state does not allow the operation (e.g. start a running VM).
     InvalidState = "invalid_state", 409, 4;
     /// Another lifecycle operation on this VM is in progress.

@@ -121,6 +121,7 @@ pub fn boot() {
             log!("ignoring invalid hearth.hostname={name}");
         }
     }
+    mount_volumes(&cmdline);
     if let Err(err) = loopback_up() {
         log!("cannot bring up lo: {err}");
     }
@@ -305,6 +306,158 @@ pub fn valid_hostname(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
+/// One `hearth.volume=<serial>:<path>` of the kernel command line: mount the disk whose
+/// virtio serial is `serial` at `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMount<'a> {
+    pub serial: &'a str,
+    pub path: &'a str,
+}
+
+/// How long a volume's disk may take to appear in `/sys/block`.
+const VOLUME_WAIT: Duration = Duration::from_secs(3);
+
+/// Every `hearth.volume=` of the command line, in order; a malformed one is an `Err` with the
+/// word, so it is logged and skipped.
+pub fn volume_params(cmdline: &str) -> Vec<Result<VolumeMount<'_>, &str>> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|word| word.strip_prefix("hearth.volume="))
+        .map(|value| {
+            let (serial, path) = value.split_once(':').ok_or(value)?;
+            let serial_ok = !serial.is_empty()
+                && serial.len() <= 20
+                && serial.bytes().all(|b| b.is_ascii_alphanumeric());
+            if serial_ok && valid_mount_path(path) {
+                Ok(VolumeMount { serial, path })
+            } else {
+                Err(value)
+            }
+        })
+        .collect()
+}
+
+/// The host's mount path rule, checked again: absolute, `A-Z a-z 0-9 . _ / -`, no `..`
+/// component, not `/`, not under `/proc`, `/sys` or `/dev`, at most 128 bytes.
+pub fn valid_mount_path(path: &str) -> bool {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    path.starts_with('/')
+        && path.len() <= 128
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-'))
+        && !parts.contains(&"..")
+        && parts
+            .first()
+            .is_some_and(|top| !matches!(*top, "proc" | "sys" | "dev"))
+}
+
+/// The disk (`vdb`) whose serial (as `/sys/block/<disk>/serial` reads) is `serial`.
+pub fn disk_with_serial<'a>(serial: &str, disks: &'a [(String, String)]) -> Option<&'a str> {
+    disks
+        .iter()
+        .find(|(_, s)| s.trim_end_matches(['\n', '\0', ' ']) == serial)
+        .map(|(disk, _)| disk.as_str())
+}
+
+/// The virtio disks and their serials.
+fn virtio_disks() -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            if !name.starts_with("vd") {
+                return None;
+            }
+            let serial = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+            Some((name, serial))
+        })
+        .collect()
+}
+
+/// Mounts each volume of the command line at its path. A volume that cannot be mounted is
+/// logged on the console and skipped: the guest boots without it.
+fn mount_volumes(cmdline: &str) {
+    for param in volume_params(cmdline) {
+        let volume = match param {
+            Ok(v) => v,
+            Err(word) => {
+                log!("ignoring invalid hearth.volume={word}");
+                continue;
+            }
+        };
+        let deadline = Instant::now() + VOLUME_WAIT;
+        let disk = loop {
+            if let Some(disk) = disk_with_serial(volume.serial, &virtio_disks()) {
+                break Some(disk.to_owned());
+            }
+            if Instant::now() >= deadline {
+                break None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        };
+        let Some(disk) = disk else {
+            log!(
+                "volume {}: no disk has that serial; {} is not mounted",
+                volume.serial,
+                volume.path
+            );
+            continue;
+        };
+        if let Err(err) = std::fs::create_dir_all(volume.path) {
+            log!(
+                "volume {}: cannot create {}: {err}",
+                volume.serial,
+                volume.path
+            );
+            continue;
+        }
+        let device = format!("/dev/{disk}");
+        match mount(
+            Some(device.as_str()),
+            volume.path,
+            Some("ext4"),
+            MsFlags::MS_NOATIME,
+            None::<&str>,
+        ) {
+            Ok(()) => debug!(
+                "volume {} ({device}) mounted on {}",
+                volume.serial, volume.path
+            ),
+            Err(err) => log!(
+                "volume {}: cannot mount {device} (ext4) on {}: {err}",
+                volume.serial,
+                volume.path
+            ),
+        }
+    }
+}
+
+/// Unmounts the volumes of the command line (last first), or makes them read-only when they
+/// are busy, so their filesystems are clean when the machine stops.
+fn unmount_volumes() {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for volume in volume_params(&cmdline).into_iter().flatten().rev() {
+        if nix::mount::umount(volume.path).is_err()
+            && let Err(err) = mount(
+                None::<&str>,
+                volume.path,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+        {
+            log!("cannot unmount or remount read-only {}: {err}", volume.path);
+        }
+    }
+}
+
 /// Sets `IFF_UP` on `lo` with the classic ioctl pair.
 fn loopback_up() -> io::Result<()> {
     crate::net::set_up(&crate::net::inet_socket()?, "lo")
@@ -366,6 +519,7 @@ pub fn power_off(action: ShutdownAction) -> std::process::ExitCode {
     }
     let _ = kill(everyone, Signal::SIGKILL);
     sync();
+    unmount_volumes();
     if let Err(err) = mount(
         None::<&str>,
         "/",
@@ -445,6 +599,49 @@ mod tests {
         assert!(cmdline_flag("a hearth.debug b", "hearth.debug"));
         assert!(cmdline_flag("hearth.debug=1", "hearth.debug"));
         assert!(!cmdline_flag("hearth.debugger", "hearth.debug"));
+    }
+
+    #[test]
+    fn volumes_come_from_the_cmdline() {
+        let cmdline = "console=ttyS0 hearth.volume=0123456789abcdef:/data quiet \
+             hearth.volume=fedcba9876543210:/srv/my-app_1.d hearth.volume=bad \
+             hearth.volume=00ff:/proc/x hearth.volume=a-b:/x hearth.volume=abc:/ \
+             hearth.volume=abc:/a/../b hearth.volumes=abc:/y\n";
+        let got = volume_params(cmdline);
+        assert_eq!(
+            got,
+            [
+                Ok(VolumeMount {
+                    serial: "0123456789abcdef",
+                    path: "/data"
+                }),
+                Ok(VolumeMount {
+                    serial: "fedcba9876543210",
+                    path: "/srv/my-app_1.d"
+                }),
+                Err("bad"),
+                Err("00ff:/proc/x"),
+                Err("a-b:/x"),
+                Err("abc:/"),
+                Err("abc:/a/../b"),
+            ]
+        );
+        assert!(volume_params("console=ttyS0").is_empty());
+        let long = format!("hearth.volume={}:/x", "a".repeat(21));
+        assert!(volume_params(&long)[0].is_err());
+    }
+
+    #[test]
+    fn a_volume_is_the_disk_with_its_serial() {
+        let disks = [
+            ("vda".to_owned(), String::new()),
+            ("vdb".to_owned(), "fedcba9876543210\n".to_owned()),
+            ("vdc".to_owned(), "0123456789abcdef\n".to_owned()),
+        ];
+        assert_eq!(disk_with_serial("0123456789abcdef", &disks), Some("vdc"));
+        assert_eq!(disk_with_serial("fedcba9876543210", &disks), Some("vdb"));
+        assert_eq!(disk_with_serial("0123", &disks), None);
+        assert_eq!(disk_with_serial("", &disks[1..]), None);
     }
 
     #[test]

@@ -104,6 +104,9 @@ pub enum Command {
     Export(ExportArgs),
     /// Make a VM (stopped, same name) of an archive `hearth export` wrote (a file, or stdin).
     Import(ImportArgs),
+    /// Named extra disks: create, list and delete them, attach them to stopped VMs.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Show hearthd's status, version, VMM, acceleration, guest image, capacity and networking.
     Health,
 }
@@ -180,6 +183,57 @@ pub struct BackupArg {
     pub name: String,
     /// The backup's id (`hearth backup list VM`).
     pub backup: String,
+}
+
+/// Volumes: named extra disks that outlive the VMs they are attached to.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a volume (formatted ext4 at its first attach).
+    Create(VolumeCreateArgs),
+    /// List volumes and where they are attached.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete a volume and its data (it must be attached to no VM).
+    #[command(visible_alias = "rm")]
+    Delete(VolumeNameArg),
+    /// Attach a volume to a stopped VM, mounted at --path from its next start.
+    Attach(VolumeAttachArgs),
+    /// Detach a volume from a stopped VM (the volume and its data are kept).
+    Detach(VolumeDetachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeCreateArgs {
+    /// Name: lowercase letters, digits and hyphens, starting with a letter.
+    pub name: String,
+    /// Size: MiB (e.g. 512) or with a unit (10G); at most hearthd's volumes.max_size.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub size: Size,
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeNameArg {
+    /// The volume's name.
+    pub volume: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeAttachArgs {
+    /// The VM's name (stopped).
+    pub vm: String,
+    /// The volume's name.
+    pub volume: String,
+    /// Where the guest mounts it: an absolute path such as /data.
+    #[arg(long, value_name = "PATH")]
+    pub path: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VolumeDetachArgs {
+    /// The VM's name (stopped).
+    pub vm: String,
+    /// The volume's name.
+    pub volume: String,
 }
 
 /// `hearth restore VM BACKUP`.
@@ -273,6 +327,10 @@ pub struct NewArgs {
     /// format: a key a line, blank lines and `#` comments skipped).
     #[arg(long = "ssh-key", value_name = "FILE")]
     pub ssh_keys: Vec<PathBuf>,
+    /// Attach this volume, mounted at PATH in the guest (repeatable; it must exist and be
+    /// attached to no VM, see `hearth volume create`).
+    #[arg(long = "volume", value_name = "VOLUME:PATH", value_parser = parse_volume)]
+    pub volumes: Vec<hearth_api::VolumeAttachment>,
     #[command(flatten)]
     pub egress: EgressFlags,
 }
@@ -477,6 +535,19 @@ pub fn parse_domain(s: &str) -> Result<String, String> {
     Ok(s.to_owned())
 }
 
+/// `VOLUME:PATH` of `vm new --volume`.
+pub fn parse_volume(s: &str) -> Result<hearth_api::VolumeAttachment, String> {
+    match s.split_once(':') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => {
+            Ok(hearth_api::VolumeAttachment {
+                name: name.to_owned(),
+                path: path.to_owned(),
+            })
+        }
+        _ => Err(format!("expected VOLUME:PATH (e.g. data:/data), got `{s}`")),
+    }
+}
+
 pub fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
@@ -511,6 +582,13 @@ impl Command {
             Command::Restore(a) => (Action::Restore, name(&a.name), None),
             Command::Export(a) => (Action::Export, name(&a.name), None),
             Command::Import(_) => (Action::Import, None, None),
+            Command::Volume(command) => match command {
+                VolumeCommand::Create(_) => (Action::VolumeCreate, None, None),
+                VolumeCommand::List => (Action::VolumeList, None, None),
+                VolumeCommand::Delete(_) => (Action::VolumeDelete, None, None),
+                VolumeCommand::Attach(a) => (Action::VolumeAttach, name(&a.vm), None),
+                VolumeCommand::Detach(a) => (Action::VolumeDetach, name(&a.vm), None),
+            },
             Command::Vm(vm) => match vm {
                 // Of several networks, which one is missing only hearthd's message says.
                 VmCommand::New(a) => {

@@ -305,6 +305,51 @@ impl Client {
         json(self.send(req).await?).await
     }
 
+    pub async fn create_volume(
+        &self,
+        body: &hearth_api::CreateVolumeRequest,
+    ) -> Result<Json<hearth_api::Volume>> {
+        let req = self.http.post(self.url(&["volumes"], &[])).json(body);
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    pub async fn list_volumes(&self) -> Result<Json<Vec<hearth_api::Volume>>> {
+        let req = self.http.get(self.url(&["volumes"], &[]));
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    pub async fn delete_volume(&self, volume: &str) -> Result<()> {
+        let req = self.http.delete(self.url(&["volumes", volume], &[]));
+        self.send(req.timeout(QUICK_TIMEOUT)).await?;
+        Ok(())
+    }
+
+    /// Attaches `volume` to the stopped `vm` at `path`; answers with the VM.
+    pub async fn attach_volume(
+        &self,
+        vm: &str,
+        volume: &str,
+        path: &str,
+    ) -> Result<Json<VmDetail>> {
+        let body = hearth_api::AttachVolumeRequest {
+            path: path.to_owned(),
+        };
+        let req = self
+            .http
+            .put(self.url(&["vms", vm, "volumes", volume], &[]))
+            .json(&body);
+        // The first attach formats the volume: lifecycle time.
+        json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
+    }
+
+    /// Detaches `volume` from the stopped `vm`; answers with the VM.
+    pub async fn detach_volume(&self, vm: &str, volume: &str) -> Result<Json<VmDetail>> {
+        let req = self
+            .http
+            .delete(self.url(&["vms", vm, "volumes", volume], &[]));
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
     pub async fn delete_network(&self, network: &str) -> Result<()> {
         let req = self.http.delete(self.url(&["networks", network], &[]));
         self.send(req.timeout(QUICK_TIMEOUT)).await?;

@@ -155,6 +155,11 @@ pub enum Action {
     NetworkDelete,
     NetworkConnect,
     NetworkDisconnect,
+    VolumeCreate,
+    VolumeList,
+    VolumeDelete,
+    VolumeAttach,
+    VolumeDetach,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,6 +206,9 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             Action::BackupCreate => format!("stop it with `hearth vm stop {vm}`, then back it up"),
             Action::Restore => format!("stop it with `hearth vm stop {vm}`, then restore it"),
             Action::Export => format!("stop it with `hearth vm stop {vm}`, then export it"),
+            Action::VolumeAttach | Action::VolumeDetach => {
+                format!("stop it with `hearth vm stop {vm}` first; volumes change only while it is stopped")
+            }
             Action::Delete
             | Action::Restart
             | Action::Egress
@@ -247,9 +255,29 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
         ErrorCode::InvalidRam | ErrorCode::InvalidRootfsSize => {
             "give sizes as MiB (e.g. 512) or with a unit (e.g. 512M, 2G)".to_owned()
         }
+        ErrorCode::InvalidPath
+            if matches!(ctx.action, Action::New | Action::VolumeAttach) =>
+        {
+            "mount paths are absolute, e.g. /data".to_owned()
+        }
         ErrorCode::InvalidPath => "guest paths are absolute, e.g. `demo:/root/file`".to_owned(),
         ErrorCode::InvalidArchive => "`hearth import` takes what `hearth export` wrote, whole; \
              nothing of this archive was kept"
+            .to_owned(),
+        ErrorCode::InvalidSize => {
+            "give sizes as MiB (e.g. 512) or with a unit (e.g. 10G), within hearthd's volumes.max_size"
+                .to_owned()
+        }
+        ErrorCode::VolumeNotFound => match ctx.action {
+            Action::VolumeDetach => format!("`hearth vm inspect {vm}` shows its volumes"),
+            _ => "`hearth volume list` shows the volumes; `hearth volume create NAME --size SIZE` makes one"
+                .to_owned(),
+        },
+        ErrorCode::VolumeNameTaken => {
+            "choose another name; `hearth volume list` shows the volumes".to_owned()
+        }
+        ErrorCode::VolumeInUse => "`hearth volume list` shows where each volume is attached; \
+             detach it with `hearth volume detach VM VOLUME` while that VM is stopped"
             .to_owned(),
         ErrorCode::ImageUnavailable => {
             "the guest image may still be building; `hearth health` shows when it is ready"
@@ -525,6 +553,11 @@ mod tests {
             Action::NetworkDelete,
             Action::NetworkConnect,
             Action::NetworkDisconnect,
+            Action::VolumeCreate,
+            Action::VolumeList,
+            Action::VolumeDelete,
+            Action::VolumeAttach,
+            Action::VolumeDetach,
         ];
         let mut commands_seen = 0;
         for &code in ErrorCode::ALL {

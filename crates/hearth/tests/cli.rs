@@ -88,6 +88,7 @@ async fn inspect(Path(name): Path<String>) -> Response {
         Some(vm) => Json(VmDetail {
             // The running VM has a network; the other was made while networking was off.
             network: (vm.name == "demo").then(|| canned_network(&["backend"], policy_of(None))),
+            volumes: vec![],
             vm,
             events: vec![VmEvent {
                 at: "2024-05-01T12:00:00.000Z".into(),
@@ -194,6 +195,7 @@ async fn create(Json(request): Json<CreateVmRequest>) -> Response {
     let detail = VmDetail {
         vm,
         network,
+        volumes: vec![],
         events: vec![event],
     };
     (StatusCode::CREATED, Json(detail)).into_response()
@@ -207,6 +209,7 @@ async fn set_egress(Path(name): Path<String>, Json(request): Json<EgressRequest>
     Json(VmDetail {
         vm: canned_vm("demo", VmState::Running, 1024),
         network: Some(canned_network(&["backend"], policy_of(Some(request)))),
+        volumes: vec![],
         events: vec![],
     })
     .into_response()

@@ -182,6 +182,19 @@ pub fn check_copy(host: &Host, cfg: &CapacityConfig, what: &str, mib: u64) -> Re
     ))
 }
 
+/// Refuses a new volume of `mib` MiB that, filled, would leave less free on the data
+/// filesystem than `min_free_mib` (`volumes.min_free_disk`).
+pub fn check_volume(host: &Host, min_free_mib: u64, mib: u64) -> Result<(), String> {
+    let left = host.disk_free_mib.saturating_sub(mib);
+    if host.disk_free_mib >= mib && left >= min_free_mib {
+        return Ok(());
+    }
+    Err(format!(
+        "not enough free disk space on this host for a volume of {mib} MiB: {} MiB are free, and volumes.min_free_disk keeps {min_free_mib} MiB free after it; make it smaller, or free space in the data directory",
+        host.disk_free_mib
+    ))
+}
+
 /// Capacity and use, as `hearth health` shows them.
 pub fn summary(host: &Host, cfg: &CapacityConfig, committed: Committed) -> Capacity {
     let (cpus, memory, disk, disk_free) = limits(host, cfg);
@@ -316,6 +329,18 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("capacity.disk_reserve"), "{e}");
+    }
+
+    #[test]
+    fn a_volume_must_leave_the_floor_free_when_full() {
+        // 80 GiB free, a 10 GiB floor: 70 GiB fit, one MiB more does not.
+        assert_eq!(check_volume(&HOST, 10 * 1024, 70 * 1024), Ok(()));
+        let e = check_volume(&HOST, 10 * 1024, 70 * 1024 + 1).unwrap_err();
+        assert!(
+            e.contains("81920 MiB are free") && e.contains("volumes.min_free_disk keeps 10240 MiB"),
+            "{e}"
+        );
+        assert!(check_volume(&HOST, 0, 81 * 1024).is_err());
     }
 
     #[test]

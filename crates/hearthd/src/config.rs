@@ -247,6 +247,18 @@ pub const KEYS: &[Key] = &[
         doc: "Free space kept on the data directory's filesystem: a create that would leave less is refused.",
     },
     Key {
+        path: "volumes.max_size",
+        kind: Kind::String,
+        default: "\"50G\"",
+        doc: "The largest volume `hearth volume create` makes (sparse files; a larger size is refused).",
+    },
+    Key {
+        path: "volumes.min_free_disk",
+        kind: Kind::String,
+        default: "\"10G\"",
+        doc: "Free space a volume create must leave on the data directory's filesystem, counting the whole new volume as used.",
+    },
+    Key {
         path: "network.mode",
         kind: Kind::String,
         default: "\"on\"",
@@ -291,7 +303,15 @@ struct RawConfig {
     image: RawImage,
     qemu: RawQemu,
     capacity: RawCapacity,
+    volumes: RawVolumes,
     network: RawNetwork,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVolumes {
+    max_size: String,
+    min_free_disk: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -385,6 +405,7 @@ pub struct Config {
     pub qemu_binary: PathBuf,
     pub accel: AccelChoice,
     pub capacity: CapacityConfig,
+    pub volumes: VolumesConfig,
     /// `None` when `network.mode = "off"`.
     pub network: Option<NetworkConfig>,
 }
@@ -408,6 +429,13 @@ pub struct CapacityConfig {
     pub memory_reserve_mib: u64,
     pub disk_overcommit_percent: u64,
     pub disk_reserve_mib: u64,
+}
+
+/// Volume limits (`volumes.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumesConfig {
+    pub max_size_mib: u64,
+    pub min_free_disk_mib: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -655,6 +683,10 @@ impl Config {
                 )?,
                 disk_reserve_mib: size_mib("capacity.disk_reserve", &raw.capacity.disk_reserve)?,
             },
+            volumes: VolumesConfig {
+                max_size_mib: volume_max(&raw.volumes.max_size)?,
+                min_free_disk_mib: size_mib("volumes.min_free_disk", &raw.volumes.min_free_disk)?,
+            },
             network,
         })
     }
@@ -847,6 +879,21 @@ fn size_mib(path: &str, text: &str) -> Result<u64, ConfigError> {
             format!("{why}: write it as 1G, 512M or a number of MiB"),
         )
     })
+}
+
+/// `volumes.max_size`: a size of at least the smallest volume.
+fn volume_max(text: &str) -> Result<u64, ConfigError> {
+    let mib = size_mib("volumes.max_size", text)?;
+    if mib < rules::MIN_VOLUME_MIB {
+        return Err(invalid(
+            "volumes.max_size",
+            format!(
+                "{text:?} is less than the smallest volume, {} MiB",
+                rules::MIN_VOLUME_MIB
+            ),
+        ));
+    }
+    Ok(mib)
 }
 
 fn secs(path: &str, value: i64) -> Result<Duration, ConfigError> {

@@ -27,6 +27,73 @@ pub enum DiskError {
     },
     #[error("resize2fs failed on {path}: {stderr}")]
     Resize { path: String, stderr: String },
+    #[error("cannot create {path}")]
+    Create {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mkfs.ext4 failed on {path}: {stderr}")]
+    Format { path: String, stderr: String },
+}
+
+impl DiskError {
+    /// The I/O error behind this one, when there is one.
+    pub fn io(&self) -> Option<&io::Error> {
+        match self {
+            DiskError::Copy { source, .. }
+            | DiskError::Grow { source, .. }
+            | DiskError::Create { source, .. } => Some(source),
+            DiskError::Resize { .. } | DiskError::Format { .. } => None,
+        }
+    }
+}
+
+/// Makes the new sparse file `path` (mode 0600; it must not exist) of `mib` MiB, synced with
+/// its directory entry. A failure leaves no file.
+pub fn create_sparse(path: &Path, mib: u64) -> Result<(), DiskError> {
+    let err = |source| DiskError::Create {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    let done = file
+        .set_len(mib.saturating_mul(1 << 20))
+        .and_then(|()| file.sync_all())
+        .and_then(|()| match path.parent() {
+            Some(dir) => File::open(dir)?.sync_all(),
+            None => Ok(()),
+        });
+    if let Err(e) = done {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(err(e));
+    }
+    Ok(())
+}
+
+/// Makes an ext4 filesystem on the whole of file `path` (`mkfs.ext4 -F -q`).
+pub fn format_ext4(path: &Path) -> Result<(), DiskError> {
+    let out = Command::new("mkfs.ext4")
+        .args(["-F", "-q"])
+        .arg(path)
+        .output()
+        .map_err(|source| DiskError::Create {
+            path: path.display().to_string(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(DiskError::Format {
+            path: path.display().to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// How a disk was copied.

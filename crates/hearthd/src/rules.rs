@@ -50,6 +50,82 @@ pub fn validate_name(name: &str) -> Result<(), RuleError> {
     Ok(())
 }
 
+/// A volume's `name`: the VM naming rule, in messages about volumes.
+pub fn validate_volume_name(name: &str) -> Result<(), RuleError> {
+    validate_name(name).map_err(|e| RuleError::new(e.code, format!("volume {}", e.message)))
+}
+
+/// The smallest volume: room for an ext4 filesystem's journal and metadata.
+pub const MIN_VOLUME_MIB: u64 = 16;
+/// Longest mount path of a volume.
+pub const MAX_MOUNT_PATH: usize = 128;
+
+/// A volume's `size`: from [`MIN_VOLUME_MIB`] to `max_mib` (`volumes.max_size`).
+pub fn validate_volume_size(size: &Size, max_mib: u64) -> Result<u64, RuleError> {
+    let err = |why: String| {
+        RuleError::new(
+            ErrorCode::InvalidSize,
+            format!("invalid size {}: {why}", describe(size)),
+        )
+    };
+    let mib = size_mib(size).map_err(|e| err(format!("{e}; {SIZE_FORMS}")))?;
+    if mib < MIN_VOLUME_MIB {
+        return Err(err(format!("must be at least {MIN_VOLUME_MIB} MiB")));
+    }
+    if mib > max_mib {
+        return Err(err(format!(
+            "must be at most {max_mib} MiB (volumes.max_size)"
+        )));
+    }
+    Ok(mib)
+}
+
+/// A volume's mount `path` in the guest: absolute, at most [`MAX_MOUNT_PATH`] bytes of
+/// `A-Z a-z 0-9 . _ / -`, no `..` component, not `/`, not under `/proc`, `/sys` or `/dev`.
+/// The character set keeps the kernel command line (which carries the path) unambiguous.
+pub fn validate_mount_path(path: &str) -> Result<(), RuleError> {
+    let rule = "mount paths are absolute, at most 128 bytes of A-Z a-z 0-9 . _ / -, with no .. component, and neither / nor under /proc, /sys or /dev";
+    let bad = |why: &str| {
+        Err(RuleError::new(
+            ErrorCode::InvalidPath,
+            format!("invalid path {path:?}: {why}; {rule}"),
+        ))
+    };
+    if !path.starts_with('/') {
+        return bad("it is not absolute");
+    }
+    if path.len() > MAX_MOUNT_PATH {
+        return bad(&format!("it is {} bytes long", path.len()));
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '/' | '-')))
+    {
+        return bad(&format!("{c:?} is not allowed"));
+    }
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    if parts.contains(&"..") {
+        return bad("it has a .. component");
+    }
+    match parts.first().copied() {
+        None => bad("it is the root directory"),
+        Some(top @ ("proc" | "sys" | "dev")) => bad(&format!("it is under /{top}")),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The form a valid mount path is kept in: no empty or `.` components, no trailing `/`.
+pub fn normal_mount_path(path: &str) -> String {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
 /// `cpus`: 1, or an even number up to 32.
 pub fn validate_cpus(cpus: u32) -> Result<(), RuleError> {
     if cpus == 1 || ((2..=MAX_CPUS).contains(&cpus) && cpus.is_multiple_of(2)) {
@@ -195,6 +271,67 @@ mod tests {
         );
         let e = validate_rootfs_growth(&Size::Text("lots".into()), 1).unwrap_err();
         assert!(e.message.contains("rootfs_size"), "{e:?}");
+    }
+
+    #[test]
+    fn volume_rules() {
+        assert_eq!(
+            validate_volume_size(&Size::Text("10G".into()), 51200),
+            Ok(10240)
+        );
+        let e = validate_volume_size(&Size::Text("51G".into()), 51200).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidSize);
+        assert!(
+            e.message.starts_with("invalid size \"51G\"")
+                && e.message.contains("at most 51200 MiB (volumes.max_size)"),
+            "{e:?}"
+        );
+        let e = validate_volume_size(&Size::Mib(1), 51200).unwrap_err();
+        assert!(e.message.contains("at least 16 MiB"), "{e:?}");
+        let e = validate_volume_name("Data").unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidName);
+        assert!(e.message.starts_with("volume invalid name"), "{e:?}");
+        for ok in [
+            "/data",
+            "/srv/my-app_1.d",
+            "/data/",
+            "/mnt/./x",
+            "/devices",
+            "/a/proc",
+        ] {
+            assert_eq!(validate_mount_path(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("data", "not absolute"),
+            ("/", "root directory"),
+            ("//", "root directory"),
+            ("/./", "root directory"),
+            ("/data/../etc", ".. component"),
+            ("/..", ".. component"),
+            ("/proc", "under /proc"),
+            ("/sys/fs", "under /sys"),
+            ("//dev/x", "under /dev"),
+            ("/a b", "' ' is not allowed"),
+            ("/a:b", "':' is not allowed"),
+            ("/a=b", "'=' is not allowed"),
+            ("/é", "'é' is not allowed"),
+        ] {
+            let e = validate_mount_path(bad).unwrap_err();
+            assert_eq!(e.code, ErrorCode::InvalidPath, "{bad}");
+            assert!(
+                e.message.starts_with("invalid path") && e.message.contains(why),
+                "{bad}: {}",
+                e.message
+            );
+        }
+        let long = format!("/{}", "a".repeat(128));
+        assert!(
+            validate_mount_path(&long)
+                .unwrap_err()
+                .message
+                .contains("129 bytes")
+        );
+        assert_eq!(normal_mount_path("//srv/./data/"), "/srv/data");
     }
 
     #[test]

@@ -198,7 +198,74 @@ fn vm_lifecycle_exec_files_and_cleanup() {
         "before\n"
     );
 
+    // A volume: attached to the stopped VM, mounted in the guest at its path, written there,
+    // detached, and attached to a second VM at create, which reads the same data.
+    let volume = json_of(
+        &w.d()
+            .hearth_ok(&["--json", "volume", "create", "e2e-vol", "--size", "128M"]),
+    );
+    let volume_file = w
+        .data()
+        .join("volumes")
+        .join(format!("{}.ext4", volume["id"].as_str().unwrap()));
+    w.d().hearth_ok(&["vm", "stop", "e2e-a"]);
+    w.d()
+        .hearth_ok(&["volume", "attach", "e2e-a", "e2e-vol", "--path", "/mnt/vol"]);
+    w.d().hearth_ok(&["vm", "start", "e2e-a"]);
+    let mounts = w
+        .d()
+        .hearth_ok(&["exec", "e2e-a", "--", "cat", "/proc/mounts"]);
+    assert!(
+        mounts
+            .lines()
+            .any(|l| l.starts_with("/dev/vd") && l.contains(" /mnt/vol ext4 rw")),
+        "{mounts}"
+    );
+    assert!(
+        mounts.lines().any(|l| l.starts_with("/dev/vda / ext4")),
+        "the root disk is still vda: {mounts}"
+    );
+    assert_eq!(
+        w.d()
+            .hearth_ok(&["exec", "e2e-a", "--", "cat", "/root/marker"]),
+        "before\n",
+        "the root disk is the VM's own"
+    );
+    w.d().hearth_ok(&[
+        "exec",
+        "e2e-a",
+        "--",
+        "sh",
+        "-c",
+        "echo written-by-a > /mnt/vol/marker && sync",
+    ]);
+    w.d().hearth_ok(&["vm", "stop", "e2e-a"]);
+    w.d().hearth_ok(&["volume", "detach", "e2e-a", "e2e-vol"]);
+    let b = json_of(&w.d().hearth_ok(&[
+        "--json",
+        "vm",
+        "new",
+        "e2e-b",
+        "--ram",
+        "512M",
+        "--volume",
+        "e2e-vol:/data",
+    ]));
+    let b_id = b["id"].as_str().unwrap().to_owned();
+    w.vm_ids.push(b_id.clone());
+    assert_eq!(b["volumes"][0]["path"], "/data", "{b}");
+    assert_eq!(
+        w.d()
+            .hearth_ok(&["exec", "e2e-b", "--", "cat", "/data/marker"]),
+        "written-by-a\n"
+    );
+    let df = w
+        .d()
+        .hearth_ok(&["exec", "e2e-b", "--", "df", "-m", "/data"]);
+    assert!(df.lines().last().unwrap().ends_with(" /data"), "{df}");
+
     let restarted = json_of(&w.d().hearth_ok(&["--json", "vm", "restart", "e2e-a"]));
+
     assert_eq!(restarted["state"], "running");
     assert_eq!(
         w.d()
@@ -241,6 +308,34 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     let gone = w.d().hearth(&["vm", "inspect", "e2e-a"]);
     assert_eq!(gone.status.code(), Some(3));
     w.assert_gone(&id);
+
+    // The volume outlives the VMs it was attached to: the first one's delete leaves it with
+    // the second, the second's (while attached) leaves it detached, its data whole.
+    let listed = json_of(&w.d().hearth_ok(&["--json", "volume", "list"]));
+    assert_eq!(
+        (&listed[0]["name"], &listed[0]["vm"]),
+        (&json!("e2e-vol"), &json!("e2e-b")),
+        "{listed}"
+    );
+    w.d().hearth_ok(&["vm", "delete", "e2e-b"]);
+    w.assert_gone(&b_id);
+    let listed = json_of(&w.d().hearth_ok(&["--json", "volume", "list"]));
+    assert_eq!(
+        (
+            &listed[0]["vm"],
+            &listed[0]["path"],
+            &listed[0]["formatted"]
+        ),
+        (&Value::Null, &Value::Null, &json!(true)),
+        "{listed}"
+    );
+    let out = run(Command::new("debugfs")
+        .args(["-R", "cat /marker"])
+        .arg(&volume_file));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "written-by-a\n");
+    w.d().hearth_ok(&["volume", "delete", "e2e-vol"]);
+    assert!(!volume_file.exists());
+
     let imported = json_of(&w.d().hearth_ok(&["--json", "import", archive_arg]));
     assert_eq!(
         (imported["name"].as_str(), imported["state"].as_str()),

@@ -546,6 +546,122 @@ async fn pass(w: &World, c: &Contract) {
         "{}",
         a.text()
     );
+    // Volumes: made, attached to a stopped VM only and to one VM at a time, detached, deleted.
+    let volume = |body: serde_json::Value| Req::post("/v1/volumes").json(&body);
+    let attach = |vm: &str, name: &str, body: serde_json::Value| {
+        Req::new("PUT", format!("/v1/vms/{vm}/volumes/{name}")).json(&body)
+    };
+    let detach = |vm: &str, name: &str| Req::new("DELETE", format!("/v1/vms/{vm}/volumes/{name}"));
+    let made = expect(
+        c,
+        "volume create",
+        volume(json!({"name": "ct-vol", "size": "32M"})),
+        201,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(made["formatted"], false, "{made}");
+    for (label, req, status, code) in [
+        (
+            "volume taken",
+            volume(json!({"name": "ct-vol", "size": 32})),
+            409,
+            "volume_name_taken",
+        ),
+        (
+            "volume too big",
+            volume(json!({"name": "ct-big", "size": "51G"})),
+            400,
+            "invalid_size",
+        ),
+        (
+            "volume bad name",
+            volume(json!({"name": "Big", "size": "1G"})).bad(),
+            400,
+            "invalid_name",
+        ),
+        (
+            "volume attach running",
+            attach("ct", "ct-vol", json!({"path": "/data"})),
+            409,
+            "invalid_state",
+        ),
+        (
+            "volume attach bad path",
+            attach("ct-cold", "ct-vol", json!({"path": "/proc/x"})),
+            400,
+            "invalid_path",
+        ),
+        (
+            "volume attach odd path",
+            attach("ct-cold", "ct-vol", json!({"path": "/a b"})).bad(),
+            400,
+            "invalid_path",
+        ),
+        (
+            "volume attach unknown",
+            attach("ct-cold", "nope", json!({"path": "/data"})),
+            404,
+            "volume_not_found",
+        ),
+        (
+            "volume attach no vm",
+            attach("nope", "ct-vol", json!({"path": "/data"})),
+            404,
+            "vm_not_found",
+        ),
+    ] {
+        expect(c, label, req, status, code).await;
+    }
+    let attached = expect(
+        c,
+        "volume attach",
+        attach("ct-cold", "ct-vol", json!({"path": "/data"})),
+        200,
+        "",
+    )
+    .await
+    .json();
+    assert_eq!(attached["volumes"][0]["path"], "/data", "{attached}");
+    expect(c, "volumes", Req::get("/v1/volumes"), 200, "").await;
+    for (label, req, status, code) in [
+        (
+            "volume delete attached",
+            Req::new("DELETE", "/v1/volumes/ct-vol"),
+            409,
+            "volume_in_use",
+        ),
+        (
+            "create with a taken volume",
+            create(
+                json!({"name": "ct-vol-vm", "start": false, "volumes": [{"name": "ct-vol", "path": "/d"}]}),
+            ),
+            409,
+            "volume_in_use",
+        ),
+        (
+            "volume detach running",
+            detach("ct", "ct-vol"),
+            409,
+            "invalid_state",
+        ),
+    ] {
+        expect(c, label, req, status, code).await;
+    }
+    expect(c, "volume detach", detach("ct-cold", "ct-vol"), 200, "").await;
+    expect(
+        c,
+        "volume detach again",
+        detach("ct-cold", "ct-vol"),
+        404,
+        "volume_not_found",
+    )
+    .await;
+    let delete = Req::new("DELETE", "/v1/volumes/ct-vol");
+    expect(c, "volume delete", delete, 204, "").await;
+    let again = Req::new("DELETE", "/v1/volumes/ct-vol");
+    expect(c, "volume delete again", again, 404, "volume_not_found").await;
     // Networking: egress policies and private networks, working and failing.
     let egress = |vm: &str, body: serde_json::Value| {
         Req::new("PUT", format!("/v1/vms/{vm}/egress")).json(&body)

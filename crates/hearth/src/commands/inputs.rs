@@ -41,6 +41,7 @@ pub fn create_request(
         egress: egress_request(&args.egress),
         user_data,
         ssh_authorized_keys,
+        volumes: args.volumes.clone(),
     }
 }
 
@@ -130,7 +131,7 @@ pub fn authorized_keys(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use clap::Parser;
-    use hearth_api::{EgressMode, Size};
+    use hearth_api::{EgressMode, Size, VolumeAttachment};
 
     use super::*;
     use crate::cli::{Cli, Command, VmCommand};
@@ -219,6 +220,10 @@ mod tests {
             "allow_all",
             "--egress-deny-cidr",
             "169.254.0.0/16",
+            "--volume",
+            "data:/data",
+            "--volume",
+            "logs:/var/log/app",
         ]);
         let request = create_request(
             &args,
@@ -241,6 +246,16 @@ mod tests {
                 }),
                 user_data: Some("#cloud-config\n".into()),
                 ssh_authorized_keys: vec!["ssh-ed25519 AAAA a@b".into()],
+                volumes: vec![
+                    VolumeAttachment {
+                        name: "data".into(),
+                        path: "/data".into()
+                    },
+                    VolumeAttachment {
+                        name: "logs".into(),
+                        path: "/var/log/app".into()
+                    },
+                ],
             }
         );
         // The JSON hearthd gets: the fields by their API names.

@@ -8,6 +8,7 @@ pub mod inputs;
 pub mod logs;
 pub mod network;
 pub mod vm;
+pub mod volume;
 
 use crate::cli::{Command, VmCommand};
 use crate::client::{Client, Lifecycle};
@@ -24,6 +25,7 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Restore(args) => backup::restore(client, printer, args).await.map(success),
         Command::Export(args) => archive::export(client, printer, args).await.map(success),
         Command::Import(args) => archive::import(client, printer, args).await.map(success),
+        Command::Volume(command) => volume::run(command, client, printer).await.map(success),
         Command::Health => vm::health(client, printer).await.map(success),
     }
 }

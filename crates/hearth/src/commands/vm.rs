@@ -192,6 +192,22 @@ fn inspect_text(detail: &VmDetail, alert: impl Fn(&str) -> String) -> String {
         out.push_str(&network_text(network));
         out.push('\n');
     }
+    if !detail.volumes.is_empty() {
+        out.push_str("VOLUMES\n");
+        let rows: Vec<Vec<String>> = detail
+            .volumes
+            .iter()
+            .map(|v| {
+                vec![
+                    terminal_safe(&v.name),
+                    terminal_safe(&v.path),
+                    size_mib(v.size_mib),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["NAME", "PATH", "SIZE"], &rows));
+        out.push('\n');
+    }
     if detail.events.is_empty() {
         out.push_str("no events\n");
     } else {
@@ -383,6 +399,7 @@ mod tests {
         let detail = VmDetail {
             vm: v,
             network: None,
+            volumes: vec![],
             events: vec![
                 VmEvent {
                     at: "2024-05-01T12:00:00.000Z".into(),
@@ -425,6 +442,7 @@ mod tests {
         let detail = VmDetail {
             vm: v,
             network: None,
+            volumes: vec![],
             events: vec![VmEvent {
                 at: "2024-05-01T12:00:01.000Z".into(),
                 kind: "start_failed".into(),
@@ -573,6 +591,7 @@ mod tests {
         let mut detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: Some(vm_network()),
+            volumes: vec![],
             events: vec![],
         };
         let text = inspect_text(&detail, str::to_owned);
@@ -620,6 +639,7 @@ mod tests {
         let detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: Some(network),
+            volumes: vec![],
             events: vec![],
         };
         for text in [inspect_text(&detail, str::to_owned), egress_text(&detail)] {
@@ -643,6 +663,7 @@ mod tests {
         let mut detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: Some(vm_network()),
+            volumes: vec![],
             events: vec![],
         };
         let network = detail.network.as_mut().unwrap();
@@ -668,6 +689,7 @@ mod tests {
         let mut detail = VmDetail {
             vm: vm("demo", VmState::Running),
             network: None,
+            volumes: vec![],
             events: vec![],
         };
         assert_eq!(

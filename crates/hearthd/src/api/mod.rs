@@ -9,6 +9,7 @@ mod export;
 pub mod guard;
 mod network;
 mod stream;
+mod volume;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -198,7 +199,12 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         network::create_network,
         network::delete_network,
         network::connect,
-        network::disconnect
+        network::disconnect,
+        volume::create_volume,
+        volume::list_volumes,
+        volume::delete_volume,
+        volume::attach_volume,
+        volume::detach_volume
     ),
     components(schemas(
         ErrorBody,
@@ -216,6 +222,11 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         hearth_api::ResizeVmRequest,
         hearth_api::Backup,
         hearth_api::RestoreRequest,
+        hearth_api::Volume,
+        hearth_api::VmVolume,
+        hearth_api::CreateVolumeRequest,
+        hearth_api::AttachVolumeRequest,
+        hearth_api::VolumeAttachment,
         ExecRequest,
         ExecResponse,
         ExecStreamEvent,
@@ -267,6 +278,15 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/networks/{network}/members/{name}",
             put(network::connect).delete(network::disconnect),
+        )
+        .route(
+            "/volumes",
+            get(volume::list_volumes).post(volume::create_volume),
+        )
+        .route("/volumes/{volume}", delete(volume::delete_volume))
+        .route(
+            "/vms/{name}/volumes/{volume}",
+            put(volume::attach_volume).delete(volume::detach_volume),
         );
     Router::new()
         .nest(hearth_api::API_PREFIX, v1)
@@ -337,15 +357,15 @@ async fn list_vms(
 #[utoipa::path(post, path = "/v1/vms", tag = "vms", request_body = CreateVmRequest,
     responses(
         (status = 201, body = VmDetail),
-        (status = 400, description = "A field breaks a rule (invalid_name, invalid_cpus, invalid_ram, invalid_rootfs_size; invalid_request naming networks, egress, user_data or ssh_authorized_keys), or the body is malformed (invalid_request)", body = ErrorBody),
+        (status = 400, description = "A field breaks a rule (invalid_name, invalid_cpus, invalid_ram, invalid_rootfs_size; invalid_path of a volume; invalid_request naming networks, egress, user_data, ssh_authorized_keys or volumes), or the body is malformed (invalid_request)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
-        (status = 404, description = "A network in `networks` does not exist (network_not_found); nothing is made", body = ErrorBody),
-        (status = 409, description = "The name is taken (vm_name_taken), the host has not the vCPUs, memory, RAM-file space or addresses left (insufficient_capacity), or another operation on the name is in progress (vm_busy)", body = ErrorBody),
+        (status = 404, description = "A network in `networks` (network_not_found) or a volume in `volumes` (volume_not_found) does not exist; nothing is made", body = ErrorBody),
+        (status = 409, description = "The name is taken (vm_name_taken), a volume in `volumes` is attached to another VM, which the message names (volume_in_use; nothing is made), the host has not the vCPUs, memory, RAM-file space or addresses left (insufficient_capacity), or another operation on the name is in progress (vm_busy)", body = ErrorBody),
         (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
         (status = 500, description = "The VM could not start, its network slot included (vmm_failed; nothing is left behind), or internal; the server log has details", body = ErrorBody),
         (status = 503, description = "The guest image is not built yet or failed to build (image_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
         (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody),
-        (status = 507, description = "The new disk does not fit the data directory's filesystem (resource_exhausted)", body = ErrorBody),
+        (status = 507, description = "The new disk does not fit the data directory's filesystem, or it filled up while a volume was formatted (resource_exhausted)", body = ErrorBody),
     ))]
 async fn create_vm(
     State(state): State<AppState>,

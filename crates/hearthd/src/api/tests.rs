@@ -19,26 +19,38 @@ use crate::vmm::double::NoBootVmm;
 struct Ctx {
     dir: tempfile::TempDir,
     app: axum::Router,
+    store: Store,
 }
 
 impl Ctx {
     async fn new() -> Ctx {
+        Self::with(|_| {}).await
+    }
+
+    /// With the default configuration as `change` leaves it.
+    async fn with(change: impl FnOnce(&mut crate::config::Config)) -> Ctx {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let config = testing::config(&data);
+        let mut config = testing::config(&data);
+        change(&mut config);
         let image = testing::image(&data, 1024);
         let store = Store::open(&config.database_url).await.unwrap();
         let (_tx, rx) = watch::channel(ImageState::Ready(image));
         std::mem::forget(_tx);
         let request_timeout = config.request_timeout;
         let guard = Arc::new(super::guard::Guard::new(config.listen, &config.server));
-        let service = VmService::new(Arc::new(config), store, Arc::new(NoBootVmm::default()), rx);
+        let service = VmService::new(
+            Arc::new(config),
+            store.clone(),
+            Arc::new(NoBootVmm::default()),
+            rx,
+        );
         let app = router(AppState {
             service,
             request_timeout,
             guard,
         });
-        Ctx { dir, app }
+        Ctx { dir, app, store }
     }
 
     fn vm_dirs(&self) -> Vec<PathBuf> {
@@ -152,6 +164,416 @@ async fn a_create_whose_boot_fails_leaves_nothing() {
     let (_, list) = ctx.call("GET", "/v1/vms", None).await;
     assert_eq!(list, json!([]));
     assert!(ctx.vm_dirs().is_empty(), "{:?}", ctx.vm_dirs());
+}
+
+/// The files in the data directory's `volumes/`.
+fn volume_files(ctx: &Ctx) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(ctx.dir.path().join("data/volumes"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn message(body: &Value) -> &str {
+    body["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn bad_volumes_are_refused_naming_the_field_and_rule_and_leave_nothing() {
+    let ctx = Ctx::new().await;
+    for (body, code, says) in [
+        (
+            json!({"name": "data", "size": "51G"}),
+            "invalid_size",
+            "invalid size \"51G\": must be at most 51200 MiB (volumes.max_size)",
+        ),
+        (
+            json!({"name": "data", "size": 1}),
+            "invalid_size",
+            "must be at least 16 MiB",
+        ),
+        (
+            json!({"name": "data", "size": "lots"}),
+            "invalid_size",
+            "invalid size \"lots\"",
+        ),
+        (
+            json!({"name": "Data", "size": "1G"}),
+            "invalid_name",
+            "volume invalid name",
+        ),
+        (json!({"name": "data"}), "invalid_request", "size"),
+    ] {
+        let (s, resp) = ctx.call("POST", "/v1/volumes", Some(body.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {resp}");
+        assert_eq!(resp["error"], code, "{body}: {resp}");
+        assert!(message(&resp).contains(says), "{body}: {resp}");
+    }
+    let (_, list) = ctx.call("GET", "/v1/volumes", None).await;
+    assert_eq!(list, json!([]));
+    assert!(volume_files(&ctx).is_empty(), "{:?}", volume_files(&ctx));
+
+    // A volume that, filled, would leave the data filesystem under the floor.
+    let ctx = Ctx::with(|c| c.volumes.min_free_disk_mib = 1 << 40).await;
+    let (s, resp) = ctx
+        .call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": "data", "size": "1G"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::INSUFFICIENT_STORAGE, "{resp}");
+    assert_eq!(resp["error"], "resource_exhausted");
+    assert!(message(&resp).contains("volumes.min_free_disk"), "{resp}");
+    assert!(volume_files(&ctx).is_empty(), "{:?}", volume_files(&ctx));
+    let (_, list) = ctx.call("GET", "/v1/volumes", None).await;
+    assert_eq!(list, json!([]));
+}
+
+#[tokio::test]
+async fn volumes_attach_to_one_stopped_vm_and_outlive_it() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let ctx = Ctx::new().await;
+    let (s, data) = ctx
+        .call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": "data", "size": "64M"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{data}");
+    assert_eq!(
+        (data["size_mib"].as_u64(), data["formatted"].as_bool()),
+        (Some(64), Some(false))
+    );
+    assert_eq!(data["vm"], Value::Null);
+    let id = data["id"].as_str().unwrap().to_owned();
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    let file = ctx.dir.path().join(format!("data/volumes/{id}.ext4"));
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(meta.blocks() * 512 < 1 << 20, "the new file is sparse");
+    let (s, resp) = ctx
+        .call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": "data", "size": "64M"})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("volume_name_taken"))
+    );
+    let (s, _) = ctx
+        .call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": "spare", "size": 32})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    // A create's volumes are checked before anything is made.
+    for (volumes, status, code, says) in [
+        (
+            json!([{"name": "data", "path": "/proc/x"}]),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "invalid path \"/proc/x\": it is under /proc",
+        ),
+        (
+            json!([{"name": "data", "path": "data"}]),
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            "not absolute",
+        ),
+        (
+            json!([{"name": "spare", "path": "/s"}, {"name": "nope", "path": "/n"}]),
+            StatusCode::NOT_FOUND,
+            "volume_not_found",
+            "\"nope\"",
+        ),
+        (
+            json!([{"name": "data", "path": "/d"}, {"name": "spare", "path": "/d/"}]),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "mounted at \"/d\"",
+        ),
+        (
+            json!([{"name": "data", "path": "/d"}, {"name": "data", "path": "/e"}]),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "given twice",
+        ),
+    ] {
+        let body = json!({"name": "a", "start": false, "volumes": volumes});
+        let (s, resp) = ctx.call("POST", "/v1/vms", Some(body)).await;
+        assert_eq!(
+            (s, resp["error"].as_str()),
+            (status, Some(code)),
+            "{volumes}: {resp}"
+        );
+        assert!(message(&resp).contains(says), "{volumes}: {resp}");
+        let (_, list) = ctx.call("GET", "/v1/vms", None).await;
+        assert_eq!(list, json!([]), "{volumes}");
+    }
+    // A create that fails at boot leaves its volumes unattached (and formatted).
+    let body = json!({"name": "doomed", "volumes": [{"name": "spare", "path": "/s"}]});
+    let (s, resp) = ctx.call("POST", "/v1/vms", Some(body)).await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::INTERNAL_SERVER_ERROR, Some("vmm_failed")),
+        "{resp}"
+    );
+    let (_, list) = ctx.call("GET", "/v1/volumes", None).await;
+    assert_eq!(list[1]["name"], "spare");
+    assert_eq!(
+        (&list[1]["vm"], &list[1]["path"]),
+        (&Value::Null, &Value::Null),
+        "{list}"
+    );
+    assert_eq!(list[1]["formatted"], true);
+
+    // Attached at create: formatted ext4 first.
+    let body =
+        json!({"name": "a", "start": false, "volumes": [{"name": "data", "path": "/srv//data/"}]});
+    let (s, a) = ctx.call("POST", "/v1/vms", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{a}");
+    assert_eq!(
+        a["volumes"],
+        json!([{"name": "data", "path": "/srv/data", "size_mib": 64}])
+    );
+    let magic = std::fs::read(&file).unwrap()[1080..1082].to_vec();
+    assert_eq!(magic, [0x53, 0xef], "an ext4 superblock");
+    let (_, list) = ctx.call("GET", "/v1/volumes", None).await;
+    assert_eq!(
+        (&list[0]["vm"], &list[0]["path"], &list[0]["formatted"]),
+        (&json!("a"), &json!("/srv/data"), &json!(true))
+    );
+
+    // Another VM cannot take it, at create or by attach; the error names the VM holding it.
+    let body = json!({"name": "b", "start": false, "volumes": [{"name": "data", "path": "/d"}]});
+    let (s, resp) = ctx.call("POST", "/v1/vms", Some(body)).await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("volume_in_use")),
+        "{resp}"
+    );
+    assert!(message(&resp).contains("attached to VM \"a\""), "{resp}");
+    let (s, _) = ctx.call("GET", "/v1/vms/b", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "a refused create makes nothing");
+    let (s, b) = ctx
+        .call(
+            "POST",
+            "/v1/vms",
+            Some(json!({"name": "b", "start": false})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, resp) = ctx
+        .call(
+            "PUT",
+            "/v1/vms/b/volumes/data",
+            Some(json!({"path": "/data"})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("volume_in_use")),
+        "{resp}"
+    );
+    assert!(message(&resp).contains("attached to VM \"a\""), "{resp}");
+    // Nor can it be deleted while attached.
+    let (s, resp) = ctx.call("DELETE", "/v1/volumes/data", None).await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("volume_in_use")),
+        "{resp}"
+    );
+    assert!(message(&resp).contains("VM \"a\""), "{resp}");
+    assert!(file.exists());
+
+    // Bad paths and names are refused naming the rule.
+    for (uri, body, code, says) in [
+        (
+            "/v1/vms/b/volumes/spare",
+            json!({"path": "/"}),
+            "invalid_path",
+            "it is the root directory",
+        ),
+        (
+            "/v1/vms/b/volumes/spare",
+            json!({"path": "/a/../etc"}),
+            "invalid_path",
+            ".. component",
+        ),
+        (
+            "/v1/vms/b/volumes/spare",
+            json!({"path": "/a b"}),
+            "invalid_path",
+            "' ' is not allowed",
+        ),
+        (
+            "/v1/vms/b/volumes/spare",
+            json!({"path": format!("/{}", "x".repeat(128))}),
+            "invalid_path",
+            "129 bytes",
+        ),
+        (
+            "/v1/vms/b/volumes/Spare",
+            json!({"path": "/s"}),
+            "invalid_name",
+            "volume invalid name",
+        ),
+        (
+            "/v1/vms/b/volumes/spare",
+            json!({"path": "/s", "mode": 1}),
+            "invalid_request",
+            "unknown field",
+        ),
+    ] {
+        let (s, resp) = ctx.call("PUT", uri, Some(body.clone())).await;
+        assert_eq!(
+            (s, resp["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(code)),
+            "{body}: {resp}"
+        );
+        assert!(message(&resp).contains(says), "{body}: {resp}");
+    }
+    let (s, resp) = ctx
+        .call("PUT", "/v1/vms/b/volumes/nope", Some(json!({"path": "/n"})))
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("volume_not_found")),
+        "{resp}"
+    );
+    let (s, resp) = ctx
+        .call(
+            "PUT",
+            "/v1/vms/zz/volumes/spare",
+            Some(json!({"path": "/n"})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("vm_not_found")),
+        "{resp}"
+    );
+
+    // Not while the VM runs (its state set as a running VM's would be).
+    let b_id = b["id"].as_str().unwrap();
+    ctx.store
+        .execute_for_test("UPDATE vms SET state = 'running' WHERE id = $1", b_id)
+        .await;
+    let (s, resp) = ctx
+        .call(
+            "PUT",
+            "/v1/vms/b/volumes/spare",
+            Some(json!({"path": "/s"})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_state")),
+        "{resp}"
+    );
+    assert!(
+        message(&resp).contains("it is running, and that needs it stopped"),
+        "{resp}"
+    );
+    let (s, resp) = ctx.call("DELETE", "/v1/vms/a/volumes/data", None).await;
+    assert_eq!(s, StatusCode::OK, "{resp}");
+    assert_eq!(resp["volumes"], json!([]));
+    let (s, resp) = ctx
+        .call(
+            "PUT",
+            "/v1/vms/b/volumes/data",
+            Some(json!({"path": "/data"})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_state")),
+        "{resp}"
+    );
+    ctx.store
+        .execute_for_test("UPDATE vms SET state = 'stopped' WHERE id = $1", b_id)
+        .await;
+
+    // Detached from a, it goes to b; a second one may not share its path.
+    let (s, resp) = ctx
+        .call(
+            "PUT",
+            "/v1/vms/b/volumes/data",
+            Some(json!({"path": "/data"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{resp}");
+    assert_eq!(
+        resp["volumes"],
+        json!([{"name": "data", "path": "/data", "size_mib": 64}])
+    );
+    let (s, resp) = ctx
+        .call(
+            "PUT",
+            "/v1/vms/b/volumes/spare",
+            Some(json!({"path": "/data/"})),
+        )
+        .await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_path")),
+        "{resp}"
+    );
+    assert!(
+        message(&resp).contains("already has a volume mounted there"),
+        "{resp}"
+    );
+    let (s, resp) = ctx.call("DELETE", "/v1/vms/a/volumes/data", None).await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("volume_not_found")),
+        "{resp}"
+    );
+    let (_, detail) = ctx.call("GET", "/v1/vms/b", None).await;
+    let kinds: Vec<&str> = detail["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["kind"].as_str())
+        .collect();
+    assert!(kinds.contains(&"volume_attached"), "{kinds:?}");
+
+    // Deleting the VM keeps the volume, detached; only a volume delete removes it.
+    let (s, _) = ctx.call("DELETE", "/v1/vms/b", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, list) = ctx.call("GET", "/v1/volumes", None).await;
+    assert_eq!(
+        (&list[0]["name"], &list[0]["vm"]),
+        (&json!("data"), &Value::Null),
+        "{list}"
+    );
+    assert!(file.exists());
+    let (s, _) = ctx.call("DELETE", "/v1/volumes/data", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert!(!file.exists());
+    let (s, resp) = ctx.call("DELETE", "/v1/volumes/data", None).await;
+    assert_eq!(
+        (s, resp["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("volume_not_found")),
+        "{resp}"
+    );
+    assert_eq!(volume_files(&ctx).len(), 1, "{:?}", volume_files(&ctx));
 }
 
 #[tokio::test]

@@ -22,9 +22,11 @@ mod backup;
 mod network;
 #[cfg(test)]
 mod tests;
+mod volume;
 
 pub use backup::BackupRecord;
 pub use network::{EgressRecord, MetadataRecord, NetworkRecord};
+pub use volume::VolumeRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,6 +89,16 @@ pub enum StoreError {
     NoBackup { vm: String, id: String },
     #[error("a network named {0:?} already exists")]
     NetworkTaken(String),
+    #[error("no volume {0:?}")]
+    NoVolume(String),
+    #[error("a volume named {0:?} already exists")]
+    VolumeTaken(String),
+    #[error("volume {volume:?} is attached to VM {vm:?}")]
+    VolumeAttached { volume: String, vm: String },
+    #[error("volume {volume:?} is not attached to VM {vm:?}")]
+    VolumeNotAttached { volume: String, vm: String },
+    #[error("VM {vm:?} already has a volume mounted at {path:?}")]
+    VolumePathTaken { vm: String, path: String },
     #[error(
         "network {name:?} still has members ({members}): disconnect them or delete those VMs first"
     )]
@@ -112,6 +124,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         4,
         include_str!("../../migrations/sqlite/0004_vm_creator.sql"),
     ),
+    (5, include_str!("../../migrations/sqlite/0005_volumes.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_vms.sql")),
@@ -126,6 +139,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (
         4,
         include_str!("../../migrations/postgres/0004_vm_creator.sql"),
+    ),
+    (
+        5,
+        include_str!("../../migrations/postgres/0005_volumes.sql"),
     ),
 ];
 
@@ -413,17 +430,19 @@ impl Store {
     /// Inserts a new VM, without networking, and its `created` event atomically.
     #[cfg(test)]
     pub async fn insert_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
-        self.insert_vm_with(vm, None, &[]).await.map(drop)
+        self.insert_vm_with(vm, None, &[], &[]).await.map(drop)
     }
 
     /// Inserts a new VM and its `created` event atomically. With `slots` (how many /30s
-    /// `network.cidr` holds) the VM gets the lowest free one in the same transaction, and joins
-    /// `networks` (which must exist). Returns the record as stored.
+    /// `network.cidr` holds) the VM gets the lowest free one in the same transaction, joins
+    /// `networks` (which must exist) and gets `volumes` (name, mount path; each must exist
+    /// and be attached to no VM). Returns the record as stored.
     pub async fn insert_vm_with(
         &self,
         vm: &VmRecord,
         slots: Option<u32>,
         networks: &[String],
+        volumes: &[(String, String)],
     ) -> Result<VmRecord, StoreError> {
         let mut tx = self.backend.begin_write(&self.pool).await?;
         let mut vm = vm.clone();
@@ -464,6 +483,9 @@ impl Store {
         insert_event(&mut tx, &vm.id, "created", None, Some(vm.state), None).await?;
         for net in networks {
             network::add_member(&mut tx, net, &vm.id).await?;
+        }
+        for (volume, path) in volumes {
+            volume::attach(self.backend, &mut tx, &vm.id, &vm.name, volume, path).await?;
         }
         tx.commit().await?;
         Ok(vm)
@@ -700,15 +722,24 @@ impl Store {
             .collect()
     }
 
-    /// Removes a VM and its events.
+    /// Removes a VM and its events; its volumes are detached and kept.
     pub async fn delete_vm(&self, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.backend.begin_write(&self.pool).await?;
+        // The foreign key clears `vm_id` by itself; the mount path goes with it.
+        sqlx::query(
+            "UPDATE volumes SET vm_id = NULL, path = NULL, attached_at = NULL WHERE vm_id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
         let done = sqlx::query("DELETE FROM vms WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(id.to_owned()));
         }
+        tx.commit().await?;
         Ok(())
     }
 

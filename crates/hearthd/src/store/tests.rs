@@ -72,6 +72,146 @@ async fn run_suite(fresh: impl AsyncFn() -> String) {
     networks_members_and_egress(&fresh().await).await;
     backups_belong_to_their_vm_and_go_with_it(&fresh().await).await;
     resize_and_restore_change_only_a_stopped_vm(&fresh().await).await;
+    volumes_attach_to_one_vm_and_outlive_it(&fresh().await).await;
+}
+
+fn volume(name: &str) -> VolumeRecord {
+    VolumeRecord {
+        id: format!("vol-{name}"),
+        name: name.into(),
+        size_mib: 1 << 40,
+        created_at: now(),
+        formatted: false,
+        vm_id: None,
+        vm_name: None,
+        path: None,
+    }
+}
+
+async fn volumes_attach_to_one_vm_and_outlive_it(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let mut a = record("a");
+    a.state = VmState::Stopped;
+    store.insert_vm(&a).await.unwrap();
+    store.insert_volume(&volume("data")).await.unwrap();
+    store.insert_volume(&volume("logs")).await.unwrap();
+    store.insert_volume(&volume("spare")).await.unwrap();
+    assert!(matches!(
+        store.insert_volume(&volume("data")).await.unwrap_err(),
+        StoreError::VolumeTaken(_)
+    ));
+    assert_eq!(
+        store.get_volume("data").await.unwrap().size_mib,
+        1 << 40,
+        "sizes past 32 bits survive"
+    );
+    store.attach_volume("id-a", "data", "/data").await.unwrap();
+    // Another volume at the same path of the same VM is refused; the VM's own volume moves.
+    assert!(matches!(
+        store
+            .attach_volume("id-a", "logs", "/data")
+            .await
+            .unwrap_err(),
+        StoreError::VolumePathTaken { .. }
+    ));
+    store.attach_volume("id-a", "logs", "/logs").await.unwrap();
+    store
+        .attach_volume("id-a", "logs", "/var/log/app")
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.attach_volume("id-a", "nope", "/x").await.unwrap_err(),
+        StoreError::NoVolume(_)
+    ));
+    // A new VM cannot take a volume another VM has, and then is not made at all.
+    let err = store
+        .insert_vm_with(
+            &record("b"),
+            None,
+            &[],
+            &[("spare".into(), "/s".into()), ("data".into(), "/d".into())],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::VolumeAttached { volume, vm } if volume == "data" && vm == "a"),
+        "{err}"
+    );
+    assert!(matches!(
+        store.get_vm("b").await.unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    assert_eq!(store.get_volume("spare").await.unwrap().vm_id, None);
+    // Deleting an attached volume is refused, naming the VM.
+    let err = store.delete_volume("data").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::VolumeAttached { vm, .. } if vm == "a"),
+        "{err}"
+    );
+    let on_a: Vec<_> = store
+        .vm_volumes("id-a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.name, v.path, v.vm_name))
+        .collect();
+    let a_name = Some("a".to_owned());
+    assert_eq!(
+        on_a,
+        [
+            ("data".into(), Some("/data".into()), a_name.clone()),
+            ("logs".into(), Some("/var/log/app".into()), a_name)
+        ]
+    );
+    // Not while the VM runs.
+    let mut r = record("r");
+    r.state = VmState::Running;
+    store.insert_vm(&r).await.unwrap();
+    assert!(matches!(
+        store
+            .attach_volume("id-r", "spare", "/s")
+            .await
+            .unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    assert!(matches!(
+        store.detach_volume("id-a", "spare").await.unwrap_err(),
+        StoreError::VolumeNotAttached { .. }
+    ));
+    store.detach_volume("id-a", "logs").await.unwrap();
+    store.mark_formatted("vol-logs").await.unwrap();
+    let logs = store.get_volume("logs").await.unwrap();
+    assert!(logs.formatted && logs.vm_id.is_none() && logs.path.is_none());
+    let kinds: Vec<String> = store
+        .events("id-a")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "created",
+            "volume_attached",
+            "volume_attached",
+            "volume_attached",
+            "volume_detached"
+        ]
+    );
+    // Deleting the VM detaches its volumes and keeps them.
+    store.delete_vm("id-a").await.unwrap();
+    let data = store.get_volume("data").await.unwrap();
+    assert_eq!((data.vm_id, data.path), (None, None));
+    store.delete_volume("data").await.unwrap();
+    assert!(matches!(
+        store.delete_volume("data").await.unwrap_err(),
+        StoreError::NoVolume(_)
+    ));
+    let mut ids = store.all_volume_ids().await.unwrap();
+    ids.sort();
+    assert_eq!(ids, ["vol-logs", "vol-spare"]);
+    store.close().await;
 }
 
 fn backup(id: &str, vm_id: &str) -> BackupRecord {
@@ -181,7 +321,7 @@ async fn addresses_are_unique_lowest_first_and_released(url: &str) {
     let mut taken = Vec::new();
     for name in ["a", "b", "c"] {
         let vm = store
-            .insert_vm_with(&record(name), Some(3), &[])
+            .insert_vm_with(&record(name), Some(3), &[], &[])
             .await
             .unwrap();
         taken.push(vm.net_index);
@@ -189,7 +329,7 @@ async fn addresses_are_unique_lowest_first_and_released(url: &str) {
     }
     assert_eq!(taken, [Some(0), Some(1), Some(2)]);
     let err = store
-        .insert_vm_with(&record("d"), Some(3), &[])
+        .insert_vm_with(&record("d"), Some(3), &[], &[])
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::NoAddresses { slots: 3 }), "{err}");
@@ -201,13 +341,13 @@ async fn addresses_are_unique_lowest_first_and_released(url: &str) {
     // A deleted VM's address is free again, and the lowest free one is handed out first.
     store.delete_vm("id-b").await.unwrap();
     let vm = store
-        .insert_vm_with(&record("e"), Some(3), &[])
+        .insert_vm_with(&record("e"), Some(3), &[], &[])
         .await
         .unwrap();
     assert_eq!(vm.net_index, Some(1));
     store.delete_vm("id-a").await.unwrap();
     let vm = store
-        .insert_vm_with(&record("f"), Some(3), &[])
+        .insert_vm_with(&record("f"), Some(3), &[], &[])
         .await
         .unwrap();
     assert_eq!(vm.net_index, Some(0));
@@ -224,7 +364,7 @@ async fn concurrent_creates_never_share_an_address(url: &str) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .insert_vm_with(&record(&format!("vm{i}")), Some(64), &[])
+                    .insert_vm_with(&record(&format!("vm{i}")), Some(64), &[], &[])
                     .await
                     .unwrap()
                     .net_index
@@ -249,7 +389,7 @@ async fn networks_members_and_egress(url: &str) {
     ));
     // Joining a network that does not exist leaves no VM behind.
     let err = store
-        .insert_vm_with(&record("a"), Some(4), &["nope".into()])
+        .insert_vm_with(&record("a"), Some(4), &["nope".into()], &[])
         .await
         .unwrap_err();
     assert!(
@@ -261,11 +401,11 @@ async fn networks_members_and_egress(url: &str) {
         Err(StoreError::NotFound(_))
     ));
     let a = store
-        .insert_vm_with(&record("a"), Some(4), &["backend".into()])
+        .insert_vm_with(&record("a"), Some(4), &["backend".into()], &[])
         .await
         .unwrap();
     store
-        .insert_vm_with(&record("b"), Some(4), &[])
+        .insert_vm_with(&record("b"), Some(4), &[], &[])
         .await
         .unwrap();
     assert_eq!(store.vm_networks(&a.id).await.unwrap(), ["backend"]);

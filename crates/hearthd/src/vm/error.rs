@@ -104,6 +104,24 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no volume named {0:?} (`hearth volume list` shows the volumes)")]
+    NoVolume(String),
+    #[error("a volume named {0:?} already exists")]
+    VolumeTaken(String),
+    #[error(
+        "volume {volume:?} is attached to VM {vm:?}: detach it first (`hearth volume detach {vm} {volume}`, with the VM stopped)"
+    )]
+    VolumeInUse { volume: String, vm: String },
+    #[error("VM {vm:?} has no volume {volume:?} attached")]
+    VolumeNotAttached { volume: String, vm: String },
+    #[error("invalid path {path:?}: VM {vm:?} already has a volume mounted there")]
+    VolumePathTaken { vm: String, path: String },
+    #[error("cannot prepare volume {volume:?}")]
+    VolumeDisk {
+        volume: String,
+        #[source]
+        source: DiskError,
+    },
     #[error("state store failure")]
     Store(StoreError),
     #[error("an internal task failed: {0}")]
@@ -119,6 +137,13 @@ impl From<StoreError> for VmError {
             StoreError::NetworkInUse { name, members } => VmError::NetworkInUse { name, members },
             StoreError::NoAddresses { slots } => VmError::NoAddresses { slots },
             StoreError::NoBackup { vm, id } => VmError::NoBackup { vm, id },
+            StoreError::NoVolume(v) => VmError::NoVolume(v),
+            StoreError::VolumeTaken(v) => VmError::VolumeTaken(v),
+            StoreError::VolumeAttached { volume, vm } => VmError::VolumeInUse { volume, vm },
+            StoreError::VolumeNotAttached { volume, vm } => {
+                VmError::VolumeNotAttached { volume, vm }
+            }
+            StoreError::VolumePathTaken { vm, path } => VmError::VolumePathTaken { vm, path },
             other => VmError::Store(other),
         }
     }
@@ -141,14 +166,18 @@ impl VmError {
             VmError::Store(StoreError::StateChanged { .. }) => ErrorCode::VmBusy,
             VmError::ImageUnavailable(_) => ErrorCode::ImageUnavailable,
             VmError::StartFailed { .. } | VmError::Vmm(_) => ErrorCode::VmmFailed,
-            VmError::Disk { source, .. } => match source {
-                DiskError::Copy { source, .. } | DiskError::Grow { source, .. }
-                    if source.raw_os_error() == Some(libc::ENOSPC) =>
-                {
-                    ErrorCode::ResourceExhausted
+            VmError::Disk { source, .. } | VmError::VolumeDisk { source, .. } => {
+                match source.io() {
+                    Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                        ErrorCode::ResourceExhausted
+                    }
+                    _ => ErrorCode::Internal,
                 }
-                _ => ErrorCode::Internal,
-            },
+            }
+            VmError::NoVolume(_) | VmError::VolumeNotAttached { .. } => ErrorCode::VolumeNotFound,
+            VmError::VolumeTaken(_) => ErrorCode::VolumeNameTaken,
+            VmError::VolumeInUse { .. } => ErrorCode::VolumeInUse,
+            VmError::VolumePathTaken { .. } => ErrorCode::InvalidPath,
             VmError::Guest { source, .. } | VmError::GuestFile { source, .. } => match source {
                 GuestError::Disconnected => ErrorCode::GuestUnavailable,
                 GuestError::NotReady(_) | GuestError::Timeout => ErrorCode::GuestTimeout,

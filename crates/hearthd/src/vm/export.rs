@@ -347,7 +347,12 @@ impl VmService {
             let _admission = self.inner.admission.lock().await;
             self.admit(import_demand(&m.vm)).await?;
             let slots = self.inner.network.as_ref().map(Network::subnets);
-            match self.inner.store.insert_vm_with(&record, slots, &[]).await {
+            match self
+                .inner
+                .store
+                .insert_vm_with(&record, slots, &[], &[])
+                .await
+            {
                 Err(StoreError::NameTaken(n)) => return Err(VmError::NameTaken(n)),
                 other => other?,
             }

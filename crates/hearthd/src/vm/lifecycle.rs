@@ -48,6 +48,7 @@ impl VmService {
             image.rootfs_mib,
         )?;
         let (egress, metadata) = self.validate_net_request(&req)?;
+        let volumes = Self::validate_volumes(&req.volumes)?;
         let now = crate::store::now();
         let record = VmRecord {
             id: random_id(),
@@ -85,10 +86,14 @@ impl VmService {
                 return Err(e);
             }
             let slots = self.inner.network.as_ref().map(Network::subnets);
+            // The volumes are checked (and formatted) and attached in the VM's insert: a
+            // create refused from here on leaves them unattached.
+            let _volumes = self.inner.volumes.lock().await;
+            self.prepare_volumes(&volumes).await?;
             match self
                 .inner
                 .store
-                .insert_vm_with(&record, slots, &req.networks)
+                .insert_vm_with(&record, slots, &req.networks, &volumes)
                 .await
             {
                 Err(StoreError::NameTaken(n)) => return Err(VmError::NameTaken(n)),
@@ -230,6 +235,7 @@ impl VmService {
             serial_log: dir.join("serial.log"),
             vmm_log: dir.join("vmm.log"),
             tap: None,
+            volumes: Vec::new(),
         }
     }
 
@@ -338,6 +344,9 @@ impl VmService {
         // the modules in that initramfs; nothing at boot uses the disk's).
         let image = self.image().map_err(|e| e.message())?;
         let mut spec = self.launch_spec(vm, Some(&image));
+        let (volumes, words) = self.volume_disks(&vm.id).await.map_err(|e| e.message())?;
+        spec.volumes = volumes;
+        spec.cmdline.push_str(&words);
         let mut network_ms = None;
         if let Some(net) = self.inner.network.as_ref().filter(|_| self.networked(vm)) {
             let started = Instant::now();

@@ -9,6 +9,7 @@
 //! - `admission`: whether the host can take one more VM (`crate::capacity` decides).
 //! - `recovery`: what hearthd does at start with the VMs of its last run.
 //! - `exec`, `files`, `logs`: the operations on a VM's guest and its logs.
+//! - `backup`, `resize`, `volume`: a stopped VM's disks; volumes outlive their VMs.
 
 mod admission;
 mod backup;
@@ -23,6 +24,7 @@ mod recovery;
 mod resize;
 mod running;
 pub mod state;
+mod volume;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -186,6 +188,20 @@ pub enum Action {
         vm: String,
         member: bool,
     },
+    ListVolumes,
+    CreateVolume(hearth_api::CreateVolumeRequest),
+    DeleteVolume(String),
+    /// Attach a volume to a stopped VM, mounted at `path` in the guest.
+    AttachVolume {
+        vm: String,
+        volume: String,
+        path: String,
+    },
+    /// Detach a volume from a stopped VM.
+    DetachVolume {
+        vm: String,
+        volume: String,
+    },
 }
 
 impl Action {
@@ -218,6 +234,11 @@ impl Action {
             Action::DeleteNetwork(_) => "delete_network",
             Action::SetMembership { member: true, .. } => "connect_network",
             Action::SetMembership { member: false, .. } => "disconnect_network",
+            Action::ListVolumes => "list_volumes",
+            Action::CreateVolume(_) => "create_volume",
+            Action::DeleteVolume(_) => "delete_volume",
+            Action::AttachVolume { .. } => "attach_volume",
+            Action::DetachVolume { .. } => "detach_volume",
         }
     }
 }
@@ -241,6 +262,8 @@ pub enum Reply {
     Backup(hearth_api::Backup),
     Backups(Vec<hearth_api::Backup>),
     Export(ExportStream),
+    Volume(hearth_api::Volume),
+    Volumes(Vec<hearth_api::Volume>),
 }
 
 /// State of the guest image, shared with the background build.
@@ -276,6 +299,9 @@ struct Inner {
     /// How disks are copied on the data filesystem, as health says it: probed at the first
     /// health request (the filesystem does not change under a running hearthd).
     disk_copies: std::sync::OnceLock<String>,
+    /// Held by every change of volumes (after the VM's lock where one is taken), so a volume
+    /// is formatted once and attached to one VM.
+    volumes: tokio::sync::Mutex<()>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -331,6 +357,7 @@ impl VmService {
                 admission: tokio::sync::Mutex::new(()),
                 network,
                 disk_copies: std::sync::OnceLock::new(),
+                volumes: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -473,6 +500,31 @@ impl VmService {
                     .await?,
                 ))
             }
+            Action::ListVolumes => Ok(Reply::Volumes(self.list_volumes().await?)),
+            Action::CreateVolume(req) => {
+                let s = self.clone();
+                Ok(Reply::Volume(
+                    lifecycle::detached(async move { s.create_volume(req).await }).await?,
+                ))
+            }
+            Action::DeleteVolume(name) => {
+                let s = self.clone();
+                lifecycle::detached(async move { s.delete_volume(&name).await }).await?;
+                Ok(Reply::Deleted)
+            }
+            Action::AttachVolume { vm, volume, path } => {
+                let s = self.clone();
+                Ok(Reply::VmDetail(
+                    lifecycle::detached(async move { s.attach_volume(&vm, &volume, &path).await })
+                        .await?,
+                ))
+            }
+            Action::DetachVolume { vm, volume } => {
+                let s = self.clone();
+                Ok(Reply::VmDetail(
+                    lifecycle::detached(async move { s.detach_volume(&vm, &volume).await }).await?,
+                ))
+            }
         }
     }
 
@@ -518,8 +570,10 @@ impl VmService {
         let vm = self.record(name).await?;
         let events = self.inner.store.events(&vm.id).await?;
         let network = self.vm_network(&vm).await?;
+        let volumes = self.vm_volumes(&vm.id).await?;
         Ok(VmDetail {
             network,
+            volumes,
             vm: vm.into(),
             events: events.into_iter().map(Into::into).collect(),
         })

@@ -46,6 +46,9 @@ impl VmService {
         if let Err(e) = self.clean_backups().await {
             tracing::error!(error = %e, "cannot clean up unfinished backups and restores");
         }
+        if let Err(e) = self.clean_volumes().await {
+            tracing::error!(error = %e, "cannot clean up unfinished volume creates and deletes");
+        }
         self.reconcile_network().await;
         Ok(())
     }

@@ -325,6 +325,7 @@ mod tests {
             serial_log: dir.join(format!("{name}.serial.log")),
             vmm_log: dir.join(format!("{name}.vmm.log")),
             tap: None,
+            volumes: Vec::new(),
         }
     }
 

@@ -70,6 +70,17 @@ pub struct LaunchSpec {
     /// The TAP of the VM's network slot, when it has one: the guest's NIC (MAC
     /// `hearth_helper::proto::GUEST_MAC`) is attached to it.
     pub tap: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// Extra disks (volumes), in the order the guest gets them.
+    pub volumes: Vec<VolumeDisk>,
+}
+
+/// One extra disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeDisk {
+    /// A raw disk image.
+    pub file: PathBuf,
+    /// What the guest reads as the disk's serial (at most 20 bytes: virtio-blk's limit).
+    pub serial: String,
 }
 
 impl LaunchSpec {

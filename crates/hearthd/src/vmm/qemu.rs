@@ -262,6 +262,17 @@ impl Qemu {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", path(&Self::qmp_socket(spec))),
         ];
+        for (n, volume) in spec.volumes.iter().enumerate() {
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "id=vol{n},file={},format=raw,if=none,cache=writeback,discard=unmap",
+                    path(&volume.file)
+                ),
+                "-device".into(),
+                format!("virtio-blk-device,drive=vol{n},serial={}", volume.serial),
+            ]);
+        }
         if spec.tap.is_some() {
             // The TAP is the child's descriptor TAP_FD (see `launch`). vhost needs
             // /dev/vhost-net, which an unprivileged hearthd may not open; TCG gains nothing.
@@ -853,9 +864,33 @@ mod tests {
             serial_log: "/l/serial.log".into(),
             vmm_log: "/l/vmm.log".into(),
             tap: None,
+            volumes: Vec::new(),
         };
         let args = q.args(&spec).join(" ");
         assert!(!args.contains("-netdev"), "no network without a TAP");
+        assert!(!args.contains("vol0"), "no volumes");
+        let with_volumes = LaunchSpec {
+            volumes: vec![
+                crate::vmm::VolumeDisk {
+                    file: "/v/0123456789abcdef.ext4".into(),
+                    serial: "0123456789abcdef".into(),
+                },
+                crate::vmm::VolumeDisk {
+                    file: "/v/fedcba9876543210.ext4".into(),
+                    serial: "fedcba9876543210".into(),
+                },
+            ],
+            ..spec.clone()
+        };
+        let vols = q.args(&with_volumes).join(" ");
+        assert!(
+            vols.contains("-drive id=vol0,file=/v/0123456789abcdef.ext4,format=raw,if=none,cache=writeback,discard=unmap -device virtio-blk-device,drive=vol0,serial=0123456789abcdef -drive id=vol1,file=/v/fedcba9876543210.ext4,"),
+            "{vols}"
+        );
+        assert!(
+            vols.find("drive=root").unwrap() < vols.find("drive=vol0").unwrap(),
+            "the root disk comes first: {vols}"
+        );
         let with_tap = LaunchSpec {
             tap: Some(Arc::new(OwnedFd::from(
                 std::fs::File::open("/dev/null").unwrap(),
