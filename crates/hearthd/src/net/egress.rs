@@ -120,6 +120,18 @@ pub fn validate(req: &EgressRequest) -> Result<EgressRecord, EgressError> {
     })
 }
 
+/// The policy as a request that sets it again (an export carries it so).
+pub fn to_request(r: &EgressRecord) -> EgressRequest {
+    let p = to_api(r);
+    EgressRequest {
+        mode: Some(p.mode),
+        allow_cidrs: p.allow_cidrs,
+        deny_cidrs: p.deny_cidrs,
+        allow_ports: p.allow_ports,
+        allow_domains: p.allow_domains,
+    }
+}
+
 /// The policy as the API shows it.
 pub fn to_api(r: &EgressRecord) -> EgressPolicy {
     EgressPolicy {

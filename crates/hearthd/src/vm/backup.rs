@@ -212,13 +212,22 @@ pub(super) async fn disk_work<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> Result<T, DiskError> + Send + 'static,
 ) -> Result<T, VmError> {
+    blocking_disk_work(work, |source| VmError::Disk {
+        name: name.to_owned(),
+        source,
+    })
+    .await
+}
+
+/// Runs disk work on a blocking thread; its error becomes `wrap`'s.
+pub(super) async fn blocking_disk_work<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, DiskError> + Send + 'static,
+    wrap: impl FnOnce(DiskError) -> VmError,
+) -> Result<T, VmError> {
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| VmError::Task(e.to_string()))?
-        .map_err(|source| VmError::Disk {
-            name: name.to_owned(),
-            source,
-        })
+        .map_err(wrap)
 }
 
 fn to_api(b: BackupRecord, vm: &str) -> Backup {

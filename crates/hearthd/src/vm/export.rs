@@ -17,7 +17,7 @@ use std::os::unix::fs::DirBuilderExt;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use hearth_api::{CreateVmRequest, EgressMode, EgressRequest, Size, VmDetail, VmState};
+use hearth_api::{CreateVmRequest, EgressRequest, Size, VmDetail, VmState};
 use tokio::sync::{mpsc, oneshot};
 
 use super::files::Upload;
@@ -107,20 +107,7 @@ impl archive::Sink for ChannelSink {
 /// The egress policy as an export carries it: `None` for the default (allow all), which any
 /// host takes, networking or not.
 fn egress_of(r: &EgressRecord) -> Option<EgressRequest> {
-    if *r == EgressRecord::default() {
-        return None;
-    }
-    Some(EgressRequest {
-        mode: Some(if r.deny_all {
-            EgressMode::DenyAll
-        } else {
-            EgressMode::AllowAll
-        }),
-        allow_cidrs: r.allow_cidrs.clone(),
-        deny_cidrs: r.deny_cidrs.clone(),
-        allow_ports: r.allow_ports.clone(),
-        allow_domains: r.allow_domains.clone(),
-    })
+    (*r != EgressRecord::default()).then(|| crate::net::egress::to_request(r))
 }
 
 fn unix_now() -> u64 {
@@ -421,7 +408,7 @@ fn import_error(e: ReadError<VmError>) -> VmError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_api::ErrorCode;
+    use hearth_api::{EgressMode, ErrorCode};
 
     #[test]
     fn a_full_disk_is_a_507_and_a_bad_archive_a_400() {

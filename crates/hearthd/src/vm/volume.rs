@@ -346,13 +346,11 @@ async fn volume_work<T: Send + 'static>(
     name: &str,
     work: impl FnOnce() -> Result<T, DiskError> + Send + 'static,
 ) -> Result<T, VmError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| VmError::Task(e.to_string()))?
-        .map_err(|source| VmError::VolumeDisk {
-            volume: name.to_owned(),
-            source,
-        })
+    super::backup::blocking_disk_work(work, |source| VmError::VolumeDisk {
+        volume: name.to_owned(),
+        source,
+    })
+    .await
 }
 
 #[cfg(test)]
