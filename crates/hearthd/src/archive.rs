@@ -573,7 +573,7 @@ fn read_file<R: Read, E>(
     }
     if at != file.size {
         return Err(invalid(format!(
-            "{} has {at} bytes, but the manifest gives it {}: the archive is cut short or damaged",
+            "{} ends after {at} of its {} bytes: the archive is cut short or damaged",
             file.name, file.size
         )));
     }

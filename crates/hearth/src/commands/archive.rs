@@ -13,7 +13,7 @@ use crate::cli::{ExportArgs, ImportArgs};
 use crate::client::Client;
 use crate::error::{CliError, Result};
 use crate::printer::{Printer, Transfer};
-use crate::render::{size_mib, terminal_safe};
+use crate::render::terminal_safe;
 
 pub async fn export(client: &Client, printer: &Printer, args: ExportArgs) -> Result<()> {
     if args.output.is_none() && std::io::stdout().is_terminal() {
@@ -135,11 +135,9 @@ pub async fn import(client: &Client, printer: &Printer, args: ImportArgs) -> Res
     let detail = detail?;
     printer.result(&detail, |d: &VmDetail| {
         format!(
-            "imported vm {} (stopped; {} cpus, {} RAM, {} disk); start it with `hearth vm start {}`\n",
+            "imported vm {} ({}); start it with `hearth vm start {}`\n",
             terminal_safe(&d.vm.name),
-            d.vm.cpus,
-            size_mib(d.vm.memory_mib),
-            size_mib(d.vm.rootfs_mib),
+            super::vm::summary(d),
             terminal_safe(&d.vm.name)
         )
     });

@@ -113,13 +113,21 @@ pub async fn health(client: &Client, printer: &Printer) -> Result<()> {
 /// What `vm new` prints, e.g. `created vm demo (running; 2 cpus, 1G RAM, 10G rootfs)`, with
 /// `; address 172.28.0.6` when the VM has a network.
 fn created_text(detail: &VmDetail) -> String {
+    format!(
+        "created vm {} ({})\n",
+        terminal_safe(&detail.vm.name),
+        summary(detail)
+    )
+}
+
+/// A VM in a few words: `running; 1 cpu, 1G RAM, 10G rootfs; address 172.28.0.2`.
+pub(crate) fn summary(detail: &VmDetail) -> String {
     let vm = &detail.vm;
     let address = detail.network.as_ref().map_or_else(String::new, |n| {
         format!("; address {}", terminal_safe(&n.address))
     });
     format!(
-        "created vm {} ({}; {} {}, {} RAM, {} rootfs{address})\n",
-        terminal_safe(&vm.name),
+        "{}; {} {}, {} RAM, {} rootfs{address}",
         vm.state,
         vm.cpus,
         if vm.cpus == 1 { "cpu" } else { "cpus" },
