@@ -8,7 +8,7 @@ AGENT      := target/$(TARGET)/release/hearth-guest
 DATA_DIR   ?= /var/lib/hearth
 export HEARTH_IMAGE_AGENT_PATH ?= $(abspath $(AGENT))
 
-.PHONY: run deps build agent image test lint bench clean-test
+.PHONY: run deps build agent image install uninstall test lint bench clean-test
 
 run: deps build agent image
 	@echo "hearthd is starting on its defaults (API on http://127.0.0.1:7070, data in $(DATA_DIR))"
@@ -26,6 +26,15 @@ agent:
 
 image: build agent
 	HEARTH_DATA_DIR=$(DATA_DIR) target/release/hearthd build-image
+
+# hearthd as a system service: binaries in $(PREFIX)/bin, the hearth user, /etc/hearth/hearth.toml
+# (made once), /var/lib/hearth, the guest image, systemd units. DESTDIR=DIR stages the files only.
+# `make uninstall` keeps the configuration, the VMs and the user unless PURGE=1.
+install: deps build agent
+	bash scripts/install.sh install
+
+uninstall:
+	bash scripts/install.sh uninstall
 
 lint:
 	$(CARGO) fmt --all --check

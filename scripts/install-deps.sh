@@ -27,6 +27,8 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || need+=(nftables)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v unshare >/dev/null || need+=(util-linux)
+# The install test checks the systemd units with systemd-analyze.
+command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v cc >/dev/null || need+=(gcc)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 # The store's test suite also runs against a PostgreSQL server it starts itself.

@@ -91,6 +91,12 @@ pub const KEYS: &[Key] = &[
         doc: "Log filter (tracing syntax), e.g. info or hearthd=debug.",
     },
     Key {
+        path: "log_format",
+        kind: Kind::String,
+        default: "\"text\"",
+        doc: "text (one line per event; colours only on a terminal) or json (one JSON object per line, for journald or a log collector).",
+    },
+    Key {
         path: "guest.cpus",
         kind: Kind::Integer,
         default: "1",
@@ -298,6 +304,7 @@ struct RawConfig {
     database_url: String,
     vmm: String,
     log: String,
+    log_format: String,
     guest: RawGuest,
     server: RawServer,
     image: RawImage,
@@ -397,6 +404,8 @@ pub struct Config {
     pub database_url: String,
     pub vmm: VmmChoice,
     pub log: String,
+    /// Log lines as JSON objects (`log_format = "json"`), else text.
+    pub log_json: bool,
     pub guest: GuestDefaults,
     pub request_timeout: Duration,
     pub shutdown_timeout: Duration,
@@ -576,6 +585,16 @@ impl Config {
         };
         tracing_subscriber::EnvFilter::try_new(&raw.log)
             .map_err(|e| invalid("log", format!("{:?} is not a log filter: {e}", raw.log)))?;
+        let log_json = match raw.log_format.as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} is not one of text, json"),
+                ));
+            }
+        };
         let cpus = u32::try_from(raw.guest.cpus).unwrap_or(0);
         rules::validate_cpus(cpus).map_err(|e| invalid("guest.cpus", e.message))?;
         let memory_mib = rules::validate_ram(&Size::Text(raw.guest.memory.clone()))
@@ -637,6 +656,7 @@ impl Config {
             database_url,
             vmm,
             log: raw.log,
+            log_json,
             guest: GuestDefaults {
                 cpus,
                 memory_mib,

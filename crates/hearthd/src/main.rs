@@ -137,11 +137,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log));
     // Colours only on a terminal: a log file or journal gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if config.log_json {
+        logs.json().init();
+    } else {
+        logs.with_ansi(ansi).init();
+    }
     let config = Arc::new(config);
     for dir in ["", "vms", "run", "images"] {
         let d = config.data_dir.join(dir);
