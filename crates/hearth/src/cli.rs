@@ -109,6 +109,9 @@ pub enum Command {
     Volume(VolumeCommand),
     /// Show hearthd's status, version, VMM, acceleration, guest image, capacity and networking.
     Health,
+    /// Check a live host end to end: make a VM, exec, copy a file, reach the metadata service,
+    /// stop, start, delete; on a failure, write what explains it to a directory.
+    Smoke(SmokeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -243,6 +246,23 @@ pub struct RestoreArgs {
     pub name: String,
     /// The id of one of its backups (`hearth backup list VM`).
     pub backup: String,
+}
+
+/// `hearth smoke`.
+#[derive(Debug, Args)]
+pub struct SmokeArgs {
+    /// The test VM's name (default smoke-<random>); it must not exist.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// How long the VM may take to boot, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 180)]
+    pub ready_timeout: u64,
+    /// Keep the VM when a step fails, to look at it.
+    #[arg(long)]
+    pub keep_failed: bool,
+    /// Where a failure's artifacts go (default ./hearth-smoke-<name>-<time>).
+    #[arg(long, value_name = "DIR")]
+    pub artifacts: Option<std::path::PathBuf>,
 }
 
 /// `hearth export VM [-o FILE]`.
@@ -561,6 +581,7 @@ impl Command {
         let name = |n: &String| Some(n.clone());
         let (action, vm, network) = match self {
             Command::Health => (Action::Health, None, None),
+            Command::Smoke(a) => (Action::Smoke, a.name.clone(), None),
             Command::Exec(a) => (Action::Exec, name(&a.name), None),
             Command::Cp(a) => (Action::Cp, cp_vm_name(a), None),
             Command::Network(command) => match command {

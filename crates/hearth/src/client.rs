@@ -85,6 +85,16 @@ pub struct Json<T> {
     pub raw: Value,
 }
 
+impl Json<Value> {
+    /// A JSON value made here (not received), printed the same way.
+    pub fn local(raw: Value) -> Json<Value> {
+        Json {
+            data: raw.clone(),
+            raw,
+        }
+    }
+}
+
 /// Lifecycle operations that answer with the VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
@@ -286,6 +296,19 @@ impl Client {
             .http
             .post(self.url(&["vms", name, "restore"], &[]))
             .json(&body);
+        json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
+    }
+
+    /// Runs a command to completion in the VM and collects its output.
+    pub async fn exec(
+        &self,
+        name: &str,
+        body: &hearth_api::ExecRequest,
+    ) -> Result<Json<hearth_api::ExecResponse>> {
+        let req = self
+            .http
+            .post(self.url(&["vms", name, "exec"], &[]))
+            .json(body);
         json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
     }
 

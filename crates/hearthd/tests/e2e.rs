@@ -811,3 +811,72 @@ async fn bad_inputs(w: &World) {
     let committed = std::fs::read_to_string(workspace().join("openapi.json")).unwrap();
     assert_eq!(served, committed);
 }
+
+/// `hearth smoke` against the test's hearthd passes; against one whose guest image cannot boot
+/// (its kernel replaced by junk) it fails with the artifacts that explain why.
+#[test]
+fn smoke_passes_and_an_unbootable_image_leaves_artifacts() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut w = World::new();
+    let out = w.d().hearth_ok(&["smoke", "--name", "e2e-smoke"]);
+    assert!(out.contains("smoke test passed"), "{out}");
+    assert_eq!(
+        w.d().hearth(&["vm", "inspect", "e2e-smoke"]).status.code(),
+        Some(3),
+        "it deleted its VM"
+    );
+
+    // The same image with a kernel that is not one.
+    w.daemon.as_mut().unwrap().kill9();
+    let cache = image_cache();
+    let id = std::fs::read_link(cache.join("current")).unwrap();
+    let images = w.data().join("images");
+    std::fs::remove_file(&images).unwrap();
+    let broken = images.join(&id);
+    std::fs::create_dir_all(&broken).unwrap();
+    for file in ["manifest.json", "initrd.img"] {
+        std::fs::copy(cache.join(&id).join(file), broken.join(file)).unwrap();
+    }
+    std::fs::write(broken.join("vmlinuz"), vec![0x5au8; 1 << 16]).unwrap();
+    let rootfs = std::fs::canonicalize(cache.join(&id).join("rootfs.ext4")).unwrap();
+    std::os::unix::fs::symlink(rootfs, broken.join("rootfs.ext4")).unwrap();
+    w.daemon = Some(Daemon::start(&w.data()));
+
+    let artifacts = w.data().join("smoke-artifacts");
+    let out = w.d().hearth(&[
+        "smoke",
+        "--name",
+        "e2e-smoke-bad",
+        "--ready-timeout",
+        "60",
+        "--artifacts",
+        artifacts.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("smoke test failed; artifacts in"),
+        "{stderr}"
+    );
+    let steps = std::fs::read_to_string(artifacts.join("steps.txt")).unwrap();
+    assert!(
+        steps.contains("ok    create") && steps.contains("FAIL"),
+        "{steps}"
+    );
+    let inspect: Value =
+        serde_json::from_str(&std::fs::read_to_string(artifacts.join("inspect.json")).unwrap())
+            .unwrap();
+    assert_eq!(inspect["state"], "error", "{inspect}");
+    assert!(inspect["last_error"].is_string(), "{inspect}");
+    for file in ["serial.log", "vmm.log", "health.json", "hearthd.log"] {
+        assert!(artifacts.join(file).exists(), "{file} is missing");
+    }
+    assert_eq!(
+        w.d()
+            .hearth(&["vm", "inspect", "e2e-smoke-bad"])
+            .status
+            .code(),
+        Some(3),
+        "a failed smoke test removes its VM"
+    );
+}

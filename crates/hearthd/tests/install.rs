@@ -1,7 +1,9 @@
 //! `make install` / `make uninstall` (scripts/install.sh), staged with DESTDIR: the files and
 //! their modes, a configuration made once and kept, systemd units `systemd-analyze verify`
 //! accepts without a warning, and an uninstall that keeps the configuration and data unless
-//! PURGE=1.
+//! PURGE=1. The build host's PID 1 is not systemd, so the units are checked offline (their
+//! text, users and paths), never started; the live install (user, image, `systemctl`) was
+//! checked by hand, with the two services' command lines run as their units say.
 
 mod common;
 

@@ -7,6 +7,7 @@ pub mod exec;
 pub mod inputs;
 pub mod logs;
 pub mod network;
+pub mod smoke;
 pub mod vm;
 pub mod volume;
 
@@ -27,6 +28,7 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Import(args) => archive::import(client, printer, args).await.map(success),
         Command::Volume(command) => volume::run(command, client, printer).await.map(success),
         Command::Health => vm::health(client, printer).await.map(success),
+        Command::Smoke(args) => smoke::run(client, printer, args).await,
     }
 }
 
