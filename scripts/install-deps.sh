@@ -50,11 +50,28 @@ install_validators() {
   python3 -m pip install --quiet "${pkgs[@]}" \
     || python3 -m pip install --quiet --break-system-packages "${pkgs[@]}"
 }
+# promtool, which the metrics test checks the scrape with, comes from Debian's prometheus package,
+# unpacked into target/tools rather than installed (installing it would start a Prometheus server).
+tools="$(cd "$(dirname "$0")/.." && pwd)/target/tools"
+fetch_promtool() {
+  [ -x "$tools/promtool" ] && return 0
+  echo "fetching promtool from Debian's prometheus package into $tools"
+  local tmp
+  tmp=$(mktemp -d)
+  chown _apt "$tmp" 2>/dev/null || true # apt downloads as its own user where it can
+  (cd "$tmp" && apt-get download -q prometheus >/dev/null && dpkg-deb -x prometheus_*.deb x)
+  install -D -m 0755 "$tmp/x/usr/bin/promtool" "$tools/promtool"
+  rm -rf "$tmp"
+}
+finish() {
+  install_validators
+  fetch_promtool
+}
 # The guest image build fetches the cloud kernel package through apt, so apt's lists must know it.
 lists_ok=1
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || lists_ok=0
 if [ ${#need[@]} -eq 0 ] && [ $lists_ok -eq 1 ]; then
-  install_validators
+  finish
   exit 0
 fi
 
@@ -87,7 +104,7 @@ fi
 
 apt-get update -q
 if [ ${#need[@]} -eq 0 ]; then
-  install_validators
+  finish
   exit 0
 fi
 echo "installing: ${need[*]}"
@@ -96,4 +113,4 @@ if [ "${VERSION_CODENAME:-}" = bookworm ]; then
 else
   apt-get install -y -q "${need[@]}"
 fi
-install_validators
+finish

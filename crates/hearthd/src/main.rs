@@ -7,6 +7,7 @@ mod config;
 mod disk;
 mod guest;
 mod image;
+mod metrics;
 mod net;
 mod rules;
 mod store;

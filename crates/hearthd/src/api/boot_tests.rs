@@ -1219,3 +1219,85 @@ fn an_export_imports_whole_under_its_name_and_a_damaged_one_leaves_nothing() {
 fn hex_digest(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn metrics_count_actions_and_promtool_accepts_the_scrape() {
+    let world = World::new();
+    let d = world.hearthd();
+    let (s, vm) = d.call("POST", "/v1/vms", Some(json!({"name": "mx"})));
+    assert_eq!(s, 201, "{vm}");
+    d.exec("mx", json!({"command": ["true"]}));
+    let (s, _) = d.call("POST", "/v1/vms/ghost/start", None);
+    assert_eq!(s, 404);
+    let scrape = |accept: &str| {
+        d.block_on(async {
+            let resp = d
+                .http
+                .get(format!("http://{}/metrics", d.base))
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 200);
+            let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+            (ct, resp.text().await.unwrap())
+        })
+    };
+    // What Prometheus asks for, and the classic format promtool reads.
+    let (content_type, open) =
+        scrape("application/openmetrics-text;version=1.0.0,text/plain;q=0.5");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
+    assert!(open.ends_with("# EOF\n"), "{open}");
+    let (content_type, text) = scrape("*/*");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    for line in [
+        "hearth_action_duration_seconds_count{action=\"create_vm\"} 1",
+        "hearth_action_duration_seconds_count{action=\"exec\"} 1",
+        "hearth_action_errors_total{action=\"start_vm\",code=\"vm_not_found\"} 1",
+        "hearth_vms{state=\"running\"} 1",
+        "hearth_vms{state=\"stopped\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+    }
+    let memory = text
+        .lines()
+        .find_map(|l| l.strip_prefix("hearth_vm_memory_bytes{vm=\"mx\"} "))
+        .unwrap_or_else(|| panic!("no memory of mx in:\n{text}"));
+    assert!(memory.parse::<u64>().unwrap() > 0);
+    let promtool =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tools/promtool");
+    assert!(
+        promtool.exists(),
+        "{} is missing: `make deps` (scripts/install-deps.sh) fetches it",
+        promtool.display()
+    );
+    let mut check = std::process::Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (s, _) = d.call("DELETE", "/v1/vms/mx", None);
+    assert_eq!(s, 204);
+}

@@ -174,6 +174,7 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
     ),
     paths(
         health,
+        metrics,
         list_vms,
         create_vm,
         get_vm,
@@ -291,6 +292,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest(hearth_api::API_PREFIX, v1)
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/docs", get(docs::page))
         .route(
             "/",
@@ -313,6 +315,29 @@ pub fn router(state: AppState) -> Router {
             guard.max_json_body_bytes(),
         ))
         .layer(axum::middleware::from_fn_with_state(guard, guard::check))
+}
+
+/// Prometheus metrics: every action's duration and failures, admission refusals, VMs per state,
+/// the host's capacity and commitment, and each running VM's VMM CPU time and memory.
+/// OpenMetrics text when the `Accept` header asks for it (as Prometheus does), else the classic
+/// text format.
+#[utoipa::path(get, path = "/metrics", tag = "system",
+    responses((status = 200, content((String = "application/openmetrics-text"), (String = "text/plain"))),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody)))]
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let text = state.service.metrics_text(openmetrics).await?;
+    let content_type = if openmetrics {
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    } else {
+        "text/plain; version=0.0.4; charset=utf-8"
+    };
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -302,6 +302,7 @@ struct Inner {
     /// Held by every change of volumes (after the VM's lock where one is taken), so a volume
     /// is formatted once and attached to one VM.
     volumes: tokio::sync::Mutex<()>,
+    metrics: crate::metrics::Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -357,6 +358,7 @@ impl VmService {
                 admission: tokio::sync::Mutex::new(()),
                 network,
                 disk_copies: std::sync::OnceLock::new(),
+                metrics: crate::metrics::Metrics::new(),
                 volumes: tokio::sync::Mutex::new(()),
             }),
         }
@@ -381,12 +383,18 @@ impl VmService {
             source = %caller.source,
             request_id = %caller.request_id,
         );
+        let name = action.name();
         async move {
             tracing::debug!("started");
+            let started = std::time::Instant::now();
             let reply = self.dispatch(caller, action).await;
             if let Err(e) = &reply {
                 tracing::debug!(code = %e.code(), "failed");
             }
+            let code = reply.as_ref().err().map(|e| e.code().as_str());
+            self.inner
+                .metrics
+                .action(name, started.elapsed().as_secs_f64(), code);
             reply
         }
         .instrument(span)
@@ -548,6 +556,58 @@ impl VmService {
                 None => None,
             },
         })
+    }
+
+    /// The metrics as a scrape reads them: what was counted, and the host and VMs now.
+    pub async fn metrics_text(&self, openmetrics: bool) -> Result<String, VmError> {
+        use hearth_api::VmState as S;
+        let vms = self.inner.store.list_vms().await?.vms;
+        let states = [
+            S::Creating,
+            S::Stopped,
+            S::Starting,
+            S::Running,
+            S::Stopping,
+            S::Error,
+            S::Deleting,
+        ];
+        let vms_by_state = states
+            .iter()
+            .map(|s| {
+                (
+                    s.as_str(),
+                    vms.iter().filter(|v| v.state == *s).count() as u64,
+                )
+            })
+            .collect();
+        let c = self.capacity().await?;
+        let capacity = vec![
+            ("vcpus", c.vcpus.total, c.vcpus.committed),
+            ("memory_mib", c.memory_mib.total, c.memory_mib.committed),
+            (
+                "ram_files_mib",
+                c.ram_files_mib.total,
+                c.ram_files_mib.committed,
+            ),
+            ("disk_mib", c.disk_mib.total, c.disk_mib.committed),
+        ];
+        let samples = vms
+            .iter()
+            .filter_map(|v| {
+                let (cpu_seconds, rss_bytes) = crate::metrics::process_sample(v.pid?)?;
+                Some(crate::metrics::VmSample {
+                    name: v.name.clone(),
+                    cpu_seconds,
+                    rss_bytes,
+                })
+            })
+            .collect();
+        let snapshot = crate::metrics::Snapshot {
+            vms_by_state,
+            capacity,
+            vms: samples,
+        };
+        Ok(self.inner.metrics.encode(snapshot, openmetrics))
     }
 
     /// `reflink`, or `sparse (FICLONE: <why not>)`; probed once.
