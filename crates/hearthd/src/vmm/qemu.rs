@@ -525,6 +525,7 @@ impl Vmm for Qemu {
         };
         let qmp = match answered.await {
             Ok((qmp, status)) => {
+                let status = status.status;
                 tracing::info!(vm = %spec.name, pid, %status, "re-attached to running VMM");
                 qmp
             }
