@@ -91,6 +91,8 @@ pub enum Lifecycle {
     Start,
     Stop { timeout_secs: Option<u64> },
     Restart,
+    Pause,
+    Resume,
 }
 
 #[derive(Debug, Clone)]
@@ -218,6 +220,8 @@ impl Client {
         let (verb, query, extra) = match op {
             Lifecycle::Start => ("start", vec![], 0),
             Lifecycle::Restart => ("restart", vec![], 0),
+            Lifecycle::Pause => ("pause", vec![], 0),
+            Lifecycle::Resume => ("resume", vec![], 0),
             Lifecycle::Stop { timeout_secs: None } => ("stop", vec![], 0),
             Lifecycle::Stop {
                 timeout_secs: Some(secs),
