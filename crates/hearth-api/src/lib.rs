@@ -26,6 +26,9 @@ pub enum VmState {
     Starting,
     /// The guest agent answered; commands can run.
     Running,
+    /// Its vCPUs are stopped (`hearth vm resume` continues it); it keeps its RAM, vCPUs and
+    /// disk. Commands and file transfers wait for a resume; logs can be read.
+    Paused,
     /// Shutting down.
     Stopping,
     /// A lifecycle step failed; `last_error` says which. Start or delete it.
@@ -35,11 +38,12 @@ pub enum VmState {
 }
 
 impl VmState {
-    pub const ALL: [VmState; 7] = [
+    pub const ALL: [VmState; 8] = [
         VmState::Creating,
         VmState::Stopped,
         VmState::Starting,
         VmState::Running,
+        VmState::Paused,
         VmState::Stopping,
         VmState::Error,
         VmState::Deleting,
@@ -51,6 +55,7 @@ impl VmState {
             VmState::Stopped => "stopped",
             VmState::Starting => "starting",
             VmState::Running => "running",
+            VmState::Paused => "paused",
             VmState::Stopping => "stopping",
             VmState::Error => "error",
             VmState::Deleting => "deleting",

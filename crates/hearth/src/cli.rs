@@ -129,6 +129,10 @@ pub enum VmCommand {
     Stop(StopArgs),
     /// Stop and start a VM.
     Restart(NameArg),
+    /// Pause a running VM: its vCPUs stop; RAM, disk and network are kept.
+    Pause(NameArg),
+    /// Resume a paused VM where it stopped.
+    Resume(NameArg),
     /// Delete a VM and its disk (stops it first).
     #[command(visible_alias = "rm")]
     Delete(NameArg),
@@ -624,6 +628,8 @@ impl Command {
                 VmCommand::Start(a) => (Action::Start, name(&a.name), None),
                 VmCommand::Stop(a) => (Action::Stop, name(&a.name), None),
                 VmCommand::Restart(a) => (Action::Restart, name(&a.name), None),
+                VmCommand::Pause(a) => (Action::Pause, name(&a.name), None),
+                VmCommand::Resume(a) => (Action::Resume, name(&a.name), None),
                 VmCommand::Delete(a) => (Action::Delete, name(&a.name), None),
                 VmCommand::Logs(a) => (Action::Logs, name(&a.name), None),
                 VmCommand::Exec(a) => (Action::Exec, name(&a.name), None),

@@ -101,6 +101,8 @@ pub enum Lifecycle {
     Start,
     Stop { timeout_secs: Option<u64> },
     Restart,
+    Pause,
+    Resume,
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +230,8 @@ impl Client {
         let (verb, query, extra) = match op {
             Lifecycle::Start => ("start", vec![], 0),
             Lifecycle::Restart => ("restart", vec![], 0),
+            Lifecycle::Pause => ("pause", vec![], 0),
+            Lifecycle::Resume => ("resume", vec![], 0),
             Lifecycle::Stop { timeout_secs: None } => ("stop", vec![], 0),
             Lifecycle::Stop {
                 timeout_secs: Some(secs),
@@ -479,7 +483,21 @@ impl Client {
                     return Err(err);
                 }
                 // The handshake may not have read the whole body; ask plainly why.
-                self.get_vm(name).await?;
+                let vm = self.get_vm(name).await?.data.vm;
+                if status.as_u16() == StatusCode::CONFLICT.as_u16()
+                    && vm.state != hearth_api::VmState::Running
+                {
+                    // What hearthd says in that body: the VM is not running (or is paused).
+                    let message =
+                        format!("VM {:?} is {}: exec needs it running", vm.name, vm.state);
+                    let raw =
+                        serde_json::json!({"error": ErrorCode::InvalidState, "message": message});
+                    return Err(CliError::Api {
+                        code: Some(ErrorCode::InvalidState),
+                        message,
+                        raw: Some(raw),
+                    });
+                }
                 Err(CliError::protocol(format!(
                     "hearthd refused the exec session ({status})"
                 )))

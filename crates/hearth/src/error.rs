@@ -138,6 +138,8 @@ pub enum Action {
     Start,
     Stop,
     Restart,
+    Pause,
+    Resume,
     Delete,
     Logs,
     Exec,
@@ -203,6 +205,15 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             Action::Stop => {
                 format!("it may already be stopped; `hearth vm inspect {vm}` shows its state")
             }
+            Action::Pause => format!(
+                "only a running VM pauses; `hearth vm inspect {vm}` shows its state"
+            ),
+            Action::Resume => format!(
+                "only a paused VM resumes; `hearth vm inspect {vm}` shows its state"
+            ),
+            Action::Exec | Action::Cp => format!(
+                "start it with `hearth vm start {vm}`, or resume it with `hearth vm resume {vm}` when it is paused"
+            ),
             Action::Resize => format!("stop it with `hearth vm stop {vm}`, then resize it"),
             Action::BackupCreate => format!("stop it with `hearth vm stop {vm}`, then back it up"),
             Action::Restore => format!("stop it with `hearth vm stop {vm}`, then restore it"),
@@ -537,6 +548,8 @@ mod tests {
             Action::Start,
             Action::Stop,
             Action::Restart,
+            Action::Pause,
+            Action::Resume,
             Action::Delete,
             Action::Logs,
             Action::Exec,

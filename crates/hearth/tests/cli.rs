@@ -273,6 +273,19 @@ async fn start(Path(name): Path<String>) -> Response {
     }
 }
 
+/// `demo` runs: it pauses, and resuming it is refused; `build-server` is paused.
+async fn pause_or_resume(Path((name, op)): Path<(String, String)>) -> Response {
+    match (name.as_str(), op.as_str()) {
+        ("demo", "pause") => Json(canned_vm(&name, VmState::Paused, 1024)).into_response(),
+        ("demo", "resume") => error(
+            ErrorCode::InvalidState,
+            "cannot resume VM \"demo\": it is running already",
+        ),
+        ("build-server", "resume") => Json(canned_vm(&name, VmState::Running, 512)).into_response(),
+        _ => vm_not_found(&name),
+    }
+}
+
 async fn delete(Path(name): Path<String>) -> Response {
     match name.as_str() {
         "build-server" => StatusCode::NO_CONTENT.into_response(),
@@ -498,6 +511,7 @@ fn fake_app() -> Router {
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(inspect).delete(delete))
         .route("/v1/vms/{name}/start", post(start))
+        .route("/v1/vms/{name}/{op}", post(pause_or_resume))
         .route("/v1/vms/{name}/logs", get(logs))
         .route("/v1/vms/{name}/files", get(get_file).put(put_file))
         .route("/v1/vms/{name}/exec/ws", get(exec_ws))
@@ -1497,4 +1511,26 @@ fn network_connect_and_disconnect() {
         text(&out.stderr),
         "error: no VM is named `ghost`\nhint: `hearth vm list` shows the VMs\n"
     );
+}
+
+#[test]
+fn pause_and_resume_print_the_state_and_hint_on_refusal() {
+    let out = hearth(&["vm", "pause", "demo"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "vm demo is paused\n");
+    let out = hearth(&["--json", "vm", "pause", "demo"], b"");
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["state"], "paused");
+    let out = hearth(&["vm", "resume", "build-server"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "vm build-server is running\n");
+    let out = hearth(&["vm", "resume", "demo"], b"");
+    assert_eq!(code(&out), 4);
+    assert_eq!(
+        text(&out.stderr),
+        "error: cannot resume VM \"demo\": it is running already\n\
+         hint: only a paused VM resumes; `hearth vm inspect demo` shows its state\n"
+    );
+    let out = hearth(&["vm", "pause", "ghost"], b"");
+    assert_eq!(code(&out), 3);
 }

@@ -29,7 +29,7 @@ pub struct Host {
 /// What VMs have committed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Committed {
-    /// vCPUs and RAM of VMs that are starting, running or stopping.
+    /// vCPUs and RAM of VMs that are starting, running, paused or stopping.
     pub cpus: u64,
     pub memory_mib: u64,
     /// Provisioned root disks of all VMs.

@@ -119,6 +119,81 @@ fn vm_lifecycle_exec_files_and_cleanup() {
     let body = json_of(&String::from_utf8_lossy(&start.stdout));
     assert_eq!(body["error"], "invalid_state");
 
+    // Pause and resume. A busy loop in the guest makes a running QEMU burn a core, so the CPU
+    // bound of the paused QEMU means something; it is measured running again after the resume.
+    let qemu_pid = json_of(&w.d().hearth_ok(&["--json", "vm", "inspect", "e2e-a"]))["pid"]
+        .as_u64()
+        .unwrap();
+    let mut spinner = hearth_cmd(&[
+        "exec",
+        "e2e-a",
+        "--",
+        "timeout",
+        "8",
+        "sh",
+        "-c",
+        "while :; do :; done",
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while cpu_over(qemu_pid, Duration::from_millis(500)) < Duration::from_millis(200) {
+        assert!(Instant::now() < deadline, "the guest's busy loop never ran");
+    }
+    let paused = json_of(&w.d().hearth_ok(&["--json", "vm", "pause", "e2e-a"]));
+    assert_eq!(paused["state"], "paused", "{paused}");
+    let detail = json_of(&w.d().hearth_ok(&["--json", "vm", "inspect", "e2e-a"]));
+    let last = detail["events"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (&last["kind"], &last["message"]),
+        (
+            &json!("paused"),
+            &json!("vCPUs stopped; the VMM reports the guest paused")
+        ),
+        "the state comes from QEMU's query-status: {last}"
+    );
+    let listed = w.d().hearth_ok(&["vm", "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("e2e-a") && l.contains("paused")),
+        "{listed}"
+    );
+    let paused_cpu = cpu_over(qemu_pid, Duration::from_secs(2));
+    assert!(
+        paused_cpu < Duration::from_millis(400),
+        "a paused QEMU used {paused_cpu:?} of CPU in 2 s"
+    );
+    let refused = w.d().hearth(&["--json", "exec", "e2e-a", "--", "true"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(125),
+        "exec on a paused VM fails"
+    );
+    let refused = String::from_utf8_lossy(&refused.stderr).into_owned()
+        + &String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        refused.contains("invalid_state") && refused.contains("is paused"),
+        "{refused}"
+    );
+    w.d().hearth_ok(&["vm", "logs", "e2e-a"]);
+    let resumed = json_of(&w.d().hearth_ok(&["--json", "vm", "resume", "e2e-a"]));
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    let running_cpu = cpu_over(qemu_pid, Duration::from_secs(1));
+    assert!(
+        running_cpu > Duration::from_millis(200),
+        "the busy loop goes on after the resume: {running_cpu:?} of CPU in 1 s"
+    );
+    eprintln!("QEMU CPU time: {paused_cpu:?} in 2 s paused, {running_cpu:?} in 1 s resumed");
+    let spun = spinner.wait().unwrap();
+    assert_eq!(spun.code(), Some(124), "the busy loop ran to its timeout");
+    assert_eq!(
+        w.d().hearth_ok(&["exec", "e2e-a", "--", "echo", "awake"]),
+        "awake\n"
+    );
+
     // Stop, start: the file survived.
     let stopped = json_of(&w.d().hearth_ok(&["--json", "vm", "stop", "e2e-a"]));
     assert_eq!(stopped["state"], "stopped");
@@ -360,6 +435,31 @@ fn vm_lifecycle_exec_files_and_cleanup() {
 
     w.d().hearth_ok(&["vm", "delete", "e2e-a"]);
     w.assert_gone(&new_id);
+}
+
+/// The CPU time (user + system, `/proc/<pid>/stat`) process `pid` used over the next `span`.
+fn cpu_over(pid: u64, span: Duration) -> Duration {
+    let ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after "pid (comm)": state is the 1st, utime the 12th, stime the 13th.
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse().unwrap())
+            .collect();
+        fields[0] + fields[1]
+    };
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .and_then(|hz| u64::try_from(hz).ok())
+        .unwrap_or(100);
+    let before = ticks();
+    std::thread::sleep(span);
+    Duration::from_millis((ticks() - before) * 1000 / hz)
 }
 
 fn sha256_of(path: &std::path::Path) -> String {

@@ -406,7 +406,70 @@ async fn pass(w: &World, c: &Contract) {
     )
     .await;
     expect(c, "restart", Req::post("/v1/vms/ct/restart"), 200, "").await;
-    for op in ["start", "stop", "restart"] {
+    // Pause and resume: a paused VM refuses exec and files (409 naming its state) and serves
+    // its logs; only a running VM pauses and only a paused one resumes.
+    let paused = expect(c, "pause", Req::post("/v1/vms/ct/pause"), 200, "")
+        .await
+        .json();
+    assert_eq!(paused["state"], "paused", "{paused}");
+    expect(
+        c,
+        "pause paused",
+        Req::post("/v1/vms/ct/pause"),
+        409,
+        "invalid_state",
+    )
+    .await;
+    let refused = expect(
+        c,
+        "exec paused",
+        Req::post("/v1/vms/ct/exec").json(&json!({"command": ["true"]})),
+        409,
+        "invalid_state",
+    )
+    .await
+    .json();
+    assert_eq!(
+        refused["message"], "VM \"ct\" is paused: exec needs it running",
+        "{refused}"
+    );
+    expect(
+        c,
+        "files paused",
+        Req::get("/v1/vms/ct/files?path=/etc/hostname"),
+        409,
+        "invalid_state",
+    )
+    .await;
+    expect(
+        c,
+        "logs paused",
+        Req::get("/v1/vms/ct/logs?tail=5"),
+        200,
+        "",
+    )
+    .await;
+    let resumed = expect(c, "resume", Req::post("/v1/vms/ct/resume"), 200, "")
+        .await
+        .json();
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    expect(
+        c,
+        "resume running",
+        Req::post("/v1/vms/ct/resume"),
+        409,
+        "invalid_state",
+    )
+    .await;
+    expect(
+        c,
+        "pause stopped",
+        Req::post("/v1/vms/ct-cold/pause"),
+        409,
+        "invalid_state",
+    )
+    .await;
+    for op in ["start", "stop", "restart", "pause", "resume"] {
         expect(
             c,
             &format!("{op} ghost"),

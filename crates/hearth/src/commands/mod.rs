@@ -51,6 +51,12 @@ async fn run_vm(command: VmCommand, client: &Client, printer: &Printer) -> Resul
         VmCommand::Restart(args) => {
             vm::lifecycle(client, printer, &args.name, Lifecycle::Restart).await
         }
+        VmCommand::Pause(args) => {
+            vm::lifecycle(client, printer, &args.name, Lifecycle::Pause).await
+        }
+        VmCommand::Resume(args) => {
+            vm::lifecycle(client, printer, &args.name, Lifecycle::Resume).await
+        }
         VmCommand::Delete(args) => vm::delete(client, printer, &args.name).await,
         VmCommand::Logs(args) => logs::run(client, &args).await,
         VmCommand::Egress(args) => vm::egress(client, printer, args).await,

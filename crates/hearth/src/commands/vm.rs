@@ -1,4 +1,5 @@
-//! `hearth vm new|list|inspect|start|stop|restart|delete|egress|resize` and `hearth health`.
+//! `hearth vm new|list|inspect|start|stop|restart|pause|resume|delete|egress|resize` and
+//! `hearth health`.
 
 use hearth_api::{
     EgressMode, EgressPolicy, Health, NetworkHealth, Resource, Vm, VmDetail, VmEvent, VmNetwork,
@@ -86,6 +87,8 @@ pub async fn lifecycle(
         Lifecycle::Start => "starting",
         Lifecycle::Stop { .. } => "stopping",
         Lifecycle::Restart => "restarting",
+        Lifecycle::Pause => "pausing",
+        Lifecycle::Resume => "resuming",
     };
     let progress = printer.progress(&format!("{doing} vm {name}"));
     let vm = client.lifecycle(name, op).await?;

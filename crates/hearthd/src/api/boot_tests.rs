@@ -1301,3 +1301,175 @@ fn metrics_count_actions_and_promtool_accepts_the_scrape() {
     let (s, _) = d.call("DELETE", "/v1/vms/mx", None);
     assert_eq!(s, 204);
 }
+
+/// The state letter of `/proc/<pid>/stat`: `T` while the double's "guest" is paused.
+fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = stat.rsplit_once(')').unwrap().1;
+    after.trim_start().chars().next().unwrap()
+}
+
+fn last_event(vm: &Value) -> Value {
+    vm["events"].as_array().unwrap().last().unwrap().clone()
+}
+
+fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_vm_of_the_double_pauses_and_resumes_across_hearthds() {
+    let world = World::new();
+    let hearthd = world.hearthd();
+    let (s, vm) = hearthd.call("POST", "/v1/vms", Some(json!({"name": "p"})));
+    assert_eq!((s, &vm["state"]), (201, &json!("running")), "{vm}");
+    let (s, vm) = hearthd.call(
+        "POST",
+        "/v1/vms",
+        Some(json!({"name": "cold", "start": false})),
+    );
+    assert_eq!((s, &vm["state"]), (201, &json!("stopped")), "{vm}");
+    let pid = hearthd.agent_pid("p");
+
+    // Only a running VM pauses, and only a paused one resumes.
+    let (s, err) = hearthd.call("POST", "/v1/vms/cold/pause", None);
+    assert_eq!((s, &err["error"]), (409, &json!("invalid_state")), "{err}");
+    assert_eq!(
+        err["message"],
+        "cannot pause VM \"cold\": it is stopped; only a running VM pauses"
+    );
+    let (s, err) = hearthd.call("POST", "/v1/vms/p/resume", None);
+    assert_eq!((s, &err["error"]), (409, &json!("invalid_state")), "{err}");
+    let (s, err) = hearthd.call("POST", "/v1/vms/nope/pause", None);
+    assert_eq!(s, 404, "{err}");
+
+    let (s, vm) = hearthd.call("POST", "/v1/vms/p/pause", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("paused")), "{vm}");
+    assert_eq!(process_state(pid), 'T', "the guest is stopped");
+    let paused = last_event(&hearthd.vm("p"));
+    assert_eq!(
+        (&paused["kind"], &paused["from_state"], &paused["to_state"]),
+        (&json!("paused"), &json!("running"), &json!("paused")),
+        "{paused}"
+    );
+    let (s, err) = hearthd.call("POST", "/v1/vms/p/pause", None);
+    assert_eq!(
+        (s, &err["message"]),
+        (409, &json!("cannot pause VM \"p\": it is paused already"))
+    );
+    let (s, err) = hearthd.call("POST", "/v1/vms/p/start", None);
+    assert_eq!(
+        (s, &err["message"]),
+        (
+            409,
+            &json!("cannot start VM \"p\": it is paused; resume it")
+        )
+    );
+    // Exec and files need it running; the refusal names the state. Logs still work.
+    let (s, err) = hearthd.call("POST", "/v1/vms/p/exec", Some(json!({"command": ["true"]})));
+    assert_eq!((s, &err["error"]), (409, &json!("invalid_state")), "{err}");
+    assert_eq!(err["message"], "VM \"p\" is paused: exec needs it running");
+    let (s, err) = hearthd.call("GET", "/v1/vms/p/files?path=/etc/hostname", None);
+    assert_eq!((s, &err["error"]), (409, &json!("invalid_state")), "{err}");
+    assert!(
+        err["message"].as_str().unwrap().contains("is paused"),
+        "{err}"
+    );
+    let (s, _) = hearthd.call("GET", "/v1/vms/p/logs", None);
+    assert_eq!(s, 200, "logs of a paused VM");
+
+    // A new hearthd finds it paused and leaves it so: the same process, still stopped.
+    drop(hearthd);
+    assert_eq!(process_state(pid), 'T');
+    let hearthd = world.hearthd();
+    let vm = hearthd.vm("p");
+    assert_eq!(vm["state"], "paused", "{vm}");
+    assert_eq!(hearthd.agent_pid("p"), pid);
+    assert_eq!(
+        process_state(pid),
+        'T',
+        "not resumed behind the user's back"
+    );
+    let (s, err) = hearthd.call("POST", "/v1/vms/p/exec", Some(json!({"command": ["true"]})));
+    assert_eq!((s, &err["error"]), (409, &json!("invalid_state")), "{err}");
+
+    // Resume: the same guest runs on and answers.
+    let (s, vm) = hearthd.call("POST", "/v1/vms/p/resume", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("running")), "{vm}");
+    assert_ne!(process_state(pid), 'T');
+    assert_eq!(last_event(&hearthd.vm("p"))["kind"], "resumed");
+    let out = hearthd.exec("p", json!({"command": ["echo", "awake"]}));
+    assert_eq!(out["stdout"], "awake\n", "{out}");
+    assert_eq!(hearthd.agent_pid("p"), pid);
+
+    // Stop from paused: resumed first, then a clean power-off.
+    let (s, vm) = hearthd.call("POST", "/v1/vms/p/pause", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("paused")), "{vm}");
+    let (s, vm) = hearthd.call("POST", "/v1/vms/p/stop", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("stopped")), "{vm}");
+    assert_gone(pid);
+    assert_eq!(
+        last_event(&hearthd.vm("p"))["message"],
+        "resumed from pause, then guest powered off"
+    );
+
+    // Restart from paused runs a new guest.
+    let (s, _) = hearthd.call("POST", "/v1/vms/p/start", None);
+    assert_eq!(s, 200);
+    let pid = hearthd.agent_pid("p");
+    let (s, _) = hearthd.call("POST", "/v1/vms/p/pause", None);
+    assert_eq!(s, 200);
+    let (s, vm) = hearthd.call("POST", "/v1/vms/p/restart", None);
+    assert_eq!((s, &vm["state"]), (200, &json!("running")), "{vm}");
+    assert_gone(pid);
+    let pid = hearthd.agent_pid("p");
+    assert_eq!(
+        hearthd.exec("p", json!({"command": ["true"]}))["exit_code"],
+        0
+    );
+
+    // A paused VM whose VMM dies ends stopped, as a running one does.
+    let (s, _) = hearthd.call("POST", "/v1/vms/p/pause", None);
+    assert_eq!(s, 200);
+    sigkill(pid);
+    let vm = hearthd.wait_state("p", "stopped");
+    assert!(
+        last_event(&vm)["message"]
+            .as_str()
+            .unwrap()
+            .contains("VMM process exited"),
+        "{vm}"
+    );
+
+    // ... and so does one whose VMM died while no hearthd watched.
+    let (s, _) = hearthd.call("POST", "/v1/vms/p/start", None);
+    assert_eq!(s, 200);
+    let pid = hearthd.agent_pid("p");
+    let (s, _) = hearthd.call("POST", "/v1/vms/p/pause", None);
+    assert_eq!(s, 200);
+    drop(hearthd);
+    sigkill(pid);
+    assert_gone(pid);
+    let hearthd = world.hearthd();
+    let vm = hearthd.vm("p");
+    assert_eq!(vm["state"], "stopped", "{vm}");
+    assert_eq!(
+        last_event(&vm)["message"],
+        "the VMM process was gone when hearthd started"
+    );
+
+    // Delete from paused: stopped first, nothing left.
+    let (s, _) = hearthd.call("POST", "/v1/vms/p/start", None);
+    assert_eq!(s, 200);
+    let pid = hearthd.agent_pid("p");
+    let (s, _) = hearthd.call("POST", "/v1/vms/p/pause", None);
+    assert_eq!(s, 200);
+    let (s, body) = hearthd.call("DELETE", "/v1/vms/p", None);
+    assert_eq!(s, 204, "{body}");
+    assert_gone(pid);
+    assert_eq!(hearthd.call("GET", "/v1/vms/p", None).0, 404);
+}

@@ -182,6 +182,8 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         start_vm,
         stop_vm,
         restart_vm,
+        pause_vm,
+        resume_vm,
         resize_vm,
         backup::create_backup,
         backup::list_backups,
@@ -253,6 +255,8 @@ pub fn router(state: AppState) -> Router {
         .route("/vms/{name}/start", post(start_vm))
         .route("/vms/{name}/stop", post(stop_vm))
         .route("/vms/{name}/restart", post(restart_vm))
+        .route("/vms/{name}/pause", post(pause_vm))
+        .route("/vms/{name}/resume", post(resume_vm))
         .route("/vms/{name}/resize", post(resize_vm))
         .route(
             "/vms/{name}/backups",
@@ -500,14 +504,15 @@ struct StopParams {
     timeout_secs: Option<u64>,
 }
 
-/// Stop a running VM: the guest powers off cleanly, or is ended after the timeout.
+/// Stop a running or paused VM (a paused one is resumed first): the guest powers off cleanly,
+/// or is ended after the timeout.
 #[utoipa::path(post, path = "/v1/vms/{name}/stop", tag = "vms",
     params(("name" = String, Path, description = "VM name or id"), StopParams),
     responses((status = 200, body = Vm),
         (status = 400, description = "A query parameter is malformed or unknown (invalid_request)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
-        (status = 409, description = "Not running (invalid_state) or another operation on it is in progress (vm_busy)", body = ErrorBody),
+        (status = 409, description = "Neither running nor paused (invalid_state) or another operation on it is in progress (vm_busy)", body = ErrorBody),
         (status = 500, description = "The VMM could not be stopped (vmm_failed), or internal; the server log has details", body = ErrorBody),
         (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
         (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
@@ -525,7 +530,7 @@ async fn stop_vm(
     }
 }
 
-/// Restart a VM (stop if running, then start).
+/// Restart a VM (stop if running or paused, then start).
 #[utoipa::path(post, path = "/v1/vms/{name}/restart", tag = "vms",
     params(("name" = String, Path, description = "VM name or id")),
     responses((status = 200, body = Vm),
@@ -542,6 +547,49 @@ async fn restart_vm(
     Path(name): Path<String>,
 ) -> Result<axum::Json<Vm>, ApiError> {
     match run(&state, &caller, Action::RestartVm(name)).await? {
+        Reply::Vm(v) => Ok(axum::Json(v)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Pause a running VM: its vCPUs stop, and it keeps its RAM, vCPUs, disk and network. Exec and
+/// file transfers are refused until it is resumed; its logs can be read.
+#[utoipa::path(post, path = "/v1/vms/{name}/pause", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vm),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "Not running (invalid_state: also when it is paused already), or another operation on it is in progress (vm_busy)", body = ErrorBody),
+        (status = 500, description = "The VMM did not pause the guest, or its VMM has exited (vmm_failed; the VM runs on), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
+async fn pause_vm(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Vm>, ApiError> {
+    match run(&state, &caller, Action::PauseVm(name)).await? {
+        Reply::Vm(v) => Ok(axum::Json(v)),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Resume a paused VM: its vCPUs run again where they stopped.
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", tag = "vms",
+    params(("name" = String, Path, description = "VM name or id")),
+    responses((status = 200, body = Vm),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
+        (status = 409, description = "Not paused (invalid_state), or another operation on it is in progress (vm_busy)", body = ErrorBody),
+        (status = 500, description = "The VMM did not resume the guest, or its VMM has exited (vmm_failed; the VM stays paused), or internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout); the operation goes on", body = ErrorBody)))]
+async fn resume_vm(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<axum::Json<Vm>, ApiError> {
+    match run(&state, &caller, Action::ResumeVm(name)).await? {
         Reply::Vm(v) => Ok(axum::Json(v)),
         other => Err(unexpected(other)),
     }
@@ -611,7 +659,7 @@ async fn vm_logs(
         (status = 400, description = "The body is malformed (invalid_request), the command is empty or malformed (invalid_command), its program does not exist in the guest (command_not_found), or cwd is not absolute (invalid_path)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
-        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state; also while it is paused)", body = ErrorBody),
         (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
         (status = 500, description = "internal; the server log has details", body = ErrorBody),
         (status = 502, description = "The guest agent refused or failed the request (guest_error)", body = ErrorBody),
@@ -636,7 +684,7 @@ async fn exec(
         (status = 400, description = "The body is malformed (invalid_request), the command is empty or malformed (invalid_command), its program does not exist in the guest (command_not_found), or cwd is not absolute (invalid_path)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
-        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state; also while it is paused)", body = ErrorBody),
         (status = 413, description = "The body is larger than server.max_json_body_bytes (request_too_large)", body = ErrorBody),
         (status = 500, description = "internal; the server log has details", body = ErrorBody),
         (status = 502, description = "The guest agent refused or failed the request (guest_error)", body = ErrorBody),
@@ -659,7 +707,7 @@ async fn exec_stream(
         (status = 400, description = "The request is not a WebSocket upgrade (invalid_request)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No VM has that name or id (vm_not_found)", body = ErrorBody),
-        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state; also while it is paused)", body = ErrorBody),
         (status = 500, description = "internal; the server log has details", body = ErrorBody),
         (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody)))]
 async fn exec_ws(
@@ -698,7 +746,7 @@ struct FileParams {
         (status = 400, description = "path is missing or the query is malformed, mode is not octal permission bits (invalid_request), or the path is not absolute or not valid in the guest (invalid_path)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No VM has that name or id (vm_not_found), or the guest has no such file (guest_file_not_found)", body = ErrorBody),
-        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state; also while it is paused)", body = ErrorBody),
         (status = 500, description = "internal; the server log has details", body = ErrorBody),
         (status = 502, description = "The guest agent refused or failed the transfer (guest_error)", body = ErrorBody),
         (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many streams open as it takes (overloaded)", body = ErrorBody),
@@ -736,7 +784,7 @@ async fn put_file(
         (status = 400, description = "path is missing or the query is malformed (invalid_request), or the path is not absolute or not valid in the guest (invalid_path)", body = ErrorBody),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 404, description = "No such VM or file (vm_not_found, guest_file_not_found)", body = ErrorBody),
-        (status = 409, description = "The VM is not running (invalid_state)", body = ErrorBody),
+        (status = 409, description = "The VM is not running (invalid_state; also while it is paused)", body = ErrorBody),
         (status = 500, description = "internal; the server log has details", body = ErrorBody),
         (status = 502, description = "The guest agent refused or failed the transfer (guest_error)", body = ErrorBody),
         (status = 503, description = "The guest agent is not reachable (guest_unavailable), or hearthd has as many streams open as it takes (overloaded)", body = ErrorBody),

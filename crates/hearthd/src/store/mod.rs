@@ -851,6 +851,7 @@ fn state_text(state: VmState) -> &'static str {
         VmState::Stopped => "stopped",
         VmState::Starting => "starting",
         VmState::Running => "running",
+        VmState::Paused => "paused",
         VmState::Stopping => "stopping",
         VmState::Error => "error",
         VmState::Deleting => "deleting",

@@ -7,13 +7,14 @@ use super::{VmError, VmService};
 use crate::capacity::{self, Committed, Demand, Host};
 use crate::store::VmRecord;
 
-/// What `vms` hold: vCPUs and RAM while they run (or are about to), disks always.
+/// What `vms` hold: vCPUs and RAM while they run (or are about to, or are paused: a paused VM
+/// keeps its RAM and resumes at any moment), disks always.
 fn committed(vms: &[VmRecord]) -> Committed {
     let mut c = Committed::default();
     for vm in vms {
         c.disk_mib += vm.rootfs_mib;
         match vm.state {
-            VmState::Starting | VmState::Running | VmState::Stopping => {
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping => {
                 c.cpus += u64::from(vm.cpus);
                 c.memory_mib += vm.memory_mib;
             }
@@ -49,5 +50,34 @@ impl VmService {
             &self.inner.config.capacity,
             committed,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paused_vms_keep_their_cpus_and_memory_committed() {
+        let vm = |state| VmRecord {
+            id: "a".into(),
+            name: "a".into(),
+            state,
+            cpus: 2,
+            memory_mib: 512,
+            rootfs_mib: 1024,
+            image: "testimage".into(),
+            vmm: "double".into(),
+            pid: None,
+            created_at: String::new(),
+            created_by: "operator".into(),
+            updated_at: String::new(),
+            last_error: None,
+            net_index: None,
+            egress: Default::default(),
+            metadata: Default::default(),
+        };
+        let c = committed(&[vm(VmState::Paused), vm(VmState::Stopped)]);
+        assert_eq!((c.cpus, c.memory_mib, c.disk_mib), (2, 512, 2048));
     }
 }

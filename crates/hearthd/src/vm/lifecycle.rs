@@ -1,5 +1,5 @@
-//! Create, start, stop, restart and delete: the work that moves a VM through its states, and
-//! the one teardown of a run's resources.
+//! Create, start, stop, restart, pause, resume and delete: the work that moves a VM through its
+//! states, and the one teardown of a run's resources.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -409,14 +409,7 @@ impl VmService {
         match result {
             Ok((guest, boot_id)) => {
                 let name = spec.name.clone();
-                Ok((
-                    Arc::new(Runtime {
-                        handle,
-                        guest,
-                        name,
-                    }),
-                    boot_id,
-                ))
+                Ok((Arc::new(Runtime::new(handle, guest, name)), boot_id))
             }
             Err(e) => {
                 self.teardown(&spec.id, Some(&handle)).await;
@@ -438,28 +431,51 @@ impl VmService {
         vm: VmRecord,
         timeout: Option<Duration>,
     ) -> Result<VmRecord, VmError> {
+        let was_paused = vm.state == VmState::Paused;
         let vm = self.transition(&vm, Input::Stop, None, None, None).await?;
         let runtime = lock(&self.inner.runtimes).remove(&vm.id);
         let timeout = timeout.unwrap_or(self.inner.config.guest.stop_timeout);
         let mut how = "no VMM process was running".to_owned();
         if let Some(rt) = runtime {
-            let asked = if rt.guest.is_ready() {
-                rt.guest.shutdown(ShutdownAction::Poweroff).await.is_ok()
+            // A paused guest cannot power off: it runs again first, so the stop is as clean
+            // as from running. A VMM that cannot resume it is ended by force.
+            let resumed = if was_paused {
+                match rt.handle.resume().await {
+                    Ok(()) => {
+                        rt.set_paused(false);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %vm.name, error = %VmError::Vmm(e).message(), "cannot resume the paused VM to stop it cleanly");
+                        false
+                    }
+                }
             } else {
-                rt.handle.request_poweroff().await.is_ok()
+                true
             };
+            let asked = resumed
+                && if rt.guest.is_ready() {
+                    rt.guest.shutdown(ShutdownAction::Poweroff).await.is_ok()
+                } else {
+                    rt.handle.request_poweroff().await.is_ok()
+                };
             let clean = asked
                 && tokio::time::timeout(timeout, rt.handle.wait_exit())
                     .await
                     .is_ok();
-            how = if clean {
-                "guest powered off".into()
-            } else {
-                format!(
+            how = match (clean, resumed) {
+                (true, _) => "guest powered off".into(),
+                (false, true) => format!(
                     "guest did not power off within {} s; VMM ended by force",
                     timeout.as_secs()
-                )
+                ),
+                (false, false) => {
+                    "the paused guest could not be resumed; VMM ended by force".into()
+                }
             };
+            if was_paused && resumed {
+                how = format!("resumed from pause, then {how}");
+            }
             self.teardown(&vm.id, Some(&rt.handle)).await;
         } else {
             self.teardown(&vm.id, None).await;
@@ -468,12 +484,94 @@ impl VmService {
             .await
     }
 
+    /// Stops a running VM's vCPUs; it keeps its RAM, vCPUs, disk and network slot.
+    pub(super) async fn pause(&self, name: &str) -> Result<Vm, VmError> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(&vm.id).await?;
+        state::next(vm.state, Input::Pause).map_err(|reason| VmError::NotAllowed {
+            name: vm.name.clone(),
+            reason,
+        })?;
+        let rt = self.controllable(&vm)?;
+        // Set first: no command starts against a guest that is being paused.
+        rt.set_paused(true);
+        if let Err(e) = rt.handle.pause().await {
+            // Whatever the VMM did, the guest is let run on as recorded.
+            let _ = rt.handle.resume().await;
+            rt.set_paused(false);
+            return Err(e.into());
+        }
+        let message = "vCPUs stopped; the VMM reports the guest paused";
+        match self
+            .transition(&vm, Input::Pause, Some(message), None, None)
+            .await
+        {
+            Ok(vm) => Ok(vm.into()),
+            Err(e) => {
+                // Not recorded: the VM runs on, as the record says.
+                let _ = rt.handle.resume().await;
+                rt.set_paused(false);
+                Err(e)
+            }
+        }
+    }
+
+    /// Lets a paused VM's vCPUs run again.
+    pub(super) async fn resume(&self, name: &str) -> Result<Vm, VmError> {
+        let vm = self.record(name).await?;
+        let lock = self.vm_lock(&vm.id);
+        let _guard = lock.lock().await;
+        let vm = self.record(&vm.id).await?;
+        state::next(vm.state, Input::Resume).map_err(|reason| VmError::NotAllowed {
+            name: vm.name.clone(),
+            reason,
+        })?;
+        let rt = self.controllable(&vm)?;
+        rt.handle.resume().await?;
+        let message = "vCPUs run again; the VMM reports the guest running";
+        match self
+            .transition(&vm, Input::Resume, Some(message), None, None)
+            .await
+        {
+            Ok(vm) => {
+                rt.set_paused(false);
+                Ok(vm.into())
+            }
+            Err(e) => {
+                // Not recorded: the VM stays paused, as the record says.
+                let _ = rt.handle.pause().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The run of `vm` (running or paused) when its VMM can pause and resume it.
+    fn controllable(&self, vm: &VmRecord) -> Result<Arc<Runtime>, VmError> {
+        if !self.inner.vmm.capabilities().pause {
+            return Err(VmError::Vmm(crate::vmm::VmmError::Unavailable(format!(
+                "the {} VMM cannot pause and resume VMs",
+                self.inner.vmm.kind()
+            ))));
+        }
+        lock(&self.inner.runtimes)
+            .get(&vm.id)
+            .cloned()
+            .ok_or_else(|| {
+                VmError::Vmm(crate::vmm::VmmError::Unavailable(format!(
+                    "the VMM of VM {:?} has exited; it is being marked stopped",
+                    vm.name
+                )))
+            })
+    }
+
     pub(super) async fn restart(&self, name: &str) -> Result<Vm, VmError> {
         let vm = self.record(name).await?;
         let lock = self.vm_lock(&vm.id);
         let _guard = lock.lock().await;
         let mut vm = self.record(&vm.id).await?;
-        if vm.state == VmState::Running {
+        if matches!(vm.state, VmState::Running | VmState::Paused) {
             vm = self.stop_locked(vm, None).await?;
         }
         self.start_locked(vm).await.map(Into::into)
@@ -484,7 +582,7 @@ impl VmService {
         let lock = self.vm_lock(&vm.id);
         let guard = lock.lock().await;
         let mut vm = self.record(&vm.id).await?;
-        if vm.state == VmState::Running {
+        if matches!(vm.state, VmState::Running | VmState::Paused) {
             vm = self.stop_locked(vm, None).await?;
         }
         self.transition(&vm, Input::Delete, None, None, None)

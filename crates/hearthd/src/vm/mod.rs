@@ -4,7 +4,8 @@
 //! changes VM state, and only through [`state::next`] and `Store::transition`.
 //!
 //! - `error`: [`VmError`], the one place errors get their API code.
-//! - `lifecycle`: create, start, stop, restart, delete, and the one teardown of a run.
+//! - `lifecycle`: create, start, stop, restart, pause, resume, delete, and the one teardown of a
+//!   run.
 //! - `running`: running VMs (VMM handle + agent connection) and the exit monitor.
 //! - `admission`: whether the host can take one more VM (`crate::capacity` decides).
 //! - `recovery`: what hearthd does at start with the VMs of its last run.
@@ -124,6 +125,10 @@ pub enum Action {
         timeout: Option<Duration>,
     },
     RestartVm(String),
+    /// Stop a running VM's vCPUs, keeping everything else.
+    PauseVm(String),
+    /// Let a paused VM's vCPUs run again.
+    ResumeVm(String),
     DeleteVm(String),
     /// Run a command to completion and collect its output.
     Exec {
@@ -215,6 +220,8 @@ impl Action {
             Action::StartVm(_) => "start_vm",
             Action::StopVm { .. } => "stop_vm",
             Action::RestartVm(_) => "restart_vm",
+            Action::PauseVm(_) => "pause_vm",
+            Action::ResumeVm(_) => "resume_vm",
             Action::DeleteVm(_) => "delete_vm",
             Action::Exec { .. } => "exec",
             Action::OpenExec { .. } => "open_exec",
@@ -441,6 +448,18 @@ impl VmService {
                     lifecycle::detached(async move { s.restart(&name).await }).await?,
                 ))
             }
+            Action::PauseVm(name) => {
+                let s = self.clone();
+                Ok(Reply::Vm(
+                    lifecycle::detached(async move { s.pause(&name).await }).await?,
+                ))
+            }
+            Action::ResumeVm(name) => {
+                let s = self.clone();
+                Ok(Reply::Vm(
+                    lifecycle::detached(async move { s.resume(&name).await }).await?,
+                ))
+            }
             Action::DeleteVm(name) => {
                 let s = self.clone();
                 lifecycle::detached(async move { s.delete(&name).await }).await?;
@@ -567,6 +586,7 @@ impl VmService {
             S::Stopped,
             S::Starting,
             S::Running,
+            S::Paused,
             S::Stopping,
             S::Error,
             S::Deleting,

@@ -11,7 +11,7 @@ use super::state::Input;
 use super::{VmError, VmService, lock};
 use crate::guest::GuestClient;
 use crate::store::VmRecord;
-use crate::vmm::VmHandle;
+use crate::vmm::{GuestRun, VmHandle};
 
 impl VmService {
     /// Settles every VM of the last run. A VM whose recovery fails is marked `error` with the
@@ -93,7 +93,9 @@ impl VmService {
                 }
                 Ok(())
             }
-            VmState::Starting | VmState::Running | VmState::Stopping => self.readopt(vm).await,
+            VmState::Starting | VmState::Running | VmState::Paused | VmState::Stopping => {
+                self.readopt(vm).await
+            }
         }
     }
 
@@ -199,12 +201,40 @@ impl VmService {
                     }
                 };
                 self.cap_logs_while_running(&vm, handle.clone());
-                let runtime = Arc::new(Runtime {
-                    handle,
-                    guest,
-                    name: vm.name.clone(),
-                });
+                let runtime = Arc::new(Runtime::new(handle, guest, vm.name.clone()));
+                // Held from here on, so a recovery that fails below ends this VMM.
                 lock(&self.inner.runtimes).insert(vm.id.clone(), runtime.clone());
+                // The record follows what the VMM says, never the other way round: a paused
+                // guest stays paused (only a user resumes it), and a pause or resume whose
+                // record a crash lost is recorded now.
+                let vm = match (vm.state, runtime.handle.run_state().await) {
+                    (VmState::Paused, Ok(GuestRun::Paused)) => {
+                        runtime.set_paused(true);
+                        vm
+                    }
+                    (VmState::Running, Ok(GuestRun::Paused)) => {
+                        runtime.set_paused(true);
+                        let msg = "the VMM reports the guest paused after hearthd restart";
+                        self.transition(&vm, Input::Pause, Some(msg), None, None)
+                            .await?
+                    }
+                    (VmState::Paused, Ok(GuestRun::Running)) => {
+                        let msg = "the VMM reports the guest running after hearthd restart";
+                        self.transition(&vm, Input::Resume, Some(msg), None, None)
+                            .await?
+                    }
+                    (state, found) => {
+                        if let Ok(GuestRun::Other(what)) = &found {
+                            tracing::warn!(vm = %vm.name, %what, "the VMM reports an unexpected run state; keeping the VM {state}");
+                        }
+                        if let Err(e) = found {
+                            tracing::warn!(vm = %vm.name, error = %VmError::Vmm(e).message(), "cannot ask the VMM whether the guest runs; keeping the VM {state}");
+                        }
+                        // Commands wait for a resume in any case while it is recorded paused.
+                        runtime.set_paused(state == VmState::Paused);
+                        vm
+                    }
+                };
                 self.monitor(vm, runtime);
             }
         }

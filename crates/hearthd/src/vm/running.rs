@@ -2,6 +2,7 @@
 //! exiting on its own.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hearth_api::VmState;
@@ -22,6 +23,28 @@ pub(super) struct Runtime {
     pub(super) guest: Arc<GuestClient>,
     /// The VM's name, so commands find their VM's agent without a store lookup.
     pub(super) name: String,
+    /// Its guest is paused (or being paused): set and cleared under the VM's lock by pause,
+    /// resume, stop and recovery, so commands are refused without a store lookup.
+    pub(super) paused: AtomicBool,
+}
+
+impl Runtime {
+    pub(super) fn new(handle: Arc<dyn VmHandle>, guest: Arc<GuestClient>, name: String) -> Runtime {
+        Runtime {
+            handle,
+            guest,
+            name,
+            paused: AtomicBool::new(false),
+        }
+    }
+
+    pub(super) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
 }
 
 impl VmService {
@@ -71,7 +94,8 @@ impl VmService {
             let Ok(now) = service.record(&vm.id).await else {
                 return;
             };
-            if now.state != VmState::Running {
+            // A paused VM whose VMM died ends as a running one does.
+            if !matches!(now.state, VmState::Running | VmState::Paused) {
                 return;
             }
             service.teardown(&vm.id, None).await;
@@ -122,6 +146,13 @@ impl VmService {
                 }
             }
         };
+        if rt.is_paused() {
+            return Err(VmError::NotRunning {
+                name: rt.name.clone(),
+                state: hearth_api::VmState::Paused,
+                what,
+            });
+        }
         // After a hearthd restart the agent may not have answered hello yet.
         rt.guest
             .wait_ready(Duration::from_secs(10))

@@ -2,11 +2,16 @@
 //!
 //! ```text
 //! creating ──created──▶ stopped ──start──▶ starting ──booted──▶ running ──stop──▶ stopping
-//!    │                  ▲  ▲ │                 │                   │                 │
+//!    │                  ▲  ▲ │                 │                 │  ▲  │              │
 //!                          └─delete─▶ deleting    boot_failed/exited ▶ error    exited ▶ stopped
+//!                                                          pause │  │ resume
+//!                                                                ▼  │
+//!                                                               paused ──stop──▶ stopping
 //! ```
-//! `error` behaves like `stopped` (start or delete it). Every transition is recorded as an event
-//! by the caller, through `Store::transition`.
+//! `error` behaves like `stopped` (start or delete it). `paused` behaves like `running` for
+//! stop (the VMM is resumed first, so the guest can power off cleanly), delete and restart
+//! (which stop it first), an exit of its VMM and a failed recovery. Every transition is
+//! recorded as an event by the caller, through `Store::transition`.
 
 use hearth_api::VmState;
 
@@ -29,6 +34,10 @@ pub enum Input {
     Exited,
     /// A user asked to delete it.
     Delete,
+    /// The VMM stopped the guest's vCPUs at a user's request.
+    Pause,
+    /// The VMM let a paused guest's vCPUs run again at a user's request.
+    Resume,
     /// hearthd cannot manage the VM any more (its recovery at start failed).
     Failed,
 }
@@ -41,6 +50,8 @@ impl Input {
             Input::Start | Input::Booted | Input::BootFailed => "start",
             Input::Stop | Input::Halted | Input::Exited => "stop",
             Input::Delete => "delete",
+            Input::Pause => "pause",
+            Input::Resume => "resume",
             Input::Failed => "recover",
         }
     }
@@ -56,6 +67,8 @@ impl Input {
             Input::Halted => "stopped",
             Input::Exited => "exited",
             Input::Delete => "delete_requested",
+            Input::Pause => "paused",
+            Input::Resume => "resumed",
             Input::Failed => "failed",
         }
     }
@@ -71,9 +84,13 @@ pub struct NotAllowed {
 
 fn hint(state: VmState, input: Input) -> &'static str {
     match (state, input) {
-        (VmState::Running, Input::Start) => " already",
+        (VmState::Running, Input::Start | Input::Resume) => " already",
+        (VmState::Paused, Input::Pause) => " already",
         (VmState::Stopped | VmState::Error, Input::Stop) => " already",
-        (VmState::Running, Input::Delete) => "; stop it first",
+        (VmState::Running | VmState::Paused, Input::Delete) => "; stop it first",
+        (VmState::Paused, Input::Start) => "; resume it",
+        (VmState::Stopped | VmState::Error, Input::Pause) => "; only a running VM pauses",
+        (VmState::Stopped | VmState::Error, Input::Resume) => "; only a paused VM resumes",
         (VmState::Starting | VmState::Stopping | VmState::Creating | VmState::Deleting, _) => {
             "; wait for that to finish"
         }
@@ -90,11 +107,15 @@ pub fn next(state: VmState, input: Input) -> Result<VmState, NotAllowed> {
         (S::Stopped | S::Error, I::Start) => S::Starting,
         (S::Starting, I::Booted) => S::Running,
         (S::Starting, I::BootFailed | I::Exited) => S::Error,
-        (S::Running, I::Stop) => S::Stopping,
-        (S::Running | S::Stopping, I::Exited) => S::Stopped,
+        (S::Running | S::Paused, I::Stop) => S::Stopping,
+        (S::Running | S::Paused | S::Stopping, I::Exited) => S::Stopped,
         (S::Stopping, I::Halted) => S::Stopped,
+        (S::Running, I::Pause) => S::Paused,
+        (S::Paused, I::Resume) => S::Running,
         (S::Stopped | S::Error, I::Delete) => S::Deleting,
-        (S::Stopped | S::Starting | S::Running | S::Stopping | S::Error, I::Failed) => S::Error,
+        (S::Stopped | S::Starting | S::Running | S::Paused | S::Stopping | S::Error, I::Failed) => {
+            S::Error
+        }
         (
             S::Creating,
             I::Start
@@ -104,13 +125,55 @@ pub fn next(state: VmState, input: Input) -> Result<VmState, NotAllowed> {
             | I::Halted
             | I::Exited
             | I::Delete
+            | I::Pause
+            | I::Resume
             | I::Failed,
         )
-        | (S::Stopped, I::Created | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited)
-        | (S::Starting, I::Created | I::Start | I::Stop | I::Halted | I::Delete)
-        | (S::Running, I::Created | I::Start | I::Booted | I::BootFailed | I::Halted | I::Delete)
-        | (S::Stopping, I::Created | I::Start | I::Booted | I::BootFailed | I::Stop | I::Delete)
-        | (S::Error, I::Created | I::Booted | I::BootFailed | I::Stop | I::Halted | I::Exited)
+        | (
+            S::Stopped,
+            I::Created
+            | I::Booted
+            | I::BootFailed
+            | I::Stop
+            | I::Halted
+            | I::Exited
+            | I::Pause
+            | I::Resume,
+        )
+        | (
+            S::Starting,
+            I::Created | I::Start | I::Stop | I::Halted | I::Delete | I::Pause | I::Resume,
+        )
+        | (
+            S::Running,
+            I::Created | I::Start | I::Booted | I::BootFailed | I::Halted | I::Delete | I::Resume,
+        )
+        | (
+            S::Paused,
+            I::Created | I::Start | I::Booted | I::BootFailed | I::Halted | I::Delete | I::Pause,
+        )
+        | (
+            S::Stopping,
+            I::Created
+            | I::Start
+            | I::Booted
+            | I::BootFailed
+            | I::Stop
+            | I::Delete
+            | I::Pause
+            | I::Resume,
+        )
+        | (
+            S::Error,
+            I::Created
+            | I::Booted
+            | I::BootFailed
+            | I::Stop
+            | I::Halted
+            | I::Exited
+            | I::Pause
+            | I::Resume,
+        )
         | (
             S::Deleting,
             I::Created
@@ -121,6 +184,8 @@ pub fn next(state: VmState, input: Input) -> Result<VmState, NotAllowed> {
             | I::Halted
             | I::Exited
             | I::Delete
+            | I::Pause
+            | I::Resume
             | I::Failed,
         ) => return Err(NotAllowed { state, input }),
     };
@@ -132,7 +197,7 @@ mod tests {
     use super::*;
     use VmState as S;
 
-    const INPUTS: [Input; 9] = [
+    const INPUTS: [Input; 11] = [
         Input::Created,
         Input::Start,
         Input::Booted,
@@ -141,6 +206,8 @@ mod tests {
         Input::Halted,
         Input::Exited,
         Input::Delete,
+        Input::Pause,
+        Input::Resume,
         Input::Failed,
     ];
 
@@ -179,6 +246,48 @@ mod tests {
         assert_eq!(next(S::Running, Input::Failed), Ok(S::Error));
         assert_eq!(next(S::Stopping, Input::Failed), Ok(S::Error));
         assert!(next(S::Creating, Input::Failed).is_err());
+    }
+
+    #[test]
+    fn pause_and_resume() {
+        assert_eq!(next(S::Running, Input::Pause), Ok(S::Paused));
+        assert_eq!(next(S::Paused, Input::Resume), Ok(S::Running));
+        assert_eq!(Input::Pause.event_kind(), "paused");
+        assert_eq!(Input::Resume.event_kind(), "resumed");
+        // A paused VM stops (resumed first by the caller), exits, fails like a running one.
+        assert_eq!(next(S::Paused, Input::Stop), Ok(S::Stopping));
+        assert_eq!(next(S::Paused, Input::Exited), Ok(S::Stopped));
+        assert_eq!(next(S::Paused, Input::Failed), Ok(S::Error));
+        // Only a running VM pauses and only a paused one resumes.
+        for s in VmState::ALL {
+            assert_eq!(
+                next(s, Input::Pause).is_ok(),
+                s == S::Running,
+                "pause from {s}"
+            );
+            assert_eq!(
+                next(s, Input::Resume).is_ok(),
+                s == S::Paused,
+                "resume from {s}"
+            );
+        }
+        let e = next(S::Stopped, Input::Pause).unwrap_err();
+        assert_eq!(e.to_string(), "it is stopped; only a running VM pauses");
+        let e = next(S::Paused, Input::Pause).unwrap_err();
+        assert_eq!(e.to_string(), "it is paused already");
+        let e = next(S::Running, Input::Resume).unwrap_err();
+        assert_eq!(e.to_string(), "it is running already");
+        let e = next(S::Stopped, Input::Resume).unwrap_err();
+        assert_eq!(e.to_string(), "it is stopped; only a paused VM resumes");
+        let e = next(S::Paused, Input::Start).unwrap_err();
+        assert_eq!(e.to_string(), "it is paused; resume it");
+        // Delete is refused as from running: the caller stops it first.
+        let e = next(S::Paused, Input::Delete).unwrap_err();
+        assert_eq!(e.to_string(), "it is paused; stop it first");
+        assert_eq!(
+            (Input::Pause.verb(), Input::Resume.verb()),
+            ("pause", "resume")
+        );
     }
 
     #[test]

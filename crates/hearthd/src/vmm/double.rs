@@ -12,7 +12,10 @@
 //! another that re-adopts the running agents.
 //!
 //! In `--unix` mode the agent is `Standalone`: a guest `shutdown` ends the agent process (the
-//! "VM powers off") and never calls reboot(2). Its stderr is the VM's serial log.
+//! "VM powers off") and never calls reboot(2). Its stderr is the VM's serial log. A pause is
+//! SIGSTOP of the agent and a resume SIGCONT, each checked in `/proc/<pid>/stat` as QEMU's are
+//! with `query-status`: the bridge goes on, so hearthd's connection stays open and the agent
+//! answers nothing until it is resumed, as a paused guest does.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -25,7 +28,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use super::qemu::{pidfd_open, register_pidfd, signal_pidfd};
-use super::{Capabilities, LaunchSpec, VmHandle, Vmm, VmmError, socket_exists};
+use super::{Capabilities, GuestRun, LaunchSpec, VmHandle, Vmm, VmmError, socket_exists};
 
 /// Runs the bridges and exit watchers, independent of any hearthd's runtime.
 static BRIDGES: LazyLock<tokio::runtime::Runtime> = LazyLock::new(|| {
@@ -87,7 +90,10 @@ impl Vmm for DoubleVmm {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        Capabilities {
+            pause: true,
+            ..Capabilities::default()
+        }
     }
 
     async fn prepare(&self, _kernel: &Path, _cache: &Path) {}
@@ -230,6 +236,44 @@ impl DoubleHandle {
             signal_pidfd(&self.pidfd, signal);
         }
     }
+
+    /// Sends `signal` and waits (a signal is delivered asynchronously) until the agent is in
+    /// `want`.
+    async fn signal_until(
+        &self,
+        signal: i32,
+        operation: &'static str,
+        want: GuestRun,
+    ) -> Result<(), VmmError> {
+        self.signal(signal);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let found = self.run_state().await?;
+            if found == want {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(VmmError::RunState {
+                    operation,
+                    want,
+                    found,
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+}
+
+/// The state letter of `/proc/<pid>/stat` (`R`, `S`, `T` for stopped, `Z`, ...).
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) S ...": comm may hold spaces and parentheses; the state follows the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 #[async_trait]
@@ -252,6 +296,27 @@ impl VmHandle for DoubleHandle {
         self.signal(libc::SIGKILL);
         self.wait_exit().await;
         Ok(())
+    }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.signal_until(libc::SIGSTOP, "SIGSTOP", GuestRun::Paused)
+            .await
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.signal_until(libc::SIGCONT, "SIGCONT", GuestRun::Running)
+            .await
+    }
+
+    async fn run_state(&self) -> Result<GuestRun, VmmError> {
+        if *self.exited.borrow() {
+            return Ok(GuestRun::Other("exited".into()));
+        }
+        Ok(match process_state(self.pid) {
+            Some('T') => GuestRun::Paused,
+            Some('Z' | 'X') | None => GuestRun::Other("exited".into()),
+            Some(_) => GuestRun::Running,
+        })
     }
 }
 
@@ -359,6 +424,15 @@ mod tests {
             .await
             .unwrap();
         guest.wait_ready(Duration::from_secs(10)).await.unwrap();
+        // Pause and resume: the process stops and goes on, as the run state says.
+        assert_eq!(launched.run_state().await.unwrap(), GuestRun::Running);
+        launched.pause().await.unwrap();
+        assert_eq!(process_state(pid), Some('T'));
+        assert_eq!(launched.run_state().await.unwrap(), GuestRun::Paused);
+        launched.pause().await.unwrap();
+        launched.resume().await.unwrap();
+        assert_eq!(launched.run_state().await.unwrap(), GuestRun::Running);
+        assert!(vmm.capabilities().pause);
         assert_eq!(vmm.find(&a), Some(pid));
         assert_eq!(vmm.find(&spec(tmp.path(), "b")), None);
         // Only the process serving this VM's run directory is adopted.

@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-/// What a backend can do. Callers check a capability before offering the feature.
+/// What a backend can do, as far as hearthd drives it: a capability is true only once hearthd
+/// has the operation behind it. Callers check a capability before offering the feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capabilities {
-    /// Pause and resume a running guest.
+    /// Pause and resume a running guest ([`VmHandle::pause`], [`VmHandle::resume`]).
     pub pause: bool,
     /// Save and restore memory snapshots.
     pub snapshot: bool,
@@ -48,6 +49,33 @@ pub enum VmmError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("the guest is {found} after {operation}, not {want}")]
+    RunState {
+        operation: &'static str,
+        want: GuestRun,
+        found: GuestRun,
+    },
+}
+
+/// Whether a VMM's guest runs, as the VMM itself reports it (QEMU: `query-status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestRun {
+    /// Its vCPUs run.
+    Running,
+    /// Its vCPUs are stopped by a pause; RAM and devices are kept.
+    Paused,
+    /// Anything else the VMM reports, in its own words (QEMU: `shutdown`, `io-error`, ...).
+    Other(String),
+}
+
+impl std::fmt::Display for GuestRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuestRun::Running => f.write_str("running"),
+            GuestRun::Paused => f.write_str("paused"),
+            GuestRun::Other(what) => f.write_str(what),
+        }
+    }
 }
 
 /// Everything a backend needs to launch one VM. Paths are owned by the caller.
@@ -132,6 +160,13 @@ pub trait VmHandle: Send + Sync + std::fmt::Debug {
     async fn request_poweroff(&self) -> Result<(), VmmError>;
     /// Ends the VMM now.
     async fn kill(&self) -> Result<(), VmmError>;
+    /// Stops the guest's vCPUs and returns once the VMM reports the guest paused; it keeps
+    /// its RAM, devices and open files. Pausing a paused guest changes nothing.
+    async fn pause(&self) -> Result<(), VmmError>;
+    /// Lets a paused guest's vCPUs run again and returns once the VMM reports it running.
+    async fn resume(&self) -> Result<(), VmmError>;
+    /// What the VMM says its guest is doing now.
+    async fn run_state(&self) -> Result<GuestRun, VmmError>;
 }
 
 /// The first process whose command line has an argument containing `needle`.

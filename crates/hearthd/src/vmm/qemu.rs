@@ -22,8 +22,12 @@ use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::watch;
 
-use super::qmp::Qmp;
-use super::{Capabilities, LaunchSpec, VmHandle, Vmm, VmmError, probe, socket_exists};
+use super::qmp::{Qmp, RunState};
+use super::{Capabilities, GuestRun, LaunchSpec, VmHandle, Vmm, VmmError, probe, socket_exists};
+
+/// How long `stop`, `cont` and `query-status` may take: QEMU does each at once (`stop` waits
+/// for the vCPUs to leave guest code), so this is only a bound on a QEMU that hangs.
+const RUN_CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where QEMU's own microvm firmware lives (package qemu-system-data).
 pub const DEFAULT_FIRMWARE: &str = "/usr/share/qemu/qboot.rom";
@@ -354,10 +358,10 @@ impl Vmm for Qemu {
     }
 
     fn capabilities(&self) -> Capabilities {
-        // Only what hearthd drives today: it has no pause/resume nor snapshot operation yet
-        // (QEMU could do both), so offering them would promise what no endpoint does.
+        // Only what hearthd drives: pause and resume (QMP `stop`/`cont`), no snapshot
+        // operation yet (QEMU could), so offering it would promise what no endpoint does.
         Capabilities {
-            pause: false,
+            pause: true,
             snapshot: false,
             vsock: false,
             hotplug: false,
@@ -525,6 +529,7 @@ impl Vmm for Qemu {
         };
         let qmp = match answered.await {
             Ok((qmp, status)) => {
+                let status = status.status;
                 tracing::info!(vm = %spec.name, pid, %status, "re-attached to running VMM");
                 qmp
             }
@@ -690,6 +695,45 @@ impl VmHandle for QemuHandle {
         }
         Ok(())
     }
+
+    async fn pause(&self) -> Result<(), VmmError> {
+        self.qmp
+            .execute_within("stop", None, RUN_CONTROL_TIMEOUT)
+            .await?;
+        self.expect("stop", GuestRun::Paused).await
+    }
+
+    async fn resume(&self) -> Result<(), VmmError> {
+        self.qmp
+            .execute_within("cont", None, RUN_CONTROL_TIMEOUT)
+            .await?;
+        self.expect("cont", GuestRun::Running).await
+    }
+
+    async fn run_state(&self) -> Result<GuestRun, VmmError> {
+        let info = self.qmp.status_within(RUN_CONTROL_TIMEOUT).await?;
+        Ok(match info.status {
+            RunState::Running => GuestRun::Running,
+            RunState::Paused => GuestRun::Paused,
+            other => GuestRun::Other(other.to_string()),
+        })
+    }
+}
+
+impl QemuHandle {
+    /// Checks with `query-status` that `command` left the guest in `want`.
+    async fn expect(&self, command: &'static str, want: GuestRun) -> Result<(), VmmError> {
+        let found = self.run_state().await?;
+        if found == want {
+            Ok(())
+        } else {
+            Err(VmmError::RunState {
+                operation: command,
+                want,
+                found,
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -754,7 +798,7 @@ mod tests {
         assert_eq!(
             caps,
             Capabilities {
-                pause: false,
+                pause: true,
                 snapshot: false,
                 vsock: false,
                 hotplug: false,
