@@ -489,6 +489,23 @@ pub const WS_STDOUT: u8 = 1;
 /// First byte of a binary WebSocket message carrying stderr.
 pub const WS_STDERR: u8 = 2;
 
+/// One VM in `GET /v1/stats`: its state and shape, and while its VMM runs what that process
+/// uses now (what `hearth top` shows).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStats {
+    pub name: String,
+    pub state: VmState,
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// CPU time of the VM's VMM process so far, in seconds (its vCPUs and emulation); the
+    /// difference between two samples over their interval is its CPU use.
+    pub cpu_seconds: Option<f64>,
+    /// Resident memory of the VMM process, in bytes.
+    pub rss_bytes: Option<u64>,
+    /// Seconds since the VMM process started.
+    pub uptime_secs: Option<u64>,
+}
+
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {

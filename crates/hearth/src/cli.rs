@@ -112,6 +112,8 @@ pub enum Command {
     /// Check a live host end to end: make a VM, exec, copy a file, reach the metadata service,
     /// stop, start, delete; on a failure, write what explains it to a directory.
     Smoke(SmokeArgs),
+    /// A live table of the VMs: state, CPU %, memory, uptime (`--json`: one sample).
+    Top(TopArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,6 +252,14 @@ pub struct RestoreArgs {
     pub name: String,
     /// The id of one of its backups (`hearth backup list VM`).
     pub backup: String,
+}
+
+/// `hearth top`.
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    /// Seconds between refreshes (at least 0.2).
+    #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+    pub interval: f64,
 }
 
 /// `hearth smoke`.
@@ -586,6 +596,7 @@ impl Command {
         let (action, vm, network) = match self {
             Command::Health => (Action::Health, None, None),
             Command::Smoke(a) => (Action::Smoke, a.name.clone(), None),
+            Command::Top(_) => (Action::Top, None, None),
             Command::Exec(a) => (Action::Exec, name(&a.name), None),
             Command::Cp(a) => (Action::Cp, cp_vm_name(a), None),
             Command::Network(command) => match command {

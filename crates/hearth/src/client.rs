@@ -303,6 +303,12 @@ impl Client {
         json(self.send(req.timeout(LIFECYCLE_TIMEOUT)).await?).await
     }
 
+    /// Every VM's state and what its VMM uses now.
+    pub async fn stats(&self) -> Result<Json<Vec<hearth_api::VmStats>>> {
+        let req = self.http.get(self.url(&["stats"], &[]));
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
     /// Runs a command to completion in the VM and collects its output.
     pub async fn exec(
         &self,

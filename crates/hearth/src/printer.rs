@@ -39,6 +39,11 @@ impl Printer {
         }
     }
 
+    /// Whether `--json` is on.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// Text for people on stdout; nothing with `--json`.
     pub fn text(&self, text: &str) {
         if !self.json {

@@ -236,6 +236,40 @@ impl Collector for SnapshotCollector {
     }
 }
 
+/// A process's CPU seconds, resident bytes and age in seconds, from `/proc`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessSample {
+    pub cpu_seconds: f64,
+    pub rss_bytes: u64,
+    pub uptime_secs: u64,
+}
+
+/// [`ProcessSample`] of `pid`, from `/proc/<pid>/stat`, `statm` and `/proc/uptime`.
+pub fn process(pid: u32) -> Option<ProcessSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // starttime is field 22 of the whole line, 20 after the name: clock ticks after boot.
+    let start_ticks: u64 = fields.get(19)?.parse().ok()?;
+    let (cpu_seconds, rss_bytes) = process_sample(pid)?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|h| *h > 0)?;
+    // Whole seconds since boot ("12345.67 …").
+    let up: u64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split(['.', ' '])
+        .next()?
+        .parse()
+        .ok()?;
+    Some(ProcessSample {
+        cpu_seconds,
+        rss_bytes,
+        uptime_secs: up.saturating_sub(start_ticks / hz),
+    })
+}
+
 /// CPU seconds and resident bytes of process `pid`, from `/proc/<pid>/stat` and `statm`.
 pub fn process_sample(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -306,5 +340,7 @@ mod tests {
         let (cpu, rss) = process_sample(std::process::id()).unwrap();
         assert!(cpu >= 0.0 && rss > 1 << 20, "{cpu} {rss}");
         assert!(process_sample(u32::MAX).is_none());
+        let me = process(std::process::id()).unwrap();
+        assert!(me.uptime_secs < 24 * 3600, "{me:?}");
     }
 }

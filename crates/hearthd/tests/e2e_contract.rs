@@ -36,6 +36,7 @@ async fn expect(c: &Contract, label: &str, req: Req, status: u16, code: &str) ->
 async fn pass(w: &World, c: &Contract) {
     expect(c, "health", Req::get("/v1/health"), 200, "").await;
     expect(c, "metrics", Req::get("/metrics"), 200, "").await;
+    expect(c, "stats", Req::get("/v1/stats"), 200, "").await;
     expect(c, "list empty", Req::get("/v1/vms"), 200, "").await;
 
     // Creation refused for each rule, before anything is made.

@@ -8,6 +8,7 @@ pub mod inputs;
 pub mod logs;
 pub mod network;
 pub mod smoke;
+pub mod top;
 pub mod vm;
 pub mod volume;
 
@@ -29,6 +30,7 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Volume(command) => volume::run(command, client, printer).await.map(success),
         Command::Health => vm::health(client, printer).await.map(success),
         Command::Smoke(args) => smoke::run(client, printer, args).await,
+        Command::Top(args) => top::run(client, printer, args).await.map(success),
     }
 }
 

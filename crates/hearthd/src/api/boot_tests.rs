@@ -1229,6 +1229,24 @@ fn metrics_count_actions_and_promtool_accepts_the_scrape() {
     d.exec("mx", json!({"command": ["true"]}));
     let (s, _) = d.call("POST", "/v1/vms/ghost/start", None);
     assert_eq!(s, 404);
+    // What `hearth top` samples: the running VM's VMM process, by pid.
+    let (s, stats) = d.call("GET", "/v1/stats", None);
+    assert_eq!(s, 200, "{stats}");
+    let mx = &stats.as_array().unwrap()[0];
+    assert_eq!(
+        (&mx["name"], &mx["state"]),
+        (&json!("mx"), &json!("running")),
+        "{stats}"
+    );
+    assert!(
+        mx["cpu_seconds"].as_f64().is_some_and(|c| c >= 0.0),
+        "{stats}"
+    );
+    assert!(mx["rss_bytes"].as_u64().is_some_and(|r| r > 0), "{stats}");
+    assert!(
+        mx["uptime_secs"].as_u64().is_some_and(|u| u < 600),
+        "{stats}"
+    );
     let scrape = |accept: &str| {
         d.block_on(async {
             let resp = d

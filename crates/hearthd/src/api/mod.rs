@@ -175,6 +175,7 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
     paths(
         health,
         metrics,
+        stats,
         list_vms,
         create_vm,
         get_vm,
@@ -213,6 +214,7 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         ErrorBody,
         ErrorCode,
         Health,
+        hearth_api::VmStats,
         Vm,
         VmDetail,
         hearth_api::VmNetwork,
@@ -250,6 +252,7 @@ pub fn router(state: AppState) -> Router {
     let guard = state.guard.clone();
     let v1 = Router::new()
         .route("/health", get(health))
+        .route("/stats", get(stats))
         .route("/vms", get(list_vms).post(create_vm))
         .route("/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/vms/{name}/start", post(start_vm))
@@ -329,19 +332,45 @@ pub fn router(state: AppState) -> Router {
     responses((status = 200, content((String = "application/openmetrics-text"), (String = "text/plain"))),
         (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
         (status = 500, description = "internal; the server log has details", body = ErrorBody),
-        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody)))]
-async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout)", body = ErrorBody)))]
+async fn metrics(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let openmetrics = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/openmetrics-text"));
-    let text = state.service.metrics_text(openmetrics).await?;
+    let text = match run(&state, &caller, Action::Metrics { openmetrics }).await? {
+        Reply::Metrics(text) => text,
+        other => return Err(unexpected(other)),
+    };
     let content_type = if openmetrics {
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
     } else {
         "text/plain; version=0.0.4; charset=utf-8"
     };
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+/// Every VM's state and shape, and what its VMM process uses now: CPU time, resident memory,
+/// age (what `hearth top` samples; CPU use is the difference of two samples).
+#[utoipa::path(get, path = "/v1/stats", tag = "system",
+    responses((status = 200, body = [hearth_api::VmStats]),
+        (status = 403, description = "The Host or Origin is not allowed (forbidden_host, forbidden_origin)", body = ErrorBody),
+        (status = 500, description = "internal; the server log has details", body = ErrorBody),
+        (status = 503, description = "hearthd has as many requests in hand as it takes (overloaded); try again", body = ErrorBody),
+        (status = 504, description = "The request took longer than server.request_timeout_secs (operation_timeout)", body = ErrorBody)))]
+async fn stats(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<axum::Json<Vec<hearth_api::VmStats>>, ApiError> {
+    match run(&state, &caller, Action::Stats).await? {
+        Reply::Stats(s) => Ok(axum::Json(s)),
+        other => Err(unexpected(other)),
+    }
 }
 
 async fn openapi() -> impl IntoResponse {

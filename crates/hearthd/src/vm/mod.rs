@@ -116,6 +116,12 @@ impl Caller {
 #[derive(Debug)]
 pub enum Action {
     Health,
+    /// Every VM's state and what its VMM uses now.
+    Stats,
+    /// The Prometheus scrape; OpenMetrics when true, else the classic text format.
+    Metrics {
+        openmetrics: bool,
+    },
     ListVms,
     GetVm(String),
     CreateVm(CreateVmRequest),
@@ -214,6 +220,8 @@ impl Action {
     pub fn name(&self) -> &'static str {
         match self {
             Action::Health => "health",
+            Action::Stats => "stats",
+            Action::Metrics { .. } => "metrics",
             Action::ListVms => "list_vms",
             Action::GetVm(_) => "get_vm",
             Action::CreateVm(_) => "create_vm",
@@ -254,6 +262,8 @@ impl Action {
 #[derive(Debug)]
 pub enum Reply {
     Health(Health),
+    Stats(Vec<hearth_api::VmStats>),
+    Metrics(String),
     Vms(Vec<Vm>),
     Vm(Vm),
     Created(VmDetail),
@@ -411,6 +421,10 @@ impl VmService {
     async fn dispatch(&self, caller: &Caller, action: Action) -> Result<Reply, VmError> {
         match action {
             Action::Health => Ok(Reply::Health(self.health().await?)),
+            Action::Stats => Ok(Reply::Stats(self.stats().await?)),
+            Action::Metrics { openmetrics } => {
+                Ok(Reply::Metrics(self.metrics_text(openmetrics).await?))
+            }
             Action::ListVms => Ok(Reply::Vms(
                 self.inner
                     .store
@@ -577,8 +591,28 @@ impl VmService {
         })
     }
 
+    /// Every VM's state and shape, and what its VMM process uses now.
+    async fn stats(&self) -> Result<Vec<hearth_api::VmStats>, VmError> {
+        let vms = self.inner.store.list_vms().await?.vms;
+        Ok(vms
+            .into_iter()
+            .map(|v| {
+                let p = v.pid.and_then(crate::metrics::process);
+                hearth_api::VmStats {
+                    name: v.name,
+                    state: v.state,
+                    cpus: v.cpus,
+                    memory_mib: v.memory_mib,
+                    cpu_seconds: p.map(|p| p.cpu_seconds),
+                    rss_bytes: p.map(|p| p.rss_bytes),
+                    uptime_secs: p.map(|p| p.uptime_secs),
+                }
+            })
+            .collect())
+    }
+
     /// The metrics as a scrape reads them: what was counted, and the host and VMs now.
-    pub async fn metrics_text(&self, openmetrics: bool) -> Result<String, VmError> {
+    async fn metrics_text(&self, openmetrics: bool) -> Result<String, VmError> {
         use hearth_api::VmState as S;
         let vms = self.inner.store.list_vms().await?.vms;
         let states = [
