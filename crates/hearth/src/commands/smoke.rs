@@ -220,6 +220,7 @@ async fn steps_of(
         })
         .await?;
     } else {
+        printer.note("skip network (metadata service): networking is off on this host");
         steps.push(Step {
             name: "network (metadata service)",
             ms: 0,
