@@ -8,9 +8,13 @@ use crate::capacity::{self, Committed, Demand, Host};
 use crate::store::VmRecord;
 
 /// What `vms` hold: vCPUs and RAM while they run (or are about to, or are paused: a paused VM
-/// keeps its RAM and resumes at any moment), disks always.
-fn committed(vms: &[VmRecord]) -> Committed {
-    let mut c = Committed::default();
+/// keeps its RAM and resumes at any moment), disks always; `volume_mib` more of disk for the
+/// volumes (attached or not: each may fill up to its size).
+fn committed(vms: &[VmRecord], volume_mib: u64) -> Committed {
+    let mut c = Committed {
+        disk_mib: volume_mib,
+        ..Committed::default()
+    };
     for vm in vms {
         c.disk_mib += vm.rootfs_mib;
         match vm.state {
@@ -30,10 +34,24 @@ impl VmService {
             .map_err(VmError::HostProbe)
     }
 
+    /// What the VMs and volumes have committed now.
+    async fn committed_now(&self) -> Result<Committed, VmError> {
+        let vms = self.inner.store.list_vms().await?.vms;
+        let volume_mib = self
+            .inner
+            .store
+            .list_volumes()
+            .await?
+            .iter()
+            .map(|v| v.size_mib)
+            .sum();
+        Ok(committed(&vms, volume_mib))
+    }
+
     /// Refuses `demand` when the host cannot take it. The caller holds `inner.admission` until
     /// it has recorded what was admitted.
     pub(super) async fn admit(&self, demand: Demand) -> Result<(), VmError> {
-        let committed = committed(&self.inner.store.list_vms().await?.vms);
+        let committed = self.committed_now().await?;
         capacity::check(
             &self.host()?,
             &self.inner.config.capacity,
@@ -44,7 +62,7 @@ impl VmService {
     }
 
     pub(super) async fn capacity(&self) -> Result<Capacity, VmError> {
-        let committed = committed(&self.inner.store.list_vms().await?.vms);
+        let committed = self.committed_now().await?;
         Ok(capacity::summary(
             &self.host()?,
             &self.inner.config.capacity,
@@ -77,7 +95,9 @@ mod tests {
             egress: Default::default(),
             metadata: Default::default(),
         };
-        let c = committed(&[vm(VmState::Paused), vm(VmState::Stopped)]);
+        let c = committed(&[vm(VmState::Paused), vm(VmState::Stopped)], 0);
         assert_eq!((c.cpus, c.memory_mib, c.disk_mib), (2, 512, 2048));
+        let c = committed(&[vm(VmState::Stopped)], 4096);
+        assert_eq!(c.disk_mib, 1024 + 4096, "volumes count as disk");
     }
 }

@@ -52,6 +52,9 @@ impl VmService {
         rules::validate_volume_name(&req.name)?;
         let limits = self.inner.config.volumes;
         let mib = rules::validate_volume_size(&req.size, limits.max_size_mib)?;
+        // Admission first, as a VM create takes them: its disk counts against the host's, like
+        // a VM's, from the check until the row is in.
+        let _admission = self.inner.admission.lock().await;
         let _volumes = self.inner.volumes.lock().await;
         match self.inner.store.get_volume(&req.name).await {
             Ok(_) => return Err(VmError::VolumeTaken(req.name)),
@@ -61,6 +64,13 @@ impl VmService {
         let host = capacity::probe(self.inner.vmm.ram_dir(), &self.inner.config.data_dir)
             .map_err(VmError::HostProbe)?;
         capacity::check_volume(&host, limits.min_free_disk_mib, mib).map_err(VmError::NoSpace)?;
+        self.admit(crate::capacity::Demand {
+            cpus: 0,
+            memory_mib: 0,
+            disk_mib: mib,
+            run: false,
+        })
+        .await?;
         let record = VolumeRecord {
             id: random_id(),
             name: req.name.clone(),
