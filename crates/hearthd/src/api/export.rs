@@ -15,6 +15,10 @@ use crate::vm::{Action, Caller, Reply, Upload};
 
 /// An import whose client sends nothing for this long is abandoned (and nothing is kept).
 const IMPORT_IDLE: Duration = Duration::from_secs(60);
+/// How long a refused import's body is still read (and dropped) before the answer: a client
+/// still sending when the connection closes with its bytes unread gets a reset instead of the
+/// answer.
+const REFUSED_DRAIN: Duration = Duration::from_secs(30);
 
 /// Stream a stopped VM as a tar archive: `manifest.json` (format version, name, creator,
 /// shape), `rootfs.ext4` (sparse), the serial and VMM logs (each its newest 256 MiB) and
@@ -88,8 +92,30 @@ pub(super) async fn import(
             )),
         }
     });
-    let action = Action::Import(Upload(Box::pin(data)));
-    match state.service.handle(&caller, action).await? {
+    // The body reaches the import through a channel, so what the import leaves unread (it
+    // stops at a refusal) can still be drained before the answer.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, String>>(8);
+    let forward = tokio::spawn(async move {
+        let mut data = Box::pin(data.fuse());
+        while let Some(item) = data.next().await {
+            if tx.send(item).await.is_err() {
+                break;
+            }
+        }
+        data
+    });
+    let chunks = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let action = Action::Import(Upload(Box::pin(chunks)));
+    let result = state.service.handle(&caller, action).await;
+    if result.is_err()
+        && let Ok(mut rest) = forward.await
+    {
+        let _ = tokio::time::timeout(REFUSED_DRAIN, async {
+            while let Some(Ok(_)) = rest.next().await {}
+        })
+        .await;
+    }
+    match result? {
         Reply::Created(d) => Ok((StatusCode::CREATED, axum::Json(d))),
         other => Err(unexpected(other)),
     }
