@@ -244,40 +244,16 @@ pub struct ProcessSample {
     pub uptime_secs: u64,
 }
 
-/// [`ProcessSample`] of `pid`, from `/proc/<pid>/stat`, `statm` and `/proc/uptime`.
+/// [`ProcessSample`] of `pid`, from `/proc/<pid>/stat` (read once), `statm` and `/proc/uptime`.
 pub fn process(pid: u32) -> Option<ProcessSample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // starttime is field 22 of the whole line, 20 after the name: clock ticks after boot.
-    let start_ticks: u64 = fields.get(19)?.parse().ok()?;
-    let (cpu_seconds, rss_bytes) = process_sample(pid)?;
-    // SAFETY: sysconf only reads a configuration value.
-    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
-        .ok()
-        .filter(|h| *h > 0)?;
-    // Whole seconds since boot ("12345.67 …").
-    let up: u64 = std::fs::read_to_string("/proc/uptime")
-        .ok()?
-        .split(['.', ' '])
-        .next()?
-        .parse()
-        .ok()?;
-    Some(ProcessSample {
-        cpu_seconds,
-        rss_bytes,
-        uptime_secs: up.saturating_sub(start_ticks / hz),
-    })
-}
-
-/// CPU seconds and resident bytes of process `pid`, from `/proc/<pid>/stat` and `statm`.
-pub fn process_sample(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is in parentheses and may hold spaces: fields count from after it.
     let rest = stat.rsplit_once(')')?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let field = |n: usize| fields.get(n)?.parse::<u64>().ok();
+    // utime and stime are fields 14 and 15 of the whole line (12 and 13 after the name),
+    // starttime field 22 (20): clock ticks after boot.
+    let (ticks, start_ticks) = (field(11)? + field(12)?, field(19)?);
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf only reads a configuration value.
@@ -289,7 +265,18 @@ pub fn process_sample(pid: u32) -> Option<(f64, u64)> {
     };
     let hz = u64::try_from(hz).ok().filter(|h| *h > 0)?;
     let page = u64::try_from(page).ok()?;
-    Some((ticks as f64 / hz as f64, pages * page))
+    // Whole seconds since boot ("12345.67 …").
+    let up: u64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split(['.', ' '])
+        .next()?
+        .parse()
+        .ok()?;
+    Some(ProcessSample {
+        cpu_seconds: ticks as f64 / hz as f64,
+        rss_bytes: pages * page,
+        uptime_secs: up.saturating_sub(start_ticks / hz),
+    })
 }
 
 #[cfg(test)]
@@ -337,10 +324,9 @@ mod tests {
 
     #[test]
     fn this_process_has_cpu_time_and_memory() {
-        let (cpu, rss) = process_sample(std::process::id()).unwrap();
-        assert!(cpu >= 0.0 && rss > 1 << 20, "{cpu} {rss}");
-        assert!(process_sample(u32::MAX).is_none());
         let me = process(std::process::id()).unwrap();
+        assert!(me.cpu_seconds >= 0.0 && me.rss_bytes > 1 << 20, "{me:?}");
+        assert!(process(u32::MAX).is_none());
         assert!(me.uptime_secs < 24 * 3600, "{me:?}");
     }
 }

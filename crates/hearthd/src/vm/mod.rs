@@ -648,11 +648,11 @@ impl VmService {
         let samples = vms
             .iter()
             .filter_map(|v| {
-                let (cpu_seconds, rss_bytes) = crate::metrics::process_sample(v.pid?)?;
+                let p = crate::metrics::process(v.pid?)?;
                 Some(crate::metrics::VmSample {
                     name: v.name.clone(),
-                    cpu_seconds,
-                    rss_bytes,
+                    cpu_seconds: p.cpu_seconds,
+                    rss_bytes: p.rss_bytes,
                 })
             })
             .collect();
