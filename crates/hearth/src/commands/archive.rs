@@ -6,9 +6,8 @@ use std::path::Path;
 
 use futures_util::StreamExt;
 use hearth_api::{ErrorCode, VmDetail};
-use tokio::io::AsyncWriteExt;
 
-use super::cp::{chunks, write_error};
+use super::cp::{chunks, copy_body};
 use crate::cli::{ExportArgs, ImportArgs};
 use crate::client::Client;
 use crate::error::{CliError, Result};
@@ -33,7 +32,7 @@ pub async fn export(client: &Client, printer: &Printer, args: ExportArgs) -> Res
     match &args.output {
         None => {
             let mut out = tokio::io::stdout();
-            match copy(client, body, &mut out, &mut progress).await {
+            match copy_body(client, body, &mut out, |n| progress.add(n)).await {
                 Err(CliError::Local {
                     kind: "broken_pipe",
                     ..
@@ -66,7 +65,7 @@ async fn write_file(
     let io = |e: std::io::Error| CliError::io(format_args!("cannot write {}", path.display()), &e);
     let mut file = tokio::fs::File::create(&partial).await.map_err(io)?;
     let written = async {
-        copy(client, body, &mut file, progress).await?;
+        copy_body(client, body, &mut file, |n| progress.add(n)).await?;
         file.sync_all().await.map_err(io)?;
         tokio::fs::rename(&partial, path).await.map_err(io)
     };
@@ -75,22 +74,6 @@ async fn write_file(
         let _ = tokio::fs::remove_file(&partial).await;
     }
     result
-}
-
-async fn copy(
-    client: &Client,
-    body: impl futures_util::Stream<Item = reqwest::Result<impl AsRef<[u8]>>>,
-    out: &mut (impl tokio::io::AsyncWrite + Unpin),
-    progress: &mut Transfer,
-) -> Result<()> {
-    let mut body = std::pin::pin!(body);
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| client.transport_error(&e))?;
-        let chunk = chunk.as_ref();
-        out.write_all(chunk).await.map_err(write_error)?;
-        progress.add(chunk.len() as u64);
-    }
-    out.flush().await.map_err(write_error)
 }
 
 pub async fn import(client: &Client, printer: &Printer, args: ImportArgs) -> Result<()> {

@@ -202,7 +202,7 @@ async fn download(client: &Client, vm: &str, path: &str, to: Local) -> Result<()
     let (mode, resp) = client.get_file(vm, path).await?;
     let body = resp.bytes_stream();
     let Some(target) = target else {
-        return match copy_body(client, body, &mut tokio::io::stdout()).await {
+        return match copy_body(client, body, &mut tokio::io::stdout(), |_| {}).await {
             Err(CliError::Local {
                 kind: "broken_pipe",
                 ..
@@ -224,7 +224,7 @@ async fn download(client: &Client, vm: &str, path: &str, to: Local) -> Result<()
             .write(true)
             .open(&target)
             .map_err(|e| CliError::io(format_args!("cannot write {}", target.display()), &e))?;
-        return copy_body(client, body, &mut tokio::fs::File::from_std(file)).await;
+        return copy_body(client, body, &mut tokio::fs::File::from_std(file), |_| {}).await;
     }
     let (file, temp) = temp_beside(&target)?;
     // An existing file keeps its own permission bits; a new one gets the guest's (less the
@@ -235,7 +235,7 @@ async fn download(client: &Client, vm: &str, path: &str, to: Local) -> Result<()
     };
     let mut file = tokio::fs::File::from_std(file);
     let written = async {
-        copy_body(client, body, &mut file).await?;
+        copy_body(client, body, &mut file, |_| {}).await?;
         let io =
             |e: std::io::Error| CliError::io(format_args!("cannot write {}", target.display()), &e);
         file.set_permissions(std::fs::Permissions::from_mode(mode))
@@ -297,15 +297,18 @@ fn current_umask() -> u32 {
     old.bits()
 }
 
+/// Writes a response body to `out`, telling `written` each chunk's length.
 pub(crate) async fn copy_body(
     client: &Client,
     body: impl Stream<Item = reqwest::Result<impl AsRef<[u8]>>>,
     out: &mut (impl AsyncWrite + Unpin),
+    mut written: impl FnMut(u64),
 ) -> Result<()> {
     let mut body = std::pin::pin!(body);
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| client.transport_error(&e))?;
         out.write_all(chunk.as_ref()).await.map_err(write_error)?;
+        written(chunk.as_ref().len() as u64);
     }
     out.flush().await.map_err(write_error)
 }
