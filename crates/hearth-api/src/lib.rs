@@ -8,6 +8,9 @@
 
 use std::collections::BTreeMap;
 
+mod access;
+pub use access::*;
+
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -97,6 +100,8 @@ pub struct Vm {
     pub created_at: String,
     /// Who made it (for an imported VM: who made the VM it was exported from).
     pub created_by: String,
+    /// The organization it belongs to; only its members (and host admins) see it.
+    pub org: String,
     /// RFC 3339 time of the last change.
     pub updated_at: String,
     /// Why the last lifecycle step failed, until the next one succeeds.
@@ -213,6 +218,8 @@ pub struct EgressRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Network {
     pub name: String,
+    /// The organization it belongs to.
+    pub org: String,
     /// RFC 3339, UTC.
     pub created_at: String,
     /// Names of the member VMs.
@@ -325,6 +332,8 @@ pub struct Volume {
     pub path: Option<String>,
     /// What it takes on the host's disk, in bytes (the file is sparse).
     pub allocated_bytes: u64,
+    /// The organization it belongs to.
+    pub org: String,
 }
 
 /// Body of `POST /v1/volumes`.
@@ -647,6 +656,18 @@ error_codes! {
     VolumeNotFound = "volume_not_found", 404, 3;
     /// The endpoint exists but not with this HTTP method.
     MethodNotAllowed = "method_not_allowed", 405, 2;
+    /// No (or no valid) credential: send `Authorization: Bearer <api key>`.
+    Unauthenticated = "unauthenticated", 401, 7;
+    /// The caller is known but may not do this (the message names what it needs).
+    PermissionDenied = "permission_denied", 403, 7;
+    /// Too many failed logins from this address; the message says when to try again.
+    RateLimited = "rate_limited", 429, 5;
+    /// No such user (or none the caller may see).
+    UserNotFound = "user_not_found", 404, 3;
+    /// No such organization (or none the caller belongs to).
+    OrgNotFound = "org_not_found", 404, 3;
+    /// No such SSH or API key (or none of the caller's).
+    KeyNotFound = "key_not_found", 404, 3;
     /// The request's `Host` header names neither hearthd's listen address, a loopback name nor
     /// a name in `server.allowed_hosts` (a DNS-rebinding guard).
     ForbiddenHost = "forbidden_host", 403, 2;
@@ -657,6 +678,8 @@ error_codes! {
     RequestTooLarge = "request_too_large", 413, 2;
     /// The file does not exist in the guest.
     GuestFileNotFound = "guest_file_not_found", 404, 3;
+    /// Another user or organization already has the name.
+    NameTaken = "name_taken", 409, 4;
     /// Another VM already has the name.
     VmNameTaken = "vm_name_taken", 409, 4;
     /// Another private network already has the name.

@@ -22,9 +22,19 @@ pub const DEFAULT_URL: &str = "http://127.0.0.1:7070";
     max_term_width = 100
 )]
 pub struct Cli {
-    /// Where hearthd listens.
-    #[arg(long, global = true, env = "HEARTH_URL", default_value = DEFAULT_URL, value_name = "URL")]
-    pub url: String,
+    /// Where hearthd listens (default: the profile's URL, else http://127.0.0.1:7070). The API
+    /// key comes from HEARTH_API_KEY, else from the profile `hearth login` wrote.
+    #[arg(long, global = true, env = "HEARTH_URL", value_name = "URL")]
+    pub url: Option<String>,
+    /// The profile of `hearth login` to use.
+    #[arg(
+        long,
+        global = true,
+        env = "HEARTH_PROFILE",
+        default_value = "default",
+        value_name = "NAME"
+    )]
+    pub profile: String,
     /// Print the API's JSON (and, on failure, its error body) instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -114,6 +124,183 @@ pub enum Command {
     Smoke(SmokeArgs),
     /// A live table of the VMs: state, CPU %, memory, uptime (`--json`: one sample).
     Top(TopArgs),
+    /// Keep an API key (read from stdin) and URL in a profile, after checking them.
+    Login(LoginArgs),
+    /// Forget the profile's API key.
+    Logout,
+    /// Show who hearthd takes you for: user, admin or not, organization and role.
+    Whoami,
+    /// Users and their SSH keys (host admins; anyone for their own SSH keys).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// API keys: make one (shown once), list and revoke them.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Organizations: list, create, switch the one you act in, manage members.
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// Read the audit log, newest first (host admins).
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Read the key from this file instead of stdin.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// List users with their organizations.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Make a user, in an organization of its own unless --org names one.
+    Create(UserCreateArgs),
+    /// Delete a user with its keys (its VMs stay with their organizations).
+    #[command(visible_alias = "rm")]
+    Delete(UserArg),
+    /// A user's SSH public keys.
+    #[command(subcommand, name = "ssh-key")]
+    SshKey(SshKeyCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UserArg {
+    pub user: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UserCreateArgs {
+    /// 1-32 characters: lowercase letters, digits, '-' and '_', starting with a letter.
+    pub name: String,
+    /// Make the user a host admin.
+    #[arg(long)]
+    pub admin: bool,
+    /// Put the user in this existing organization.
+    #[arg(long, value_name = "ORG")]
+    pub org: Option<String>,
+    /// Its role there (default member; owner of its own new organization).
+    #[arg(long, value_enum)]
+    pub role: Option<RoleArg>,
+    /// An SSH public key file (e.g. ~/.ssh/id_ed25519.pub) to add at once.
+    #[arg(long, value_name = "FILE")]
+    pub ssh_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoleArg {
+    Owner,
+    Member,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SshKeyCommand {
+    /// Add a public key (a .pub file, or - for stdin).
+    Add(SshKeyAddArgs),
+    /// List a user's keys.
+    #[command(visible_alias = "ls")]
+    List(UserArg),
+    /// Remove a key by its fingerprint (SHA256:…).
+    #[command(visible_alias = "rm")]
+    Remove(SshKeyRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SshKeyAddArgs {
+    pub user: String,
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct SshKeyRemoveArgs {
+    pub user: String,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// List your API keys (every user's, for a host admin).
+    #[command(visible_alias = "ls")]
+    List,
+    /// Make an API key; it is printed once.
+    Create(KeyCreateArgs),
+    /// Revoke an API key by its id: it stops working at once.
+    #[command(visible_alias = "rm")]
+    Revoke(KeyIdArg),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyCreateArgs {
+    /// A label for the key.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The organization it acts in (default: the one you act in).
+    #[arg(long, value_name = "ORG")]
+    pub org: Option<String>,
+    /// Another user's key (host admins).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyIdArg {
+    pub id: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// List your organizations and their members.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Make an organization; you are its owner.
+    Create(OrgArg),
+    /// Act in another of your organizations (over SSH and with session keys).
+    Switch(OrgArg),
+    /// Put a user in an organization or change its role (owners, host admins).
+    AddMember(OrgMemberArgs),
+    /// Take a user out of an organization (owners, host admins).
+    RemoveMember(OrgMemberArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OrgArg {
+    pub org: String,
+}
+
+#[derive(Debug, Args)]
+pub struct OrgMemberArgs {
+    pub org: String,
+    pub user: String,
+    /// The role (add-member; default member).
+    #[arg(long, value_enum)]
+    pub role: Option<RoleArg>,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Only this principal (a user, operator, anonymous).
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// Only this organization.
+    #[arg(long)]
+    pub org: Option<String>,
+    /// Only this action (create_vm, login, ssh_command, ...).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only rows naming this VM, network, volume, user or command.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Only allowed or only denied decisions.
+    #[arg(long, value_parser = ["allow", "deny"])]
+    pub decision: Option<String>,
+    /// Only rows at or after this RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many rows (1-1000).
+    #[arg(long, default_value_t = 100)]
+    pub limit: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -597,6 +784,13 @@ impl Command {
             Command::Health => (Action::Health, None, None),
             Command::Smoke(a) => (Action::Smoke, a.name.clone(), None),
             Command::Top(_) => (Action::Top, None, None),
+            Command::Login(_)
+            | Command::Logout
+            | Command::Whoami
+            | Command::User(_)
+            | Command::Key(_)
+            | Command::Org(_)
+            | Command::Audit(_) => (Action::Access, None, None),
             Command::Exec(a) => (Action::Exec, name(&a.name), None),
             Command::Cp(a) => (Action::Cp, cp_vm_name(a), None),
             Command::Network(command) => match command {
@@ -984,7 +1178,7 @@ mod tests {
         assert!(matches!(cli.command, Command::Vm(VmCommand::List)));
         let cli = parse(&["vm", "ls", "--json", "--url", "http://10.0.0.1:9"]).unwrap();
         assert!(cli.json);
-        assert_eq!(cli.url, "http://10.0.0.1:9");
+        assert_eq!(cli.url.as_deref(), Some("http://10.0.0.1:9"));
     }
 
     #[test]

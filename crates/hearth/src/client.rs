@@ -114,10 +114,12 @@ pub struct Client {
     socket: Option<PathBuf>,
     /// The URL as given, for messages.
     shown: String,
+    /// `Bearer <api key>`, sent with every request when the CLI has a key.
+    authorization: Option<reqwest::header::HeaderValue>,
 }
 
 impl Client {
-    pub fn new(url: &str) -> Result<Client> {
+    pub fn new(url: &str, api_key: Option<&str>) -> Result<Client> {
         let bad_url = |why: String| {
             CliError::input(
                 ErrorCode::InvalidRequest,
@@ -157,6 +159,23 @@ impl Client {
                 )));
             }
         };
+        let authorization = match api_key {
+            Some(key) => {
+                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| {
+                        CliError::input(
+                            ErrorCode::InvalidRequest,
+                            "the API key has characters no HTTP header may hold",
+                        )
+                    })?;
+                value.set_sensitive(true);
+                let mut headers = reqwest::header::HeaderMap::new();
+                headers.insert(reqwest::header::AUTHORIZATION, value.clone());
+                builder = builder.default_headers(headers);
+                Some(value)
+            }
+            None => None,
+        };
         let http = builder
             .build()
             .map_err(|e| CliError::protocol(format!("cannot set up the HTTP client: {e}")))?;
@@ -169,6 +188,7 @@ impl Client {
             base,
             socket,
             shown,
+            authorization,
         })
     }
 
@@ -259,6 +279,40 @@ impl Client {
             .put(self.url(&["vms", name, "egress"], &[]))
             .json(body);
         json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    /// `GET /v1/<segments>?<query>` of a quick read.
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+    ) -> Result<Json<T>> {
+        let req = self.http.get(self.url(segments, query));
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    /// A quick `POST` or `PUT` of a JSON body.
+    pub async fn send_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        segments: &[&str],
+        body: &B,
+    ) -> Result<Json<T>> {
+        let req = self
+            .http
+            .request(method, self.url(segments, &[]))
+            .json(body);
+        json(self.send(req.timeout(QUICK_TIMEOUT)).await?).await
+    }
+
+    /// A quick `DELETE`; its answer's body (JSON) if it has one.
+    pub async fn delete(&self, segments: &[&str]) -> Result<Option<Json<Value>>> {
+        let req = self.http.delete(self.url(segments, &[]));
+        let resp = self.send(req.timeout(QUICK_TIMEOUT)).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        json(resp).await.map(Some)
     }
 
     pub async fn list_networks(&self) -> Result<Json<Vec<Network>>> {
@@ -471,7 +525,14 @@ impl Client {
             url: self.base_url().to_owned(),
             reason: e.to_string(),
         })?;
-        let connect = tokio_tungstenite::client_async(url.as_str(), connection);
+        let mut request = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+            .map_err(|e| CliError::protocol(format!("cannot make a WebSocket request: {e}")))?;
+        if let Some(value) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(reqwest::header::AUTHORIZATION, value.clone());
+        }
+        let connect = tokio_tungstenite::client_async(request, connection);
         let result = match tokio::time::timeout(QUICK_TIMEOUT, connect).await {
             Ok(result) => result,
             Err(_) => {
@@ -647,14 +708,14 @@ mod tests {
 
     #[test]
     fn urls_keep_a_base_path_and_encode_parts() {
-        let client = Client::new("http://127.0.0.1:7070").unwrap();
+        let client = Client::new("http://127.0.0.1:7070", None).unwrap();
         assert_eq!(
             client
                 .url(&["vms", "demo", "files"], &[("path", "/a b&c".into())])
                 .as_str(),
             "http://127.0.0.1:7070/v1/vms/demo/files?path=%2Fa+b%26c"
         );
-        let client = Client::new("http://host:1/prefix/").unwrap();
+        let client = Client::new("http://host:1/prefix/", None).unwrap();
         assert_eq!(
             client.url(&["health"], &[]).as_str(),
             "http://host:1/prefix/v1/health"
@@ -671,7 +732,7 @@ mod tests {
             "unix://host/run/hearth.sock",
             "unix:",
         ] {
-            let err = Client::new(bad).unwrap_err();
+            let err = Client::new(bad, None).unwrap_err();
             assert_eq!(err.exit_code(), 2, "{bad}");
             assert!(err.message().contains(bad), "{}", err.message());
         }
@@ -680,7 +741,7 @@ mod tests {
     #[test]
     fn unix_socket_urls() {
         for url in ["unix:///run/hearth.sock", "unix:/run/hearth.sock"] {
-            let client = Client::new(url).unwrap();
+            let client = Client::new(url, None).unwrap();
             assert_eq!(
                 client.socket.as_deref(),
                 Some(std::path::Path::new("/run/hearth.sock"))

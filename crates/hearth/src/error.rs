@@ -164,6 +164,8 @@ pub enum Action {
     VolumeDelete,
     VolumeAttach,
     VolumeDetach,
+    /// Logins, users, keys, organizations and the audit log.
+    Access,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -195,6 +197,18 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
     let network = ctx.network.as_deref().unwrap_or("NETWORK");
     let hint = match code {
         ErrorCode::VmNotFound => "`hearth vm list` shows the VMs".to_owned(),
+        ErrorCode::Unauthenticated => "keep a valid API key with `hearth login` (or set \
+             HEARTH_API_KEY); an admin makes one with `hearth key create --user NAME`"
+            .to_owned(),
+        ErrorCode::PermissionDenied => "`hearth whoami` shows who you are and where you act".to_owned(),
+        ErrorCode::RateLimited => "wait, then try again with a valid key".to_owned(),
+        ErrorCode::UserNotFound => "`hearth user list` shows the users (host admins)".to_owned(),
+        ErrorCode::OrgNotFound => "`hearth org list` shows your organizations".to_owned(),
+        ErrorCode::KeyNotFound => match ctx.action {
+            Action::Access => "`hearth key list` or `hearth user ssh-key list USER` shows the keys".to_owned(),
+            _ => return None,
+        },
+        ErrorCode::NameTaken => "choose another name".to_owned(),
         ErrorCode::VmNameTaken if ctx.action == Action::Import => "an import keeps the VM's name: \
              delete or rename the VM of that name here first (`hearth vm list`)"
             .to_owned(),

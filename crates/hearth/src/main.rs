@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod error;
 mod printer;
+mod profile;
 mod render;
 mod tty;
 
@@ -30,7 +31,27 @@ fn main() -> ExitCode {
         .map_err(|e| CliError::io("cannot start the async runtime", &e))
         .and_then(|runtime| {
             let result = runtime.block_on(async {
-                let client = Client::new(&cli.url)?;
+                let profile = profile::load(&cli.profile)?;
+                let url = cli
+                    .url
+                    .or(profile.url)
+                    .unwrap_or_else(|| cli::DEFAULT_URL.to_owned());
+                match cli.command {
+                    cli::Command::Login(args) => {
+                        return commands::access::login(&url, &cli.profile, args, &printer)
+                            .await
+                            .map(|()| 0);
+                    }
+                    cli::Command::Logout => {
+                        return commands::access::logout(&cli.profile, &printer).map(|()| 0);
+                    }
+                    _ => {}
+                }
+                let key = std::env::var("HEARTH_API_KEY")
+                    .ok()
+                    .filter(|k| !k.is_empty())
+                    .or(profile.api_key);
+                let client = Client::new(&url, key.as_deref())?;
                 commands::run(cli.command, &client, &printer).await
             });
             // Do not wait for a read of stdin that will never finish.

@@ -58,6 +58,33 @@ impl Drop for RawMode {
     }
 }
 
+/// Echo off on stdin while this lives, when stdin is a terminal (for reading a secret).
+#[derive(Debug)]
+pub struct Hidden(Option<RawMode>);
+
+impl Hidden {
+    pub fn new() -> Hidden {
+        let stdin = io::stdin();
+        let hidden = (|| {
+            let fd = stdin.as_fd().try_clone_to_owned().ok()?;
+            let saved = termios::tcgetattr(&fd).ok()?;
+            let mut quiet = saved.clone();
+            quiet.local_flags.remove(termios::LocalFlags::ECHO);
+            termios::tcsetattr(&fd, SetArg::TCSANOW, &quiet).ok()?;
+            Some(RawMode { fd, saved })
+        })();
+        Hidden(hidden)
+    }
+}
+
+impl Drop for Hidden {
+    fn drop(&mut self) {
+        if self.0.take().is_some() {
+            eprintln!();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use nix::pty::openpty;

@@ -45,6 +45,7 @@ fn canned_vm(name: &str, state: VmState, memory_mib: u64) -> Vm {
         pid: (state == VmState::Running).then_some(4242),
         created_at: "2024-05-01T12:00:00Z".into(),
         created_by: "operator".into(),
+        org: "default".into(),
         updated_at: "2024-05-01T12:00:04Z".into(),
         last_error: None,
     }
@@ -139,11 +140,13 @@ fn canned_networks() -> Vec<Network> {
     vec![
         Network {
             name: "backend".into(),
+            org: "default".into(),
             created_at: "2024-05-01T12:00:00Z".into(),
             members: vec!["demo".into()],
         },
         Network {
             name: "empty".into(),
+            org: "default".into(),
             created_at: "2024-05-01T12:00:00Z".into(),
             members: vec![],
         },
@@ -226,6 +229,7 @@ async fn create_network(Json(request): Json<CreateNetworkRequest>) -> Response {
     }
     let network = Network {
         name: request.name,
+        org: "default".into(),
         created_at: "2024-05-01T12:00:00Z".into(),
         members: vec![],
     };

@@ -38,6 +38,8 @@ pub enum Kind {
     Integer,
     /// A list of strings; its environment variable separates them with commas.
     List,
+    /// `true` or `false` (its environment variable also takes `1`/`0`, `on`/`off`).
+    Bool,
 }
 
 /// One configuration key: its TOML path, type, default (as TOML) and documentation.
@@ -294,6 +296,36 @@ pub const KEYS: &[Key] = &[
         default: "[]",
         doc: "Resolvers (IPv4, port 53 unless given as ADDR:PORT) the per-VM DNS forwarder asks. Empty: the nameservers of the host's /etc/resolv.conf.",
     },
+    Key {
+        path: "auth.localhost_admin",
+        kind: Kind::Bool,
+        default: "true",
+        doc: "A caller without an API key on the loopback interface or the unix socket acts as the host's operator, a host admin. Right for a single-user host; on a host shared with other local users turn it off (any local user can reach loopback) and use API keys.",
+    },
+    Key {
+        path: "auth.allowed_users",
+        kind: Kind::List,
+        default: "[]",
+        doc: "When not empty, only these users may log in (API keys and SSH); the others' keys are refused.",
+    },
+    Key {
+        path: "auth.admin_users",
+        kind: Kind::List,
+        default: "[]",
+        doc: "Users who are host admins (see and act on every organization), besides those made with `hearth user create --admin`.",
+    },
+    Key {
+        path: "auth.bootstrap_admin",
+        kind: Kind::String,
+        default: "\"admin\"",
+        doc: "The host admin hearthd makes at its first start (in organization `default`), when the store has no user yet.",
+    },
+    Key {
+        path: "audit.max_rows",
+        kind: Kind::Integer,
+        default: "1000000",
+        doc: "The audit log keeps this many newest rows; older ones are deleted.",
+    },
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -312,6 +344,23 @@ struct RawConfig {
     capacity: RawCapacity,
     volumes: RawVolumes,
     network: RawNetwork,
+    auth: RawAuth,
+    audit: RawAudit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    localhost_admin: bool,
+    allowed_users: Vec<String>,
+    admin_users: Vec<String>,
+    bootstrap_admin: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    max_rows: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -417,6 +466,7 @@ pub struct Config {
     pub volumes: VolumesConfig,
     /// `None` when `network.mode = "off"`.
     pub network: Option<NetworkConfig>,
+    pub auth: crate::access::AuthConfig,
 }
 
 /// VM networking (`network.*`).
@@ -642,6 +692,23 @@ impl Config {
         };
         let server = validate_server(&raw.server, &data_dir)?;
         let network = validate_network(&raw.network)?;
+        for (key, names) in [
+            ("auth.allowed_users", &raw.auth.allowed_users),
+            ("auth.admin_users", &raw.auth.admin_users),
+        ] {
+            for name in names {
+                crate::access::check_name("name", name).map_err(|e| invalid(key, e.message()))?;
+            }
+        }
+        crate::access::check_user_name(&raw.auth.bootstrap_admin)
+            .map_err(|e| invalid("auth.bootstrap_admin", e.message()))?;
+        let auth = crate::access::AuthConfig {
+            localhost_admin: raw.auth.localhost_admin,
+            allowed_users: raw.auth.allowed_users,
+            admin_users: raw.auth.admin_users,
+            bootstrap_admin: raw.auth.bootstrap_admin,
+            audit_max_rows: positive("audit.max_rows", raw.audit.max_rows, 1000)?,
+        };
         let agent_path = if raw.image.agent_path.is_empty() {
             std::env::current_exe()
                 .ok()
@@ -708,6 +775,7 @@ impl Config {
                 min_free_disk_mib: size_mib("volumes.min_free_disk", &raw.volumes.min_free_disk)?,
             },
             network,
+            auth,
         })
     }
 }
@@ -967,6 +1035,11 @@ fn set(table: &mut toml::Table, key: &'static Key, text: &str) -> Result<(), Con
                 .parse()
                 .map_err(|_| invalid(key.path, format!("{text:?} is not a whole number")))?,
         ),
+        Kind::Bool => toml::Value::Boolean(match text.trim() {
+            "true" | "1" | "on" | "yes" => true,
+            "false" | "0" | "off" | "no" => false,
+            _ => return Err(invalid(key.path, format!("{text:?} is not true or false"))),
+        }),
         Kind::List => toml::Value::Array(
             text.split(',')
                 .map(str::trim)

@@ -1,5 +1,6 @@
 //! hearthd: Hearth's control plane.
 
+mod access;
 mod api;
 mod archive;
 mod capacity;
@@ -267,6 +268,18 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         image_rx.clone(),
         network.clone(),
     );
+    if let Some(admin) = service
+        .access()
+        .bootstrap()
+        .await
+        .context("cannot make the first admin")?
+    {
+        tracing::info!(
+            user = %admin,
+            org = crate::access::DEFAULT_ORG,
+            "first start: made host admin {admin:?} in organization \"default\"; give it an SSH key with `hearth user ssh-key add {admin} ~/.ssh/id_ed25519.pub` and an API key with `hearth key create --user {admin}` (from this host, as the operator)"
+        );
+    }
     {
         // A spare disk for fast creates, whenever a (new) image is ready.
         let service = service.clone();

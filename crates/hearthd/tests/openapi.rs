@@ -38,7 +38,7 @@ fn every_operation_documents_what_every_request_can_meet() {
         for (method, op) in ops.as_object().unwrap() {
             let responses = op["responses"].as_object().unwrap();
             // The guard refuses any request on its Host or Origin; anything can fail inside.
-            let mut need = vec!["403", "500", "503"];
+            let mut need = vec!["401", "403", "429", "500", "503"];
             if op["requestBody"]["content"]
                 .get("application/json")
                 .is_some()

@@ -1,5 +1,6 @@
 //! One function per command; each returns the exit code, or the error `main` prints.
 
+pub mod access;
 pub mod archive;
 pub mod backup;
 pub mod cp;
@@ -31,6 +32,13 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Health => vm::health(client, printer).await.map(success),
         Command::Smoke(args) => smoke::run(client, printer, args).await,
         Command::Top(args) => top::run(client, printer, args).await.map(success),
+        Command::Whoami => access::whoami(client, printer).await.map(success),
+        Command::User(command) => access::user(command, client, printer).await.map(success),
+        Command::Key(command) => access::key(command, client, printer).await.map(success),
+        Command::Org(command) => access::org(command, client, printer).await.map(success),
+        Command::Audit(args) => access::audit(args, client, printer).await.map(success),
+        // Handled by main before a client exists.
+        Command::Login(_) | Command::Logout => Ok(0),
     }
 }
 

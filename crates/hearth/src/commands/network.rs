@@ -86,6 +86,7 @@ mod tests {
     fn network(name: &str, members: &[&str]) -> Network {
         Network {
             name: name.into(),
+            org: "default".into(),
             created_at: "2024-05-01T12:00:00Z".into(),
             members: members.iter().map(|&m| m.to_owned()).collect(),
         }

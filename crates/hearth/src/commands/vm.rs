@@ -384,6 +384,7 @@ mod tests {
             pid: None,
             created_at: "2024-05-01T12:00:00Z".into(),
             created_by: "operator".into(),
+            org: "default".into(),
             updated_at: "2024-05-01T12:00:05Z".into(),
             last_error: None,
         }

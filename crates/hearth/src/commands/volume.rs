@@ -116,6 +116,7 @@ mod tests {
             vm: Some("web\x1b[2J".into()),
             path: Some("/data".into()),
             allocated_bytes: 33 << 20,
+            org: "default".into(),
         };
         let free = Volume {
             name: "spare".into(),

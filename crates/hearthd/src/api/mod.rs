@@ -3,6 +3,8 @@
 //! [`ApiError::into_response`], through the table in `hearth_api::ErrorCode`.
 //! Only this module knows HTTP.
 
+mod access;
+mod auth;
 mod backup;
 mod docs;
 mod export;
@@ -27,7 +29,7 @@ use hearth_api::{
 use serde::Deserialize;
 use utoipa::OpenApi;
 
-use crate::vm::{Action, Caller, Principal, Reply, Source, VmError, VmService};
+use crate::vm::{Action, Caller, Reply, VmError, VmService};
 
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -113,40 +115,6 @@ fn query_rejection(r: QueryRejection) -> ApiError {
     )
 }
 
-/// The caller of a request: the operator (until API keys exist), where it came from, and its
-/// request id (the client's `x-request-id` when it is a sane token, else a new one).
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Caller {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        // Requests that came through no listener (tests, in-process calls) are internal.
-        let source = parts
-            .extensions
-            .get::<axum::extract::ConnectInfo<guard::ConnInfo>>()
-            .map_or(Source::Internal, |info| info.0.source.clone());
-        let request_id = parts
-            .headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|id| {
-                (1..=64).contains(&id.len())
-                    && id
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-            })
-            .map(str::to_owned)
-            .unwrap_or_else(|| Caller::system().request_id);
-        Ok(Caller {
-            principal: Principal::Operator,
-            source,
-            request_id,
-        })
-    }
-}
-
 /// Runs an action with the request timeout.
 async fn run(state: &AppState, caller: &Caller, action: Action) -> Result<Reply, ApiError> {
     match tokio::time::timeout(state.request_timeout, state.service.handle(caller, action)).await {
@@ -208,8 +176,25 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         volume::list_volumes,
         volume::delete_volume,
         volume::attach_volume,
-        volume::detach_volume
+        volume::detach_volume,
+        access::whoami,
+        access::switch_org,
+        access::list_users,
+        access::create_user,
+        access::delete_user,
+        access::list_ssh_keys,
+        access::add_ssh_key,
+        access::remove_ssh_key,
+        access::list_api_keys,
+        access::create_api_key,
+        access::revoke_api_key,
+        access::list_orgs,
+        access::create_org,
+        access::add_member,
+        access::remove_member,
+        access::audit
     ),
+    modifiers(&Authenticated),
     components(schemas(
         ErrorBody,
         ErrorCode,
@@ -236,10 +221,88 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         ExecResponse,
         ExecStreamEvent,
         WsClientMessage,
-        WsServerMessage
+        WsServerMessage,
+        hearth_api::Role,
+        hearth_api::Whoami,
+        hearth_api::OrgMembership,
+        hearth_api::User,
+        hearth_api::CreateUserRequest,
+        hearth_api::SshKey,
+        hearth_api::AddSshKeyRequest,
+        hearth_api::ApiKey,
+        hearth_api::CreatedApiKey,
+        hearth_api::CreateApiKeyRequest,
+        hearth_api::Org,
+        hearth_api::OrgMember,
+        hearth_api::CreateOrgRequest,
+        hearth_api::AddMemberRequest,
+        hearth_api::SwitchOrgRequest,
+        hearth_api::AuditEntry
     ))
 )]
 pub struct ApiDoc;
+
+/// What authentication adds to every operation: the bearer scheme, and the 401 and 429 any
+/// request can meet (see `auth`).
+struct Authenticated;
+
+impl utoipa::Modify for Authenticated {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key (`hearth key create`). Without one, callers on loopback or the unix socket are the host's operator when auth.localhost_admin is on.",
+                    ))
+                    .build(),
+            ),
+        );
+        doc.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in doc.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                op.responses.responses.insert(
+                    "401".into(),
+                    error("No valid API key, and the caller is not local with auth.localhost_admin on (unauthenticated)").into(),
+                );
+                op.responses.responses.insert(
+                    "429".into(),
+                    error(
+                        "Too many failed logins from this address (rate_limited); try again later",
+                    )
+                    .into(),
+                );
+            }
+        }
+    }
+}
 
 /// The OpenAPI document, as served at `/openapi.json` and committed at the repository root.
 pub fn openapi_json() -> String {
@@ -252,6 +315,27 @@ pub fn router(state: AppState) -> Router {
     let guard = state.guard.clone();
     let v1 = Router::new()
         .route("/health", get(health))
+        .route("/whoami", get(access::whoami))
+        .route("/whoami/org", put(access::switch_org))
+        .route("/users", get(access::list_users).post(access::create_user))
+        .route("/users/{user}", delete(access::delete_user))
+        .route(
+            "/users/{user}/ssh-keys",
+            get(access::list_ssh_keys).post(access::add_ssh_key),
+        )
+        .route(
+            "/users/{user}/ssh-keys/{fingerprint}",
+            delete(access::remove_ssh_key),
+        )
+        .route(
+            "/api-keys",
+            get(access::list_api_keys).post(access::create_api_key),
+        )
+        .route("/api-keys/{id}", delete(access::revoke_api_key))
+        .route("/orgs", get(access::list_orgs).post(access::create_org))
+        .route("/orgs/{org}/members", post(access::add_member))
+        .route("/orgs/{org}/members/{user}", delete(access::remove_member))
+        .route("/audit", get(access::audit))
         .route("/stats", get(stats))
         .route("/vms", get(list_vms).post(create_vm))
         .route("/vms/{name}", get(get_vm).delete(delete_vm))
@@ -317,6 +401,10 @@ pub fn router(state: AppState) -> Router {
                 format!("{method} is not allowed here; the API is described at /docs"),
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
         .with_state(state)
         .layer(axum::extract::DefaultBodyLimit::max(
             guard.max_json_body_bytes(),

@@ -831,6 +831,7 @@ async fn an_unreadable_vm_row_does_not_stop_recovery() {
             pid: Some(999_999),
             created_at: now.clone(),
             created_by: "operator".into(),
+            org: "default".into(),
             updated_at: now,
             last_error: None,
             net_index: None,
@@ -1012,4 +1013,308 @@ mod guard_tests {
                 .contains("server.max_json_body_bytes")
         );
     }
+}
+
+/// Requests as a key's holder (`None`: no Authorization header).
+async fn call_as(
+    ctx: &Ctx,
+    key: Option<&str>,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(key) = key {
+        req = req.header("authorization", format!("Bearer {key}"));
+    }
+    let body = match body {
+        Some(v) => {
+            req = req.header("content-type", "application/json");
+            Body::from(v.to_string())
+        }
+        None => Body::empty(),
+    };
+    let resp = ctx
+        .app
+        .clone()
+        .oneshot(req.body(body).unwrap())
+        .await
+        .unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        headers,
+    )
+}
+
+#[tokio::test]
+async fn users_see_only_their_organizations_things_and_every_attempt_is_audited() {
+    use crate::store::VmRecord;
+    let ctx = Ctx::with(|c| c.auth.localhost_admin = false).await;
+    let access =
+        crate::access::Access::new(ctx.store.clone(), testing::config(ctx.dir.path()).auth);
+    assert_eq!(access.bootstrap().await.unwrap().as_deref(), Some("admin"));
+    assert_eq!(
+        access.bootstrap().await.unwrap(),
+        None,
+        "only the first start makes one"
+    );
+    let (id, admin) = crate::access::new_api_key();
+    ctx.store
+        .insert_api_key(&crate::store::access::ApiKeyRecord {
+            id,
+            user: "admin".into(),
+            org: "default".into(),
+            name: "test".into(),
+            hash: crate::access::key_hash(&admin),
+            created_at: crate::store::now(),
+        })
+        .await
+        .unwrap();
+    let admin = Some(admin.as_str());
+
+    // Without a key (and localhost_admin off) nothing but the docs answers.
+    let (s, body, headers) = call_as(&ctx, None, "GET", "/v1/vms", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["error"], "unauthenticated");
+    assert_eq!(headers["www-authenticate"], "Bearer realm=\"hearth\"");
+    let (s, _, _) = call_as(&ctx, None, "GET", "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    let forged = format!("hk_{}_{}", "0".repeat(16), "0".repeat(64));
+    let (s, body, _) = call_as(&ctx, Some(&forged), "GET", "/v1/vms", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+
+    // alice (own org), bob (own org), carol (alice's org, member).
+    for user in [
+        json!({"name": "alice"}),
+        json!({"name": "bob"}),
+        json!({"name": "carol", "org": "alice"}),
+    ] {
+        let (s, body, _) = call_as(&ctx, admin, "POST", "/v1/users", Some(user)).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    let (s, body, _) = call_as(
+        &ctx,
+        admin,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "Bad Name"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("1-32 characters"),
+        "{body}"
+    );
+    let mut keys = std::collections::HashMap::new();
+    for user in ["alice", "bob", "carol"] {
+        let (s, body, _) = call_as(
+            &ctx,
+            admin,
+            "POST",
+            "/v1/api-keys",
+            Some(json!({"user": user})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+        keys.insert(user, body["key"].as_str().unwrap().to_owned());
+    }
+    let key = |u: &str| Some(keys[u].clone());
+
+    let (_, who, _) = call_as(&ctx, key("carol").as_deref(), "GET", "/v1/whoami", None).await;
+    assert_eq!(who["user"], "carol");
+    assert_eq!(who["org"], "alice");
+    assert_eq!(who["role"], "member");
+    assert_eq!(who["admin"], false);
+
+    // A VM of alice's organization.
+    let now = crate::store::now();
+    ctx.store
+        .insert_vm(&VmRecord {
+            id: "id-web".into(),
+            name: "web".into(),
+            state: hearth_api::VmState::Stopped,
+            cpus: 1,
+            memory_mib: 512,
+            rootfs_mib: 1024,
+            image: "img".into(),
+            vmm: "fake".into(),
+            pid: None,
+            created_at: now.clone(),
+            created_by: "alice".into(),
+            org: "alice".into(),
+            updated_at: now,
+            last_error: None,
+            net_index: None,
+            egress: Default::default(),
+            metadata: Default::default(),
+        })
+        .await
+        .unwrap();
+    let (s, missing, _) = call_as(&ctx, key("bob").as_deref(), "GET", "/v1/vms/ghost", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, hidden, _) = call_as(&ctx, key("bob").as_deref(), "GET", "/v1/vms/web", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{hidden}");
+    assert_eq!(
+        hidden["message"].as_str().unwrap().replace("web", "ghost"),
+        missing["message"].as_str().unwrap(),
+        "someone else's VM is answered as a missing one"
+    );
+    let (s, _, _) = call_as(
+        &ctx,
+        key("bob").as_deref(),
+        "POST",
+        "/v1/vms/web/start",
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, list, _) = call_as(&ctx, key("bob").as_deref(), "GET", "/v1/vms", None).await;
+    assert_eq!(list, json!([]));
+    for who in ["alice", "carol"] {
+        let (s, vm, _) = call_as(&ctx, key(who).as_deref(), "GET", "/v1/vms/web", None).await;
+        assert_eq!(s, StatusCode::OK, "{who}: {vm}");
+        assert_eq!(vm["org"], "alice");
+        let (_, list, _) = call_as(&ctx, key(who).as_deref(), "GET", "/v1/vms", None).await;
+        assert_eq!(list.as_array().unwrap().len(), 1, "{who}");
+    }
+    let (s, _, _) = call_as(&ctx, admin, "GET", "/v1/vms/web", None).await;
+    assert_eq!(s, StatusCode::OK);
+
+    // Volumes belong to the organization too.
+    let (s, v, _) = call_as(
+        &ctx,
+        key("alice").as_deref(),
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "data", "size": "64M"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["org"], "alice");
+    let (_, list, _) = call_as(&ctx, key("bob").as_deref(), "GET", "/v1/volumes", None).await;
+    assert_eq!(list, json!([]));
+    let (s, _, _) = call_as(
+        &ctx,
+        key("bob").as_deref(),
+        "DELETE",
+        "/v1/volumes/data",
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Admin-only things.
+    for uri in ["/v1/health", "/v1/users", "/v1/audit", "/metrics"] {
+        let (s, body, _) = call_as(&ctx, key("alice").as_deref(), "GET", uri, None).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{uri}: {body}");
+        assert_eq!(body["error"], "permission_denied", "{uri}");
+    }
+    // Owners manage members; members do not.
+    let (s, body, _) = call_as(
+        &ctx,
+        key("carol").as_deref(),
+        "POST",
+        "/v1/orgs/alice/members",
+        Some(json!({"user": "bob"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    let (s, body, _) = call_as(
+        &ctx,
+        key("bob").as_deref(),
+        "POST",
+        "/v1/orgs/alice/members",
+        Some(json!({"user": "bob"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+
+    // A revoked key is refused at once.
+    let (_, mine, _) = call_as(&ctx, key("alice").as_deref(), "GET", "/v1/api-keys", None).await;
+    let id = mine[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    let (s, _, _) = call_as(
+        &ctx,
+        key("bob").as_deref(),
+        "DELETE",
+        &format!("/v1/api-keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "bob cannot revoke alice's key");
+    let (s, _, _) = call_as(
+        &ctx,
+        key("alice").as_deref(),
+        "DELETE",
+        &format!("/v1/api-keys/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _, _) = call_as(&ctx, key("alice").as_deref(), "GET", "/v1/vms", None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    // The audit log has each attempt: the refused logins, bob's denied look, carol's allowed one.
+    let (s, rows, _) = call_as(&ctx, admin, "GET", "/v1/audit?limit=1000", None).await;
+    assert_eq!(s, StatusCode::OK, "{rows}");
+    let rows = rows.as_array().unwrap();
+    let has =
+        |principal: &str, action: &str, target: Option<&str>, decision: &str, result: &str| {
+            rows.iter().any(|r| {
+                r["principal"] == principal
+                    && r["action"] == action
+                    && target.is_none_or(|t| r["target"] == t)
+                    && r["decision"] == decision
+                    && r["result"] == result
+            })
+        };
+    assert!(
+        has(
+            "anonymous",
+            "login",
+            Some("GET /v1/vms"),
+            "deny",
+            "unauthenticated"
+        ),
+        "{rows:#?}"
+    );
+    assert!(
+        has("bob", "get_vm", Some("web"), "deny", "vm_not_found"),
+        "{rows:#?}"
+    );
+    assert!(
+        has("carol", "get_vm", Some("web"), "allow", "ok"),
+        "{rows:#?}"
+    );
+    assert!(
+        has("alice", "health", None, "deny", "permission_denied"),
+        "{rows:#?}"
+    );
+    assert!(
+        has("alice", "revoke_api_key", Some(id.as_str()), "allow", "ok"),
+        "{rows:#?}"
+    );
+    let (_, denied, _) = call_as(
+        &ctx,
+        admin,
+        "GET",
+        "/v1/audit?decision=deny&principal=bob",
+        None,
+    )
+    .await;
+    assert!(
+        denied
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["principal"] == "bob" && r["decision"] == "deny")
+    );
+    let (s, _, _) = call_as(&ctx, admin, "GET", "/v1/audit?since=yesterday", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
 }

@@ -18,6 +18,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::sqlite::SqliteConnectOptions;
 use sqlx::{Any, AnyPool, Connection, Row, Transaction};
 
+pub mod access;
 mod backup;
 mod network;
 #[cfg(test)]
@@ -103,6 +104,10 @@ pub enum StoreError {
         "network {name:?} still has members ({members}): disconnect them or delete those VMs first"
     )]
     NetworkInUse { name: String, members: String },
+    #[error("a {0} named {1:?} already exists")]
+    Taken(&'static str, String),
+    #[error("no organization {0:?}")]
+    NoOrg(String),
     #[error("database query failed")]
     Query(#[from] sqlx::Error),
 }
@@ -125,6 +130,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/sqlite/0004_vm_creator.sql"),
     ),
     (5, include_str!("../../migrations/sqlite/0005_volumes.sql")),
+    (6, include_str!("../../migrations/sqlite/0006_access.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_vms.sql")),
@@ -144,6 +150,7 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         5,
         include_str!("../../migrations/postgres/0005_volumes.sql"),
     ),
+    (6, include_str!("../../migrations/postgres/0006_access.sql")),
 ];
 
 /// Set on every SQLite connection. (sqlx's defaults already match the last two; they are
@@ -227,6 +234,8 @@ pub struct VmRecord {
     pub created_at: String,
     /// The principal that made it (or made the VM an import came from).
     pub created_by: String,
+    /// The organization it belongs to.
+    pub org: String,
     pub updated_at: String,
     pub last_error: Option<String>,
     /// The index of the VM's /30 in `network.cidr`; `None` for a VM made without networking.
@@ -249,6 +258,7 @@ impl From<VmRecord> for hearth_api::Vm {
             pid: r.pid,
             created_at: r.created_at,
             created_by: r.created_by,
+            org: r.org,
             updated_at: r.updated_at,
             last_error: r.last_error,
         }
@@ -319,10 +329,15 @@ pub struct Store {
 
 /// Current time, RFC 3339 with milliseconds, UTC.
 pub fn now() -> String {
+    format_time(time::OffsetDateTime::now_utc())
+}
+
+/// `t` as the store writes times: RFC 3339 in UTC with milliseconds, so they sort as text.
+pub fn format_time(t: time::OffsetDateTime) -> String {
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    time::OffsetDateTime::now_utc()
+    t.to_offset(time::UtcOffset::UTC)
         .format(&format)
         .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
 }
@@ -451,8 +466,8 @@ impl Store {
             None => None,
         };
         let inserted = sqlx::query(
-            "INSERT INTO vms (id, name, state, cpus, memory_mib, rootfs_mib, image, vmm, pid, created_at, updated_at, last_error, net_index, egress, metadata, created_by)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            "INSERT INTO vms (id, name, state, cpus, memory_mib, rootfs_mib, image, vmm, pid, created_at, updated_at, last_error, net_index, egress, metadata, created_by, org)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&vm.id)
         .bind(&vm.name)
@@ -470,6 +485,7 @@ impl Store {
         .bind(network::to_json(&vm.egress))
         .bind(network::to_json(&vm.metadata))
         .bind(&vm.created_by)
+        .bind(&vm.org)
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -921,6 +937,7 @@ fn vm_from_row(r: &AnyRow) -> Result<VmRecord, StoreError> {
         pid,
         created_at: text("created_at")?,
         created_by: text("created_by")?,
+        org: text("org")?,
         updated_at: text("updated_at")?,
         last_error: r
             .try_get("last_error")

@@ -37,6 +37,8 @@ pub struct MetadataRecord {
 pub struct NetworkRecord {
     pub name: String,
     pub created_at: String,
+    /// The organization it belongs to.
+    pub org: String,
     pub members: Vec<String>,
 }
 
@@ -117,11 +119,12 @@ pub(super) async fn add_member(
 }
 
 impl Store {
-    pub async fn create_network(&self, name: &str) -> Result<NetworkRecord, StoreError> {
+    pub async fn create_network(&self, name: &str, org: &str) -> Result<NetworkRecord, StoreError> {
         let created_at = now();
-        let done = sqlx::query("INSERT INTO networks (name, created_at) VALUES ($1, $2)")
+        let done = sqlx::query("INSERT INTO networks (name, created_at, org) VALUES ($1, $2, $3)")
             .bind(name)
             .bind(&created_at)
+            .bind(org)
             .execute(&self.pool)
             .await;
         match done {
@@ -133,6 +136,7 @@ impl Store {
                 Ok(NetworkRecord {
                     name: name.to_owned(),
                     created_at,
+                    org: org.to_owned(),
                     members: Vec::new(),
                 })
             }
@@ -141,7 +145,7 @@ impl Store {
 
     /// Every private network with its members (VM ids), by name.
     pub async fn list_networks(&self) -> Result<Vec<NetworkRecord>, StoreError> {
-        let nets = sqlx::query("SELECT name, created_at FROM networks ORDER BY name")
+        let nets = sqlx::query("SELECT name, created_at, org FROM networks ORDER BY name")
             .fetch_all(&self.pool)
             .await?;
         let members =
@@ -153,6 +157,7 @@ impl Store {
             let name: String = n.try_get("name")?;
             let mut record = NetworkRecord {
                 created_at: n.try_get("created_at")?,
+                org: n.try_get("org")?,
                 members: Vec::new(),
                 name,
             };

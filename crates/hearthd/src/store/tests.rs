@@ -24,6 +24,7 @@ fn record(name: &str) -> VmRecord {
         pid: None,
         created_at: now(),
         created_by: "operator".into(),
+        org: "default".into(),
         updated_at: now(),
         last_error: None,
         net_index: None,
@@ -85,6 +86,7 @@ fn volume(name: &str) -> VolumeRecord {
         vm_id: None,
         vm_name: None,
         path: None,
+        org: "default".into(),
     }
 }
 
@@ -382,9 +384,9 @@ async fn concurrent_creates_never_share_an_address(url: &str) {
 
 async fn networks_members_and_egress(url: &str) {
     let store = Store::open(url).await.unwrap();
-    store.create_network("backend").await.unwrap();
+    store.create_network("backend", "default").await.unwrap();
     assert!(matches!(
-        store.create_network("backend").await,
+        store.create_network("backend", "default").await,
         Err(StoreError::NetworkTaken(_))
     ));
     // Joining a network that does not exist leaves no VM behind.

@@ -21,9 +21,11 @@ pub struct VolumeRecord {
     pub vm_name: Option<String>,
     /// Where that VM mounts it.
     pub path: Option<String>,
+    /// The organization it belongs to.
+    pub org: String,
 }
 
-const SELECT: &str = "SELECT v.id, v.name, v.size_mib, v.created_at, v.formatted, v.vm_id, v.path, m.name AS vm_name FROM volumes v LEFT JOIN vms m ON m.id = v.vm_id";
+const SELECT: &str = "SELECT v.id, v.name, v.size_mib, v.created_at, v.formatted, v.vm_id, v.path, v.org, m.name AS vm_name FROM volumes v LEFT JOIN vms m ON m.id = v.vm_id";
 
 fn from_row(r: &AnyRow) -> Result<VolumeRecord, StoreError> {
     let size: i64 = r.try_get("size_mib")?;
@@ -37,6 +39,7 @@ fn from_row(r: &AnyRow) -> Result<VolumeRecord, StoreError> {
         vm_id: r.try_get("vm_id")?,
         vm_name: r.try_get("vm_name")?,
         path: r.try_get("path")?,
+        org: r.try_get("org")?,
     })
 }
 
@@ -116,13 +119,14 @@ impl Store {
     /// name is taken.
     pub async fn insert_volume(&self, v: &VolumeRecord) -> Result<(), StoreError> {
         let inserted = sqlx::query(
-            "INSERT INTO volumes (id, name, size_mib, created_at, formatted) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO volumes (id, name, size_mib, created_at, formatted, org) VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(&v.id)
         .bind(&v.name)
         .bind(i64::try_from(v.size_mib).unwrap_or(i64::MAX))
         .bind(&v.created_at)
         .bind(i64::from(v.formatted))
+        .bind(&v.org)
         .execute(&self.pool)
         .await;
         match inserted {

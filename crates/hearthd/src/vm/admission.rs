@@ -89,6 +89,7 @@ mod tests {
             pid: None,
             created_at: String::new(),
             created_by: "operator".into(),
+            org: "default".into(),
             updated_at: String::new(),
             last_error: None,
             net_index: None,

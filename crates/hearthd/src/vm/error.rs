@@ -122,6 +122,10 @@ pub enum VmError {
         #[source]
         source: DiskError,
     },
+    /// Who the caller is and what it may do: authentication, permissions, users,
+    /// organizations and keys. The message is the whole answer.
+    #[error("{message}")]
+    Access { code: ErrorCode, message: String },
     #[error("state store failure")]
     Store(StoreError),
     #[error("an internal task failed: {0}")]
@@ -144,18 +148,28 @@ impl From<StoreError> for VmError {
                 VmError::VolumeNotAttached { volume, vm }
             }
             StoreError::VolumePathTaken { vm, path } => VmError::VolumePathTaken { vm, path },
+            StoreError::Taken(..) => VmError::access(ErrorCode::NameTaken, e.to_string()),
+            StoreError::NoOrg(_) => VmError::access(ErrorCode::OrgNotFound, e.to_string()),
             other => VmError::Store(other),
         }
     }
 }
 
 impl VmError {
+    pub fn access(code: ErrorCode, message: impl Into<String>) -> VmError {
+        VmError::Access {
+            code,
+            message: message.into(),
+        }
+    }
+
     /// The stable code of this error; the HTTP status and exit code follow from it.
     pub fn code(&self) -> ErrorCode {
         use hearth_guest_proto::ErrorCode as G;
         match self {
             VmError::Rule(r) => r.code,
             VmError::BadRequest(_) => ErrorCode::InvalidRequest,
+            VmError::Access { code, .. } => *code,
             VmError::NotFound(_) | VmError::Store(StoreError::NotFound(_)) => ErrorCode::VmNotFound,
             VmError::NameTaken(_) | VmError::Store(StoreError::NameTaken(_)) => {
                 ErrorCode::VmNameTaken

@@ -315,6 +315,7 @@ impl VmService {
             pid: None,
             created_at: vm.created_at.clone(),
             created_by: vm.created_by.clone(),
+            org: caller.owning_org()?,
             updated_at: now,
             last_error: None,
             net_index: None,

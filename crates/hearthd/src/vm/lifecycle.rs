@@ -62,6 +62,7 @@ impl VmService {
             pid: None,
             created_at: now.clone(),
             created_by: caller.principal.to_string(),
+            org: caller.owning_org()?,
             updated_at: now,
             last_error: None,
             net_index: None,

@@ -12,6 +12,7 @@
 //! - `exec`, `files`, `logs`: the operations on a VM's guest and its logs.
 //! - `backup`, `resize`, `volume`: a stopped VM's disks; volumes outlive their VMs.
 
+mod access;
 mod admission;
 mod backup;
 mod error;
@@ -67,11 +68,13 @@ pub struct Caller {
 /// The identity behind a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// The host's operator: whoever can reach the API's loopback port or its unix socket. Until
-    /// users and API keys exist, every caller is the operator.
+    /// The host's operator, a host admin without a user: a caller without a key on the API's
+    /// loopback port or its unix socket, when `auth.localhost_admin` is on.
     Operator,
     /// hearthd itself (recovery, background work).
     System,
+    /// A user, authenticated by an API key, an SSH session key or an SSH public key.
+    User(Arc<crate::access::Identity>),
 }
 
 /// Where a request came from.
@@ -80,6 +83,11 @@ pub enum Source {
     Tcp(std::net::SocketAddr),
     UnixSocket,
     Internal,
+    #[expect(
+        dead_code,
+        reason = "for the SSH front end (issue 13), merged after this"
+    )]
+    Ssh(std::net::SocketAddr),
 }
 
 impl fmt::Display for Principal {
@@ -87,6 +95,7 @@ impl fmt::Display for Principal {
         f.write_str(match self {
             Principal::Operator => "operator",
             Principal::System => "system",
+            Principal::User(identity) => &identity.user,
         })
     }
 }
@@ -97,11 +106,52 @@ impl fmt::Display for Source {
             Source::Tcp(addr) => write!(f, "tcp:{addr}"),
             Source::UnixSocket => f.write_str("unix"),
             Source::Internal => f.write_str("internal"),
+            Source::Ssh(addr) => write!(f, "ssh:{addr}"),
+        }
+    }
+}
+
+impl Source {
+    /// The address failed logins are counted against.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self {
+            Source::Tcp(addr) | Source::Ssh(addr) => Some(addr.ip()),
+            Source::UnixSocket | Source::Internal => None,
         }
     }
 }
 
 impl Caller {
+    /// The organization what this caller makes belongs to: a user's current one; `default`
+    /// for the operator and hearthd itself.
+    pub fn org(&self) -> Option<&str> {
+        match &self.principal {
+            Principal::User(identity) => identity.org.as_deref(),
+            Principal::Operator | Principal::System => Some(crate::access::DEFAULT_ORG),
+        }
+    }
+
+    /// The organization what this caller makes goes to; an error for a user in none.
+    pub fn owning_org(&self) -> Result<String, VmError> {
+        self.org().map(str::to_owned).ok_or_else(|| {
+            VmError::access(
+                hearth_api::ErrorCode::PermissionDenied,
+                format!(
+                    "user {} belongs to no organization, so cannot make anything: an admin adds users to one with `hearth org add-member`",
+                    self.principal
+                ),
+            )
+        })
+    }
+
+    /// A host admin: sees and acts on every organization's things.
+    pub fn is_admin(&self) -> bool {
+        match &self.principal {
+            Principal::User(identity) => identity.admin,
+            Principal::Operator | Principal::System => true,
+        }
+    }
+
     /// hearthd's own work.
     pub fn system() -> Caller {
         Caller {
@@ -213,6 +263,39 @@ pub enum Action {
         vm: String,
         volume: String,
     },
+    /// Who the caller is.
+    Whoami,
+    /// Make another of the caller's organizations the one it acts in.
+    SwitchOrg(String),
+    ListUsers,
+    CreateUser(hearth_api::CreateUserRequest),
+    DeleteUser(String),
+    ListSshKeys(String),
+    AddSshKey {
+        user: String,
+        public_key: String,
+    },
+    RemoveSshKey {
+        user: String,
+        fingerprint: String,
+    },
+    /// The caller's API keys (every user's, for a host admin).
+    ListApiKeys,
+    CreateApiKey(hearth_api::CreateApiKeyRequest),
+    RevokeApiKey(String),
+    /// The caller's organizations (all, for a host admin).
+    ListOrgs,
+    CreateOrg(String),
+    SetMember {
+        org: String,
+        user: String,
+        role: Option<hearth_api::Role>,
+    },
+    RemoveMember {
+        org: String,
+        user: String,
+    },
+    Audit(crate::store::access::AuditFilter),
 }
 
 impl Action {
@@ -254,6 +337,79 @@ impl Action {
             Action::DeleteVolume(_) => "delete_volume",
             Action::AttachVolume { .. } => "attach_volume",
             Action::DetachVolume { .. } => "detach_volume",
+            Action::Whoami => "whoami",
+            Action::SwitchOrg(_) => "switch_org",
+            Action::ListUsers => "list_users",
+            Action::CreateUser(_) => "create_user",
+            Action::DeleteUser(_) => "delete_user",
+            Action::ListSshKeys(_) => "list_ssh_keys",
+            Action::AddSshKey { .. } => "add_ssh_key",
+            Action::RemoveSshKey { .. } => "remove_ssh_key",
+            Action::ListApiKeys => "list_api_keys",
+            Action::CreateApiKey(_) => "create_api_key",
+            Action::RevokeApiKey(_) => "revoke_api_key",
+            Action::ListOrgs => "list_orgs",
+            Action::CreateOrg(_) => "create_org",
+            Action::SetMember { .. } => "set_member",
+            Action::RemoveMember { .. } => "remove_member",
+            Action::Audit(_) => "audit",
+        }
+    }
+
+    /// The VM the action names, if it names one.
+    pub fn vm(&self) -> Option<&str> {
+        match self {
+            Action::GetVm(name)
+            | Action::StartVm(name)
+            | Action::StopVm { name, .. }
+            | Action::RestartVm(name)
+            | Action::PauseVm(name)
+            | Action::ResumeVm(name)
+            | Action::DeleteVm(name)
+            | Action::Exec { name, .. }
+            | Action::OpenExec { name, .. }
+            | Action::PutFile { name, .. }
+            | Action::GetFile { name, .. }
+            | Action::Logs { name, .. }
+            | Action::CreateBackup(name)
+            | Action::ListBackups(name)
+            | Action::DeleteBackup { name, .. }
+            | Action::Restore { name, .. }
+            | Action::Export(name)
+            | Action::ResizeVm { name, .. }
+            | Action::SetEgress { name, .. } => Some(name),
+            Action::SetMembership { vm, .. }
+            | Action::AttachVolume { vm, .. }
+            | Action::DetachVolume { vm, .. } => Some(vm),
+            _ => None,
+        }
+    }
+
+    /// What the action names, for the audit log: a VM, network, volume, user, org or key.
+    pub fn target(&self) -> Option<String> {
+        if let Some(vm) = self.vm() {
+            return Some(vm.to_owned());
+        }
+        match self {
+            Action::CreateVm(req) => Some(req.name.clone()),
+            Action::CreateNetwork(req) => Some(req.name.clone()),
+            Action::DeleteNetwork(name)
+            | Action::DeleteVolume(name)
+            | Action::SwitchOrg(name)
+            | Action::DeleteUser(name)
+            | Action::ListSshKeys(name)
+            | Action::RevokeApiKey(name)
+            | Action::CreateOrg(name) => Some(name.clone()),
+            Action::CreateVolume(req) => Some(req.name.clone()),
+            Action::CreateUser(req) => Some(req.name.clone()),
+            Action::AddSshKey { user, .. } | Action::RemoveSshKey { user, .. } => {
+                Some(user.clone())
+            }
+            Action::CreateApiKey(req) => req.user.clone(),
+            Action::SetMember { org, user, .. } | Action::RemoveMember { org, user } => {
+                Some(format!("{org}/{user}"))
+            }
+            _ => None,
         }
     }
 }
@@ -281,6 +437,16 @@ pub enum Reply {
     Export(ExportStream),
     Volume(hearth_api::Volume),
     Volumes(Vec<hearth_api::Volume>),
+    Whoami(hearth_api::Whoami),
+    Users(Vec<hearth_api::User>),
+    User(hearth_api::User),
+    SshKeys(Vec<hearth_api::SshKey>),
+    SshKey(hearth_api::SshKey),
+    ApiKeys(Vec<hearth_api::ApiKey>),
+    CreatedApiKey(hearth_api::CreatedApiKey),
+    Orgs(Vec<hearth_api::Org>),
+    Org(hearth_api::Org),
+    Audit(Vec<hearth_api::AuditEntry>),
 }
 
 /// State of the guest image, shared with the background build.
@@ -320,6 +486,7 @@ struct Inner {
     /// is formatted once and attached to one VM.
     volumes: tokio::sync::Mutex<()>,
     metrics: crate::metrics::Metrics,
+    access: crate::access::Access,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -362,6 +529,7 @@ impl VmService {
         image: watch::Receiver<ImageState>,
         network: Option<Network>,
     ) -> VmService {
+        let access = crate::access::Access::new(store.clone(), config.auth.clone());
         VmService {
             inner: Arc::new(Inner {
                 store,
@@ -376,6 +544,7 @@ impl VmService {
                 network,
                 disk_copies: std::sync::OnceLock::new(),
                 metrics: crate::metrics::Metrics::new(),
+                access,
                 volumes: tokio::sync::Mutex::new(()),
             }),
         }
@@ -401,17 +570,43 @@ impl VmService {
             request_id = %caller.request_id,
         );
         let name = action.name();
+        let target = action.target();
         async move {
             tracing::debug!("started");
             let started = std::time::Instant::now();
-            let reply = self.dispatch(caller, action).await;
+            let allowed = self.authorize(caller, access::Needs::of(&action)).await;
+            let decided = allowed.is_ok();
+            let reply = match allowed {
+                Ok(()) => match self.dispatch(caller, action).await {
+                    Ok(reply) => self.visible(caller, reply).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            };
             if let Err(e) = &reply {
                 tracing::debug!(code = %e.code(), "failed");
             }
             let code = reply.as_ref().err().map(|e| e.code().as_str());
-            self.inner
-                .metrics
-                .action(name, started.elapsed().as_secs_f64(), code);
+            let took = started.elapsed();
+            self.inner.metrics.action(name, took.as_secs_f64(), code);
+            // hearthd's own work is not the callers' to audit.
+            if caller.principal != Principal::System {
+                self.inner
+                    .access
+                    .audit(crate::store::access::AuditRecord {
+                        at: crate::store::now(),
+                        principal: caller.principal.to_string(),
+                        org: caller.org().map(str::to_owned),
+                        source: caller.source.to_string(),
+                        action: name.into(),
+                        target,
+                        allowed: decided,
+                        result: code.unwrap_or("ok").into(),
+                        duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+                        request_id: caller.request_id.clone(),
+                    })
+                    .await;
+            }
             reply
         }
         .instrument(span)
@@ -523,7 +718,9 @@ impl VmService {
                 ))
             }
             Action::ListNetworks => Ok(Reply::Networks(self.list_networks().await?)),
-            Action::CreateNetwork(req) => Ok(Reply::Network(self.create_network(req).await?)),
+            Action::CreateNetwork(req) => {
+                Ok(Reply::Network(self.create_network(caller, req).await?))
+            }
             Action::DeleteNetwork(name) => {
                 self.delete_network(&name).await?;
                 Ok(Reply::Deleted)
@@ -543,9 +740,9 @@ impl VmService {
             }
             Action::ListVolumes => Ok(Reply::Volumes(self.list_volumes().await?)),
             Action::CreateVolume(req) => {
-                let s = self.clone();
+                let (s, caller) = (self.clone(), caller.clone());
                 Ok(Reply::Volume(
-                    lifecycle::detached(async move { s.create_volume(req).await }).await?,
+                    lifecycle::detached(async move { s.create_volume(&caller, req).await }).await?,
                 ))
             }
             Action::DeleteVolume(name) => {
@@ -566,6 +763,7 @@ impl VmService {
                     lifecycle::detached(async move { s.detach_volume(&vm, &volume).await }).await?,
                 ))
             }
+            other => self.access_action(caller, other).await,
         }
     }
 

@@ -4,7 +4,7 @@
 use hearth_api::{CreateNetworkRequest, CreateVmRequest, EgressRequest, VmDetail, VmNetwork};
 use hearth_helper::proto;
 
-use super::{VmError, VmService};
+use super::{Caller, VmError, VmService};
 use crate::net::egress;
 use crate::rules;
 use crate::store::{EgressRecord, MetadataRecord, NetworkRecord, VmRecord};
@@ -155,6 +155,7 @@ impl VmService {
                 members.sort();
                 hearth_api::Network {
                     name: n.name,
+                    org: n.org,
                     created_at: n.created_at,
                     members,
                 }
@@ -176,11 +177,13 @@ impl VmService {
 
     pub(super) async fn create_network(
         &self,
+        caller: &Caller,
         req: CreateNetworkRequest,
     ) -> Result<hearth_api::Network, VmError> {
         self.network()?;
         validate_network_name("name", &req.name)?;
-        let n = self.inner.store.create_network(&req.name).await?;
+        let org = caller.owning_org()?;
+        let n = self.inner.store.create_network(&req.name, &org).await?;
         self.network_api(n).await
     }
 

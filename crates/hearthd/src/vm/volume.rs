@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use hearth_api::{CreateVolumeRequest, VmDetail, VmVolume, Volume, VolumeAttachment};
 
-use super::{VmError, VmService, random_id};
+use super::{Caller, VmError, VmService, random_id};
 use crate::capacity;
 use crate::disk::{self, DiskError};
 use crate::rules;
@@ -45,11 +45,17 @@ impl VmService {
             vm: v.vm_name,
             path: v.path,
             allocated_bytes,
+            org: v.org,
         }
     }
 
-    pub(super) async fn create_volume(&self, req: CreateVolumeRequest) -> Result<Volume, VmError> {
+    pub(super) async fn create_volume(
+        &self,
+        caller: &Caller,
+        req: CreateVolumeRequest,
+    ) -> Result<Volume, VmError> {
         rules::validate_volume_name(&req.name)?;
+        let org = caller.owning_org()?;
         let limits = self.inner.config.volumes;
         let mib = rules::validate_volume_size(&req.size, limits.max_size_mib)?;
         // Admission first, as a VM create takes them: its disk counts against the host's, like
@@ -80,6 +86,7 @@ impl VmService {
             vm_id: None,
             vm_name: None,
             path: None,
+            org,
         };
         let dir = self.volume_dir();
         let partial = dir.join(format!("{}.partial", record.id));
