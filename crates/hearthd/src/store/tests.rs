@@ -74,6 +74,184 @@ async fn run_suite(fresh: impl AsyncFn() -> String) {
     backups_belong_to_their_vm_and_go_with_it(&fresh().await).await;
     resize_and_restore_change_only_a_stopped_vm(&fresh().await).await;
     volumes_attach_to_one_vm_and_outlive_it(&fresh().await).await;
+    users_orgs_keys_and_the_audit_log(&fresh().await).await;
+}
+
+async fn users_orgs_keys_and_the_audit_log(url: &str) {
+    use super::access::{ApiKeyRecord, AuditFilter, AuditRecord, SshKeyRecord, UserRecord};
+    use hearth_api::Role;
+    let store = Store::open(url).await.unwrap();
+    assert_eq!(store.count_users().await.unwrap(), 0);
+    store.ensure_org("default").await.unwrap();
+    store.ensure_org("default").await.unwrap();
+    let user = |name: &str| UserRecord {
+        name: name.into(),
+        admin: false,
+        active_org: None,
+        created_at: now(),
+    };
+    let key = |fp: &str, user: &str| SshKeyRecord {
+        fingerprint: fp.into(),
+        user: user.into(),
+        public_key: "ssh-ed25519 AAAA".into(),
+        comment: String::new(),
+        created_at: now(),
+    };
+    store
+        .create_user(
+            &user("alice"),
+            "alice",
+            true,
+            Role::Owner,
+            Some(&key("SHA256:a", "alice")),
+        )
+        .await
+        .unwrap();
+    // A taken name, a missing org, a taken key: refused whole.
+    for (u, org, new, k) in [
+        ("alice", "x", true, None),
+        ("bob", "alice", true, None),
+        ("bob", "nowhere", false, None),
+        ("bob", "alice", false, Some(key("SHA256:a", "bob"))),
+    ] {
+        let e = store
+            .create_user(&user(u), org, new, Role::Member, k.as_ref())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, StoreError::Taken(..) | StoreError::NoOrg(_)),
+            "{u} {org}: {e}"
+        );
+    }
+    assert_eq!(store.count_users().await.unwrap(), 1);
+    assert!(store.get_user("bob").await.unwrap().is_none());
+    store
+        .create_user(&user("bob"), "alice", false, Role::Member, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.memberships("bob").await.unwrap(),
+        vec![("alice".to_owned(), Role::Member)]
+    );
+    assert_eq!(
+        store
+            .get_user("bob")
+            .await
+            .unwrap()
+            .unwrap()
+            .active_org
+            .as_deref(),
+        Some("alice")
+    );
+    store.create_org("ops", "bob").await.unwrap();
+    assert!(matches!(
+        store.create_org("ops", "alice").await,
+        Err(StoreError::Taken(..))
+    ));
+    store
+        .set_member("ops", "alice", Role::Member)
+        .await
+        .unwrap();
+    store.set_member("ops", "alice", Role::Owner).await.unwrap();
+    assert_eq!(
+        store.org_members("ops").await.unwrap(),
+        vec![
+            ("alice".to_owned(), Role::Owner),
+            ("bob".to_owned(), Role::Owner)
+        ]
+    );
+    assert_eq!(store.list_ssh_keys(Some("alice")).await.unwrap().len(), 1);
+    assert_eq!(store.list_ssh_keys(None).await.unwrap().len(), 1);
+    assert_eq!(
+        store.ssh_key("SHA256:a").await.unwrap().unwrap().user,
+        "alice"
+    );
+    store.add_ssh_key(&key("SHA256:b", "bob")).await.unwrap();
+    assert!(!store.remove_ssh_key("alice", "SHA256:b").await.unwrap());
+    assert!(store.remove_ssh_key("bob", "SHA256:b").await.unwrap());
+    let api = ApiKeyRecord {
+        id: "k1".into(),
+        user: "bob".into(),
+        org: "ops".into(),
+        name: "ci".into(),
+        hash: "ab".into(),
+        created_at: now(),
+    };
+    store.insert_api_key(&api).await.unwrap();
+    assert_eq!(store.api_key("k1").await.unwrap().as_ref(), Some(&api));
+    assert_eq!(store.list_api_keys(Some("alice")).await.unwrap(), vec![]);
+    assert_eq!(store.list_api_keys(None).await.unwrap(), vec![api]);
+    store.set_active_org("bob", "ops").await.unwrap();
+    // Leaving an org takes the keys made for it and the active org with it.
+    assert!(store.remove_member("ops", "bob").await.unwrap());
+    assert!(!store.remove_member("ops", "bob").await.unwrap());
+    assert!(store.api_key("k1").await.unwrap().is_none());
+    assert_eq!(
+        store.get_user("bob").await.unwrap().unwrap().active_org,
+        None
+    );
+    // Deleting a user takes its keys and memberships.
+    assert!(store.delete_user("alice").await.unwrap());
+    assert!(store.ssh_key("SHA256:a").await.unwrap().is_none());
+    assert!(store.memberships("alice").await.unwrap().is_empty());
+    assert!(!store.delete_user("alice").await.unwrap());
+
+    assert_eq!(store.network_org("nope").await.unwrap(), None);
+    store.create_network("backend", "ops").await.unwrap();
+    assert_eq!(
+        store.network_org("backend").await.unwrap().as_deref(),
+        Some("ops")
+    );
+
+    for i in 0..5 {
+        store
+            .insert_audit(&AuditRecord {
+                at: format!("2026-01-0{}T00:00:00.000Z", i + 1),
+                principal: if i % 2 == 0 { "bob" } else { "anonymous" }.into(),
+                org: None,
+                source: "unix".into(),
+                action: "get_vm".into(),
+                target: Some("web".into()),
+                allowed: i % 2 == 0,
+                result: "ok".into(),
+                duration_ms: i,
+                request_id: format!("r{i}"),
+            })
+            .await
+            .unwrap();
+    }
+    let all = AuditFilter {
+        limit: 100,
+        ..AuditFilter::default()
+    };
+    let rows = store.audit(&all).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.request_id.as_str())
+            .collect::<Vec<_>>(),
+        ["r4", "r3", "r2", "r1", "r0"]
+    );
+    let bob = AuditFilter {
+        principal: Some("bob".into()),
+        decision: Some("allow".into()),
+        since: Some("2026-01-02T00:00:00.000Z".into()),
+        ..all.clone()
+    };
+    let rows = store.audit(&bob).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.request_id.as_str())
+            .collect::<Vec<_>>(),
+        ["r4", "r2"]
+    );
+    store.prune_audit(2).await.unwrap();
+    let rows = store.audit(&all).await.unwrap();
+    assert_eq!(
+        rows.iter()
+            .map(|r| r.request_id.as_str())
+            .collect::<Vec<_>>(),
+        ["r4", "r3"]
+    );
 }
 
 fn volume(name: &str) -> VolumeRecord {
