@@ -369,6 +369,40 @@ impl Access {
         }
     }
 
+    /// A new API key for `user` in the organization it acts in, made straight in the store
+    /// (`hearthd admin-key`, for a host whose API has no local operator). Returns the key and
+    /// the organization.
+    pub async fn mint_key(&self, user: &str, name: &str) -> Result<(String, String), VmError> {
+        let store = &self.inner.store;
+        let record = store
+            .get_user(user)
+            .await?
+            .ok_or_else(|| VmError::access(ErrorCode::UserNotFound, format!("no user {user:?}")))?;
+        let orgs = store.memberships(user).await?;
+        let org = record
+            .active_org
+            .filter(|o| orgs.iter().any(|(m, _)| m == o))
+            .or_else(|| orgs.first().map(|(o, _)| o.clone()))
+            .ok_or_else(|| {
+                VmError::access(
+                    ErrorCode::OrgNotFound,
+                    format!("user {user:?} belongs to no organization"),
+                )
+            })?;
+        let (id, key) = new_api_key();
+        store
+            .insert_api_key(&crate::store::access::ApiKeyRecord {
+                id,
+                user: user.to_owned(),
+                org: org.clone(),
+                name: name.to_owned(),
+                hash: key_hash(&key),
+                created_at: crate::store::now(),
+            })
+            .await?;
+        Ok((key, org))
+    }
+
     /// Whether a caller from `source` without a key is the host's operator.
     pub fn is_local_admin(&self, source: &Source) -> bool {
         self.inner.config.localhost_admin

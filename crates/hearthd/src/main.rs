@@ -60,6 +60,16 @@ enum Command {
     CheckConfig,
     /// Print the OpenAPI document and exit.
     Openapi,
+    /// Make an API key for a user (default: the first admin) straight in the store and print
+    /// it: how a host with auth.localhost_admin off gets its first key. Run it as hearthd's user.
+    AdminKey {
+        /// Whose key (default: auth.bootstrap_admin).
+        #[arg(long)]
+        user: Option<String>,
+        /// A label for the key.
+        #[arg(long, default_value = "admin-key")]
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -89,6 +99,7 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::BuildImage => build_image(&config),
+        Command::AdminKey { user, name } => admin_key(&config, user, &name),
         Command::Serve => serve(config),
     };
     match result {
@@ -116,6 +127,31 @@ fn chain_anyhow(e: &anyhow::Error) -> String {
         out.push_str(&format!("\n  Caused by: {cause}"));
     }
     out
+}
+
+fn admin_key(config: &Config, user: Option<String>, name: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let store = store::Store::open(&config.database_url)
+            .await
+            .context("cannot open the store")?;
+        let access = access::Access::new(store.clone(), config.auth.clone());
+        access.bootstrap().await.context("cannot make the first admin")?;
+        let user = user.unwrap_or_else(|| config.auth.bootstrap_admin.clone());
+        let (key, org) = access
+            .mint_key(&user, name)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message()))?;
+        println!("{key}");
+        eprintln!(
+            "API key of {user} in {org}: shown this once; keep it with `hearth login` (it reads the key from stdin)"
+        );
+        store.close().await;
+        Ok(())
+    })
 }
 
 fn build_image(config: &Config) -> anyhow::Result<()> {
@@ -277,7 +313,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!(
             user = %admin,
             org = crate::access::DEFAULT_ORG,
-            "first start: made host admin {admin:?} in organization \"default\"; give it an SSH key with `hearth user ssh-key add {admin} ~/.ssh/id_ed25519.pub` and an API key with `hearth key create --user {admin}` (from this host, as the operator)"
+            "first start: made host admin {admin:?} in organization \"default\"; give it an SSH key with `hearth user ssh-key add {admin} ~/.ssh/id_ed25519.pub` and an API key with `hearth key create --user {admin}` (from this host, as the operator; with auth.localhost_admin off, `hearthd admin-key` prints one)"
         );
     }
     {
