@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod error;
 mod printer;
+mod remote;
 mod render;
 mod tty;
 
@@ -19,7 +20,14 @@ use crate::error::CliError;
 use crate::printer::Printer;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    if remote::active()
+        && let Err(message) =
+            remote::restrict(&mut cli, std::env::var("HEARTH_URL").ok().as_deref())
+    {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     let printer = Printer::new(cli.json);
     let context = cli.command.hint_context();
     let is_exec = cli.command.is_exec();

@@ -10,6 +10,7 @@ mod image;
 mod metrics;
 mod net;
 mod rules;
+mod ssh;
 mod store;
 #[cfg(test)]
 mod testing;
@@ -293,7 +294,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e.message()))
         .context("cannot recover VMs from the last run")?;
     let app = api::router(api::AppState {
-        service,
+        service: service.clone(),
         request_timeout: config.request_timeout,
         guard: Arc::new(api::guard::Guard::new(config.listen, &config.server)),
     });
@@ -314,6 +315,39 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let unix = match &config.server.unix_socket {
         Some(path) => Some(bind_unix(path, config.server.unix_socket_group)?),
         None => None,
+    };
+    // The SSH front end checks logins against identities (users and their keys); it runs only
+    // when hearthd has them (`crate::auth`, not in this build), never with a stand-in.
+    let identities: Option<Arc<dyn ssh::Identities>> = None;
+    let ssh = match (config.ssh.listen, identities, &config.server.unix_socket) {
+        (Some(addr), Some(identities), Some(socket)) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} (key ssh.listen, env HEARTH_SSH_LISTEN)")
+            })?;
+            let serving = ssh::serve(
+                listener,
+                config.clone(),
+                service.clone(),
+                identities,
+                socket.clone(),
+            );
+            Some(tokio::spawn(async move {
+                if let Err(e) = serving.await {
+                    tracing::error!(
+                        "the SSH front end stopped: {}",
+                        chain(&e).replace("\n  Caused by: ", ": ")
+                    );
+                }
+            }))
+        }
+        (Some(addr), _, _) => {
+            tracing::info!(
+                ssh_listen = %addr,
+                "SSH is off: the SSH front end checks logins against users and their keys, which this build does not have yet"
+            );
+            None
+        }
+        (None, _, _) => None,
     };
     tracing::info!(
         listen = %config.listen,
@@ -361,6 +395,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::warn!("requests still in flight after server.shutdown_timeout_secs; leaving them");
             }
         }
+    }
+    if let Some(ssh) = ssh {
+        ssh.abort();
     }
     if let Some(net) = &network {
         net.shutdown().await;

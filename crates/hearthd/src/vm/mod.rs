@@ -79,6 +79,8 @@ pub enum Principal {
 pub enum Source {
     Tcp(std::net::SocketAddr),
     UnixSocket,
+    /// A session of the SSH front end, from the client's address.
+    Ssh(std::net::SocketAddr),
     Internal,
 }
 
@@ -96,6 +98,7 @@ impl fmt::Display for Source {
         match self {
             Source::Tcp(addr) => write!(f, "tcp:{addr}"),
             Source::UnixSocket => f.write_str("unix"),
+            Source::Ssh(addr) => write!(f, "ssh:{addr}"),
             Source::Internal => f.write_str("internal"),
         }
     }
@@ -326,7 +329,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn random_id() -> String {
+/// 16 random hex digits (request ids).
+pub(crate) fn random_id() -> String {
     use std::io::Read;
     let mut bytes = [0u8; 8];
     let ok = std::fs::File::open("/dev/urandom")
