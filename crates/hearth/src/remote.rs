@@ -35,19 +35,16 @@ pub fn restrict(cli: &mut Cli, env_url: Option<&str>) -> Result<(), String> {
                 }
             }
         }
-        Command::Export(args) => {
-            if args.output.is_some() {
-                return Err(local_file("export -o"));
-            }
+        Command::Export(args) if args.output.is_some() => {
+            return Err(local_file("export -o"));
         }
-        Command::Import(args) => {
+        Command::Import(args)
             if args
                 .file
                 .as_deref()
-                .is_some_and(|f| f != std::path::Path::new("-"))
-            {
-                return Err(local_file("import"));
-            }
+                .is_some_and(|f| f != std::path::Path::new("-")) =>
+        {
+            return Err(local_file("import"));
         }
         Command::Vm(VmCommand::New(args)) => {
             if args

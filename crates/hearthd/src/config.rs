@@ -681,7 +681,7 @@ impl Config {
         };
         let server = validate_server(&raw.server, &data_dir)?;
         let network = validate_network(&raw.network)?;
-        let ssh = validate_ssh(&raw.ssh, server.unix_socket.is_some())?;
+        let ssh = validate_ssh(&raw.ssh)?;
         let agent_path = if raw.image.agent_path.is_empty() {
             std::env::current_exe()
                 .ok()
@@ -753,7 +753,7 @@ impl Config {
     }
 }
 
-fn validate_ssh(raw: &RawSsh, unix_socket: bool) -> Result<SshConfig, ConfigError> {
+fn validate_ssh(raw: &RawSsh) -> Result<SshConfig, ConfigError> {
     let listen = match raw.listen.as_str() {
         "" => None,
         text => Some(text.parse::<SocketAddr>().map_err(|_| {
@@ -763,14 +763,6 @@ fn validate_ssh(raw: &RawSsh, unix_socket: bool) -> Result<SshConfig, ConfigErro
             )
         })?),
     };
-    if listen.is_some() && !unix_socket {
-        return Err(invalid(
-            "ssh.listen",
-            "the command account runs the hearth CLI over hearthd's unix socket, which \
-             server.unix_socket = \"off\" turns off: give the socket a path, or set ssh.listen = \"\""
-                .into(),
-        ));
-    }
     let user = raw.command_user.as_str();
     let user_ok = (1..=32).contains(&user.len())
         && user.starts_with(|c: char| c.is_ascii_lowercase())
@@ -1345,10 +1337,6 @@ mod tests {
                 "ssh.listen (env HEARTH_SSH_LISTEN): \"2222\" is not an address",
             ),
             (
-                &[("HEARTH_SERVER_UNIX_SOCKET", "off")],
-                "ssh.listen (env HEARTH_SSH_LISTEN): the command account runs the hearth CLI over hearthd's unix socket",
-            ),
-            (
                 &[("HEARTH_SSH_COMMAND_USER", "Hearth")],
                 "ssh.command_user (env HEARTH_SSH_COMMAND_USER): \"Hearth\" is not a user name",
             ),
@@ -1361,16 +1349,6 @@ mod tests {
             let err = load_with(None, env).unwrap_err().to_string();
             assert!(err.starts_with(want), "got {err:?}, want {want:?}");
         }
-        // Without SSH, the unix socket may be off.
-        let c = load_with(
-            None,
-            &[
-                ("HEARTH_SERVER_UNIX_SOCKET", "off"),
-                ("HEARTH_SSH_LISTEN", ""),
-            ],
-        )
-        .unwrap();
-        assert_eq!((c.ssh.listen, c.server.unix_socket), (None, None));
     }
 
     #[test]

@@ -340,7 +340,14 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 }
             }))
         }
-        (Some(addr), _, _) => {
+        (Some(addr), Some(_), None) => {
+            tracing::warn!(
+                ssh_listen = %addr,
+                "SSH is off: its command account runs the hearth CLI over hearthd's unix socket, which server.unix_socket = \"off\" turns off"
+            );
+            None
+        }
+        (Some(addr), None, _) => {
             tracing::info!(
                 ssh_listen = %addr,
                 "SSH is off: the SSH front end checks logins against users and their keys, which this build does not have yet"

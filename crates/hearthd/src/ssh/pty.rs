@@ -96,9 +96,8 @@ pub fn open(size: PtySize) -> io::Result<(PtyMaster, OwnedFd)> {
     let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(peer) };
     // SAFETY: the `OwnedFd` keeps its descriptor open and unchanged until it is dropped, which
     // happens only when the `AsyncFd` is.
-    let master = PtyMaster {
-        fd: unsafe { AsyncFd::register(master) }?,
-    };
+    let fd = unsafe { AsyncFd::register(master) }?;
+    let master = PtyMaster { fd };
     master.resize(size)?;
     Ok((master, slave))
 }

@@ -635,6 +635,12 @@ fn the_command_account_runs_the_cli_and_vm_logins_reach_the_guest() {
     assert!(nowhere.stderr.contains("nope"), "{nowhere:?}");
 
     // Files: sftp and scp (OpenSSH 9's scp speaks sftp) through the VM's sftp server.
+    let sftp_server = super::into_vm::SFTP_SERVER;
+    assert!(
+        Path::new(sftp_server).is_file(),
+        "the guests of this test are this host's processes, and sftp into them runs {sftp_server}: \
+         install openssh-sftp-server without recommends (`make deps` does)"
+    );
     let local = world.dir.path().join("local.bin");
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&local, &data).unwrap();
