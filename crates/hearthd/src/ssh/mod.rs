@@ -46,7 +46,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::Config;
 use crate::vm::{Caller, Source, VmService};
 
-/// What the SSH front end needs of identities.
+/// What the SSH front end needs of identities. The methods that return no future are called
+/// on the runtime (`refused` from a connection's drop): they must not block, so recording to
+/// the store is queued, not awaited.
 pub trait Identities: Send + Sync + 'static {
     /// The caller a public key (OpenSSH `type base64` form) stands for; None if unknown.
     fn caller_for_key<'a>(

@@ -816,3 +816,188 @@ fn host_keys_are_made_once_and_bad_ones_are_named() {
         "{err}"
     );
 }
+
+/// A client on a terminal of ours: `ssh -tt` with the slave of a PTY as its stdio.
+struct Terminal {
+    child: std::process::Child,
+    master: std::fs::File,
+    output: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    fn spawn(mut cmd: Command, rows: u16, cols: u16) -> Terminal {
+        let winsize = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&winsize), None).unwrap();
+        let stdio = || Stdio::from(pty.slave.try_clone().unwrap());
+        let child = cmd
+            .stdin(stdio())
+            .stdout(stdio())
+            .stderr(stdio())
+            .spawn()
+            .unwrap();
+        drop(pty.slave);
+        let master = std::fs::File::from(pty.master);
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = master.try_clone().unwrap();
+        let out = output.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                out.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Terminal {
+            child,
+            master,
+            output,
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output.lock().unwrap()).into_owned()
+    }
+
+    fn wait_for(&self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.text().contains(what) {
+            assert!(
+                Instant::now() < deadline,
+                "no {what:?} in {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn type_line(&mut self, line: &str) {
+        self.master.write_all(line.as_bytes()).unwrap();
+        self.master.write_all(b"\r").unwrap();
+    }
+
+    /// Resizes the terminal and tells the client, as a terminal emulator does.
+    fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let winsize = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one `winsize` through the pointer, which points at a live
+        // local; the descriptor is the open master of the test's PTY.
+        let rc = unsafe {
+            libc::ioctl(
+                self.master.as_raw_fd(),
+                libc::TIOCSWINSZ,
+                &raw const winsize,
+            )
+        };
+        assert_eq!(rc, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGWINCH).unwrap();
+    }
+
+    fn exit_status(mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the client never ended: {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn terminals_get_the_clients_size_and_follow_its_changes() {
+    let world = World::new();
+    let h = world.hearthd();
+    world.ssh(&h, &[], "hearth", &["new", "tty"], b"").ok();
+    let client = |user: &str, command: &[&str]| {
+        let mut cmd = Command::new("ssh");
+        cmd.args(world.ssh_options(&h, &world.known, "-p"))
+            .arg("-tt")
+            .arg(format!("{user}@127.0.0.1"))
+            .args(command);
+        cmd
+    };
+
+    // A shell in the VM on a PTY of the client's size; a window change reaches it.
+    let mut shell = Terminal::spawn(client("tty", &[]), 30, 100);
+    shell.type_line("stty size");
+    shell.wait_for("30 100");
+    shell.resize(40, 120);
+    shell.type_line("stty size; exit 4");
+    shell.wait_for("40 120");
+    assert_eq!(shell.exit_status(), 4);
+
+    // The command account's child runs on a PTY of ours, resized the same way: `exec -t`
+    // inside it gives the guest command a terminal of that size and passes the change on.
+    let mut exec = Terminal::spawn(client("hearth", &["exec", "-t", "tty", "--", "sh"]), 25, 90);
+    exec.type_line("stty size");
+    exec.wait_for("25 90");
+    exec.resize(50, 132);
+    // The change travels: our PTY, the CLI's SIGWINCH, the exec session, the guest's PTY.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !exec.text().contains("50 132") {
+        assert!(Instant::now() < deadline, "no resize in {:?}", exec.text());
+        exec.type_line("stty size");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    exec.type_line("exit 6");
+    assert_eq!(exec.exit_status(), 6);
+    world.ssh(&h, &[], "hearth", &["delete", "tty"], b"").ok();
+}
+
+#[test]
+fn a_command_that_reads_no_stdin_holds_its_client_back() {
+    let world = World::new();
+    let h = world.hearthd();
+    world.ssh(&h, &[], "hearth", &["new", "slow"], b"").ok();
+    for (user, command) in [
+        ("hearth", &["exec", "slow", "--", "sleep", "30"][..]),
+        ("slow", &["sleep", "30"][..]),
+    ] {
+        let mut client = world.ssh_spawn(&h, &[], user, command);
+        let mut stdin = client.stdin.take().unwrap();
+        let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = written.clone();
+        std::thread::spawn(move || {
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..256 {
+                if stdin.write_all(&chunk).is_err() {
+                    return;
+                }
+                count.fetch_add(chunk.len(), Ordering::SeqCst);
+            }
+        });
+        // Bounded queues at every step (the client's and the kernel's buffers, the SSH window,
+        // russh's channel queue, ours, the CLI's and the guest's credit): the client stalls.
+        std::thread::sleep(Duration::from_secs(4));
+        let sent = written.load(Ordering::SeqCst);
+        assert!(
+            sent < 64 << 20,
+            "{user}: {} MiB went into a command that reads nothing",
+            sent >> 20
+        );
+        drop(client);
+    }
+    world.ssh(&h, &[], "hearth", &["delete", "slow"], b"").ok();
+}
