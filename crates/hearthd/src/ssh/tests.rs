@@ -1001,3 +1001,34 @@ fn a_command_that_reads_no_stdin_holds_its_client_back() {
     }
     world.ssh(&h, &[], "hearth", &["delete", "slow"], b"").ok();
 }
+
+#[test]
+fn exit_statuses_sizes_signals_and_sources_are_spelled_as_ssh_and_audit_want() {
+    assert_eq!(super::exit_status(Some(7), None), 7);
+    assert_eq!(super::exit_status(Some(-1), None), 255);
+    assert_eq!(super::exit_status(None, Some(9)), 137);
+    assert_eq!(super::exit_status(None, None), 1);
+    let size = super::pty_size(132, 50);
+    assert_eq!((size.rows, size.cols), (50, 132));
+    let size = super::pty_size(0, 100_000);
+    assert_eq!((size.rows, size.cols), (u16::MAX, 80));
+    assert_eq!(super::signal_number(&russh::Sig::INT), Some(libc::SIGINT));
+    assert_eq!(
+        super::signal_number(&russh::Sig::Custom("USR2".into())),
+        Some(libc::SIGUSR2)
+    );
+    assert_eq!(
+        super::signal_number(&russh::Sig::Custom("NOPE".into())),
+        None
+    );
+    let source = Source::Ssh("127.0.0.1:40222".parse().unwrap());
+    assert_eq!(source.to_string(), "ssh:127.0.0.1:40222");
+    let key = russh::keys::PublicKey::from_openssh(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm1hK4bQ3OeXf2o2X3dZ6J4m8o3QbU9gWm0Vt1xS8hF someone@somewhere",
+    )
+    .unwrap();
+    assert_eq!(
+        super::openssh_key(&key),
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm1hK4bQ3OeXf2o2X3dZ6J4m8o3QbU9gWm0Vt1xS8hF"
+    );
+}
