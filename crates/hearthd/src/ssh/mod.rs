@@ -272,16 +272,24 @@ pub async fn serve(
         let config = russh_config.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let session = match russh::server::run_stream(config, stream, handler).await {
-                Ok(session) => session,
-                Err(e) => {
+            // The grace runs from the accept: a client that never sends its version string
+            // is dropped too.
+            let deadline = tokio::time::Instant::now() + LOGIN_GRACE;
+            let started = russh::server::run_stream(config, stream, handler);
+            let session = match tokio::time::timeout_at(deadline, started).await {
+                Ok(Ok(session)) => session,
+                Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "SSH connection failed before its key exchange");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "SSH client sent no version string in time");
                     return;
                 }
             };
             let handle = session.handle();
             let grace = async {
-                tokio::time::sleep(LOGIN_GRACE).await;
+                tokio::time::sleep_until(deadline).await;
                 if !authenticated.load(Ordering::Acquire) {
                     let _ = handle
                         .disconnect(
