@@ -499,6 +499,11 @@ fn the_command_account_runs_the_cli_and_vm_logins_reach_the_guest() {
         help.out()
             .contains(&format!("ssh -p {} hearth@127.0.0.1", h.port))
     );
+    // (OpenSSH sends no command at all as a shell request; a blank one is an exec.)
+    let empty = world.ssh(&h, &[], hearth, &[" "], b"").ok();
+    assert_eq!(empty.out(), help.out());
+    let options = world.ssh(&h, &[], hearth, &["help", "new"], b"").ok();
+    assert!(options.out().contains("--cpus"), "{options:?}");
 
     // new, then --json list parses and has it running.
     let new = world.ssh(&h, &[], hearth, &["new", "web"], b"").ok();
