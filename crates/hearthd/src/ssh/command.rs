@@ -96,6 +96,16 @@ async fn exec(
             return Some(0);
         }
         Ok(Plan::Cli(argv)) => argv,
+        // With --json, the error body on stdout, as the CLI prints its own.
+        Err(e) if plan::wants_json(&words) => {
+            let body = hearth_api::ErrorBody {
+                error: hearth_api::ErrorCode::InvalidRequest,
+                message: e.to_string(),
+            };
+            let text = serde_json::to_string_pretty(&body).unwrap_or_default();
+            io.print(&format!("{text}\n")).await;
+            return Some(2);
+        }
         Err(e) => {
             io.say(&format!("error: {e}\n{hint}")).await;
             return Some(2);

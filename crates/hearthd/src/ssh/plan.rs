@@ -144,6 +144,14 @@ pub fn plan(words: &[String]) -> Result<Plan, PlanError> {
     Ok(Plan::Cli(argv))
 }
 
+/// True when `--json` comes among the options before the command.
+pub fn wants_json(words: &[String]) -> bool {
+    words
+        .iter()
+        .take_while(|w| w.starts_with('-'))
+        .any(|w| w == "--json")
+}
+
 /// The CLI command a verb stands for.
 fn command_of(verb: &str) -> Result<Vec<String>, PlanError> {
     if VM_VERBS.contains(&verb) {
@@ -267,6 +275,8 @@ mod tests {
         );
         let message = plan(&words(&["nope"])).unwrap_err().to_string();
         assert_eq!(message, "unknown command `nope`");
+        assert!(wants_json(&words(&["--json", "nope"])));
+        assert!(!wants_json(&words(&["nope", "--json"])));
     }
 
     #[test]

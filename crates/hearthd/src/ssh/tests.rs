@@ -534,6 +534,9 @@ fn the_command_account_runs_the_cli_and_vm_logins_reach_the_guest() {
         unknown.stderr.contains("unknown command `frobnicate`"),
         "{unknown:?}"
     );
+    let unknown = world.ssh(&h, &[], hearth, &["--", "--json", "frobnicate"], b"");
+    assert_eq!(unknown.status, 2, "{unknown:?}");
+    assert_eq!(json(&unknown)["error"], "invalid_request", "{unknown:?}");
     let open_quote = world.ssh(&h, &[], hearth, &["inspect", "'web"], b"");
     assert_eq!(open_quote.status, 2, "{open_quote:?}");
     assert!(
