@@ -1040,3 +1040,48 @@ fn exit_statuses_sizes_signals_and_sources_are_spelled_as_ssh_and_audit_want() {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGm1hK4bQ3OeXf2o2X3dZ6J4m8o3QbU9gWm0Vt1xS8hF"
     );
 }
+
+#[test]
+fn one_connection_carries_commands_side_by_side_up_to_its_limit() {
+    let world = World::new();
+    let h = world.hearthd();
+    world.ssh(&h, &[], "hearth", &["new", "mux"], b"").ok();
+    let ctl = world.dir.path().join("ctl");
+    let path = format!("ControlPath={}", ctl.display());
+    // A connection is one login, so one user: its sessions are all in VM mux.
+    let _master = world.ssh_spawn(&h, &["-M", "-N", "-o", &path], "mux", &[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ctl.exists() {
+        assert!(Instant::now() < deadline, "the master never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let marker = |i: usize| format!("3.25{i:02}");
+    let sessions: Vec<Session> = (0..super::MAX_SESSIONS)
+        .map(|i| {
+            world.ssh_spawn(
+                &h,
+                &["-o", &path],
+                "mux",
+                &[&format!("sleep {}", marker(i))],
+            )
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Each: its mux client and the guest's sleep.
+    while (0..super::MAX_SESSIONS).any(|i| pids_with_arg(&marker(i)).len() < 2) {
+        assert!(Instant::now() < deadline, "not all sessions started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let refused = world.ssh(&h, &["-o", &path], "mux", &["true"], b"");
+    // (OpenSSH's mux client says so, and exits 0 all the same.)
+    assert!(
+        refused.stderr.contains("Session open refused by peer"),
+        "{refused:?}"
+    );
+    for session in sessions {
+        assert_eq!(session.exit_status(), 0);
+    }
+    // Their slots are free again.
+    world.ssh(&h, &["-o", &path], "mux", &["true"], b"").ok();
+    world.ssh(&h, &[], "hearth", &["delete", "mux"], b"").ok();
+}
