@@ -48,7 +48,8 @@ pub(super) async fn run(
         Start::Subsystem(name) => {
             io.say(&format!(
                 "{user} runs no subsystem ({name}); sftp and scp work with a VM: sftp {}\n",
-                plan::target_for("VM", target)
+                // sftp and scp spell the port option -P.
+                plan::target_for("VM", target).replacen("-p ", "-P ", 1)
             ))
             .await;
             (format!("(subsystem {name})"), 2)

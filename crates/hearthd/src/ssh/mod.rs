@@ -554,15 +554,12 @@ impl russh::server::Handler for Connection {
     async fn subsystem_request(
         &mut self,
         channel: ChannelId,
-        name: &str,
+        _name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let into_vm = self.user != self.shared.command_user;
-        if into_vm && name == into_vm::SFTP {
-            session.channel_success(channel)
-        } else {
-            session.channel_failure(channel)
-        }
+        // Accepted whatever it is: a subsystem we do not serve gets a message on stderr and
+        // exit status 2 (a refusal here would close the client before it could show one).
+        session.channel_success(channel)
     }
 }
 

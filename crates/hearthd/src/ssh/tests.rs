@@ -682,6 +682,21 @@ fn the_command_account_runs_the_cli_and_vm_logins_reach_the_guest() {
         .arg(format!("web@127.0.0.1:{}", scp_to.display()));
     run(scp, b"", Duration::from_secs(60)).ok();
     assert!(std::fs::read(&scp_to).unwrap() == data, "scp");
+    // The command account has no files to serve, and says where they are.
+    let mut sftp = Command::new("sftp");
+    sftp.args(world.ssh_options(&h, &world.known, "-P"))
+        .arg("-b")
+        .arg(&batch)
+        .arg("hearth@127.0.0.1");
+    let refused = run(sftp, b"", Duration::from_secs(60));
+    assert_ne!(refused.status, 0, "{refused:?}");
+    assert!(
+        refused.stderr.contains(&format!(
+            "sftp and scp work with a VM: sftp -P {} VM@127.0.0.1",
+            h.port
+        )),
+        "{refused:?}"
+    );
 
     // A client that goes away ends its command: the CLI child and the process in the guest.
     let mut gone = world.ssh_spawn(&h, &[], hearth, &["exec", "web", "--", "sleep", "4242.5"]);
