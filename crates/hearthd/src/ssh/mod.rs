@@ -374,10 +374,8 @@ impl Connection {
 
     /// `-p PORT HOST` (or `HOST`) as a client reaches this server, for messages.
     fn target(&self) -> String {
-        let host = match self.local.ip() {
-            IpAddr::V6(ip) => format!("[{ip}]"),
-            IpAddr::V4(ip) => ip.to_string(),
-        };
+        // OpenSSH takes `user@::1` as it is, brackets only in URIs.
+        let host = self.local.ip().to_string();
         match self.local.port() {
             22 => host,
             port => format!("-p {port} {host}"),
