@@ -29,6 +29,14 @@ command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v unshare >/dev/null || need+=(util-linux)
 # The install test checks the systemd units with systemd-analyze.
 command -v systemd-analyze >/dev/null || need+=(systemd)
+# The SSH tests drive hearthd with the real OpenSSH client (ssh, ssh-keygen, sftp, scp). Their
+# "guest" (the test VMM double runs the agent on this host) serves sftp with OpenSSH's
+# sftp-server, installed without recommends: its package recommends openssh-server, a service
+# nothing here wants.
+command -v ssh >/dev/null && command -v ssh-keygen >/dev/null && command -v sftp >/dev/null \
+  && command -v scp >/dev/null || need+=(openssh-client)
+alone=()
+[ -x /usr/lib/openssh/sftp-server ] || alone+=(openssh-sftp-server)
 command -v cc >/dev/null || need+=(gcc)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 # The store's test suite also runs against a PostgreSQL server it starts itself.
@@ -70,13 +78,13 @@ finish() {
 # The guest image build fetches the cloud kernel package through apt, so apt's lists must know it.
 lists_ok=1
 apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || lists_ok=0
-if [ ${#need[@]} -eq 0 ] && [ $lists_ok -eq 1 ]; then
+if [ ${#need[@]} -eq 0 ] && [ ${#alone[@]} -eq 0 ] && [ $lists_ok -eq 1 ]; then
   finish
   exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "error: missing packages: ${need[*]}; run this as root (or install them yourself)" >&2
+  echo "error: missing packages: ${need[*]} ${alone[*]}; run this as root (or install them yourself)" >&2
   exit 1
 fi
 
@@ -103,6 +111,10 @@ SRC
 fi
 
 apt-get update -q
+if [ ${#alone[@]} -gt 0 ]; then
+  echo "installing without recommends: ${alone[*]}"
+  apt-get install -y -q --no-install-recommends "${alone[@]}"
+fi
 if [ ${#need[@]} -eq 0 ]; then
   finish
   exit 0

@@ -730,6 +730,12 @@ pub const EXIT_UNREACHABLE: u8 = 5;
 /// Exit code of `hearth exec` when hearth itself failed (the command's own code otherwise).
 pub const EXIT_EXEC_FAILED: u8 = 125;
 
+/// Set (to `1`) in the environment of the `hearth` CLI that hearthd's SSH front end runs for a
+/// remote caller. The CLI then reads and writes no file of the host it runs on (stdin and
+/// stdout stand for local files), talks only to the `HEARTH_URL` it was given, and `exec`
+/// always forwards stdin (the SSH channel's).
+pub const REMOTE_ENV: &str = "HEARTH_REMOTE";
+
 #[cfg(test)]
 mod tests {
     use super::*;

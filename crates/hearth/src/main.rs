@@ -6,6 +6,7 @@ mod commands;
 mod error;
 mod printer;
 mod profile;
+mod remote;
 mod render;
 mod tty;
 
@@ -20,7 +21,14 @@ use crate::error::CliError;
 use crate::printer::Printer;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    let mut cli = Cli::parse_checked(std::env::args_os()).unwrap_or_else(|e| e.exit());
+    if remote::active()
+        && let Err(message) =
+            remote::restrict(&mut cli, std::env::var("HEARTH_URL").ok().as_deref())
+    {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     let printer = Printer::new(cli.json);
     let context = cli.command.hint_context();
     let is_exec = cli.command.is_exec();
@@ -31,7 +39,12 @@ fn main() -> ExitCode {
         .map_err(|e| CliError::io("cannot start the async runtime", &e))
         .and_then(|runtime| {
             let result = runtime.block_on(async {
-                let profile = profile::load(&cli.profile)?;
+                // Over SSH the CLI acts by the key hearthd gave it, never by a profile of the host.
+                let profile = if remote::active() {
+                    profile::Profile::default()
+                } else {
+                    profile::load(&cli.profile)?
+                };
                 let url = cli
                     .url
                     .or(profile.url)

@@ -52,6 +52,23 @@ impl RawMode {
     }
 }
 
+impl RawMode {
+    /// Key-at-a-time input without echo (no line editing), output and signals as they were:
+    /// for a program that reads single keys while it draws lines (`hearth top`'s `q`).
+    pub fn keys(fd: impl AsFd) -> io::Result<RawMode> {
+        use nix::sys::termios::{LocalFlags, SpecialCharacterIndices as C};
+        let fd = fd.as_fd().try_clone_to_owned()?;
+        let saved = termios::tcgetattr(&fd)?;
+        let mut keys = saved.clone();
+        keys.local_flags
+            .remove(LocalFlags::ICANON | LocalFlags::ECHO);
+        keys.control_chars[C::VMIN as usize] = 1;
+        keys.control_chars[C::VTIME as usize] = 0;
+        termios::tcsetattr(&fd, SetArg::TCSANOW, &keys)?;
+        Ok(RawMode { fd, saved })
+    }
+}
+
 impl Drop for RawMode {
     fn drop(&mut self) {
         let _ = termios::tcsetattr(&self.fd, SetArg::TCSADRAIN, &self.saved);
@@ -136,6 +153,23 @@ mod tests {
             panic!("boom");
         });
         assert!(result.is_err());
+        assert!(canonical(&pty.slave));
+    }
+
+    #[test]
+    fn key_mode_reads_keys_and_keeps_output_processing() {
+        use nix::sys::termios::OutputFlags;
+        let pty = openpty(None, None).unwrap();
+        {
+            let _keys = RawMode::keys(&pty.slave).unwrap();
+            let t = termios::tcgetattr(&pty.slave).unwrap();
+            assert!(
+                !t.local_flags
+                    .contains(LocalFlags::ICANON | LocalFlags::ECHO)
+            );
+            assert!(t.local_flags.contains(LocalFlags::ISIG));
+            assert!(t.output_flags.contains(OutputFlags::OPOST));
+        }
         assert!(canonical(&pty.slave));
     }
 

@@ -313,16 +313,6 @@ pub struct SessionKey {
     access: Weak<AccessInner>,
 }
 
-impl SessionKey {
-    #[expect(
-        dead_code,
-        reason = "for the SSH front end (issue 13), merged after this"
-    )]
-    pub fn secret(&self) -> &str {
-        &self.secret
-    }
-}
-
 impl Drop for SessionKey {
     fn drop(&mut self) {
         if let Some(access) = self.access.upgrade() {
@@ -472,10 +462,6 @@ impl Access {
     }
 
     /// The user who has SSH public key `line`, if any (and allowed to log in).
-    #[expect(
-        dead_code,
-        reason = "for the SSH front end (issue 13), merged after this"
-    )]
     pub async fn ssh_user(&self, line: &str) -> Option<Identity> {
         let key = parse_public_key(line).ok()?;
         let record = self.inner.store.ssh_key(&key.fingerprint).await.ok()??;
@@ -484,10 +470,6 @@ impl Access {
 
     /// A key by which a CLI acts as `identity`'s user (in the user's active organization,
     /// read at each request), from `source`, until the key is dropped.
-    #[expect(
-        dead_code,
-        reason = "for the SSH front end (issue 13), merged after this"
-    )]
     pub fn session_key(&self, identity: &Identity, source: Source) -> SessionKey {
         let id = random_hex(8);
         let secret = format!("hs_{id}_{}", random_hex(32));
@@ -607,6 +589,87 @@ impl Caller {
             source,
             request_id,
         }
+    }
+}
+
+impl crate::ssh::SessionKey for SessionKey {
+    fn secret(&self) -> &str {
+        &self.secret
+    }
+}
+
+/// The SSH front end's logins: a public key stands for its user, acting in the user's active
+/// organization; its commands' CLI acts by a session key.
+impl crate::ssh::Identities for Access {
+    fn caller_for_key<'a>(
+        &'a self,
+        key: &'a str,
+        source: std::net::SocketAddr,
+    ) -> futures_util::future::BoxFuture<'a, Option<Caller>> {
+        Box::pin(async move {
+            let identity = self.ssh_user(key).await?;
+            Some(Caller::user(identity, Source::Ssh(source), random_hex(8)))
+        })
+    }
+
+    fn session_key(&self, caller: &Caller) -> Box<dyn crate::ssh::SessionKey> {
+        match &caller.principal {
+            Principal::User(identity) => {
+                Box::new(Access::session_key(self, identity, caller.source.clone()))
+            }
+            // Only users log in over SSH; any other caller gets a key that opens nothing.
+            Principal::Operator | Principal::System => Box::new(SessionKey {
+                id: String::new(),
+                secret: String::new(),
+                access: Weak::new(),
+            }),
+        }
+    }
+
+    fn attempt_allowed(&self, source: IpAddr) -> bool {
+        self.check_rate(Some(source)).is_ok()
+    }
+
+    fn refused(&self, source: std::net::SocketAddr, user: &str, reason: &str) {
+        self.failed(Some(source.ip()));
+        let (access, user, reason) = (self.clone(), user.to_owned(), reason.to_owned());
+        tokio::spawn(async move {
+            access
+                .audit(AuditRecord {
+                    at: crate::store::now(),
+                    principal: "anonymous".into(),
+                    org: None,
+                    source: Source::Ssh(source).to_string(),
+                    action: "ssh_login".into(),
+                    target: Some(user),
+                    allowed: false,
+                    result: reason,
+                    duration_ms: 0,
+                    request_id: random_hex(8),
+                })
+                .await;
+        });
+    }
+
+    fn command_done(&self, caller: &Caller, command: &str, exit: u32, took: Duration) {
+        let row = AuditRecord {
+            at: crate::store::now(),
+            principal: caller.principal.to_string(),
+            org: caller.org().map(str::to_owned),
+            source: caller.source.to_string(),
+            action: "ssh_command".into(),
+            target: Some(command.chars().take(1024).collect()),
+            allowed: true,
+            result: if exit == 0 {
+                "ok".into()
+            } else {
+                format!("exit {exit}")
+            },
+            duration_ms: u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+            request_id: caller.request_id.clone(),
+        };
+        let access = self.clone();
+        tokio::spawn(async move { access.audit(row).await });
     }
 }
 

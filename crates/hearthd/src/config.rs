@@ -195,6 +195,24 @@ pub const KEYS: &[Key] = &[
         doc: "Largest JSON request body; larger ones get 413 request_too_large. File uploads are streamed and not limited by this.",
     },
     Key {
+        path: "ssh.listen",
+        kind: Kind::String,
+        default: "\"127.0.0.1:2222\"",
+        doc: "Address of the SSH front end (`ssh -p PORT hearth@HOST <command>`, `ssh -p PORT <vm>@HOST`). Empty: no SSH. Public keys only; it runs once hearthd has identities to check them against.",
+    },
+    Key {
+        path: "ssh.command_user",
+        kind: Kind::String,
+        default: "\"hearth\"",
+        doc: "SSH user name of the command account; any other user name is the VM to open a shell or run a command in (so a VM of this name is not reachable over SSH).",
+    },
+    Key {
+        path: "ssh.cli_path",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "The hearth CLI the command account runs for each command (same version as hearthd). Empty: hearth beside hearthd.",
+    },
+    Key {
         path: "image.agent_path",
         kind: Kind::String,
         default: "\"\"",
@@ -346,6 +364,7 @@ struct RawConfig {
     network: RawNetwork,
     auth: RawAuth,
     audit: RawAudit,
+    ssh: RawSsh,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -361,6 +380,14 @@ struct RawAuth {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     max_rows: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSsh {
+    listen: String,
+    command_user: String,
+    cli_path: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -467,6 +494,18 @@ pub struct Config {
     /// `None` when `network.mode = "off"`.
     pub network: Option<NetworkConfig>,
     pub auth: crate::access::AuthConfig,
+    pub ssh: SshConfig,
+}
+
+/// The SSH front end (`ssh.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshConfig {
+    /// `None` when `ssh.listen` is empty: no SSH.
+    pub listen: Option<SocketAddr>,
+    /// The user name of the command account.
+    pub command_user: String,
+    /// The hearth CLI the command account runs.
+    pub cli_path: PathBuf,
 }
 
 /// VM networking (`network.*`).
@@ -709,6 +748,7 @@ impl Config {
             bootstrap_admin: raw.auth.bootstrap_admin,
             audit_max_rows: positive("audit.max_rows", raw.audit.max_rows, 1000)?,
         };
+        let ssh = validate_ssh(&raw.ssh)?;
         let agent_path = if raw.image.agent_path.is_empty() {
             std::env::current_exe()
                 .ok()
@@ -776,8 +816,54 @@ impl Config {
             },
             network,
             auth,
+            ssh,
         })
     }
+}
+
+fn validate_ssh(raw: &RawSsh) -> Result<SshConfig, ConfigError> {
+    let listen = match raw.listen.as_str() {
+        "" => None,
+        text => Some(text.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "ssh.listen",
+                format!("{text:?} is not an address like 127.0.0.1:2222 (empty turns SSH off)"),
+            )
+        })?),
+    };
+    let user = raw.command_user.as_str();
+    let user_ok = (1..=32).contains(&user.len())
+        && user.starts_with(|c: char| c.is_ascii_lowercase())
+        && user
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !user_ok {
+        return Err(invalid(
+            "ssh.command_user",
+            format!(
+                "{user:?} is not a user name: 1 to 32 lowercase letters, digits, - and _, starting \
+                 with a letter"
+            ),
+        ));
+    }
+    let cli_path = match raw.cli_path.as_str() {
+        "" => std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|d| d.join("hearth")))
+            .unwrap_or_else(|| PathBuf::from("hearth")),
+        p if Path::new(p).is_absolute() => PathBuf::from(p),
+        p => {
+            return Err(invalid(
+                "ssh.cli_path",
+                format!("{p:?} must be an absolute path, or empty (hearth beside hearthd)"),
+            ));
+        }
+    };
+    Ok(SshConfig {
+        listen,
+        command_user: user.to_owned(),
+        cli_path,
+    })
 }
 
 fn validate_network(raw: &RawNetwork) -> Result<Option<NetworkConfig>, ConfigError> {
@@ -1300,6 +1386,41 @@ mod tests {
                 err.contains(var) && err.contains(words),
                 "{var}={value}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn ssh_keys_are_checked() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(c.ssh.listen, Some("127.0.0.1:2222".parse().unwrap()));
+        assert_eq!(c.ssh.command_user, "hearth");
+        assert_eq!(c.ssh.cli_path.file_name().unwrap(), "hearth");
+        let off = load_with(None, &[("HEARTH_SSH_LISTEN", "")]).unwrap();
+        assert_eq!(off.ssh.listen, None);
+        let c = load_with(
+            Some("[ssh]\ncommand_user = \"srv\"\ncli_path = \"/opt/hearth/bin/hearth\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.ssh.command_user, "srv");
+        assert_eq!(c.ssh.cli_path, Path::new("/opt/hearth/bin/hearth"));
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("HEARTH_SSH_LISTEN", "2222")],
+                "ssh.listen (env HEARTH_SSH_LISTEN): \"2222\" is not an address",
+            ),
+            (
+                &[("HEARTH_SSH_COMMAND_USER", "Hearth")],
+                "ssh.command_user (env HEARTH_SSH_COMMAND_USER): \"Hearth\" is not a user name",
+            ),
+            (
+                &[("HEARTH_SSH_CLI_PATH", "bin/hearth")],
+                "ssh.cli_path (env HEARTH_SSH_CLI_PATH): \"bin/hearth\" must be an absolute path",
+            ),
+        ];
+        for (env, want) in cases {
+            let err = load_with(None, env).unwrap_err().to_string();
+            assert!(err.starts_with(want), "got {err:?}, want {want:?}");
         }
     }
 

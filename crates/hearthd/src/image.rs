@@ -5,7 +5,8 @@
 //! - initramfs: busybox (static), the virtio modules and the guest agent `hearth-guest`, with an
 //!   `/init` that mounts the root disk, copies the agent onto a tmpfs at the root disk's `/run`
 //!   and switches to the disk with that copy as PID 1;
-//! - root filesystem: `debootstrap --variant=minbase`, written into an ext4 image with
+//! - root filesystem: `debootstrap --variant=minbase` plus `openssh-sftp-server` (for sftp/scp
+//!   over SSH), written into an ext4 image with
 //!   `mkfs.ext4 -d` (no loop mounts, no root-only mount calls). It holds no agent.
 //!
 //! The agent travels in the initramfs hearthd hands QEMU at every boot, never on a VM's disk: a
@@ -26,7 +27,11 @@ use sha2::{Digest, Sha256};
 use crate::config::{ImageConfig, MIN_ROOTFS_MIB};
 
 /// Bump when the debootstrap step changes in a way its inputs do not capture.
-const DEBOOTSTRAP_RECIPE: &str = "1";
+const DEBOOTSTRAP_RECIPE: &str = "2";
+/// Packages debootstrap adds to `minbase`: OpenSSH's sftp server, which the SSH front end runs
+/// for `sftp` and `scp` into a VM (+15 MB of the root filesystem's 170, with the ssh client
+/// libraries it depends on; no service, nothing runs at boot).
+const DEBOOTSTRAP_INCLUDE: &[&str] = &["openssh-sftp-server"];
 /// Bump when the root filesystem recipe changes in a way its inputs do not capture.
 const ROOTFS_RECIPE: &str = "2";
 /// Bump when the initramfs recipe changes in a way its inputs do not capture.
@@ -202,11 +207,13 @@ fn key_of(parts: &[&str]) -> String {
     hex(&key.finalize())[..16].to_owned()
 }
 
-/// The debootstrap tree's cache key (unchanged since the first recipe, so existing trees stay
-/// cached).
+/// The debootstrap tree's cache key: the recipe, suite, mirror and included packages.
 fn debootstrap_key(suite: &str, mirror: &str) -> String {
     let mut key = Sha256::new();
-    key.update(format!("{DEBOOTSTRAP_RECIPE}\0{suite}\0{mirror}"));
+    key.update(format!(
+        "{DEBOOTSTRAP_RECIPE}\0{suite}\0{mirror}\0{}",
+        DEBOOTSTRAP_INCLUDE.join(",")
+    ));
     hex(&key.finalize())[..16].to_owned()
 }
 
@@ -520,7 +527,9 @@ impl ImageBuilder {
         run(
             "debootstrap",
             Command::new("debootstrap")
-                .args(["--variant=minbase", &self.config.suite])
+                .arg("--variant=minbase")
+                .arg(format!("--include={}", DEBOOTSTRAP_INCLUDE.join(",")))
+                .arg(&self.config.suite)
                 .arg(&tmp)
                 .arg(mirror),
         )?;
@@ -855,10 +864,11 @@ mod tests {
     #[test]
     fn a_new_agent_changes_the_image_but_not_the_root_filesystem() {
         let tree = debootstrap_key("bookworm", "http://deb.debian.org/debian");
-        // The debootstrap key is the one the first recipe used: existing trees stay cached.
-        let mut legacy = Sha256::new();
-        legacy.update("1\0bookworm\0http://deb.debian.org/debian");
-        assert_eq!(tree, hex(&legacy.finalize())[..16]);
+        // The first recipe's trees had no sftp server: they are not reused.
+        let mut first = Sha256::new();
+        first.update("1\0bookworm\0http://deb.debian.org/debian");
+        assert_ne!(tree, hex(&first.finalize())[..16]);
+        assert_ne!(tree, debootstrap_key("bookworm", "http://other"));
         let rootfs = rootfs_key(&tree);
         assert_eq!(rootfs.len(), 16);
         assert_ne!(rootfs, tree);

@@ -11,6 +11,7 @@ mod image;
 mod metrics;
 mod net;
 mod rules;
+mod ssh;
 mod store;
 #[cfg(test)]
 mod testing;
@@ -342,7 +343,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e.message()))
         .context("cannot recover VMs from the last run")?;
     let app = api::router(api::AppState {
-        service,
+        service: service.clone(),
         request_timeout: config.request_timeout,
         guard: Arc::new(api::guard::Guard::new(config.listen, &config.server)),
     });
@@ -354,15 +355,47 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 config.listen
             )
         })?;
-    if !config.listen.ip().is_loopback() {
-        tracing::warn!(
+    if !config.listen.ip().is_loopback() && config.auth.localhost_admin {
+        tracing::info!(
             listen = %config.listen,
-            "the API listens beyond loopback and has no authentication yet: anyone who can reach it controls every VM"
+            "the API listens beyond loopback: callers from elsewhere need an API key; local ones (loopback, the unix socket) act as the operator while auth.localhost_admin is on"
         );
     }
     let unix = match &config.server.unix_socket {
         Some(path) => Some(bind_unix(path, config.server.unix_socket_group)?),
         None => None,
+    };
+    // The SSH front end checks logins against users and their keys.
+    let identities: Option<Arc<dyn ssh::Identities>> = Some(Arc::new(service.access().clone()));
+    let ssh = match (config.ssh.listen, identities, &config.server.unix_socket) {
+        (Some(addr), Some(identities), Some(socket)) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} (key ssh.listen, env HEARTH_SSH_LISTEN)")
+            })?;
+            let serving = ssh::serve(
+                listener,
+                config.clone(),
+                service.clone(),
+                identities,
+                socket.clone(),
+            );
+            Some(tokio::spawn(async move {
+                if let Err(e) = serving.await {
+                    tracing::error!(
+                        "the SSH front end stopped: {}",
+                        chain(&e).replace("\n  Caused by: ", ": ")
+                    );
+                }
+            }))
+        }
+        (Some(addr), Some(_), None) => {
+            tracing::warn!(
+                ssh_listen = %addr,
+                "SSH is off: its command account runs the hearth CLI over hearthd's unix socket, which server.unix_socket = \"off\" turns off"
+            );
+            None
+        }
+        (None, _, _) | (Some(_), None, _) => None,
     };
     tracing::info!(
         listen = %config.listen,
@@ -410,6 +443,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
                 tracing::warn!("requests still in flight after server.shutdown_timeout_secs; leaving them");
             }
         }
+    }
+    if let Some(ssh) = ssh {
+        ssh.abort();
     }
     if let Some(net) = &network {
         net.shutdown().await;

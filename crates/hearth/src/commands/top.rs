@@ -1,6 +1,7 @@
 //! `hearth top`: a live table of the VMs (state, CPU %, memory, uptime), redrawn every
 //! interval on a terminal; one table (after one interval, so CPU % means something) when the
-//! output is not a terminal; `--json` prints one sample of `GET /v1/stats` as it is.
+//! output is not a terminal; `--json` prints one sample of `GET /v1/stats` as it is. On a
+//! terminal `q` (or Ctrl-C) quits.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -13,6 +14,7 @@ use crate::client::Client;
 use crate::error::Result;
 use crate::printer::Printer;
 use crate::render::{size_bytes, size_mib, table, terminal_safe};
+use crate::tty::RawMode;
 
 pub async fn run(client: &Client, printer: &Printer, args: TopArgs) -> Result<()> {
     let first = client.stats().await?;
@@ -22,9 +24,25 @@ pub async fn run(client: &Client, printer: &Printer, args: TopArgs) -> Result<()
     }
     let interval = Duration::from_secs_f64(args.interval.max(0.2));
     let live = std::io::stdout().is_terminal();
+    // On a terminal, `q` quits (keys are read one at a time, without echo, until we return).
+    let stdin = std::io::stdin();
+    let keys_mode = if live && stdin.is_terminal() {
+        RawMode::keys(&stdin).ok()
+    } else {
+        None
+    };
+    let mut keys = keys_mode.as_ref().map(|_| key_reader());
     let (mut before, mut at) = (first.data, Instant::now());
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            key = next_key(&mut keys) => match key {
+                Some(b'q' | b'Q') => return Ok(()),
+                Some(_) => continue,
+                None => keys = None,
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
         let now = client.stats().await?.data;
         let elapsed = at.elapsed().as_secs_f64();
         let frame = render(&before, &now, elapsed);
@@ -36,6 +54,29 @@ pub async fn run(client: &Client, printer: &Printer, args: TopArgs) -> Result<()
             return Ok(());
         }
         (before, at) = (now, Instant::now());
+    }
+}
+
+/// Keys typed on stdin, read by a thread of their own (a blocking read that may never end).
+fn key_reader() -> tokio::sync::mpsc::Receiver<u8> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut byte = [0u8; 1];
+        while let Ok(1) = std::io::Read::read(&mut stdin, &mut byte) {
+            if tx.blocking_send(byte[0]).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The next key; None at the end of input; never when there is no reader.
+async fn next_key(keys: &mut Option<tokio::sync::mpsc::Receiver<u8>>) -> Option<u8> {
+    match keys {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

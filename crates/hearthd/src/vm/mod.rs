@@ -82,12 +82,9 @@ pub enum Principal {
 pub enum Source {
     Tcp(std::net::SocketAddr),
     UnixSocket,
-    Internal,
-    #[expect(
-        dead_code,
-        reason = "for the SSH front end (issue 13), merged after this"
-    )]
+    /// A session of the SSH front end, from the client's address.
     Ssh(std::net::SocketAddr),
+    Internal,
 }
 
 impl fmt::Display for Principal {
@@ -105,8 +102,8 @@ impl fmt::Display for Source {
         match self {
             Source::Tcp(addr) => write!(f, "tcp:{addr}"),
             Source::UnixSocket => f.write_str("unix"),
-            Source::Internal => f.write_str("internal"),
             Source::Ssh(addr) => write!(f, "ssh:{addr}"),
+            Source::Internal => f.write_str("internal"),
         }
     }
 }
@@ -493,7 +490,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn random_id() -> String {
+/// 16 random hex digits (request ids).
+pub(crate) fn random_id() -> String {
     use std::io::Read;
     let mut bytes = [0u8; 8];
     let ok = std::fs::File::open("/dev/urandom")
