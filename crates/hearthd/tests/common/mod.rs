@@ -103,7 +103,12 @@ pub fn ram_file(data: &Path, id: &str) -> PathBuf {
 /// The real CLI, pointed at the test's hearthd.
 pub fn hearth_cmd(args: &[&str]) -> Command {
     let mut cmd = Command::new(hearth_bin());
-    cmd.args(args).env("HEARTH_URL", URL);
+    // The operator's own login (a profile, HEARTH_API_KEY) must not leak into the tests.
+    cmd.args(args)
+        .env("HEARTH_URL", URL)
+        .env("HEARTH_CONFIG", "/nonexistent/hearth-e2e-config.toml")
+        .env_remove("HEARTH_API_KEY")
+        .env_remove("HEARTH_PROFILE");
     cmd
 }
 
