@@ -28,6 +28,7 @@
 
 mod disk;
 mod net;
+mod ssh;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,10 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench") if args.get(1).map(String::as_str) == Some("disk") => bench_disk(),
+        Some("bench") if args.get(1).map(String::as_str) == Some("ssh") => {
+            let (bin, agent, data) = prepare()?;
+            ssh::bench(&bin, &agent, &data.join("images"), &root())
+        }
         Some("bench") => {
             let rounds = match args.get(1) {
                 Some(n) => n
@@ -71,7 +76,7 @@ fn main() -> Result<()> {
             };
             bench(rounds)
         }
-        _ => bail!("usage: cargo run -p xtask -- bench [ROUNDS | disk]"),
+        _ => bail!("usage: cargo run -p xtask -- bench [ROUNDS | disk | ssh]"),
     }
 }
 
@@ -394,7 +399,8 @@ fn bench(rounds: usize) -> Result<()> {
     });
     drop(ns);
     report(rounds, &mut result?);
-    disk::bench(&root, &bin, &agent, &data.join("images"))
+    disk::bench(&root, &bin, &agent, &data.join("images"))?;
+    ssh::bench(&bin, &agent, &data.join("images"), &root)
 }
 
 /// TCP throughput: a guest of `daemon` sends to a sink in an outside namespace through its

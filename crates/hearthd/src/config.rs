@@ -66,7 +66,7 @@ pub const KEYS: &[Key] = &[
         path: "listen",
         kind: Kind::String,
         default: "\"127.0.0.1:7070\"",
-        doc: "Address of the REST API. Loopback only by default: the API has no authentication yet.",
+        doc: "Address of the REST API. Callers from beyond loopback need an API key (`Authorization: Bearer`).",
     },
     Key {
         path: "data_dir",
@@ -198,7 +198,7 @@ pub const KEYS: &[Key] = &[
         path: "ssh.listen",
         kind: Kind::String,
         default: "\"127.0.0.1:2222\"",
-        doc: "Address of the SSH front end (`ssh -p PORT hearth@HOST <command>`, `ssh -p PORT <vm>@HOST`). Empty: no SSH. Public keys only; it runs once hearthd has identities to check them against.",
+        doc: "Address of the SSH front end (`ssh -p PORT hearth@HOST <command>`, `ssh -p PORT <vm>@HOST`). Empty: no SSH. Public keys only, each a user's (`hearth user ssh-key add`).",
     },
     Key {
         path: "ssh.command_user",
