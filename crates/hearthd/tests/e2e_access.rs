@@ -210,6 +210,37 @@ fn users_see_only_their_organization_over_ssh_and_rest() {
         "carol: status needs a host admin",
     );
 
+    // An owner adds bob to her organization over SSH; bob switches to it and sees the VM; a
+    // member cannot add anyone.
+    expect(
+        &ssh("carol", "org add-member alice bob"),
+        7,
+        "a member adds no one",
+    );
+    expect(
+        &ssh("alice", "org add-member alice bob"),
+        0,
+        "the owner adds bob",
+    );
+    expect(
+        &ssh("bob", "inspect web"),
+        3,
+        "bob still acts in his own organization",
+    );
+    let who = json_of(&text(&ssh("bob", "--json org switch alice").stdout));
+    assert_eq!(who["org"], "alice", "{who}");
+    expect(
+        &ssh("bob", "inspect web"),
+        0,
+        "bob, switched to alice's organization",
+    );
+    expect(&ssh("bob", "org switch bob"), 0, "bob switches back");
+    expect(
+        &ssh("alice", "org remove-member alice bob"),
+        0,
+        "the owner takes bob out",
+    );
+
     // Exit codes follow the CLI's table; exec passes the command's own through.
     expect(&ssh("alice", "new Bad_Name"), 2, "bad input");
     expect(&ssh("alice", "start web"), 4, "wrong state");
