@@ -110,11 +110,22 @@ fn a_vm_from_an_older_image_boots_the_current_agent() {
     let fake = w.dir.path().join("fake-agent");
     std::fs::write(&fake, "#!/bin/sh\necho the disk agent ran >&2\nexit 1\n").unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // Whatever files the image's packages left in /run go first, so /run can be removed.
+    let listing = debugfs(&disk, "ls -p /run\n", w.dir.path());
+    let leftovers: String = listing
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split('/').collect();
+            // `/inode/mode/uid/gid/name/size/`: regular files have a mode starting with 10.
+            (fields.len() > 5 && fields[2].starts_with("10"))
+                .then(|| format!("rm /run/{}\n", fields[5]))
+        })
+        .collect();
     debugfs(
         &disk,
         &format!(
             "rm /usr/sbin/hearth-guest\nwrite {} /usr/sbin/hearth-guest\n\
-             rmdir /run/lock\nrmdir /run\nsymlink /run /usr/sbin\n",
+             {leftovers}rmdir /run/lock\nrmdir /run\nsymlink /run /usr/sbin\n",
             fake.display()
         ),
         w.dir.path(),
