@@ -166,6 +166,8 @@ pub enum Action {
     VolumeDetach,
     /// Logins, users, keys, organizations and the audit log.
     Access,
+    /// Secrets and the master key.
+    Secret,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
