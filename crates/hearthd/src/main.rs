@@ -212,6 +212,13 @@ async fn serve(config: Config, unusable_secrets: Vec<String>) -> anyhow::Result<
             tighten(Path::new(&path), 0o600);
         }
     }
+    // The master key of secrets before anything else is touched: a missing (while secrets
+    // exist), unreadable, wrong-sized, too open or foreign key file stops hearthd here, and an
+    // interrupted rotation is settled. The service loads it again below.
+    secrets::Secrets::new(store.clone(), config.master_key_path.clone())
+        .open()
+        .await
+        .map_err(|e| anyhow::anyhow!(chain(&e).replace("\n  Caused by: ", ": ")))?;
     let vmm: Arc<dyn Vmm> = match config.vmm {
         VmmChoice::Firecracker => anyhow::bail!(
             "vmm (env HEARTH_VMM): firecracker is not available in this build yet; use qemu or auto"
@@ -315,8 +322,6 @@ async fn serve(config: Config, unusable_secrets: Vec<String>) -> anyhow::Result<
         image_rx.clone(),
         network.clone(),
     );
-    // A missing (while secrets exist), unreadable, wrong-sized, too open or foreign key file
-    // stops hearthd here; an interrupted rotation is settled.
     let key_id = service
         .secrets()
         .open()
