@@ -1,11 +1,12 @@
 //! Endpoints of secrets: set, list (names and history, never values), delete, and the master
 //! key's rotation. Each acts on the organization the caller acts in.
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use hearth_api::{ErrorBody, RotatedMasterKey, SecretInfo, SetSecretRequest};
+use hearth_api::{ErrorBody, ErrorCode, RotatedMasterKey, SecretInfo, SetSecretRequest};
 
-use super::{ApiError, AppState, Json, run, unexpected};
+use super::{ApiError, AppState, json_rejection, run, unexpected};
 use crate::secrets::Secret;
 use crate::vm::{Action, Caller, Reply};
 
@@ -26,8 +27,17 @@ pub(super) async fn set_secret(
     State(state): State<AppState>,
     caller: Caller,
     Path(name): Path<String>,
-    Json(req): Json<SetSecretRequest>,
+    body: Result<axum::Json<SetSecretRequest>, JsonRejection>,
 ) -> Result<(StatusCode, axum::Json<SecretInfo>), ApiError> {
+    // serde's explanation of a bad body can quote what was sent (`invalid type: integer
+    // `1234`…`), which may be the value: it is not repeated.
+    let axum::Json(req) = body.map_err(|r| match r.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => json_rejection(r),
+        _ => ApiError::new(
+            ErrorCode::InvalidRequest,
+            "invalid request body: a secret is set with {\"value\": \"...\"}, a JSON object holding one string and nothing else",
+        ),
+    })?;
     let action = Action::SetSecret {
         name,
         value: Secret::new(req.value),

@@ -1325,26 +1325,50 @@ async fn users_see_only_their_organizations_things_and_every_attempt_is_audited(
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
-/// Whether the file at `path` holds `needle`, read in chunks (disk images are large and sparse).
+/// Whether the file at `path` holds `needle`, read in chunks and only where it has data (disk
+/// images are large and sparse; a needle without NUL bytes cannot lie in a hole).
 fn file_holds(path: &std::path::Path, needle: &[u8]) -> bool {
-    use std::io::Read;
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    assert!(!needle.contains(&0));
     let Ok(mut file) = std::fs::File::open(path) else {
         return false;
     };
-    let mut window: Vec<u8> = Vec::new();
+    let len = file.metadata().unwrap().len();
+    let seek = |fd: i32, at: u64, whence: libc::c_int| -> Option<u64> {
+        let at = libc::off_t::try_from(at).ok()?;
+        // SAFETY: lseek on an open descriptor of ours; it reads no memory.
+        let found = unsafe { libc::lseek(fd, at, whence) };
+        u64::try_from(found).ok()
+    };
     let mut chunk = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut chunk).unwrap();
-        if n == 0 {
+    let mut at = 0;
+    while at < len {
+        // ENXIO: no data after `at`.
+        let Some(start) = seek(file.as_raw_fd(), at, libc::SEEK_DATA) else {
             return false;
+        };
+        let end = seek(file.as_raw_fd(), start, libc::SEEK_HOLE).unwrap_or(len);
+        file.seek(SeekFrom::Start(start)).unwrap();
+        let mut window: Vec<u8> = Vec::new();
+        let mut left = end - start;
+        while left > 0 {
+            let want = usize::try_from(left.min(chunk.len() as u64)).unwrap();
+            let n = file.read(&mut chunk[..want]).unwrap();
+            if n == 0 {
+                break;
+            }
+            left -= n as u64;
+            window.extend_from_slice(&chunk[..n]);
+            if window.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            let keep = window.len().min(needle.len() - 1);
+            window.drain(..window.len() - keep);
         }
-        window.extend_from_slice(&chunk[..n]);
-        if window.windows(needle.len()).any(|w| w == needle) {
-            return true;
-        }
-        let keep = window.len().min(needle.len() - 1);
-        window.drain(..window.len() - keep);
+        at = end;
     }
+    false
 }
 
 /// Every regular file under `dir`.
@@ -1445,13 +1469,23 @@ async fn secrets_stay_in_their_organization_and_their_values_appear_nowhere() {
             "/v1/secrets/EXTRA",
             json!({"value": VALUE, "note": 1}),
             "invalid_request",
-            "unknown field `note`",
+            "a JSON object holding one string and nothing else",
+        ),
+        (
+            "/v1/secrets/NUMBER",
+            json!({"value": 987_654_321}),
+            "invalid_request",
+            "a JSON object holding one string and nothing else",
         ),
     ] {
         let (s, e) = call("alice", "PUT", uri, Some(body)).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {e}");
         assert_eq!(e["error"], code, "{uri}");
         assert!(message(&e).contains(says), "{uri}: {e}");
+        assert!(
+            !message(&e).contains("987654321"),
+            "the message quotes the value: {e}"
+        );
     }
 
     // A member lists the name, never the value; only owners change secrets.
@@ -1562,8 +1596,27 @@ async fn secrets_stay_in_their_organization_and_their_values_appear_nowhere() {
             );
         }
     }
-    // The search itself finds what is there.
-    let probe = ctx.dir.path().join("probe");
-    std::fs::write(&probe, format!("....{VALUE}....")).unwrap();
-    assert!(file_holds(&probe, VALUE.as_bytes()));
+    // The search itself finds plaintext where it is: a value written into the database (as a
+    // careless audit row would) is found in its files.
+    ctx.store
+        .insert_audit(&crate::store::access::AuditRecord {
+            at: crate::store::now(),
+            principal: "probe".into(),
+            org: None,
+            source: "internal".into(),
+            action: "probe".into(),
+            target: Some(VALUE.into()),
+            allowed: true,
+            result: "ok".into(),
+            duration_ms: 0,
+            request_id: "probe".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        files_under(ctx.dir.path())
+            .iter()
+            .any(|f| file_holds(f, VALUE.as_bytes())),
+        "the search does not see into the database"
+    );
 }
