@@ -284,6 +284,23 @@ async fn a_bad_key_file_stops_the_start_naming_the_path_and_the_rule() {
     );
     std::fs::remove_file(&path).unwrap();
 
+    // Unreadable: here its directory is a file (as root, permissions do not stop a read).
+    let blocked = f.dir.path().join("not-a-dir");
+    std::fs::write(&blocked, b"x").unwrap();
+    let under_a_file = blocked.join("master.key");
+    let e = Secrets::new(f.store.clone(), under_a_file.clone())
+        .open()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, SecretError::KeyFile(KeyFileError::Unreadable { .. })),
+        "{e}"
+    );
+    assert_eq!(
+        e.to_string(),
+        format!("master key file {} cannot be read", under_a_file.display())
+    );
+
     // Missing while secrets exist: never replaced by a new key.
     let e = f.start().await.unwrap_err();
     assert!(
