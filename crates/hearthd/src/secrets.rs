@@ -453,6 +453,34 @@ fn write_key(path: &Path, key: &MasterKey) -> Result<(), KeyFileError> {
     sync_dir(dir).map_err(write)
 }
 
+/// Removes the temporary files [`write_key`] leaves when hearthd dies before it links one into
+/// place (keys that never sealed anything) beside the key file at `path`.
+fn remove_stale_temporaries(path: &Path) {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefixes = [format!(".{name}.tmp-"), format!(".{name}.new.tmp-")];
+    let Ok(entries) = std::fs::read_dir(parent_of(path)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if prefixes.iter().any(|p| file.starts_with(p.as_str()))
+            && entry.file_type().is_ok_and(|t| t.is_file())
+        {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(path = %entry.path().display(), "removed the temporary key file of an interrupted write")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a temporary key file")
+                }
+            }
+        }
+    }
+}
+
 /// `path` with `.new` appended: where a rotation's new key waits for its commit.
 fn pending_path(path: &Path) -> PathBuf {
     let mut p = OsString::from(path.as_os_str());
@@ -572,6 +600,7 @@ impl Secrets {
     }
 
     async fn load(&self) -> Result<MasterKey, SecretError> {
+        remove_stale_temporaries(&self.path);
         let counts = self.store.secret_key_ids().await?;
         let total: u64 = counts.iter().map(|(_, n)| n).sum();
         let pending = pending_path(&self.path);

@@ -463,15 +463,24 @@ async fn a_rotation_interrupted_before_its_commit_is_rolled_back_at_the_next_sta
         .await
         .unwrap();
     let old = std::fs::read(f.path()).unwrap();
-    // The crash: the new key is written, nothing is re-encrypted.
+    // The crash: the new key is written, nothing is re-encrypted (and a write of another key
+    // died before its link).
     s.stage_rotation().unwrap();
     assert!(pending_path(&f.path()).exists());
+    let stale = f
+        .path()
+        .with_file_name(".master.key.new.tmp-0123456789abcdef");
+    std::fs::write(&stale, [9u8; KEY_LEN]).unwrap();
     let e = s.rotate().await.unwrap_err();
     assert!(matches!(e, SecretError::RotationPending(_)), "{e}");
     drop(s);
 
     let s = f.start().await.unwrap();
     assert!(!pending_path(&f.path()).exists(), "rolled back");
+    assert!(
+        !stale.exists(),
+        "the temporary file of the dead write is gone"
+    );
     assert_eq!(std::fs::read(f.path()).unwrap(), old, "the old key stays");
     assert_eq!(
         s.resolve("alice", "ONE").await.unwrap().unwrap().expose(),
