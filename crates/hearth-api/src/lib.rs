@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 mod access;
+mod secret;
 pub use access::*;
+pub use secret::*;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -668,6 +670,8 @@ error_codes! {
     OrgNotFound = "org_not_found", 404, 3;
     /// No such SSH or API key (or none of the caller's).
     KeyNotFound = "key_not_found", 404, 3;
+    /// The organization the caller acts in has no secret of that name.
+    SecretNotFound = "secret_not_found", 404, 3;
     /// The request's `Host` header names neither hearthd's listen address, a loopback name nor
     /// a name in `server.allowed_hosts` (a DNS-rebinding guard).
     ForbiddenHost = "forbidden_host", 403, 2;

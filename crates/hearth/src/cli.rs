@@ -141,6 +141,33 @@ pub enum Command {
     Org(OrgCommand),
     /// Read the audit log, newest first (host admins).
     Audit(AuditArgs),
+    /// Secrets of the organization you act in: set (the value read from stdin), list, delete;
+    /// rotate the host's master key (host admins).
+    #[command(subcommand)]
+    Secret(SecretCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret (owners of the organization, host admins). The value is read from stdin,
+    /// never from the command line: a terminal reads one line without echo; a pipe is read
+    /// whole, less one trailing newline.
+    Set(SecretNameArg),
+    /// List the secrets: names, who made them and when; never values.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Delete a secret (owners of the organization, host admins).
+    #[command(visible_alias = "rm")]
+    Delete(SecretNameArg),
+    /// Re-encrypt every secret of the host under a new master key (host admins).
+    RotateMasterKey,
+}
+
+#[derive(Debug, Args)]
+pub struct SecretNameArg {
+    /// 1-64 characters: uppercase letters, digits and '_', starting with a letter (as an
+    /// environment variable, e.g. OPENAI_API_KEY).
+    pub name: String,
 }
 
 #[derive(Debug, Args)]
@@ -791,6 +818,7 @@ impl Command {
             | Command::Key(_)
             | Command::Org(_)
             | Command::Audit(_) => (Action::Access, None, None),
+            Command::Secret(_) => (Action::Secret, None, None),
             Command::Exec(a) => (Action::Exec, name(&a.name), None),
             Command::Cp(a) => (Action::Cp, cp_vm_name(a), None),
             Command::Network(command) => match command {

@@ -166,6 +166,8 @@ pub enum Action {
     VolumeDetach,
     /// Logins, users, keys, organizations and the audit log.
     Access,
+    /// Secrets and the master key.
+    Secret,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -208,6 +210,10 @@ fn hint_for(code: ErrorCode, ctx: &HintContext) -> Option<String> {
             Action::Access => "`hearth key list` or `hearth user ssh-key list USER` shows the keys".to_owned(),
             _ => return None,
         },
+        ErrorCode::SecretNotFound => {
+            "`hearth secret list` shows the secrets of the organization you act in (`hearth whoami`)"
+                .to_owned()
+        }
         ErrorCode::NameTaken => "choose another name".to_owned(),
         ErrorCode::VmNameTaken if ctx.action == Action::Import => "an import keeps the VM's name: \
              delete or rename the VM of that name here first (`hearth vm list`)"

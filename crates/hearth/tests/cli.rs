@@ -20,8 +20,9 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use hearth_api::{
     Capacity, CreateNetworkRequest, CreateVmRequest, EgressMode, EgressPolicy, EgressRequest,
-    ErrorBody, ErrorCode, Health, Network, NetworkHealth, Resource, Size, TtySize, Vm, VmDetail,
-    VmEvent, VmNetwork, VmState, WS_STDERR, WS_STDOUT, WsClientMessage, WsServerMessage,
+    ErrorBody, ErrorCode, Health, Network, NetworkHealth, Resource, RotatedMasterKey, SecretInfo,
+    SetSecretRequest, Size, TtySize, Vm, VmDetail, VmEvent, VmNetwork, VmState, WS_STDERR,
+    WS_STDOUT, WsClientMessage, WsServerMessage,
 };
 
 /// Longest any one run of the binary may take.
@@ -508,9 +509,64 @@ async fn tty_session(socket: &mut WebSocket, size: TtySize) -> Message {
     exit_message(Some(0), None, false)
 }
 
+/// The values the fake was sent for secrets, by name, so tests see what the CLI sent.
+fn received_secrets() -> &'static Mutex<HashMap<String, String>> {
+    static SECRETS: OnceLock<Mutex<HashMap<String, String>>> = OnceLock::new();
+    SECRETS.get_or_init(Mutex::default)
+}
+
+fn received(name: &str) -> Option<String> {
+    received_secrets().lock().unwrap().get(name).cloned()
+}
+
+fn secret_info(name: &str) -> SecretInfo {
+    SecretInfo {
+        name: name.into(),
+        org: "default".into(),
+        created_at: "2024-05-01T12:00:00.000Z".into(),
+        created_by: "operator".into(),
+        updated_at: "2024-05-01T12:00:00.000Z".into(),
+    }
+}
+
+async fn set_secret(Path(name): Path<String>, Json(req): Json<SetSecretRequest>) -> Response {
+    received_secrets()
+        .lock()
+        .unwrap()
+        .insert(name.clone(), req.value);
+    (StatusCode::CREATED, Json(secret_info(&name))).into_response()
+}
+
+async fn list_secrets() -> Json<Vec<SecretInfo>> {
+    Json(vec![
+        secret_info("OPENAI_API_KEY"),
+        secret_info("VENDOR_TOKEN"),
+    ])
+}
+
+async fn delete_secret(Path(name): Path<String>) -> Response {
+    if name == "GHOST" {
+        return error(
+            ErrorCode::SecretNotFound,
+            "organization \"default\" has no secret \"GHOST\"",
+        );
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn rotate_master_key() -> Json<RotatedMasterKey> {
+    Json(RotatedMasterKey {
+        key_id: "0123456789abcdef".into(),
+        secrets: 2,
+    })
+}
+
 fn fake_app() -> Router {
     let files: Files = Arc::default();
     Router::new()
+        .route("/v1/secrets", get(list_secrets))
+        .route("/v1/secrets/rotate-master-key", post(rotate_master_key))
+        .route("/v1/secrets/{name}", put(set_secret).delete(delete_secret))
         .route("/v1/health", get(health))
         .route("/v1/vms", get(list).post(create))
         .route("/v1/vms/{name}", get(inspect).delete(delete))
@@ -1537,4 +1593,177 @@ fn pause_and_resume_print_the_state_and_hint_on_refusal() {
     );
     let out = hearth(&["vm", "pause", "ghost"], b"");
     assert_eq!(code(&out), 3);
+}
+
+#[test]
+fn secret_set_reads_the_value_from_stdin_and_never_prints_it() {
+    let out = hearth(&["secret", "set", "PIPED_TOKEN"], b"s3cr3t-from-a-pipe\n");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        received("PIPED_TOKEN").as_deref(),
+        Some("s3cr3t-from-a-pipe")
+    );
+    assert_eq!(text(&out.stdout), "set secret PIPED_TOKEN of default\n");
+    assert!(
+        !text(&out.stderr).contains("s3cr3t"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A pipe is read whole (a PEM file is one value), less one trailing newline.
+    let pem = b"-----BEGIN KEY-----\nabc\n-----END KEY-----\r\n";
+    let out = hearth(&["secret", "set", "PEM_KEY"], pem);
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        received("PEM_KEY").as_deref(),
+        Some("-----BEGIN KEY-----\nabc\n-----END KEY-----")
+    );
+    let out = hearth(&["secret", "set", "NO_NEWLINE"], b"as-is  ");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(received("NO_NEWLINE").as_deref(), Some("as-is  "));
+
+    // Refused before anything is sent: no value, too much, not text, or a value on argv.
+    for (name, input, says) in [
+        ("EMPTY_ONE", &b"\n"[..], "no value for secret EMPTY_ONE"),
+        ("NOTHING_AT_ALL", b"", "no value for secret NOTHING_AT_ALL"),
+        (
+            "TOO_LARGE",
+            &[b'x'; 65537][..],
+            "is more than 65536 bytes (64 KiB)",
+        ),
+        ("NOT_TEXT", b"\xff\xfe\n", "is not UTF-8 text"),
+    ] {
+        let out = hearth(&["secret", "set", name], input);
+        assert_eq!(code(&out), 2, "{name}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains(says),
+            "{name}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(received(name), None, "{name} was sent");
+    }
+    let out = hearth(&["secret", "set", "ON_ARGV", "value-on-argv"], b"x\n");
+    assert_eq!(code(&out), 2, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("unexpected argument"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(received("ON_ARGV"), None);
+    let at_most = vec![b'y'; 65536];
+    let out = hearth(&["secret", "set", "AT_MOST"], &at_most);
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(received("AT_MOST").map(|v| v.len()), Some(65536));
+}
+
+#[test]
+fn secret_list_delete_and_rotate_master_key() {
+    let out = hearth(&["secret", "list"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("NAME"), "{stdout}");
+    assert!(lines[0].contains("UPDATED"), "{stdout}");
+    assert!(lines[1].starts_with("OPENAI_API_KEY"), "{stdout}");
+    assert_eq!(lines.len(), 3, "{stdout}");
+    let out = hearth(&["--json", "secret", "ls"], b"");
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body[1]["name"], "VENDOR_TOKEN");
+
+    let out = hearth(&["secret", "delete", "OPENAI_API_KEY"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "deleted secret OPENAI_API_KEY\n");
+    let out = hearth(&["secret", "rm", "GHOST"], b"");
+    assert_eq!(code(&out), 3);
+    assert_eq!(
+        text(&out.stderr),
+        "error: organization \"default\" has no secret \"GHOST\"\n\
+         hint: `hearth secret list` shows the secrets of the organization you act in (`hearth whoami`)\n"
+    );
+
+    let out = hearth(&["secret", "rotate-master-key"], b"");
+    assert_eq!(code(&out), 0, "stderr: {}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "re-encrypted 2 secrets under the new master key 0123456789abcdef; the old key decrypts none of them\n"
+    );
+}
+
+/// On a terminal, `secret set` turns echo off while it reads the line, and back on after.
+#[test]
+fn secret_set_on_a_terminal_reads_one_line_without_echo() {
+    use nix::sys::termios::{LocalFlags, tcgetattr};
+    use std::sync::mpsc;
+
+    let pty = nix::pty::openpty(Some(&winsize(24, 80)), None).unwrap();
+    let slave = std::fs::File::from(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let echo = |f: &std::fs::File| tcgetattr(f).unwrap().local_flags.contains(LocalFlags::ECHO);
+    assert!(echo(&slave));
+    let url = format!("http://{}", server());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["--url", &url, "secret", "set", "TTY_TOKEN"])
+        .env("NO_COLOR", "1")
+        .stdin(slave.try_clone().unwrap())
+        .stdout(slave.try_clone().unwrap())
+        .stderr(slave.try_clone().unwrap())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = mpsc::channel();
+    let mut reader = master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            if tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + RUN_LIMIT;
+    let mut seen = Vec::new();
+    let mut fail = |message: String| -> ! {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{message}");
+    };
+    while !text(&seen).contains("input is not shown") {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(bytes) => seen.extend(bytes),
+            Err(_) => fail(format!("no prompt; saw {:?}", text(&seen))),
+        }
+    }
+    // The prompt comes just before echo goes off.
+    while echo(&slave) {
+        if Instant::now() > deadline {
+            fail("echo stayed on while the value was read".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    master.write_all(b"typed-on-a-tty\n").unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("hearth secret set did not end");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    while let Ok(bytes) = rx.recv_timeout(Duration::from_millis(200)) {
+        seen.extend(bytes);
+    }
+    assert_eq!(status.code(), Some(0), "{}", text(&seen));
+    assert_eq!(received("TTY_TOKEN").as_deref(), Some("typed-on-a-tty"));
+    assert!(echo(&slave), "echo is back on");
+    assert!(
+        !text(&seen).contains("typed-on-a-tty"),
+        "the value was echoed: {:?}",
+        text(&seen)
+    );
+    assert!(
+        text(&seen).contains("set secret TTY_TOKEN of default"),
+        "{:?}",
+        text(&seen)
+    );
 }

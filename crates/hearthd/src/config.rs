@@ -344,6 +344,12 @@ pub const KEYS: &[Key] = &[
         default: "1000000",
         doc: "The audit log keeps this many newest rows; older ones are deleted.",
     },
+    Key {
+        path: "secrets.master_key_path",
+        kind: Kind::String,
+        default: "\"\"",
+        doc: "File of the 256-bit master key that encrypts secrets at rest (exactly 32 bytes, mode 0600; made at the first start, its directory 0700). Empty: <data_dir>/secrets/master.key. Back it up apart from the database: without it no stored secret can be decrypted.",
+    },
 ];
 
 #[derive(Debug, Clone, Deserialize)]
@@ -365,6 +371,13 @@ struct RawConfig {
     auth: RawAuth,
     audit: RawAudit,
     ssh: RawSsh,
+    secrets: RawSecrets,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecrets {
+    master_key_path: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -495,6 +508,8 @@ pub struct Config {
     pub network: Option<NetworkConfig>,
     pub auth: crate::access::AuthConfig,
     pub ssh: SshConfig,
+    /// The master key file of secrets (`secrets.master_key_path`).
+    pub master_key_path: PathBuf,
 }
 
 /// The SSH front end (`ssh.*`).
@@ -749,6 +764,18 @@ impl Config {
             audit_max_rows: positive("audit.max_rows", raw.audit.max_rows, 1000)?,
         };
         let ssh = validate_ssh(&raw.ssh)?;
+        let master_key_path = match raw.secrets.master_key_path.as_str() {
+            "" => data_dir.join("secrets").join("master.key"),
+            p if Path::new(p).is_absolute() && !p.ends_with('/') => PathBuf::from(p),
+            p => {
+                return Err(invalid(
+                    "secrets.master_key_path",
+                    format!(
+                        "{p:?} must be the absolute path of a file, or empty (<data_dir>/secrets/master.key)"
+                    ),
+                ));
+            }
+        };
         let agent_path = if raw.image.agent_path.is_empty() {
             std::env::current_exe()
                 .ok()
@@ -817,6 +844,7 @@ impl Config {
             network,
             auth,
             ssh,
+            master_key_path,
         })
     }
 }
@@ -1222,6 +1250,10 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
         assert_eq!(c.database_url, "sqlite:///var/lib/hearth/hearth.db");
         assert_eq!(c.vmm, VmmChoice::Auto);
+        assert_eq!(
+            c.master_key_path,
+            PathBuf::from("/var/lib/hearth/secrets/master.key")
+        );
     }
 
     #[test]
@@ -1261,6 +1293,10 @@ mod tests {
     #[test]
     fn bad_values_name_the_key_and_rule() {
         let cases: &[(&[(&str, &str)], &str)] = &[
+            (
+                &[("HEARTH_SECRETS_MASTER_KEY_PATH", "keys/master.key")],
+                "secrets.master_key_path (env HEARTH_SECRETS_MASTER_KEY_PATH): \"keys/master.key\" must be the absolute path of a file",
+            ),
             (
                 &[("HEARTH_GUEST_CPUS", "3")],
                 "guest.cpus (env HEARTH_GUEST_CPUS): invalid cpus 3: must be 1 or an even number",

@@ -11,6 +11,7 @@ mod image;
 mod metrics;
 mod net;
 mod rules;
+mod secrets;
 mod ssh;
 mod store;
 #[cfg(test)]
@@ -77,6 +78,9 @@ fn main() -> ExitCode {
     // Before anything is created: every file and directory hearthd and the programs it starts
     // (QEMU: serial logs, sockets) make is private unless it says otherwise.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    // Before any thread exists: HEARTH_SECRET_* values leave the environment, so no program
+    // hearthd starts inherits them.
+    let unusable_secrets = secrets::capture_env();
     let cli = Cli::parse();
     if cli.generate_config {
         print!("{}", config::generate_default());
@@ -101,7 +105,7 @@ fn main() -> ExitCode {
         }
         Command::BuildImage => build_image(&config),
         Command::AdminKey { user, name } => admin_key(&config, user, &name),
-        Command::Serve => serve(config),
+        Command::Serve => serve(config, unusable_secrets),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -171,7 +175,7 @@ fn build_image(config: &Config) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, unusable_secrets: Vec<String>) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log));
     // Colours only on a terminal: a log file or journal gets plain text.
@@ -183,6 +187,12 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         logs.json().init();
     } else {
         logs.with_ansi(ansi).init();
+    }
+    for name in unusable_secrets {
+        tracing::warn!(
+            variable = %name,
+            "ignored environment variable {name}: a secret's is HEARTH_SECRET_ and a name of uppercase letters, digits and '_' starting with a letter, with a UTF-8 value"
+        );
     }
     let config = Arc::new(config);
     for dir in ["", "vms", "run", "images"] {
@@ -202,6 +212,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             tighten(Path::new(&path), 0o600);
         }
     }
+    // The master key of secrets before anything else is touched: a missing (while secrets
+    // exist), unreadable, wrong-sized, too open or foreign key file stops hearthd here, and an
+    // interrupted rotation is settled. The service loads it again below.
+    secrets::Secrets::new(store.clone(), config.master_key_path.clone())
+        .open()
+        .await
+        .map_err(|e| anyhow::anyhow!(chain(&e).replace("\n  Caused by: ", ": ")))?;
     let vmm: Arc<dyn Vmm> = match config.vmm {
         VmmChoice::Firecracker => anyhow::bail!(
             "vmm (env HEARTH_VMM): firecracker is not available in this build yet; use qemu or auto"
@@ -304,6 +321,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         vmm.clone(),
         image_rx.clone(),
         network.clone(),
+    );
+    let key_id = service
+        .secrets()
+        .open()
+        .await
+        .map_err(|e| anyhow::anyhow!(chain(&e).replace("\n  Caused by: ", ": ")))?;
+    tracing::info!(
+        path = %service.secrets().key_path().display(),
+        key_id = %key_id,
+        "master key of secrets ready"
     );
     if let Some(admin) = service
         .access()
@@ -484,7 +511,7 @@ fn secure_state(config: &Config) {
         tracing::warn!(path = %data.display(), gid, error = %e, "cannot give the data directory to the socket's group");
     }
     tighten(data, if socket_group.is_some() { 0o710 } else { 0o700 });
-    for dir in ["vms", "run", "spare"] {
+    for dir in ["vms", "run", "spare", "secrets"] {
         tighten(&data.join(dir), 0o700);
     }
     for dir in ["vms", "spare"] {

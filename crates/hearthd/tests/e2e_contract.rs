@@ -873,6 +873,79 @@ async fn pass(w: &World, c: &Contract) {
     )
     .await;
 
+    // Secrets: made, replaced, refused, listed (never a value), rotated, deleted.
+    let set = |name: &str, body: serde_json::Value| {
+        Req::new("PUT", format!("/v1/secrets/{name}")).json(&body)
+    };
+    expect(
+        c,
+        "secret set",
+        set("CT_TOKEN", json!({"value": "ct-value-1"})),
+        201,
+        "",
+    )
+    .await;
+    expect(
+        c,
+        "secret replace",
+        set("CT_TOKEN", json!({"value": "ct-value-2"})),
+        200,
+        "",
+    )
+    .await;
+    expect(
+        c,
+        "secret bad name",
+        set("ct_token", json!({"value": "v"})),
+        400,
+        "invalid_name",
+    )
+    .await;
+    expect(
+        c,
+        "secret empty",
+        set("CT_EMPTY", json!({"value": ""})).bad(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    expect(
+        c,
+        "secret not a string",
+        set("CT_NUMBER", json!({"value": 1234})).bad(),
+        400,
+        "invalid_request",
+    )
+    .await;
+    let list = expect(c, "secret list", Req::get("/v1/secrets"), 200, "").await;
+    assert_eq!(list.json()[0]["name"], "CT_TOKEN", "{}", list.text());
+    assert!(!list.text().contains("ct-value"), "{}", list.text());
+    let rotated = expect(
+        c,
+        "rotate master key",
+        Req::post("/v1/secrets/rotate-master-key"),
+        200,
+        "",
+    )
+    .await;
+    assert_eq!(rotated.json()["secrets"], 1, "{}", rotated.text());
+    expect(
+        c,
+        "secret delete",
+        Req::new("DELETE", "/v1/secrets/CT_TOKEN"),
+        204,
+        "",
+    )
+    .await;
+    expect(
+        c,
+        "secret delete ghost",
+        Req::new("DELETE", "/v1/secrets/CT_TOKEN"),
+        404,
+        "secret_not_found",
+    )
+    .await;
+
     expect(c, "delete", Req::new("DELETE", "/v1/vms/ct"), 204, "").await;
     expect(
         c,

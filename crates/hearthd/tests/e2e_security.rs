@@ -75,6 +75,9 @@ fn private_files_unix_socket_and_no_driving_from_web_pages() {
         assert_eq!(mode(&data.join(dir)), 0o700, "{dir}");
     }
     assert_eq!(mode(&data.join("hearth.db")), 0o600);
+    // The master key of secrets, made at the first start.
+    assert_eq!(mode(&data.join("secrets")), 0o700);
+    assert_eq!(mode(&data.join("secrets/master.key")), 0o600);
     let vm_dir = data.join("vms").join(&id);
     assert_eq!(mode(&vm_dir), 0o700);
     for file in ["rootfs.ext4", "serial.log", "vmm.log"] {
@@ -140,7 +143,9 @@ fn private_files_unix_socket_and_no_driving_from_web_pages() {
         std::fs::Permissions::from_mode(0o644),
     )
     .unwrap();
+    std::fs::set_permissions(data.join("secrets"), std::fs::Permissions::from_mode(0o755)).unwrap();
     w.daemon = Some(Daemon::start(&data));
     assert_eq!(mode(&data), 0o700);
     assert_eq!(mode(&data.join("hearth.db")), 0o600);
+    assert_eq!(mode(&data.join("secrets")), 0o700);
 }

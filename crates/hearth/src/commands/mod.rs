@@ -8,6 +8,7 @@ pub mod exec;
 pub mod inputs;
 pub mod logs;
 pub mod network;
+pub mod secret;
 pub mod smoke;
 pub mod top;
 pub mod vm;
@@ -37,6 +38,7 @@ pub async fn run(command: Command, client: &Client, printer: &Printer) -> Result
         Command::Key(command) => access::key(command, client, printer).await.map(success),
         Command::Org(command) => access::org(command, client, printer).await.map(success),
         Command::Audit(args) => access::audit(args, client, printer).await.map(success),
+        Command::Secret(command) => secret::run(command, client, printer).await.map(success),
         // Handled by main before a client exists.
         Command::Login(_) | Command::Logout => Ok(0),
     }

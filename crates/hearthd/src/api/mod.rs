@@ -10,6 +10,7 @@ mod docs;
 mod export;
 pub mod guard;
 mod network;
+mod secret;
 mod stream;
 mod volume;
 
@@ -192,7 +193,11 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         access::create_org,
         access::add_member,
         access::remove_member,
-        access::audit
+        access::audit,
+        secret::set_secret,
+        secret::list_secrets,
+        secret::delete_secret,
+        secret::rotate_master_key
     ),
     modifiers(&Authenticated),
     components(schemas(
@@ -237,7 +242,10 @@ pub(crate) fn unexpected(reply: Reply) -> ApiError {
         hearth_api::CreateOrgRequest,
         hearth_api::AddMemberRequest,
         hearth_api::SwitchOrgRequest,
-        hearth_api::AuditEntry
+        hearth_api::AuditEntry,
+        hearth_api::SetSecretRequest,
+        hearth_api::SecretInfo,
+        hearth_api::RotatedMasterKey
     ))
 )]
 pub struct ApiDoc;
@@ -336,6 +344,15 @@ pub fn router(state: AppState) -> Router {
         .route("/orgs/{org}/members", post(access::add_member))
         .route("/orgs/{org}/members/{user}", delete(access::remove_member))
         .route("/audit", get(access::audit))
+        .route("/secrets", get(secret::list_secrets))
+        .route(
+            "/secrets/rotate-master-key",
+            post(secret::rotate_master_key),
+        )
+        .route(
+            "/secrets/{secret}",
+            put(secret::set_secret).delete(secret::delete_secret),
+        )
         .route("/stats", get(stats))
         .route("/vms", get(list_vms).post(create_vm))
         .route("/vms/{name}", get(get_vm).delete(delete_vm))

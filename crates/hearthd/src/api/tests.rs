@@ -20,6 +20,7 @@ struct Ctx {
     dir: tempfile::TempDir,
     app: axum::Router,
     store: Store,
+    service: VmService,
 }
 
 impl Ctx {
@@ -46,11 +47,16 @@ impl Ctx {
             rx,
         );
         let app = router(AppState {
-            service,
+            service: service.clone(),
             request_timeout,
             guard,
         });
-        Ctx { dir, app, store }
+        Ctx {
+            dir,
+            app,
+            store,
+            service,
+        }
     }
 
     fn vm_dirs(&self) -> Vec<PathBuf> {
@@ -1317,4 +1323,300 @@ async fn users_see_only_their_organizations_things_and_every_attempt_is_audited(
     );
     let (s, _, _) = call_as(&ctx, admin, "GET", "/v1/audit?since=yesterday", None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+/// Whether the file at `path` holds `needle`, read in chunks and only where it has data (disk
+/// images are large and sparse; a needle without NUL bytes cannot lie in a hole).
+fn file_holds(path: &std::path::Path, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    assert!(!needle.contains(&0));
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let len = file.metadata().unwrap().len();
+    let seek = |fd: i32, at: u64, whence: libc::c_int| -> Option<u64> {
+        let at = libc::off_t::try_from(at).ok()?;
+        // SAFETY: lseek on an open descriptor of ours; it reads no memory.
+        let found = unsafe { libc::lseek(fd, at, whence) };
+        u64::try_from(found).ok()
+    };
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < len {
+        // ENXIO: no data after `at`.
+        let Some(start) = seek(file.as_raw_fd(), at, libc::SEEK_DATA) else {
+            return false;
+        };
+        let end = seek(file.as_raw_fd(), start, libc::SEEK_HOLE).unwrap_or(len);
+        file.seek(SeekFrom::Start(start)).unwrap();
+        let mut window: Vec<u8> = Vec::new();
+        let mut left = end - start;
+        while left > 0 {
+            let want = usize::try_from(left.min(chunk.len() as u64)).unwrap();
+            let n = file.read(&mut chunk[..want]).unwrap();
+            if n == 0 {
+                break;
+            }
+            left -= n as u64;
+            window.extend_from_slice(&chunk[..n]);
+            if window.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+            let keep = window.len().min(needle.len() - 1);
+            window.drain(..window.len() - keep);
+        }
+        at = end;
+    }
+    false
+}
+
+/// Every regular file under `dir`.
+fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                todo.push(entry.path());
+            } else if kind.is_file() {
+                out.push(entry.path());
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn secrets_stay_in_their_organization_and_their_values_appear_nowhere() {
+    const VALUE: &str = "sk-live-7f3a9c2e-never-in-plaintext";
+    const BOB_VALUE: &str = "bob-4d1e88b0-also-never-in-plaintext";
+    let ctx = Ctx::with(|c| c.auth.localhost_admin = false).await;
+    let access =
+        crate::access::Access::new(ctx.store.clone(), testing::config(ctx.dir.path()).auth);
+    access.bootstrap().await.unwrap();
+    let (admin, _) = access.mint_key("admin", "test").await.unwrap();
+    // alice owns her organization, carol is a member of it, bob has his own.
+    let mut keys = std::collections::HashMap::new();
+    keys.insert("admin", admin.clone());
+    for user in [
+        json!({"name": "alice"}),
+        json!({"name": "bob"}),
+        json!({"name": "carol", "org": "alice"}),
+    ] {
+        let (s, body, _) = call_as(&ctx, Some(&admin), "POST", "/v1/users", Some(user)).await;
+        assert_eq!(s, StatusCode::CREATED, "{body}");
+    }
+    for user in ["alice", "bob", "carol"] {
+        let (key, _) = access.mint_key(user, "test").await.unwrap();
+        keys.insert(user, key);
+    }
+    // Every answer, to look for the values in.
+    let seen = std::sync::Mutex::new(String::new());
+    let call = async |who: &str, method: &str, uri: &str, body: Option<Value>| {
+        let (s, answer, _) = call_as(&ctx, Some(&keys[who]), method, uri, body).await;
+        seen.lock().unwrap().push_str(&answer.to_string());
+        (s, answer)
+    };
+
+    let (s, made) = call(
+        "alice",
+        "PUT",
+        "/v1/secrets/OPENAI_KEY",
+        Some(json!({"value": VALUE})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    assert_eq!(made["name"], "OPENAI_KEY");
+    assert_eq!(made["org"], "alice");
+    assert_eq!(made["created_by"], "alice");
+    let (s, again) = call(
+        "alice",
+        "PUT",
+        "/v1/secrets/OPENAI_KEY",
+        Some(json!({"value": VALUE})),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "a second set replaces the value: {again}"
+    );
+    assert_eq!(again["created_at"], made["created_at"]);
+
+    // Bad names and values are refused naming the rule, never quoting the value.
+    for (uri, body, code, says) in [
+        (
+            "/v1/secrets/lower_case",
+            json!({"value": VALUE}),
+            "invalid_name",
+            "uppercase letters, digits and '_', starting with a letter",
+        ),
+        (
+            "/v1/secrets/EMPTY",
+            json!({"value": ""}),
+            "invalid_request",
+            "is empty",
+        ),
+        (
+            "/v1/secrets/HUGE",
+            json!({"value": "x".repeat(65537)}),
+            "invalid_request",
+            "is 65537 bytes: at most 65536 (64 KiB)",
+        ),
+        (
+            "/v1/secrets/EXTRA",
+            json!({"value": VALUE, "note": 1}),
+            "invalid_request",
+            "a JSON object holding one string and nothing else",
+        ),
+        (
+            "/v1/secrets/NUMBER",
+            json!({"value": 987_654_321}),
+            "invalid_request",
+            "a JSON object holding one string and nothing else",
+        ),
+    ] {
+        let (s, e) = call("alice", "PUT", uri, Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {e}");
+        assert_eq!(e["error"], code, "{uri}");
+        assert!(message(&e).contains(says), "{uri}: {e}");
+        assert!(
+            !message(&e).contains("987654321"),
+            "the message quotes the value: {e}"
+        );
+    }
+
+    // A member lists the name, never the value; only owners change secrets.
+    let (s, list) = call("carol", "GET", "/v1/secrets", None).await;
+    assert_eq!(s, StatusCode::OK, "{list}");
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["name"], "OPENAI_KEY");
+    assert_eq!(
+        list[0].as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["created_at", "created_by", "name", "org", "updated_at"]
+    );
+    for (method, body) in [("PUT", Some(json!({"value": "carols"}))), ("DELETE", None)] {
+        let (s, e) = call("carol", method, "/v1/secrets/OPENAI_KEY", body).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{method}: {e}");
+        assert_eq!(e["error"], "permission_denied");
+        assert!(message(&e).contains("needs one of its owners"), "{e}");
+    }
+    // Another organization sees nothing of it, and its delete finds nothing.
+    let (_, list) = call("bob", "GET", "/v1/secrets", None).await;
+    assert_eq!(list, json!([]));
+    let (s, e) = call("bob", "DELETE", "/v1/secrets/OPENAI_KEY", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+    assert_eq!(e["error"], "secret_not_found");
+    let (s, _) = call(
+        "bob",
+        "PUT",
+        "/v1/secrets/OPENAI_KEY",
+        Some(json!({"value": BOB_VALUE})),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "the same name in another organization"
+    );
+
+    // Rotation: host admins only; the values stay readable, the old key opens nothing.
+    let (s, e) = call("alice", "POST", "/v1/secrets/rotate-master-key", None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{e}");
+    let key_file = ctx.service.secrets().key_path().to_owned();
+    let old_key: [u8; crate::secrets::KEY_LEN] =
+        std::fs::read(&key_file).unwrap().try_into().unwrap();
+    let (s, rotated) = call("admin", "POST", "/v1/secrets/rotate-master-key", None).await;
+    assert_eq!(s, StatusCode::OK, "{rotated}");
+    assert_eq!(rotated["secrets"], 2);
+    let secrets = ctx.service.secrets();
+    for (org, value) in [("alice", VALUE), ("bob", BOB_VALUE)] {
+        let got = secrets.resolve(org, "OPENAI_KEY").await.unwrap().unwrap();
+        assert_eq!(got.expose(), value, "{org}");
+        let row = ctx
+            .store
+            .get_secret(org, "OPENAI_KEY")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(row.sealed.key_id, rotated["key_id"].as_str().unwrap());
+        let old = crate::secrets::MasterKey::from_bytes(old_key);
+        assert!(
+            old.open(org, "OPENAI_KEY", &row.sealed).is_err(),
+            "the old key file's bytes still decrypt {org}'s row"
+        );
+    }
+    assert_ne!(std::fs::read(&key_file).unwrap(), old_key);
+
+    // Every attempt is audited, naming the secret, never its value.
+    let (_, rows) = call("admin", "GET", "/v1/audit?limit=1000", None).await;
+    let rows = rows.as_array().unwrap();
+    let has = |principal: &str, action: &str, decision: &str, result: &str| {
+        rows.iter().any(|r| {
+            r["principal"] == principal
+                && r["action"] == action
+                && r["decision"] == decision
+                && r["result"] == result
+        })
+    };
+    assert!(has("alice", "set_secret", "allow", "ok"), "{rows:#?}");
+    assert!(
+        has("carol", "set_secret", "deny", "permission_denied"),
+        "{rows:#?}"
+    );
+    assert!(has("carol", "list_secrets", "allow", "ok"), "{rows:#?}");
+    assert!(
+        has("bob", "delete_secret", "allow", "secret_not_found"),
+        "{rows:#?}"
+    );
+    assert!(
+        has("admin", "rotate_master_key", "allow", "ok"),
+        "{rows:#?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r["action"] == "set_secret" && r["target"] == "OPENAI_KEY")
+    );
+
+    let (s, _) = call("alice", "DELETE", "/v1/secrets/OPENAI_KEY", None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, list) = call("alice", "GET", "/v1/secrets", None).await;
+    assert_eq!(list, json!([]));
+
+    let seen = seen.into_inner().unwrap();
+    for value in [VALUE, BOB_VALUE] {
+        assert!(!seen.contains(value), "an API answer holds a value");
+        for file in files_under(ctx.dir.path()) {
+            assert!(
+                !file_holds(&file, value.as_bytes()),
+                "{} holds a secret's value in plaintext",
+                file.display()
+            );
+        }
+    }
+    // The search itself finds plaintext where it is: a value written into the database (as a
+    // careless audit row would) is found in its files.
+    ctx.store
+        .insert_audit(&crate::store::access::AuditRecord {
+            at: crate::store::now(),
+            principal: "probe".into(),
+            org: None,
+            source: "internal".into(),
+            action: "probe".into(),
+            target: Some(VALUE.into()),
+            allowed: true,
+            result: "ok".into(),
+            duration_ms: 0,
+            request_id: "probe".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        files_under(ctx.dir.path())
+            .iter()
+            .any(|f| file_holds(f, VALUE.as_bytes())),
+        "the search does not see into the database"
+    );
 }

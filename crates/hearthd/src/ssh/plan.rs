@@ -11,7 +11,9 @@ const VM_VERBS: &[&str] = &[
 const TOP_VERBS: &[&str] = &[
     "exec", "cp", "backup", "restore", "export", "import", "volume", "network", "top",
     // The identity commands (users, keys, organizations, the audit log).
-    "whoami", "audit", "user", "key", "org",
+    "whoami", "audit", "user", "key",
+    "org", // Secrets: a value comes from stdin (the channel's), never from the command.
+    "secret",
 ];
 
 /// The SSH surface's commands, as `help` lists them.
@@ -85,6 +87,10 @@ const COMMANDS: &[(&str, &str)] = &[
     (
         "user | key | org ...",
         "users, their keys and organizations",
+    ),
+    (
+        "secret set NAME | list | delete NAME | rotate-master-key",
+        "secrets of your organization (set reads the value from stdin: ssh … secret set NAME < file)",
     ),
     ("help [COMMAND]", "this list, or a command's options"),
 ];

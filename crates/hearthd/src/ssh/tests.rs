@@ -1119,3 +1119,44 @@ fn one_connection_carries_commands_side_by_side_up_to_its_limit() {
     world.ssh(&h, &["-o", &path], "mux", &["true"], b"").ok();
     world.ssh(&h, &[], "hearth", &["delete", "mux"], b"").ok();
 }
+
+/// `secret set` over the command account reads the value from the channel's stdin; the value
+/// never comes back over SSH, and one given as an argument is refused.
+#[test]
+fn a_secret_is_set_over_ssh_from_the_channels_stdin() {
+    let world = World::new();
+    let h = world.hearthd();
+    let set = world
+        .ssh(
+            &h,
+            &[],
+            "hearth",
+            &["secret", "set", "SSH_TOKEN"],
+            b"over-ssh-9c1f\n",
+        )
+        .ok();
+    assert_eq!(set.out(), "set secret SSH_TOKEN of default\n");
+    let list = world
+        .ssh(&h, &[], "hearth", &["--", "--json", "secret", "list"], b"")
+        .ok();
+    assert_eq!(json(&list)[0]["name"], "SSH_TOKEN", "{list:?}");
+    assert!(!list.out().contains("over-ssh-9c1f"));
+    let service = h.service.clone().unwrap();
+    let value =
+        h.rt.as_ref()
+            .unwrap()
+            .block_on(async move { service.secrets().resolve("default", "SSH_TOKEN").await })
+            .unwrap()
+            .unwrap();
+    assert_eq!(value.expose(), "over-ssh-9c1f");
+    let argv = world.ssh(
+        &h,
+        &[],
+        "hearth",
+        &["secret", "set", "ON_ARGV", "a-value"],
+        b"",
+    );
+    assert_eq!(argv.status, 2, "{argv:?}");
+    let help = world.ssh(&h, &[], "hearth", &["help"], b"").ok();
+    assert!(help.out().contains("\n  secret set NAME"), "{}", help.out());
+}

@@ -21,6 +21,7 @@ use sqlx::{Any, AnyPool, Connection, Row, Transaction};
 pub mod access;
 mod backup;
 mod network;
+pub mod secret;
 #[cfg(test)]
 mod tests;
 mod volume;
@@ -131,6 +132,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str)] = &[
     ),
     (5, include_str!("../../migrations/sqlite/0005_volumes.sql")),
     (6, include_str!("../../migrations/sqlite/0006_access.sql")),
+    (7, include_str!("../../migrations/sqlite/0007_secrets.sql")),
 ];
 const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/postgres/0001_vms.sql")),
@@ -151,6 +153,10 @@ const POSTGRES_MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../../migrations/postgres/0005_volumes.sql"),
     ),
     (6, include_str!("../../migrations/postgres/0006_access.sql")),
+    (
+        7,
+        include_str!("../../migrations/postgres/0007_secrets.sql"),
+    ),
 ];
 
 /// Set on every SQLite connection. (sqlx's defaults already match the last two; they are

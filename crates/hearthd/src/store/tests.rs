@@ -75,6 +75,141 @@ async fn run_suite(fresh: impl AsyncFn() -> String) {
     resize_and_restore_change_only_a_stopped_vm(&fresh().await).await;
     volumes_attach_to_one_vm_and_outlive_it(&fresh().await).await;
     users_orgs_keys_and_the_audit_log(&fresh().await).await;
+    secrets_are_sealed_rows_unique_per_org_and_resealed_at_once(&fresh().await).await;
+}
+
+async fn secrets_are_sealed_rows_unique_per_org_and_resealed_at_once(url: &str) {
+    use super::secret::{Sealed, SecretRecord};
+    let store = Store::open(url).await.unwrap();
+    store.ensure_org("default").await.unwrap();
+    store.ensure_org("other").await.unwrap();
+    // Bytes that are not UTF-8 survive, on both backends.
+    let sealed = |tag: u8, key: &str| Sealed {
+        ciphertext: vec![0xff, 0x00, tag, 0x80],
+        nonce: vec![tag; 24],
+        key_id: key.into(),
+    };
+    let secret = |org: &str, name: &str, tag: u8, at: &str| SecretRecord {
+        org: org.into(),
+        name: name.into(),
+        sealed: sealed(tag, "k1"),
+        created_at: at.into(),
+        created_by: "alice".into(),
+        updated_at: at.into(),
+    };
+    let (stored, created) = store
+        .put_secret(&secret("default", "API_KEY", 1, "2026-01-01T00:00:00.000Z"))
+        .await
+        .unwrap();
+    assert!(created);
+    assert_eq!(stored.sealed, sealed(1, "k1"));
+    // The same name in another organization is another secret.
+    let (_, created) = store
+        .put_secret(&secret("other", "API_KEY", 2, "2026-01-01T00:00:00.000Z"))
+        .await
+        .unwrap();
+    assert!(created);
+    // Setting it again replaces the value and keeps who made it and when.
+    let mut again = secret("default", "API_KEY", 3, "2026-02-02T00:00:00.000Z");
+    again.created_by = "bob".into();
+    let (stored, created) = store.put_secret(&again).await.unwrap();
+    assert!(!created);
+    assert_eq!(stored.created_by, "alice");
+    assert_eq!(stored.created_at, "2026-01-01T00:00:00.000Z");
+    assert_eq!(stored.updated_at, "2026-02-02T00:00:00.000Z");
+    let got = store
+        .get_secret("default", "API_KEY")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, stored);
+    assert_eq!(
+        store
+            .get_secret("other", "API_KEY")
+            .await
+            .unwrap()
+            .unwrap()
+            .sealed,
+        sealed(2, "k1")
+    );
+    assert!(store.get_secret("default", "NOPE").await.unwrap().is_none());
+    let e = store
+        .put_secret(&secret("nowhere", "X", 1, "2026-01-01T00:00:00.000Z"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StoreError::NoOrg(ref o) if o == "nowhere"),
+        "{e}"
+    );
+    store
+        .put_secret(&secret("default", "B_TOKEN", 4, "2026-01-01T00:00:00.000Z"))
+        .await
+        .unwrap();
+    let names: Vec<String> = store
+        .list_secrets("default")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["API_KEY", "B_TOKEN"]);
+    assert_eq!(
+        store.secret_key_ids().await.unwrap(),
+        vec![("k1".to_owned(), 3)]
+    );
+
+    // Resealing changes every row in one transaction, or none when one fails.
+    let failed: Result<u64, StoreError> = store
+        .reseal_secrets(|r| {
+            if r.name == "B_TOKEN" {
+                Err(StoreError::NoOrg("refused".into()))
+            } else {
+                Ok(sealed(9, "k2"))
+            }
+        })
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(
+        store.secret_key_ids().await.unwrap(),
+        vec![("k1".to_owned(), 3)],
+        "a failed reseal leaves every row as it was"
+    );
+    let n = store
+        .reseal_secrets(|r| {
+            let mut s = r.sealed.clone();
+            s.key_id = "k2".into();
+            s.nonce = vec![7; 24];
+            Ok::<_, StoreError>(s)
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(
+        store.secret_key_ids().await.unwrap(),
+        vec![("k2".to_owned(), 3)]
+    );
+    let got = store
+        .get_secret("default", "API_KEY")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.sealed.nonce, vec![7; 24]);
+    assert_eq!(got.sealed.ciphertext, sealed(3, "k2").ciphertext);
+    assert_eq!(
+        got.updated_at, "2026-02-02T00:00:00.000Z",
+        "a reseal is no new value"
+    );
+
+    assert!(store.delete_secret("default", "API_KEY").await.unwrap());
+    assert!(!store.delete_secret("default", "API_KEY").await.unwrap());
+    assert!(
+        store
+            .get_secret("other", "API_KEY")
+            .await
+            .unwrap()
+            .is_some()
+    );
+    store.close().await;
 }
 
 async fn users_orgs_keys_and_the_audit_log(url: &str) {

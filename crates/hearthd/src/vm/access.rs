@@ -56,6 +56,11 @@ pub(super) enum Check {
     User,
     /// An owner of the organization, or a host admin.
     OrgOwner(String),
+    /// An owner of the organization the caller acts in, or a host admin; the text names what
+    /// needs one.
+    OwnerHere(&'static str),
+    /// A member of some organization, to act in it.
+    Member,
     /// Only what every caller may (lists show what it may see; keys check their owner).
     Nothing,
 }
@@ -96,6 +101,11 @@ impl Needs {
             Action::SetMember { org, .. } | Action::RemoveMember { org, .. } => {
                 Check::OrgOwner(org.clone())
             }
+            Action::SetSecret { .. } | Action::DeleteSecret(_) => {
+                Check::OwnerHere("setting and deleting secrets")
+            }
+            Action::ListSecrets => Check::Member,
+            Action::RotateMasterKey => Check::Admin("rotating the master key of secrets"),
             _ => Check::Nothing,
         };
         Needs {
@@ -194,6 +204,22 @@ impl VmService {
                 )),
             },
             Check::OrgOwner(org) => self.owner_or_admin(caller, &org).await,
+            Check::OwnerHere(what) => {
+                let org = caller.owning_org()?;
+                let owner = matches!(&caller.principal,
+                    Principal::User(identity) if identity.role == Some(Role::Owner));
+                if caller.is_admin() || owner {
+                    Ok(())
+                } else {
+                    Err(VmError::access(
+                        ErrorCode::PermissionDenied,
+                        format!(
+                            "{what} of organization {org:?} needs one of its owners or a host admin"
+                        ),
+                    ))
+                }
+            }
+            Check::Member => caller.owning_org().map(drop),
             Check::Nothing => Ok(()),
         }
     }

@@ -8,6 +8,7 @@ use crate::disk::DiskError;
 use crate::guest::GuestError;
 use crate::net::NetError;
 use crate::rules::RuleError;
+use crate::secrets::SecretError;
 use crate::store::StoreError;
 use crate::vmm::VmmError;
 
@@ -126,6 +127,8 @@ pub enum VmError {
     /// organizations and keys. The message is the whole answer.
     #[error("{message}")]
     Access { code: ErrorCode, message: String },
+    #[error(transparent)]
+    Secret(#[from] SecretError),
     #[error("state store failure")]
     Store(StoreError),
     #[error("an internal task failed: {0}")]
@@ -170,6 +173,7 @@ impl VmError {
             VmError::Rule(r) => r.code,
             VmError::BadRequest(_) => ErrorCode::InvalidRequest,
             VmError::Access { code, .. } => *code,
+            VmError::Secret(e) => e.code(),
             VmError::NotFound(_) | VmError::Store(StoreError::NotFound(_)) => ErrorCode::VmNotFound,
             VmError::NameTaken(_) | VmError::Store(StoreError::NameTaken(_)) => {
                 ErrorCode::VmNameTaken

@@ -25,6 +25,7 @@ mod network;
 mod recovery;
 mod resize;
 mod running;
+mod secret;
 pub mod state;
 mod volume;
 
@@ -293,6 +294,16 @@ pub enum Action {
         user: String,
     },
     Audit(crate::store::access::AuditFilter),
+    /// Set a secret of the organization the caller acts in (its owners, host admins).
+    SetSecret {
+        name: String,
+        value: crate::secrets::Secret,
+    },
+    /// The names of the secrets of the organization the caller acts in (its members).
+    ListSecrets,
+    DeleteSecret(String),
+    /// A new master key for every secret of the host (host admins).
+    RotateMasterKey,
 }
 
 impl Action {
@@ -350,6 +361,10 @@ impl Action {
             Action::SetMember { .. } => "set_member",
             Action::RemoveMember { .. } => "remove_member",
             Action::Audit(_) => "audit",
+            Action::SetSecret { .. } => "set_secret",
+            Action::ListSecrets => "list_secrets",
+            Action::DeleteSecret(_) => "delete_secret",
+            Action::RotateMasterKey => "rotate_master_key",
         }
     }
 
@@ -396,7 +411,9 @@ impl Action {
             | Action::DeleteUser(name)
             | Action::ListSshKeys(name)
             | Action::RevokeApiKey(name)
-            | Action::CreateOrg(name) => Some(name.clone()),
+            | Action::CreateOrg(name)
+            | Action::DeleteSecret(name)
+            | Action::SetSecret { name, .. } => Some(name.clone()),
             Action::CreateVolume(req) => Some(req.name.clone()),
             Action::CreateUser(req) => Some(req.name.clone()),
             Action::AddSshKey { user, .. } | Action::RemoveSshKey { user, .. } => {
@@ -444,6 +461,13 @@ pub enum Reply {
     Orgs(Vec<hearth_api::Org>),
     Org(hearth_api::Org),
     Audit(Vec<hearth_api::AuditEntry>),
+    /// A secret as listed, and whether it is new.
+    Secret {
+        info: hearth_api::SecretInfo,
+        created: bool,
+    },
+    Secrets(Vec<hearth_api::SecretInfo>),
+    MasterKeyRotated(hearth_api::RotatedMasterKey),
 }
 
 /// State of the guest image, shared with the background build.
@@ -484,6 +508,7 @@ struct Inner {
     volumes: tokio::sync::Mutex<()>,
     metrics: crate::metrics::Metrics,
     access: crate::access::Access,
+    secrets: Arc<crate::secrets::Secrets>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -528,6 +553,10 @@ impl VmService {
         network: Option<Network>,
     ) -> VmService {
         let access = crate::access::Access::new(store.clone(), config.auth.clone());
+        let secrets = Arc::new(crate::secrets::Secrets::new(
+            store.clone(),
+            config.master_key_path.clone(),
+        ));
         VmService {
             inner: Arc::new(Inner {
                 store,
@@ -543,6 +572,7 @@ impl VmService {
                 disk_copies: std::sync::OnceLock::new(),
                 metrics: crate::metrics::Metrics::new(),
                 access,
+                secrets,
                 volumes: tokio::sync::Mutex::new(()),
             }),
         }
@@ -761,6 +791,10 @@ impl VmService {
                     lifecycle::detached(async move { s.detach_volume(&vm, &volume).await }).await?,
                 ))
             }
+            action @ (Action::SetSecret { .. }
+            | Action::ListSecrets
+            | Action::DeleteSecret(_)
+            | Action::RotateMasterKey) => self.secret_action(caller, action).await,
             other => self.access_action(caller, other).await,
         }
     }
