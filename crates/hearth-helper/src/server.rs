@@ -343,12 +343,19 @@ impl<N: Net, F: Nft> Helper<N, F> {
                 self.net.netns_delete(&slot.netns())?;
                 // The host end goes with the slot's namespace, but only once the kernel has
                 // cleaned that up (later), and not at all while something (a VMM's TAP
-                // descriptor) keeps the namespace alive: it is deleted by name.
+                // descriptor) keeps the namespace alive: it is deleted by name. That cleanup may
+                // take it between `ip`'s lookup of the name and the delete ("No such device"):
+                // gone either way.
                 let host_end = Change::LinkDelete {
                     link: slot.host_veth(),
                 };
                 match self.net.apply(Ns::Host, &[host_end]) {
-                    Err(e) if !e.stderr_contains("Cannot find device") => return Err(e.into()),
+                    Err(e)
+                        if !e.stderr_contains("Cannot find device")
+                            && !e.stderr_contains("No such device") =>
+                    {
+                        return Err(e.into());
+                    }
                     _ => {}
                 }
                 Ok(Reply::done())
@@ -1057,6 +1064,12 @@ mod tests {
         let state = h.net().state();
         assert!(state.namespaces.is_empty());
         assert!(state.links.is_empty(), "{:?}", state.links);
+        // The kernel's cleanup of the namespace taking the host end while `ip` deletes it.
+        done(&h, Request::CreateSlot { spec: spec() });
+        h.net().with_state(|s| {
+            s.fail = Some(("LinkDelete", "RTNETLINK answers: No such device".into()))
+        });
+        done(&h, Request::DeleteSlot { slot: id() });
         // Anything else deleting the host end fails the request.
         h.net()
             .with_state(|s| s.fail = Some(("LinkDelete", "RTNETLINK answers: Busy".into())));

@@ -986,8 +986,15 @@ fn terminals_get_the_clients_size_and_follow_its_changes() {
     shell.type_line("stty size");
     shell.wait_for("30 100");
     shell.resize(40, 120);
-    shell.type_line("stty size; exit 4");
-    shell.wait_for("40 120");
+    // The change and the typing reach the guest by two paths (a resize request, the stdin
+    // queue), so the first `stty size` after it may still see the old size.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !shell.text().contains("40 120") {
+        assert!(Instant::now() < deadline, "no resize in {:?}", shell.text());
+        shell.type_line("stty size");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    shell.type_line("exit 4");
     assert_eq!(shell.exit_status(), 4);
 
     // The command account's child runs on a PTY of ours, resized the same way: `exec -t`
